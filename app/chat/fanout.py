@@ -1,0 +1,279 @@
+"""Cross-pod fan-out: one pub/sub connection per pod, one listener task,
+and every local follower of a thread fed from it.
+
+A thread's channel is subscribed while at least one local follower (a socket,
+or the turn running here) follows it, and unsubscribed on the last.
+
+Redis pub/sub is at-most-once: a subscriber that lags or reconnects misses
+messages silently. So the hub never trusts it for completeness. Every
+timeline frame carries the thread's contiguous event number ``n``; the hub
+keeps the last number it forwarded per thread and, when a frame skips ahead,
+first reads what was skipped from the event log (``chat:{T}:events``) and
+forwards that. After its connection is re-established, and on a periodic
+audit (to catch a lost *last* event, which no later frame would reveal), it
+compares each followed thread's stored event number with its own and fills
+the difference the same way. Frames at or below the last number are
+duplicates and are dropped. Followers therefore see each thread's timeline
+in order, without gaps or duplicates, from the moment they follow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+from redis.exceptions import RedisError
+
+from app.chat import keys
+from app.chat.errors import ChatError
+from app.chat.keys import ThreadId
+from app.chat.timeline import Timeline, TimelineEvent, parse_frame
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 1.0
+RECONNECT_BACKOFF_S = (0.1, 5.0)
+
+
+class FanoutUnavailable(ChatError):
+    """The pod's pub/sub connection is down; the caller may retry."""
+
+    code = "unavailable"
+    retryable = True
+
+
+class Sink(Protocol):
+    """A local follower of a thread. Both calls must return at once (no I/O)."""
+
+    def deliver(self, event: TimelineEvent) -> None: ...
+
+    def control(self, message: dict[str, Any]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """The last event forwarded for a thread (None until the first is known)."""
+
+    n: int | None = None
+    id: str | None = None
+
+
+class FanoutHub:
+    """The pod's single subscriber, dispatching frames to local followers."""
+
+    def __init__(
+        self,
+        pubsub_factory: Callable[[], Any],
+        redis: Any,
+        timeline: Timeline,
+        audit_interval_s: float = 5.0,
+    ) -> None:
+        self._pubsub_factory = pubsub_factory
+        self._redis = redis
+        self._timeline = timeline
+        self._audit_interval_s = audit_interval_s
+        self._pubsub: Any = None
+        self._followers: dict[ThreadId, set[Sink]] = {}
+        self._cursors: dict[ThreadId, _Cursor] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._has_channels = asyncio.Event()
+        # Serialises forwarding with gap fills, so frames of one thread are
+        # forwarded in number order even when a fill awaits Redis.
+        self._forwarding = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connected = False
+        self.reconnects = 0
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name="fanout-listener"),
+            asyncio.create_task(self._audit_forever(), name="fanout-audit"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close_pubsub()
+
+    @property
+    def followed_threads(self) -> int:
+        return len(self._followers)
+
+    # --- following ----------------------------------------------------------
+
+    async def follow(self, thread: ThreadId, sink: Sink) -> None:
+        """Start feeding ``sink`` the thread's frames; returns once the channel is
+        subscribed, so anything published from then on reaches the sink."""
+        sinks = self._followers.setdefault(thread, set())
+        sinks.add(sink)
+        channel = keys.live(thread)
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirmed[channel] = confirmed
+            self._cursors[thread] = _Cursor()
+            if self.connected:
+                # On failure the listener reconnects and subscribes every
+                # followed channel, this one included: just wait below.
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.subscribe(channel)
+            self._has_channels.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            await self.unfollow(thread, sink)
+            raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
+        cursor = self._cursors[thread]
+        if cursor.n is None:
+            # The baseline: everything up to here is in the log, which a new
+            # follower reads itself after this returns.
+            n, last_id = await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+            if cursor.n is None:
+                cursor.n, cursor.id = int(n or 0), last_id
+
+    async def unfollow(self, thread: ThreadId, sink: Sink) -> None:
+        """Stop feeding ``sink``; unsubscribe when it was the thread's last."""
+        sinks = self._followers.get(thread)
+        if sinks is None:
+            return
+        sinks.discard(sink)
+        if sinks:
+            return
+        del self._followers[thread]
+        self._cursors.pop(thread, None)
+        channel = keys.live(thread)
+        self._confirmed.pop(channel, None)
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(channel)
+
+    # --- the listener -------------------------------------------------------
+
+    async def _listen_forever(self) -> None:
+        backoff = RECONNECT_BACKOFF_S[0]
+        while True:
+            await self._has_channels.wait()
+            try:
+                if self._pubsub is None or not self.connected:
+                    await self._reconnect()
+                backoff = RECONNECT_BACKOFF_S[0]
+                await self._read_messages()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection dropped, or Redis is down
+                self.connected = False
+                log.warning("fan-out subscriber lost (%s); reconnecting in %.1fs", exc, backoff)
+                await self._close_pubsub()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+
+    async def _reconnect(self) -> None:
+        """A fresh connection, subscribed to every followed thread, then a
+        resync: whatever was published while we were away is read from the log."""
+        await self._close_pubsub()
+        self._pubsub = self._pubsub_factory()
+        # Connected before subscribing: a follow() from now on subscribes its
+        # own channel; one from before is in the list below. (A channel
+        # subscribed twice is harmless: both confirmations are idempotent.)
+        self.connected = True
+        channels = [keys.live(t) for t in self._followers]
+        if channels:
+            await self._pubsub.subscribe(*channels)
+        await self._resync(list(self._followers))
+        self.reconnects += 1
+
+    async def _read_messages(self) -> None:
+        while self._followers or self._confirmed:
+            message = await self._pubsub.get_message(timeout=READ_TIMEOUT_S)
+            self.connected = True
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                await self._on_frame(keys.thread_of_channel(message["channel"]), message["data"])
+            elif kind == "subscribe":
+                confirmed = self._confirmed.get(message["channel"])
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+        self._has_channels.clear()
+
+    async def _on_frame(self, thread: ThreadId, frame: str) -> None:
+        sinks = self._followers.get(thread)
+        if not sinks:
+            return
+        if frame.startswith('{"control"'):
+            message = orjson.loads(frame)
+            for sink in list(sinks):
+                sink.control(message)
+            return
+        event = parse_frame(frame)
+        if event is None:
+            log.warning("dropping a frame of unknown shape on thread %s", thread)
+            return
+        async with self._forwarding:
+            cursor = self._cursors.get(thread)
+            if cursor is None:
+                return
+            if cursor.n is not None and event.n > cursor.n + 1:
+                await self._fill(thread, cursor, until=event)
+            if cursor.n is None or event.n > cursor.n:
+                self._forward(thread, cursor, event)
+
+    def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
+        cursor.n, cursor.id = event.n, event.id
+        for sink in list(self._followers.get(thread, ())):
+            sink.deliver(event)
+
+    async def _fill(self, thread: ThreadId, cursor: _Cursor, until: TimelineEvent | None) -> None:
+        """Forward what the log holds after the cursor (and before ``until``)."""
+        after = cursor.id or "0-0"
+        end = f"({until.id}" if until is not None else "+"
+        missing = await self._timeline.read_after(thread, after, end)
+        if missing:
+            log.info("filled %d missed event(s) on thread %s from the log", len(missing), thread)
+        for event in missing:
+            if cursor.n is None or event.n > cursor.n:
+                self._forward(thread, cursor, event)
+
+    async def _resync(self, threads: list[ThreadId]) -> None:
+        """Fill every given thread whose stored event number is ahead of ours."""
+        if not threads:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for thread in threads:
+                pipe.hget(keys.meta(thread), "event_n")
+            stored = await pipe.execute()
+        async with self._forwarding:
+            for thread, n in zip(threads, stored, strict=True):
+                cursor = self._cursors.get(thread)
+                if cursor is not None and cursor.n is not None and int(n or 0) > cursor.n:
+                    await self._fill(thread, cursor, until=None)
+
+    async def _audit_forever(self) -> None:
+        """Catch a lost frame that no later frame reveals (say, a turn's last)."""
+        while True:
+            await asyncio.sleep(self._audit_interval_s)
+            try:
+                await self._resync(list(self._followers))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fan-out audit failed: %s", exc)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self.connected = False
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()

@@ -1,0 +1,52 @@
+"""One socket's subscription to a thread: a bounded queue fed by the pod's
+fan-out hub, and the rule that keeps what the socket sends in order.
+
+The rule: a timeline event is sent only if its id is greater than the last
+one sent. Catch-up from the log (on connect or ``resume``) and live events
+from the hub may overlap; this one comparison, made at send time, drops the
+overlap, so the client sees each event once, in order. The hub and the
+catch-up read make sure nothing is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.chat.keys import ThreadId
+from app.chat.timeline import TimelineEvent
+
+
+class Follower:
+    """A hub sink with a bounded queue; a client too slow to drain it is
+    marked ``overflowed`` (it is then disconnected and resumes with ``after``)."""
+
+    def __init__(self, thread: ThreadId, max_queue: int) -> None:
+        self.thread = thread
+        self.queue: asyncio.Queue[TimelineEvent] = asyncio.Queue(maxsize=max_queue)
+        self.overflowed = asyncio.Event()
+        self.sent: tuple[int, int] | None = None
+
+    def deliver(self, event: TimelineEvent) -> None:
+        if self.overflowed.is_set():
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # Never block the hub (it feeds every socket of the pod): drop
+            # this socket instead; it resumes from its last id elsewhere.
+            self.overflowed.set()
+
+    def control(self, message: dict[str, Any]) -> None:
+        """Control frames (cancel) are for turns, not sockets."""
+
+    def claim(self, event: TimelineEvent) -> bool:
+        """Whether ``event`` is next to send (and record it as sent)."""
+        if self.sent is not None and event.key <= self.sent:
+            return False
+        self.sent = event.key
+        return True
+
+    def restart_from(self, key: tuple[int, int] | None) -> None:
+        """Start over after ``key`` (a ``resume``): queued events are re-filtered."""
+        self.sent = key

@@ -1,0 +1,54 @@
+"""Reads of a thread's committed messages (``chat:{T}:history``).
+
+Messages are written only by the turn commit scripts (app.chat.turns); a
+message's id is its history entry id, so paging is a plain XREVRANGE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.chat import keys
+from app.chat.keys import ThreadId
+from app.protocol import Message
+
+
+class HistoryReader:
+    """Pages of a thread's messages, oldest first within a page."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+
+    async def page(
+        self, thread: ThreadId, before: str | None, limit: int
+    ) -> tuple[list[Message], bool]:
+        """The ``limit`` messages just before ``before`` (or the latest), and
+        whether older ones exist."""
+        newest = f"({before}" if before else "+"
+        entries = await self._redis.xrevrange(keys.history(thread), newest, "-", count=limit + 1)
+        has_more = len(entries) > limit
+        messages = [Message.from_history_entry(i, f) for i, f in reversed(entries[:limit])]
+        return messages, has_more
+
+    async def all(self, thread: ThreadId) -> list[Message]:
+        """The whole history, oldest first (the seed protocol's GET_HISTORY)."""
+        entries = await self._redis.xrange(keys.history(thread), "-", "+")
+        return [Message.from_history_entry(i, f) for i, f in entries]
+
+    async def latest(self, thread: ThreadId, max_chars: int) -> list[Message]:
+        """The newest messages whose contents fit in ``max_chars``, oldest first:
+        the context a model sees."""
+        picked: list[Message] = []
+        used = 0
+        cursor = "+"
+        while True:
+            entries = await self._redis.xrevrange(keys.history(thread), cursor, "-", count=50)
+            if not entries:
+                return picked[::-1]
+            for entry_id, fields in entries:
+                message = Message.from_history_entry(entry_id, fields)
+                used += len(message.content)
+                if used > max_chars and picked:
+                    return picked[::-1]
+                picked.append(message)
+            cursor = f"({entries[-1][0]}"

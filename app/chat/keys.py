@@ -1,0 +1,121 @@
+"""Every Redis key and channel name durable-chat uses, built here and only here.
+
+All keys of one thread carry the hash tag ``{T}`` so that a thread's
+transactions and Lua scripts touch a single Redis Cluster slot, and its
+pub/sub channel lives on the same shard. Nothing outside this module formats
+a key, and nothing here formats a key from an unchecked id: callers pass a
+``ThreadId``/``UserId``, which only the validators below create.
+
+Layout (see the README for the redis-cli view of each):
+
+    chat:{T}:history   Stream   committed messages; entry id = message id
+    chat:{T}:events    Stream   the timeline (capped), for resume and gap fill
+    chat:{T}:lock      String   owner token of the running turn (PX lease)
+    chat:{T}:fence     String   fencing number, INCR at each lock grant
+    chat:{T}:meta      Hash     epoch, owner, title, counts, event number
+    chat:{T}:members   Set      user ids allowed in the thread
+    chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
+    chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
+    chat:{T}:live      channel  timeline frames as published
+    chat:user:{U}:threads  Sorted set  a user's threads by last activity
+    chat:turns         Sorted set  threads with a running turn (reaper's index)
+    chat:reaper:leader String   the in-pod reaper's leader lease
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NewType
+
+ThreadId = NewType("ThreadId", str)
+UserId = NewType("UserId", str)
+
+_THREAD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# User ids come from token subjects (emails, UUIDs, provider ids); they only
+# ever sit inside a hash tag, so anything printable without braces is safe.
+_USER_ID = re.compile(r"[A-Za-z0-9_.@:|+=-]{1,128}")
+_EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+PREFIX = "chat"
+TURN_INDEX = f"{PREFIX}:turns"
+REAPER_LEADER = f"{PREFIX}:reaper:leader"
+
+
+class InvalidId(ValueError):
+    """An id from outside failed validation; no key was built from it."""
+
+
+def thread_id(raw: str) -> ThreadId:
+    """Validate a thread id: 1 to 64 of ``A-Za-z0-9_-``."""
+    if not isinstance(raw, str) or not _THREAD_ID.fullmatch(raw):
+        raise InvalidId("thread_id must be 1 to 64 characters of A-Za-z0-9_-")
+    return ThreadId(raw)
+
+
+def user_id(raw: str) -> UserId:
+    """Validate a user id taken from an authenticated token."""
+    if not isinstance(raw, str) or not _USER_ID.fullmatch(raw):
+        raise InvalidId("user id must be 1 to 128 characters of A-Za-z0-9_.@:|+=-")
+    return UserId(raw)
+
+
+def event_id(raw: str) -> tuple[int, int]:
+    """Parse a Redis Stream id ``<ms>-<seq>`` into a comparable tuple."""
+    match = _EVENT_ID.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        raise InvalidId("event and message ids look like <ms>-<seq>")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _thread_key(t: ThreadId, suffix: str) -> str:
+    return f"{PREFIX}:{{{t}}}:{suffix}"
+
+
+def history(t: ThreadId) -> str:
+    return _thread_key(t, "history")
+
+
+def events(t: ThreadId) -> str:
+    return _thread_key(t, "events")
+
+
+def lock(t: ThreadId) -> str:
+    return _thread_key(t, "lock")
+
+
+def fence(t: ThreadId) -> str:
+    return _thread_key(t, "fence")
+
+
+def meta(t: ThreadId) -> str:
+    return _thread_key(t, "meta")
+
+
+def members(t: ThreadId) -> str:
+    return _thread_key(t, "members")
+
+
+def dedup(t: ThreadId) -> str:
+    return _thread_key(t, "dedup")
+
+
+def turn(t: ThreadId) -> str:
+    return _thread_key(t, "turn")
+
+
+def live(t: ThreadId) -> str:
+    return _thread_key(t, "live")
+
+
+def all_thread_keys(t: ThreadId) -> list[str]:
+    """Every key a thread owns (its channel is not a key), for deletion."""
+    return [history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t)]
+
+
+def user_threads(u: UserId) -> str:
+    return f"{PREFIX}:user:{{{u}}}:threads"
+
+
+def thread_of_channel(channel: str) -> ThreadId:
+    """The thread a live channel belongs to (channels are only built above)."""
+    return ThreadId(channel[len(PREFIX) + 2 : -len("}:live")])

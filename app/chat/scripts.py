@@ -1,0 +1,271 @@
+"""Every Lua script durable-chat runs, with its contract, registered once per client.
+
+Why Lua rather than MULTI/EXEC for the writes of a turn: a turn's commit must
+be refused when its fencing number is stale, and the event it publishes must
+carry the id of the history entry written in the same step. A MULTI/EXEC
+block can do neither (it cannot branch on a value it read, and a failed
+command inside EXEC does not roll back the others). A script is Redis's
+stronger transaction: it runs atomically like MULTI/EXEC, and it can check,
+branch and reuse results. Every script touches only keys of one thread (all
+hash-tagged ``{T}``), so it runs on one Redis Cluster shard.
+
+Timeline ids. Scripts choose each event's Stream id themselves (the Redis
+clock, or last id + 1 when the clock has not moved on), so a message's id can
+be written into its own event and into the history entry of the same step:
+a message id, its history entry id and its ``message`` event id are one id.
+
+Placeholders. Event JSON is built by Python (orjson) with the raw byte
+``\\x01`` where the message id committed by the same script goes. orjson
+escapes every control character inside strings, so a raw ``\\x01`` can only
+be a placeholder, never user text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+# Shared Lua helpers, prepended to the timeline scripts.
+#
+# next_event_id: a Stream id strictly after the thread's last one.
+# emit: appends one event to the timeline (XADD events), numbers it with the
+#   thread's contiguous event number n (pods use n to notice a lost pub/sub
+#   message), and publishes the finished wire frame. The frame is the event
+#   JSON with "id" and "n" spliced in front, so pods forward it as is.
+_PRELUDE = r"""
+local function next_event_id(meta)
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local last = redis.call('HGET', meta, 'last_event_id')
+  if last then
+    local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+    lms = tonumber(lms)
+    if ms <= lms then
+      return string.format('%d-%d', lms, tonumber(lseq) + 1)
+    end
+  end
+  return string.format('%d-0', ms)
+end
+
+local function emit(meta, events, channel, publish, id, data, maxlen)
+  local n = redis.call('HINCRBY', meta, 'event_n', 1)
+  redis.call('HSET', meta, 'last_event_id', id)
+  if maxlen > 0 then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, id, 'n', n, 'data', data)
+  else
+    redis.call('XADD', events, id, 'n', n, 'data', data)
+  end
+  local frame = '{"id":"' .. id .. '","n":' .. n .. ',' .. string.sub(data, 2)
+  redis.call(publish, channel, frame)
+  return id
+end
+
+local function check_fence(fence_key, fence)
+  if redis.call('GET', fence_key) ~= fence then
+    return redis.error_reply('STALE_FENCE')
+  end
+  return nil
+end
+
+local function fill(data, message_id)
+  return (string.gsub(data, '\1', message_id))
+end
+"""
+
+# ACQUIRE_LOCK: take a thread's turn lock and a new fencing number.
+# KEYS[1] lock, KEYS[2] fence
+# ARGV[1] owner token, ARGV[2] lease in ms
+# Returns the fencing number (integer), or nil when another turn holds the lock.
+# Atomic so that a grant and its number can never be separated: every grant
+# gets a number larger than any earlier grant's, even one whose lease expired.
+ACQUIRE_LOCK = r"""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return false
+"""
+
+# RENEW_LOCK: extend the lease, only if we still own it.
+# KEYS[1] lock; ARGV[1] owner token, ARGV[2] lease in ms
+# Returns 1 if renewed, 0 if the lock is gone or someone else's.
+RENEW_LOCK = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# RELEASE_LOCK: compare-and-delete, so a turn whose lease expired cannot
+# delete the lock of the turn that took over.
+# KEYS[1] lock; ARGV[1] owner token. Returns 1 if released, else 0.
+RELEASE_LOCK = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# BEGIN_TURN: commit the user's message and open the assistant's turn.
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] dedup, [7] turn
+# ARGV[1] fencing number, [2] publish command (PUBLISH or SPUBLISH),
+#     [3] event retention, [4] user `message` event JSON (\1 = message id),
+#     [5] `loading` event JSON, [6] client_msg_id or '', [7] dedup TTL seconds,
+#     [8] generation id, [9] pod id, [10...] history entry fields (name, value)*
+# Returns {'ok', message_id, loading_event_id} (also for a retry of the same
+#     generation after a lost reply: nothing is written twice),
+#     {'dup', original_message_id},
+#     or {'orphan'} when a turn whose pod died is still open (its lease ran
+#     out before the reaper closed it: the caller closes it first);
+#     error STALE_FENCE when the lock was lost before the commit.
+# Atomic: the message, its dedup entry, its event, and the turn record exist
+# together or not at all, so a crash can neither lose a message the sender
+# saw nor leave a turn without its user message. The timeline is trimmed here,
+# before the turn starts, so a running turn's events are never trimmed.
+BEGIN_TURN = (
+    _PRELUDE
+    + r"""
+local stale = check_fence(KEYS[1], ARGV[1])
+if stale then return stale end
+local running = redis.call('HMGET', KEYS[7], 'generation_id', 'user_message_id', 'start_id')
+if running[1] == ARGV[8] then return {'ok', running[2], running[3]} end
+if ARGV[6] ~= '' then
+  local seen = redis.call('HGET', KEYS[6], ARGV[6])
+  if seen then return {'dup', seen} end
+end
+if running[1] then return {'orphan'} end
+local retention = tonumber(ARGV[3])
+local mid = next_event_id(KEYS[2])
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[5], mid, unpack(fields))
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill(ARGV[4], mid), retention)
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[6], ARGV[6], mid)
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
+end
+local lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], 0)
+redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
+  'start_id', lid, 'user_message_id', mid)
+redis.call('HINCRBY', KEYS[2], 'message_count', 1)
+redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
+return {'ok', mid, lid}
+"""
+)
+
+# APPEND_DELTA: one coalesced delta of the running turn.
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] turn
+# ARGV[1] fencing number, [2] publish command, [3] `delta` event JSON, [4] its seq
+# Returns the turn's `cancel` field (a cancel was asked for) or nil; error
+# STALE_FENCE when the lock was lost. Returning the cancel flag here lets the
+# turn notice a cancel without a round trip of its own. A seq already
+# appended is not appended again: a retry after a lost reply is harmless.
+APPEND_DELTA = (
+    _PRELUDE
+    + r"""
+local stale = check_fence(KEYS[1], ARGV[1])
+if stale then return stale end
+if tonumber(redis.call('HGET', KEYS[5], 'seq') or '-1') < tonumber(ARGV[4]) then
+  emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[3], 0)
+  redis.call('HSET', KEYS[5], 'seq', ARGV[4])
+end
+return redis.call('HGET', KEYS[5], 'cancel')
+"""
+)
+
+# END_TURN: commit the assistant's message, publish `done`, free the thread.
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] turn, [7] lock
+# ARGV[1] fencing number, [2] publish command, [3] event retention,
+#     [4] assistant `message` event JSON (\1 = message id),
+#     [5] `done` event JSON (\1 = message id), [6] lock owner token,
+#     [7] generation id, [8...] history entry fields (name, value)*
+# Returns the message id, or nil when that generation's turn is already
+# closed (a retry after a lost reply: nothing is written twice);
+# error STALE_FENCE when another grant came since.
+# Atomic: the final message, `done`, the end of the turn record and the lock
+# release happen together, so no client ever sees a thread that is free but
+# whose reply is missing, or a reply committed twice (by a turn and the reaper).
+END_TURN = (
+    _PRELUDE
+    + r"""
+local stale = check_fence(KEYS[1], ARGV[1])
+if stale then return stale end
+if redis.call('HGET', KEYS[6], 'generation_id') ~= ARGV[7] then return false end
+local retention = tonumber(ARGV[3])
+local mid = next_event_id(KEYS[2])
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[5], mid, unpack(fields))
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill(ARGV[4], mid), 0)
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[5], mid), 0)
+redis.call('DEL', KEYS[6])
+if redis.call('GET', KEYS[7]) == ARGV[6] then redis.call('DEL', KEYS[7]) end
+redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', retention)
+redis.call('HINCRBY', KEYS[2], 'message_count', 1)
+redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
+return mid
+"""
+)
+
+# REQUEST_CANCEL: ask the running turn to stop, wherever it runs.
+# KEYS[1] turn, KEYS[2] live channel
+# ARGV[1] generation id or '' (any), ARGV[2] publish command, ARGV[3] control frame
+# Returns the cancelled generation id, or nil when no matching turn runs.
+# The flag in the turn record is the durable signal (the turn also reads it
+# with each delta and each lease renewal); the control frame on the channel
+# is the fast one. Setting both in one step means a turn cannot miss both.
+REQUEST_CANCEL = r"""
+local gen = redis.call('HGET', KEYS[1], 'generation_id')
+if not gen or (ARGV[1] ~= '' and ARGV[1] ~= gen) then return false end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+redis.call(ARGV[2], KEYS[2], ARGV[3])
+return gen
+"""
+
+# ENSURE_THREAD: create a thread's metadata on first use.
+# KEYS[1] meta, KEYS[2] members
+# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms)
+# Returns {epoch, owner, created (1/0)}.
+# The epoch is set exactly once per life of the thread's data: if Redis loses
+# the thread, the next use draws a new epoch, and resumes from the old one fail
+# loudly instead of silently skipping what was lost.
+ENSURE_THREAD = r"""
+local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+if created == 1 then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created_at', ARGV[3], 'updated_at', ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
+return {meta[1], meta[2] or '', created}
+"""
+
+# LEADER_LEASE: take or keep a lease (the in-pod reaper's leadership).
+# KEYS[1] lease key; ARGV[1] holder id, ARGV[2] lease in ms
+# Returns 1 if the caller holds the lease now, else 0.
+LEADER_LEASE = r"""
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Scripts:
+    """The scripts above, registered on one client (EVALSHA, loaded on demand)."""
+
+    def __init__(self, redis: Any) -> None:
+        self.acquire_lock: AsyncScript = redis.register_script(ACQUIRE_LOCK)
+        self.renew_lock: AsyncScript = redis.register_script(RENEW_LOCK)
+        self.release_lock: AsyncScript = redis.register_script(RELEASE_LOCK)
+        self.begin_turn: AsyncScript = redis.register_script(BEGIN_TURN)
+        self.append_delta: AsyncScript = redis.register_script(APPEND_DELTA)
+        self.end_turn: AsyncScript = redis.register_script(END_TURN)
+        self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
+        self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
+        self.leader_lease: AsyncScript = redis.register_script(LEADER_LEASE)

@@ -1,0 +1,230 @@
+"""The chat domain's front door: what a socket can ask of a thread.
+
+``ChatService`` wires the Redis-backed parts together (lock, turns, timeline,
+history, threads, fan-out, the running turns of this pod) and offers the
+operations of the protocol as plain async methods. It knows nothing of
+WebSockets or frames: app.ws turns frames into these calls and their
+results and errors into events.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.chat import keys
+from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
+from app.chat.fanout import FanoutHub
+from app.chat.follower import Follower
+from app.chat.history import HistoryReader
+from app.chat.keys import ThreadId, UserId
+from app.chat.lock import TurnLock
+from app.chat.scripts import Scripts
+from app.chat.threads import Threads
+from app.chat.timeline import (
+    MESSAGE_ID_PLACEHOLDER,
+    Timeline,
+    TimelineEvent,
+    frame_from_entry,
+    message_event_data,
+)
+from app.chat.turns import Begun, Duplicate, TurnStore
+from app.llm import ChatModel
+from app.protocol import Loading, Message, Ready
+from app.settings import Settings
+from workers.turn import TurnContext, TurnManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A socket's start on a thread: ``ready``, then ``replay``, then live."""
+
+    ready: Ready
+    replay: list[TimelineEvent]
+    follower: Follower
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """The answer to ``resume``: the events to send, or None if they are gone."""
+
+    replay: list[TimelineEvent] | None
+
+
+class ChatService:
+    """Every protocol operation on threads, for any number of sockets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Any,
+        pubsub_factory: Callable[[], Any],
+        model: ChatModel,
+        publish_command: str,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.model = model
+        self.scripts = Scripts(redis)
+        self.lock = TurnLock(self.scripts, settings.chat_lock_ttl_ms)
+        self.timeline = Timeline(redis)
+        self.history = HistoryReader(redis)
+        self.threads = Threads(redis, self.scripts)
+        self.turns = TurnStore(
+            redis, self.scripts, publish_command,
+            settings.chat_event_retention, settings.chat_dedup_ttl_s,
+        )  # fmt: skip
+        self.hub = FanoutHub(pubsub_factory, redis, self.timeline)
+        self.manager = TurnManager(
+            model, self.turns, self.lock, self.hub,
+            settings.chat_delta_window_ms, settings.chat_delta_max_bytes,
+        )  # fmt: skip
+        self.draining = False
+
+    async def start(self) -> None:
+        await self.hub.start()
+
+    async def drain(self) -> None:
+        """Stop starting turns, let running ones finish (bounded), stop the hub."""
+        self.draining = True
+        await self.manager.drain(self.settings.chat_drain_grace_s)
+        await self.hub.stop()
+
+    # --- opening a thread -----------------------------------------------------
+
+    async def open(
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
+    ) -> Opened:
+        """Join a thread: create it if new, check access, follow it live, and
+        work out what the client must be sent before the live events."""
+        info = await self.threads.open(thread, user)
+        if not info.created and not await self._may_access(thread, user):
+            raise Forbidden("you are not a member of this thread")
+        follower = Follower(thread, self.settings.chat_send_queue)
+        # Follow first, read second: whatever is published after the follow
+        # reaches the queue, whatever was published before is in the log.
+        await self.hub.follow(thread, follower)
+        try:
+            last_id = await self.threads.last_event_id(thread)
+            record = await self.turns.record(thread)
+            recovered: bool | None = None
+            replay: list[TimelineEvent] = []
+            if after is not None:
+                recovered = (epoch is None or epoch == info.epoch) and await self.timeline.covers(
+                    thread, after, last_id
+                )
+                if recovered:
+                    replay = await self.timeline.read_after(thread, after)
+                    follower.restart_from(keys.event_id(after))
+            elif record is not None:
+                # A new client joining mid-reply sees the reply so far.
+                replay = await self.timeline.read_from(thread, record.start_id)
+            if not recovered and last_id is not None and not replay:
+                follower.restart_from(keys.event_id(last_id))
+        except BaseException:
+            await self.hub.unfollow(thread, follower)
+            raise
+        ready = Ready(
+            thread_id=thread, epoch=info.epoch, last_event_id=last_id,
+            generating=record is not None,
+            generation_id=record.generation_id if record else None, recovered=recovered,
+        )  # fmt: skip
+        return Opened(ready, replay, follower)
+
+    async def close(self, follower: Follower) -> None:
+        await self.hub.unfollow(follower.thread, follower)
+
+    async def resume(self, thread: ThreadId, after: str, epoch: str | None) -> Resumed:
+        """The events after ``after``, or None when they are no longer all there."""
+        meta_epoch, last_id = await self.redis.hmget(keys.meta(thread), "epoch", "last_event_id")
+        if epoch is not None and epoch != meta_epoch:
+            return Resumed(None)
+        if not await self.timeline.covers(thread, after, last_id):
+            return Resumed(None)
+        return Resumed(await self.timeline.read_after(thread, after))
+
+    async def _may_access(self, thread: ThreadId, user: UserId) -> bool:
+        return not self.settings.auth_enabled or await self.threads.is_member(thread, user)
+
+    # --- prompts and turns ----------------------------------------------------
+
+    async def prompt(
+        self, thread: ThreadId, user: UserId, content: str, client_msg_id: str | None
+    ) -> str | None:
+        """Commit the user's message and start the assistant's turn.
+
+        Returns None when the message was committed (its ``message`` event
+        reaches every follower, the sender included), or the original
+        ``message`` frame when ``client_msg_id`` was seen before (nothing new
+        is written). Raises ThreadBusy while another turn runs.
+        """
+        if self.draining:
+            raise Draining("this server is restarting; send again in a moment")
+        if client_msg_id is not None:
+            original = await self._original_message(thread, client_msg_id)
+            if original is not None:
+                return original
+        generation_id = secrets.token_hex(8)
+        message = Message(
+            id="", role="user", content=content, user_id=user,
+            created_at=int(time.time() * 1000), status="complete", client_msg_id=client_msg_id,
+        )  # fmt: skip
+        loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
+        # Twice at most: the second time after closing a turn a dead pod left open.
+        for _attempt in range(2):
+            lease = await self.lock.acquire(thread)
+            if lease is None:
+                raise ThreadBusy("a reply is being generated in this thread")
+            try:
+                await self.turns.index_add(thread)
+                result = await self.turns.begin(
+                    thread, lease, message, loading, self.settings.chat_pod_id
+                )
+            except BaseException:
+                await self.lock.release(thread, lease)
+                raise
+            if isinstance(result, Begun):
+                context = await self.history.latest(thread, self.settings.chat_context_chars)
+                self.manager.start(TurnContext(thread, lease, generation_id, context))
+                await self.threads.touch(user, thread)
+                return None
+            if isinstance(result, Duplicate):
+                await self.lock.release(thread, lease)
+                return await self._original_message(thread, client_msg_id or "")
+            record = await self.turns.record(thread)
+            if record is None:  # closed meanwhile by the reaper
+                await self.lock.release(thread, lease)
+                continue
+            log.info("closing turn %s left open by pod %s", record.generation_id, record.pod)
+            await self.turns.close_orphan(thread, lease, record)
+        raise ThreadBusy("a reply is being generated in this thread")
+
+    async def _original_message(self, thread: ThreadId, client_msg_id: str) -> str | None:
+        """The ``message`` frame first sent for ``client_msg_id``, if any."""
+        message_id = await self.redis.hget(keys.dedup(thread), client_msg_id)
+        if message_id is None:
+            return None
+        stored = await self.redis.xrange(keys.events(thread), message_id, message_id)
+        if stored:
+            return frame_from_entry(stored[0][0], stored[0][1]).frame
+        entries = await self.redis.xrange(keys.history(thread), message_id, message_id)
+        if not entries:
+            raise NotFound("the original message is gone")
+        message = Message.from_history_entry(entries[0][0], entries[0][1])
+        data = message_event_data(thread, message).replace(MESSAGE_ID_PLACEHOLDER, message_id)
+        return f'{{"id":"{message_id}",{data[1:]}'
+
+    async def cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:
+        """Ask the thread's running turn to stop, wherever it runs."""
+        return await self.turns.request_cancel(thread, generation_id)
+
+    async def history_page(
+        self, thread: ThreadId, before: str | None, limit: int
+    ) -> tuple[list[Message], bool]:
+        return await self.history.page(thread, before, limit)

@@ -1,0 +1,110 @@
+"""The thread timeline: the events every client of a thread sees, in one order.
+
+A timeline event is stored once in ``chat:{T}:events`` (fields ``n`` and
+``data``) and published once on ``chat:{T}:live`` as its finished wire frame
+``{"id":"<id>","n":<n>,...}``. This module owns that format: building event
+JSON for the commit scripts, turning stored entries back into frames for
+resume, and reading a frame's id and number without decoding the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from app.chat import keys
+from app.chat.keys import ThreadId
+from app.protocol import Done, Message
+
+# Stands where the commit script writes the id of the message it commits
+# (see app.chat.scripts: orjson never emits a raw control byte).
+MESSAGE_ID_PLACEHOLDER = "\x01"
+
+_HEAD = '{"id":"'
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """One timeline event as delivered: its id, its contiguous number, its frame."""
+
+    id: str
+    key: tuple[int, int]
+    n: int
+    frame: str
+
+
+def message_event_data(thread_id: ThreadId, message: Message) -> str:
+    """The ``message`` event for a message about to be committed (id filled by Lua)."""
+    body = orjson.dumps(message.model_dump(exclude={"id"}, exclude_none=True)).decode()
+    return (
+        '{"type":"message","thread_id":'
+        + orjson.dumps(thread_id).decode()
+        + f',"message":{{"id":"{MESSAGE_ID_PLACEHOLDER}",'
+        + body[1:]
+        + "}"
+    )
+
+
+def done_event_data(done: Done) -> str:
+    """The ``done`` event, whose ``message_id`` the commit script fills in."""
+    body = orjson.dumps(done.model_dump(exclude_none=True)).decode()
+    return body[:-1] + f',"message_id":"{MESSAGE_ID_PLACEHOLDER}"}}'
+
+
+def event_data(event: Any) -> str:
+    """Any other timeline event (``loading``, ``delta``) as stored JSON."""
+    return orjson.dumps(event.model_dump(exclude_none=True)).decode()
+
+
+def frame_from_entry(entry_id: str, fields: dict[str, str]) -> TimelineEvent:
+    """Rebuild the published frame of a stored event (resume, gap fill)."""
+    n = int(fields["n"])
+    frame = f'{_HEAD}{entry_id}","n":{n},{fields["data"][1:]}'
+    return TimelineEvent(entry_id, keys.event_id(entry_id), n, frame)
+
+
+def parse_frame(frame: str) -> TimelineEvent | None:
+    """Read id and number from a published frame; None if it is not a timeline frame."""
+    if not frame.startswith(_HEAD):
+        return None
+    end = frame.index('"', len(_HEAD))
+    event_id = frame[len(_HEAD) : end]
+    n_start = end + len('","n":')
+    n_end = frame.index(",", n_start)
+    return TimelineEvent(event_id, keys.event_id(event_id), int(frame[n_start:n_end]), frame)
+
+
+class Timeline:
+    """Reads of a thread's event log (writes go through the commit scripts)."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+
+    async def read_after(
+        self, thread: ThreadId, after: str, until: str = "+", count: int | None = None
+    ) -> list[TimelineEvent]:
+        """Events strictly after ``after`` (and up to ``until``), oldest first."""
+        entries = await self._redis.xrange(keys.events(thread), f"({after}", until, count=count)
+        return [frame_from_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def read_from(self, thread: ThreadId, start: str) -> list[TimelineEvent]:
+        """Events from ``start`` inclusive: the running turn's replay."""
+        entries = await self._redis.xrange(keys.events(thread), start, "+")
+        return [frame_from_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def covers(self, thread: ThreadId, after: str, last_event_id: str | None) -> bool:
+        """Whether every event after ``after`` is still in the log.
+
+        True when ``after`` is the newest event, or when the log's oldest
+        retained event is at or before ``after`` (nothing after it was
+        trimmed). An ``after`` beyond the newest event cannot be ours.
+        """
+        after_key = keys.event_id(after)
+        if last_event_id is None or after_key > keys.event_id(last_event_id):
+            return False
+        if after_key == keys.event_id(last_event_id):
+            return True
+        oldest = await self._redis.xrange(keys.events(thread), "-", "+", count=1)
+        return bool(oldest) and keys.event_id(oldest[0][0]) <= after_key

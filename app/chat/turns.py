@@ -1,0 +1,208 @@
+"""A turn's records in Redis: begin, deltas, end, cancel, and the turn index.
+
+Every write here is one fenced commit script (see app.chat.scripts), so each
+is atomic and refused once a newer lock grant exists. The turn record
+``chat:{T}:turn`` says which generation runs and where its events start; the
+index ``chat:turns`` lets the reaper find turns whose pod died. The index is
+written outside the scripts because on a Redis Cluster it lives on another
+shard; that is safe because it is only a hint: the reaper trusts the turn
+record and the lock, and drops index entries that point at neither.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.exceptions import ResponseError
+
+from app.chat import keys
+from app.chat.errors import LockLost
+from app.chat.keys import ThreadId
+from app.chat.lock import Lease
+from app.chat.scripts import Scripts
+from app.chat.timeline import done_event_data, event_data, message_event_data
+from app.protocol import Delta, Done, Loading, Message
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """The running turn of a thread, as stored in ``chat:{T}:turn``."""
+
+    generation_id: str
+    fence: int
+    pod: str
+    start_id: str
+    user_message_id: str
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """BEGIN_TURN's answer: the user's message was committed, the turn is open."""
+
+    message_id: str
+    loading_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Orphaned:
+    """BEGIN_TURN's answer when an earlier turn was left open by a dead pod."""
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """BEGIN_TURN's answer for a client_msg_id already seen: nothing was written."""
+
+    message_id: str
+
+
+def _fenced(exc: ResponseError) -> Exception:
+    return LockLost("a newer turn owns this thread") if "STALE_FENCE" in str(exc) else exc
+
+
+class TurnStore:
+    """Fenced writes of turns and the records the reaper reads."""
+
+    def __init__(
+        self, redis: Any, scripts: Scripts, publish: str, retention: int, dedup_ttl_s: int
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._publish = publish
+        self._retention = retention
+        self._dedup_ttl_s = dedup_ttl_s
+
+    async def begin(
+        self, thread: ThreadId, lease: Lease, user_message: Message, loading: Loading, pod: str
+    ) -> Begun | Duplicate | Orphaned:
+        """Commit the user's message and open the turn, or find it was sent
+        before, or that a dead pod's turn must be closed first."""
+        try:
+            reply = await self._scripts.begin_turn(
+                keys=[
+                    keys.fence(thread), keys.meta(thread), keys.events(thread),
+                    keys.live(thread), keys.history(thread), keys.dedup(thread),
+                    keys.turn(thread),
+                ],
+                args=[
+                    lease.fence, self._publish, self._retention,
+                    message_event_data(thread, user_message), event_data(loading),
+                    user_message.client_msg_id or "", self._dedup_ttl_s,
+                    loading.generation_id, pod, *user_message.history_fields(),
+                ],
+            )  # fmt: skip
+        except ResponseError as exc:
+            raise _fenced(exc) from exc
+        if reply[0] == "dup":
+            return Duplicate(reply[1])
+        if reply[0] == "orphan":
+            return Orphaned()
+        return Begun(reply[1], reply[2])
+
+    async def append_delta(self, thread: ThreadId, lease: Lease, delta: Delta) -> bool:
+        """Publish one delta; True when a cancel of the turn was asked for."""
+        try:
+            cancel = await self._scripts.append_delta(
+                keys=[
+                    keys.fence(thread), keys.meta(thread), keys.events(thread),
+                    keys.live(thread), keys.turn(thread),
+                ],
+                args=[lease.fence, self._publish, event_data(delta), delta.seq],
+            )  # fmt: skip
+        except ResponseError as exc:
+            raise _fenced(exc) from exc
+        return cancel is not None
+
+    async def end(
+        self, thread: ThreadId, lease: Lease, assistant: Message, done: Done
+    ) -> str | None:
+        """Commit the assistant's message, publish ``done``, free the thread.
+
+        None when this generation was already closed (a retried call)."""
+        try:
+            message_id: str | None = await self._scripts.end_turn(
+                keys=[
+                    keys.fence(thread), keys.meta(thread), keys.events(thread),
+                    keys.live(thread), keys.history(thread), keys.turn(thread),
+                    keys.lock(thread),
+                ],
+                args=[
+                    lease.fence, self._publish, self._retention,
+                    message_event_data(thread, assistant), done_event_data(done),
+                    lease.token, done.generation_id, *assistant.history_fields(),
+                ],
+            )  # fmt: skip
+        except ResponseError as exc:
+            raise _fenced(exc) from exc
+        return message_id
+
+    async def request_cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:
+        """Flag the running turn (if it matches) and tell every pod; its id or None."""
+        control = orjson.dumps({"control": "cancel", "generation_id": generation_id}).decode()
+        cancelled: str | None = await self._scripts.request_cancel(
+            keys=[keys.turn(thread), keys.live(thread)],
+            args=[generation_id or "", self._publish, control],
+        )
+        return cancelled
+
+    async def record(self, thread: ThreadId) -> TurnRecord | None:
+        """The running turn of a thread, or None when it is idle."""
+        fields = await self._redis.hgetall(keys.turn(thread))
+        if not fields.get("generation_id"):
+            return None
+        return TurnRecord(
+            generation_id=fields["generation_id"],
+            fence=int(fields.get("fence", 0)),
+            pod=fields.get("pod", ""),
+            start_id=fields.get("start_id", "0-0"),
+            user_message_id=fields.get("user_message_id", ""),
+            cancel_requested=bool(fields.get("cancel")),
+        )
+
+    async def partial_text(self, thread: ThreadId, record: TurnRecord) -> tuple[str, int]:
+        """The text a turn had published, rebuilt from its deltas, and their count.
+
+        The log is never trimmed while a turn runs (trimming happens only at
+        the start and end of turns), so every delta of the turn is there.
+        """
+        entries = await self._redis.xrange(keys.events(thread), record.start_id, "+")
+        pieces: list[str] = []
+        for _entry_id, fields in entries:
+            event = orjson.loads(fields["data"])
+            if event.get("type") == "delta" and event.get("generation_id") == record.generation_id:
+                pieces.append(event["text"])
+        return "".join(pieces), len(pieces)
+
+    async def close_orphan(self, thread: ThreadId, lease: Lease, record: TurnRecord) -> str | None:
+        """Close a turn whose pod died: its published text becomes an
+        ``interrupted`` assistant message, then ``done``. ``lease`` is a fresh
+        grant of the thread's lock, so the dead turn can never write again."""
+        text, _ = await self.partial_text(thread, record)
+        assistant = Message(
+            id="", role="assistant", content=text, user_id="assistant",
+            created_at=int(time.time() * 1000), status="interrupted",
+        )  # fmt: skip
+        done = Done(thread_id=thread, generation_id=record.generation_id, status="interrupted")
+        message_id = await self.end(thread, lease, assistant, done)
+        await self.index_remove(thread)
+        return message_id
+
+    async def index_add(self, thread: ThreadId) -> None:
+        await self._redis.zadd(keys.TURN_INDEX, {thread: time.time()})
+
+    async def index_remove(self, thread: ThreadId) -> None:
+        await self._redis.zrem(keys.TURN_INDEX, thread)
+
+    async def index_threads(self, limit: int = 1000) -> list[ThreadId]:
+        """Threads that may have a running turn, oldest first."""
+        members = await self._redis.zrange(keys.TURN_INDEX, 0, limit - 1)
+        threads = []
+        for member in members:
+            try:
+                threads.append(keys.thread_id(member))
+            except keys.InvalidId:
+                await self._redis.zrem(keys.TURN_INDEX, member)  # not ours: drop it
+        return threads

@@ -1,0 +1,56 @@
+"""A deterministic streaming model: no network, no key, same reply every time.
+
+The reply to a conversation depends only on its last user message and the
+configured length, so tests can compute exactly what they must receive
+(``expected_reply``). It is the default when no Anthropic key is set, and the
+model of tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+
+from app.protocol import Message
+
+_WORDS = (
+    "durable", "chat", "streams", "every", "token", "to", "each", "tab", "on", "any",
+    "pod", "and", "keeps", "the", "thread", "history", "safe", "in", "redis", "always",
+)  # fmt: skip
+
+
+def expected_reply(prompt: str, tokens: int) -> str:
+    """The fake model's full reply to ``prompt``: ``tokens`` pieces joined."""
+    return "".join(reply_tokens(prompt, tokens))
+
+
+def reply_tokens(prompt: str, tokens: int) -> list[str]:
+    """The pieces the fake model streams, in order."""
+    seed = hashlib.sha256(prompt.encode()).digest()
+    words = [_WORDS[seed[i % len(seed)] % len(_WORDS)] for i in range(tokens)]
+    return [words[0].capitalize()] + [" " + w for w in words[1:]]
+
+
+class FakeModel:
+    """Streams ``reply_tokens`` of the last user message, one per ``delay_ms``."""
+
+    def __init__(self, tokens: int, delay_ms: float) -> None:
+        self._tokens = tokens
+        self._delay_s = delay_ms / 1000
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    async def stream(self, messages: Sequence[Message], usage: dict[str, int]) -> AsyncIterator[str]:
+        prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        usage["input_tokens"] = sum(len(m.content.split()) for m in messages)
+        for i, piece in enumerate(reply_tokens(prompt, self._tokens)):
+            if self._delay_s:
+                await asyncio.sleep(self._delay_s)
+            usage["output_tokens"] = i + 1
+            yield piece
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,103 @@
+"""The FastAPI application: create_app(settings) and the pod's lifespan.
+
+The lifespan owns every long-lived resource of a pod: the Redis clients, the
+chat service (its fan-out hub and running turns) and the in-pod reaper. On
+shutdown it drains: new sockets and turns are refused (readiness fails),
+running turns get CHAT_DRAIN_GRACE_S to finish and are then committed as
+interrupted, and only then is Redis let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, ORJSONResponse
+
+from app import ws
+from app.auth import AuthError, Authenticator
+from app.chat.service import ChatService
+from app.llm import make_model
+from app.redis_client import connect
+from app.settings import Settings
+from workers.reaper import Reaper
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A durable-chat pod for ``settings`` (read from the environment if None)."""
+    settings = settings or Settings()
+    settings.check_startable()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        handles = connect(settings)
+        model = make_model(settings)
+        service = ChatService(
+            settings, handles.commands, handles.pubsub_factory, model, handles.publish_command
+        )
+        app.state.chat = service
+        app.state.auth = Authenticator(settings)
+        await service.start()
+        reaper_task = None
+        if settings.chat_reaper_in_pod:
+            reaper = Reaper(service, holder=f"pod:{settings.chat_pod_id}")
+            reaper_task = asyncio.create_task(reaper.run_forever(), name="reaper")
+        log.info(
+            "durable-chat pod %s ready: redis=%s model=%s auth=%s",
+            settings.chat_pod_id, handles.description, model.name,
+            "jwt" if settings.auth_enabled else "off",
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            log.info("pod %s draining", settings.chat_pod_id)
+            await service.drain()
+            if reaper_task is not None:
+                reaper_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reaper_task
+            await model.aclose()
+            await handles.aclose()
+            log.info("pod %s stopped", settings.chat_pod_id)
+
+    app = FastAPI(title="durable-chat", version="0.1.0", lifespan=lifespan)
+    app.include_router(ws.router)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo_page() -> str:
+        return resources.files("app.web").joinpath("index.html").read_text()
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Alive: the process serves requests."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready for traffic: Redis answers and the pod is not draining."""
+        service: ChatService = request.app.state.chat
+        if service.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        try:
+            await asyncio.wait_for(service.redis.ping(), 2.0)
+        except Exception:
+            return JSONResponse({"status": "redis unreachable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/list", tags=["threads"])
+    async def list_threads(request: Request) -> ORJSONResponse:
+        """The caller's thread ids, most recently active first (seed protocol)."""
+        try:
+            user = request.app.state.auth.user_for(request)
+        except AuthError as exc:
+            return ORJSONResponse({"error": str(exc)}, status_code=401)
+        service: ChatService = request.app.state.chat
+        return ORJSONResponse(await service.threads.of_user(user))
+
+    return app

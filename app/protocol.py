@@ -1,0 +1,212 @@
+"""The wire protocol (version 1) as typed models: every frame a client may send
+and every event a server sends, in one place. docs/protocol.md is its prose.
+
+Inbound frames are parsed with one adapter (``parse_client_frame``) into a
+discriminated union; anything else is a ``BadFrame`` carrying the protocol's
+error code. Outbound events are models serialised with orjson; timeline
+events are serialised once, stored and published as they are (see
+app.chat.timeline), never re-encoded per socket.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+
+Role = Literal["user", "assistant"]
+MessageStatus = Literal["complete", "cancelled", "interrupted", "error"]
+ErrorCode = Literal[
+    "bad_request",
+    "too_large",
+    "thread_busy",
+    "rate_limited",
+    "forbidden",
+    "not_found",
+    "resume_gap",
+    "llm_error",
+    "unavailable",
+    "internal",
+]
+
+# Client ids (client_msg_id, generation ids) end up as Redis hash fields and in
+# events: bounded and printable, never used to build a key.
+ClientToken = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+EventId = Annotated[StrictStr, Field(max_length=41, pattern=r"^\d{1,20}-\d{1,20}$")]
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- client -> server -------------------------------------------------------
+
+
+class Prompt(_Frame):
+    type: Literal["prompt"]
+    content: StrictStr = Field(min_length=1)
+    client_msg_id: ClientToken | None = None
+
+
+class GetHistory(_Frame):
+    type: Literal["get_history"]
+    before: EventId | None = None
+    limit: StrictInt = Field(default=50, ge=1, le=200)
+
+
+class Cancel(_Frame):
+    type: Literal["cancel"]
+    generation_id: ClientToken | None = None
+
+
+class Resume(_Frame):
+    type: Literal["resume"]
+    after: EventId
+    epoch: StrictStr | None = Field(default=None, max_length=64)
+
+
+class Ping(_Frame):
+    type: Literal["ping"]
+
+
+ClientFrame = Annotated[Prompt | GetHistory | Cancel | Resume | Ping, Field(discriminator="type")]
+_client_frame = TypeAdapter(ClientFrame)
+
+
+class BadFrame(Exception):
+    """A client frame the protocol refuses; ``code`` is the error event's code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+
+
+def parse_client_frame(raw: str | bytes, max_bytes: int) -> ClientFrame:
+    """Decode one text frame into a typed client frame, or raise ``BadFrame``."""
+    if len(raw) > max_bytes:
+        raise BadFrame("too_large", f"frame larger than {max_bytes} bytes")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadFrame("bad_request", "frame is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise BadFrame("bad_request", "frame must be a JSON object with a string 'type'")
+    try:
+        return _client_frame.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "type"
+        raise BadFrame("bad_request", f"{where}: {first['msg']}") from None
+
+
+# --- server -> client -------------------------------------------------------
+
+
+class Message(BaseModel):
+    """A committed message of a thread's history."""
+
+    id: str
+    role: Role
+    content: str
+    user_id: str
+    created_at: int
+    status: MessageStatus
+    client_msg_id: str | None = None
+
+    @classmethod
+    def from_history_entry(cls, entry_id: str, fields: dict[str, str]) -> Message:
+        return cls(
+            id=entry_id,
+            role=fields["role"],  # type: ignore[arg-type]
+            content=fields.get("content", ""),
+            user_id=fields.get("user_id", ""),
+            created_at=int(fields.get("created_at", entry_id.split("-")[0])),
+            status=fields.get("status", "complete"),  # type: ignore[arg-type]
+            client_msg_id=fields.get("client_msg_id") or None,
+        )
+
+    def history_fields(self) -> list[str]:
+        """The history stream entry, as flat (name, value) pairs for XADD."""
+        pairs = [
+            "role", self.role,
+            "content", self.content,
+            "user_id", self.user_id,
+            "status", self.status,
+            "created_at", str(self.created_at),
+        ]  # fmt: skip
+        if self.client_msg_id:
+            pairs += ["client_msg_id", self.client_msg_id]
+        return pairs
+
+
+class Ready(BaseModel):
+    type: Literal["ready"] = "ready"
+    thread_id: str
+    protocol: int = PROTOCOL_VERSION
+    epoch: str
+    last_event_id: str | None
+    generating: bool
+    generation_id: str | None
+    recovered: bool | None = None
+
+
+class History(BaseModel):
+    type: Literal["history"] = "history"
+    thread_id: str
+    messages: list[Message]
+    has_more: bool
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    thread_id: str | None
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    retry_after_ms: int | None = None
+
+
+class Pong(BaseModel):
+    type: Literal["pong"] = "pong"
+    thread_id: str
+
+
+class Loading(BaseModel):
+    type: Literal["loading"] = "loading"
+    thread_id: str
+    generation_id: str
+    model: str
+
+
+class Delta(BaseModel):
+    type: Literal["delta"] = "delta"
+    thread_id: str
+    generation_id: str
+    seq: int
+    text: str
+
+
+class Done(BaseModel):
+    """``message_id`` is filled in by the commit script (see app.chat.scripts)."""
+
+    type: Literal["done"] = "done"
+    thread_id: str
+    generation_id: str
+    status: MessageStatus
+    usage: dict[str, int] | None = None
+
+
+def encode(event: BaseModel) -> str:
+    """One server event as a text frame (None fields dropped, except in ``ready``,
+    whose ``last_event_id`` and ``generation_id`` are null when absent)."""
+    if isinstance(event, Ready):
+        data = event.model_dump(exclude={"recovered"} if event.recovered is None else set())
+    else:
+        data = event.model_dump(exclude_none=True)
+    return orjson.dumps(data).decode()
+
+

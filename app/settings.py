@@ -1,0 +1,97 @@
+"""Configuration: every environment variable durable-chat reads, in one place.
+
+Names are the operator-facing contract (README, k8s manifests, tests and
+benchmarks rely on them), so each field is named after its variable.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ANTHROPIC_MODEL = "claude-sonnet-4-5"
+
+
+class ConfigError(Exception):
+    """The configuration cannot run safely; the message says what to set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Redis: unset means the embedded in-process fake (one pod only).
+    redis_url: str | None = None
+    redis_cluster: bool = False
+
+    # Model provider.
+    chat_llm: Literal["anthropic", "fake"] | None = None
+    chat_model: str = DEFAULT_ANTHROPIC_MODEL
+    anthropic_api_key: str | None = Field(default=None, repr=False)
+    chat_system_prompt: str = "You are a helpful assistant."
+    chat_max_tokens: int = Field(default=1024, ge=1, le=64000)
+    chat_context_chars: int = Field(default=60000, ge=1000)
+    chat_llm_timeout_s: float = Field(default=120.0, gt=0)
+    chat_fake_reply_tokens: int = Field(default=40, ge=1, le=100000)
+    chat_fake_token_delay_ms: float = Field(default=20.0, ge=0)
+
+    # Authentication.
+    chat_auth: Literal["jwt", "off"] = "jwt"
+    chat_auth_secret: str | None = Field(default=None, repr=False)
+
+    # Turns, locks and the timeline.
+    chat_lock_ttl_ms: int = Field(default=15000, ge=1000)
+    chat_reaper_interval_ms: int = Field(default=5000, ge=100)
+    chat_reaper_in_pod: bool = True
+    chat_event_retention: int = Field(default=10000, ge=100)
+    chat_delta_window_ms: float = Field(default=25.0, ge=0)
+    chat_delta_max_bytes: int = Field(default=2048, ge=1)
+    chat_dedup_ttl_s: int = Field(default=86400, ge=60)
+
+    # Input limits.
+    chat_max_prompt_chars: int = Field(default=32000, ge=1)
+    chat_max_frame_bytes: int = Field(default=262144, ge=1024)
+
+    # Sockets and shutdown.
+    chat_send_queue: int = Field(default=1024, ge=8)
+    chat_drain_grace_s: float = Field(default=20.0, ge=0)
+    chat_pod_id: str = Field(default_factory=lambda: secrets.token_hex(4))
+    chat_log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _choose_provider(self) -> Settings:
+        if self.chat_llm is None:
+            self.chat_llm = "anthropic" if self.anthropic_api_key else "fake"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no REDIS_URL is set: in-process fakeredis, one pod only."""
+        return not self.redis_url
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether sockets must present a valid token.
+
+        The embedded default is a local toy, so it runs open unless a secret
+        is given. Against a real Redis an open server must be asked for by
+        name (CHAT_AUTH=off): see check_startable.
+        """
+        if self.chat_auth == "off":
+            return False
+        return self.embedded is False or self.chat_auth_secret is not None
+
+    def check_startable(self) -> None:
+        """Refuse configurations that would run unsafely or cannot work."""
+        if self.redis_url and self.chat_auth == "jwt" and not self.chat_auth_secret:
+            raise ConfigError(
+                "REDIS_URL is set but CHAT_AUTH_SECRET is not: a shared deployment must "
+                "authenticate its users. Set CHAT_AUTH_SECRET, or CHAT_AUTH=off to run "
+                "open on purpose."
+            )
+        if self.chat_llm == "anthropic" and not self.anthropic_api_key:
+            raise ConfigError("CHAT_LLM=anthropic needs ANTHROPIC_API_KEY.")
+        if self.redis_cluster and not self.redis_url:
+            raise ConfigError("REDIS_CLUSTER=1 needs REDIS_URL (a seed node of the cluster).")

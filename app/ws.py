@@ -1,0 +1,324 @@
+"""The WebSocket edge: protocol v1 and the seed demo's text protocol.
+
+This is the one place where frames become domain calls and where errors
+become ``error`` events or close codes. A socket holds no domain state: its
+``Follower`` (app.chat.follower) says what it has been sent, and everything
+else lives in Redis, so a client may reconnect to any pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from app.auth import AuthError, Authenticator
+from app.chat import keys
+from app.chat.errors import ChatError, Forbidden
+from app.chat.fanout import FanoutUnavailable
+from app.chat.follower import Follower
+from app.chat.keys import ThreadId, UserId
+from app.chat.service import ChatService
+from app.chat.timeline import TimelineEvent
+from app.protocol import (
+    BadFrame,
+    Cancel,
+    ErrorCode,
+    ErrorEvent,
+    GetHistory,
+    History,
+    Ping,
+    Pong,
+    Prompt,
+    Resume,
+    encode,
+    parse_client_frame,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+# Close codes (PROTOCOL.md "Close codes"), all in one place.
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012
+CLOSE_TRY_AGAIN = 1013
+
+
+async def _admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, UserId] | None:
+    """Validate the thread id and the caller before any Redis key is built;
+    on refusal the socket is closed and None returned."""
+    service: ChatService = ws.app.state.chat
+    authenticator: Authenticator = ws.app.state.auth
+    try:
+        thread = keys.thread_id(raw_thread)
+        user = authenticator.user_for(ws)
+    except (keys.InvalidId, AuthError) as exc:
+        await ws.close(CLOSE_POLICY, reason=str(exc)[:120])
+        return None
+    if service.draining:
+        await ws.close(CLOSE_RESTART, reason="server restarting")
+        return None
+    return service, thread, user
+
+
+async def _open(
+    ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
+    after: str | None, epoch: str | None,
+) -> Any:  # fmt: skip
+    """Accept the socket and join the thread, or close it with the right code."""
+    await ws.accept()
+    try:
+        return await service.open(thread, user, after, epoch)
+    except Forbidden as exc:
+        await ws.close(CLOSE_POLICY, reason=str(exc))
+    except (FanoutUnavailable, RedisError, OSError) as exc:
+        log.warning("cannot open thread %s: %s", thread, exc)
+        await ws.close(CLOSE_TRY_AGAIN, reason="storage unavailable, retry")
+    return None
+
+
+@router.websocket("/v1/threads/{thread_id}/ws")
+async def thread_socket(ws: WebSocket, thread_id: str) -> None:
+    admitted = await _admit(ws, thread_id)
+    if admitted is None:
+        return
+    service, thread, user = admitted
+    after = ws.query_params.get("after")
+    epoch = ws.query_params.get("epoch")
+    if after is not None:
+        try:
+            keys.event_id(after)
+        except keys.InvalidId as exc:
+            await ws.close(CLOSE_POLICY, reason=f"after: {exc}")
+            return
+    opened = await _open(ws, service, thread, user, after, epoch)
+    if opened is None:
+        return
+    session = ThreadSession(ws, service, thread, user, opened.follower)
+    try:
+        await session.send_text(encode(opened.ready))
+        await session.send_events(opened.replay)
+        await session.run()
+    finally:
+        await service.close(opened.follower)
+
+
+class ThreadSession:
+    """One protocol-v1 socket on one thread: a reader loop and a writer task."""
+
+    def __init__(
+        self, ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
+        follower: Follower,
+    ) -> None:  # fmt: skip
+        self.ws = ws
+        self.service = service
+        self.thread = thread
+        self.user = user
+        self.follower = follower
+        # Serialises sends: the writer's live events, replies, and resume
+        # replays must never interleave inside the follower's ordering rule.
+        self._sending = asyncio.Lock()
+
+    async def send_text(self, text: str) -> None:
+        async with self._sending:
+            await self.ws.send_text(text)
+
+    async def send_events(self, events: list[TimelineEvent]) -> None:
+        async with self._sending:
+            for event in events:
+                if self.follower.claim(event):
+                    await self.ws.send_text(event.frame)
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._write_forever(), name=f"ws-writer-{self.thread}")
+        try:
+            await self._read_forever()
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    async def _write_forever(self) -> None:
+        queue = self.follower.queue
+        try:
+            while True:
+                event = await queue.get()
+                if self.follower.overflowed.is_set():
+                    log.info("closing a slow client of thread %s", self.thread)
+                    await self.ws.close(CLOSE_TRY_AGAIN, reason="too slow: resume with after")
+                    return
+                async with self._sending:
+                    if self.follower.claim(event):
+                        await self.ws.send_text(event.frame)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the reader sees the disconnect and ends the session
+
+    async def _read_forever(self) -> None:
+        max_bytes = self.service.settings.chat_max_frame_bytes
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self._error("bad_request", "binary frames are not accepted; send JSON text")
+                continue
+            await self._handle(text, max_bytes)
+
+    async def _handle(self, text: str, max_bytes: int) -> None:
+        try:
+            frame = parse_client_frame(text, max_bytes)
+            handler = self._handlers[type(frame)]
+            await handler(self, frame)
+        except BadFrame as exc:
+            await self._error(exc.code, exc.message)
+        except ChatError as exc:
+            await self._error(exc.code, str(exc), retryable=exc.retryable)  # type: ignore[arg-type]
+        except (RedisError, OSError) as exc:
+            log.warning("storage error on thread %s: %s", self.thread, exc)
+            await self._error("unavailable", "storage is unavailable; retry", retryable=True)
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unexpected error on thread %s", self.thread)
+            await self._error("internal", "internal error", retryable=True)
+
+    async def _error(self, code: ErrorCode, message: str, retryable: bool = False) -> None:
+        event = ErrorEvent(thread_id=self.thread, code=code, message=message, retryable=retryable)
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await self.send_text(encode(event))
+
+    # --- one handler per client frame type --------------------------------
+
+    async def _prompt(self, frame: Prompt) -> None:
+        limit = self.service.settings.chat_max_prompt_chars
+        if len(frame.content) > limit:
+            raise BadFrame("too_large", f"content longer than {limit} characters")
+        original = await self.service.prompt(
+            self.thread, self.user, frame.content, frame.client_msg_id
+        )
+        if original is not None:
+            await self.send_text(original)
+
+    async def _get_history(self, frame: GetHistory) -> None:
+        messages, has_more = await self.service.history_page(self.thread, frame.before, frame.limit)
+        reply = History(thread_id=self.thread, messages=messages, has_more=has_more)
+        await self.send_text(encode(reply))
+
+    async def _cancel(self, frame: Cancel) -> None:
+        if await self.service.cancel(self.thread, frame.generation_id) is None:
+            await self._error("not_found", "no matching turn is running")
+
+    async def _resume(self, frame: Resume) -> None:
+        resumed = await self.service.resume(self.thread, frame.after, frame.epoch)
+        if resumed.replay is None:
+            await self._error("resume_gap", "events after that id are gone: reload the history")
+            return
+        async with self._sending:
+            self.follower.restart_from(keys.event_id(frame.after))
+        await self.send_events(resumed.replay)
+
+    async def _ping(self, frame: Ping) -> None:
+        await self.send_text(encode(Pong(thread_id=self.thread)))
+
+    _handlers: dict[type, Callable[[ThreadSession, Any], Awaitable[None]]] = {
+        Prompt: _prompt,
+        GetHistory: _get_history,
+        Cancel: _cancel,
+        Resume: _resume,
+        Ping: _ping,
+    }
+
+
+# --- the seed demo's protocol ------------------------------------------------
+
+SEED_GET_HISTORY = "(GET_HISTORY)"
+SEED_LOADING = "[LOADING]"
+SEED_DONE = "[DONE]"
+
+
+@router.websocket("/websocket")
+async def seed_socket(ws: WebSocket) -> None:
+    """The original Durable Objects demo's text protocol, on the same threads."""
+    admitted = await _admit(ws, ws.query_params.get("threadID", ""))
+    if admitted is None:
+        return
+    service, thread, user = admitted
+    opened = await _open(ws, service, thread, user, None, None)
+    if opened is None:
+        return
+    follower: Follower = opened.follower
+    writer = asyncio.create_task(_seed_writer(ws, follower, opened.replay))
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if not text:
+                continue
+            await _seed_handle(ws, service, thread, user, text)
+    except WebSocketDisconnect:
+        return
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+        await service.close(follower)
+
+
+async def _seed_handle(
+    ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId, text: str
+) -> None:
+    try:
+        if text.startswith(SEED_GET_HISTORY):
+            messages = await service.history.all(thread)
+            history = [{"role": m.role, "content": m.content} for m in messages]
+            await ws.send_text(orjson.dumps(history).decode())
+        elif len(text) > service.settings.chat_max_prompt_chars:
+            await ws.send_text("[ERROR] too_large: prompt too long")
+        else:
+            await service.prompt(thread, user, text, None)
+    except ChatError as exc:
+        await ws.send_text(f"[ERROR] {exc.code}: {exc}")
+    except (RedisError, OSError):
+        await ws.send_text("[ERROR] unavailable: storage is unavailable; retry")
+
+
+async def _seed_writer(ws: WebSocket, follower: Follower, replay: list[TimelineEvent]) -> None:
+    """Turn timeline events into the seed's text frames."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        for event in replay:
+            if follower.claim(event):
+                await _seed_send(ws, event)
+        while True:
+            event = await follower.queue.get()
+            if follower.overflowed.is_set():
+                await ws.close(CLOSE_TRY_AGAIN, reason="too slow")
+                return
+            if follower.claim(event):
+                await _seed_send(ws, event)
+
+
+async def _seed_send(ws: WebSocket, event: TimelineEvent) -> None:
+    data = orjson.loads(event.frame)
+    kind = data["type"]
+    if kind == "loading":
+        await ws.send_text(SEED_LOADING)
+    elif kind == "delta":
+        await ws.send_text(data["text"])
+    elif kind == "done":
+        await ws.send_text(SEED_DONE)

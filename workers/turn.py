@@ -1,0 +1,299 @@
+"""Assistant turns: one task per turn, owned by the pod that granted it.
+
+A turn never depends on the socket that asked for it: it keeps streaming to
+Redis while clients come and go (or resume on other pods), and it always
+ends through one path that commits the final message and ``done``: complete,
+cancelled (a ``cancel`` from any pod), error (the model failed), or
+interrupted (this pod is draining). If the pod dies instead, the reaper
+(workers.reaper) ends the turn.
+
+Tokens are coalesced into deltas: the buffer is flushed when it reaches
+CHAT_DELTA_MAX_BYTES or when its oldest piece is CHAT_DELTA_WINDOW_MS old,
+so a fast model costs one Redis round trip per window, not one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.chat.errors import LockLost
+from app.chat.fanout import FanoutHub
+from app.chat.keys import ThreadId
+from app.chat.lock import Lease, TurnLock
+from app.chat.timeline import TimelineEvent
+from app.chat.turns import TurnStore
+from app.llm import ChatModel, LLMError
+from app.protocol import Delta, Done, Message, MessageStatus
+
+log = logging.getLogger(__name__)
+
+# How long a turn keeps retrying a write while Redis is unreachable before it
+# gives up and leaves the turn to the reaper.
+WRITE_RETRY_S = 10.0
+
+
+class _Stop:
+    """A reason to end the turn early, sent through the turn's queue."""
+
+    def __init__(self, status: MessageStatus) -> None:
+        self.status: MessageStatus = status
+
+
+_END = object()
+
+
+@dataclass
+class TurnContext:
+    """Everything one turn needs to know about its thread."""
+
+    thread: ThreadId
+    lease: Lease
+    generation_id: str
+    messages: Sequence[Message]
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class TurnRunner:
+    """Streams one reply from the model into the thread's timeline."""
+
+    def __init__(
+        self,
+        ctx: TurnContext,
+        model: ChatModel,
+        store: TurnStore,
+        lock: TurnLock,
+        window_ms: float,
+        max_bytes: int,
+    ) -> None:
+        self.ctx = ctx
+        self._model = model
+        self._store = store
+        self._lock = lock
+        self._window_s = window_ms / 1000
+        self._max_bytes = max_bytes
+        self._inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._published: list[str] = []
+        self._seq = 0
+        self.status: MessageStatus | None = None
+
+    # --- signals from outside (any of them ends the turn early) -------------
+
+    def stop(self, status: MessageStatus) -> None:
+        """Ask the turn to end now with ``status`` (cancelled or interrupted)."""
+        self._inbox.put_nowait(_Stop(status))
+
+    def deliver(self, event: TimelineEvent) -> None:
+        """Hub sink: a turn does not need its own thread's frames."""
+
+    def control(self, message: dict[str, Any]) -> None:
+        """Hub sink: a cancel published by any pod."""
+        wanted = message.get("generation_id")
+        if message.get("control") == "cancel" and wanted in (None, self.ctx.generation_id):
+            self.stop("cancelled")
+
+    # --- the turn -------------------------------------------------------------
+
+    async def run(self) -> None:
+        producer = asyncio.create_task(self._produce(), name=f"llm-{self.ctx.generation_id}")
+        renewer = asyncio.create_task(self._renew(), name=f"lease-{self.ctx.generation_id}")
+        error: str | None = None
+        try:
+            status, error = await self._consume()
+            self.status = status
+            await self._retrying(self._flush)
+            await self._retrying(lambda: self._finish(status, error))
+        except LockLost:
+            log.warning(
+                "turn %s on thread %s lost its lock; a newer grant owns the thread",
+                self.ctx.generation_id, self.ctx.thread,
+            )  # fmt: skip
+        finally:
+            for task in (producer, renewer):
+                task.cancel()
+            for task in (producer, renewer):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _produce(self) -> None:
+        try:
+            async for piece in self._model.stream(self.ctx.messages, self.ctx.usage):
+                if piece:
+                    self._inbox.put_nowait(piece)
+            self._inbox.put_nowait(_END)
+        except LLMError as exc:
+            self._inbox.put_nowait(exc)
+        except Exception:
+            log.exception("model %s failed unexpectedly", self._model.name)
+            self._inbox.put_nowait(LLMError("the model failed unexpectedly"))
+
+    async def _consume(self) -> tuple[MessageStatus, str | None]:
+        """Coalesce the model's pieces into deltas until the turn ends."""
+        deadline: float | None = None
+        while True:
+            try:
+                if deadline is None:
+                    item = await self._inbox.get()
+                else:
+                    timeout = max(0.0, deadline - time.monotonic())
+                    item = await asyncio.wait_for(self._inbox.get(), timeout)
+            except TimeoutError:
+                deadline = None
+                if await self._try_flush():
+                    return "cancelled", None
+                continue
+            if isinstance(item, str):
+                self._pending.append(item)
+                self._pending_bytes += len(item)
+                if deadline is None:
+                    deadline = time.monotonic() + self._window_s
+                if self._pending_bytes >= self._max_bytes or self._window_s == 0:
+                    deadline = None
+                    if await self._try_flush():
+                        return "cancelled", None
+            elif item is _END:
+                return "complete", None
+            elif isinstance(item, _Stop):
+                return item.status, None
+            elif isinstance(item, LLMError):
+                return "error", item.message
+
+    async def _try_flush(self) -> bool:
+        """Flush now; a Redis outage keeps the text buffered for the next try.
+        Returns whether a cancel was asked for."""
+        try:
+            return await self._flush()
+        except RedisError as exc:
+            log.warning("delta not published yet (%s); keeping it buffered", exc)
+            return False
+
+    async def _flush(self) -> bool:
+        if not self._pending:
+            return False
+        text = "".join(self._pending)
+        delta = Delta(
+            thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
+            seq=self._seq, text=text,
+        )  # fmt: skip
+        cancel = await self._store.append_delta(self.ctx.thread, self.ctx.lease, delta)
+        self._published.append(text)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._seq += 1
+        return cancel
+
+    async def _finish(self, status: MessageStatus, error: str | None) -> None:
+        ctx = self.ctx
+        assistant = Message(
+            id="", role="assistant", content="".join(self._published), user_id="assistant",
+            created_at=int(time.time() * 1000), status=status,
+        )  # fmt: skip
+        done = Done(
+            thread_id=ctx.thread, generation_id=ctx.generation_id, status=status,
+            usage=dict(ctx.usage) or None,
+        )  # fmt: skip
+        if error:
+            log.warning("turn %s ended with a model error: %s", ctx.generation_id, error)
+        await self._store.end(ctx.thread, ctx.lease, assistant, done)
+        await self._store.index_remove(ctx.thread)
+
+    async def _retrying(self, write: Any) -> None:
+        """Retry a write through a Redis outage, up to WRITE_RETRY_S; after
+        that the turn is left for the reaper, which closes it from the log."""
+        deadline = time.monotonic() + WRITE_RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                await write()
+                return
+            except RedisError as exc:
+                if time.monotonic() > deadline:
+                    log.error("turn %s left to the reaper: %s", self.ctx.generation_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _renew(self) -> None:
+        """Keep the lease alive, and read the durable cancel flag meanwhile."""
+        interval = self._lock.ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._lock.renew(self.ctx.thread, self.ctx.lease):
+                    # Not fatal by itself: the fencing number decides. If no
+                    # one took the thread over, our writes still go through.
+                    log.warning("turn %s: lease expired before renewal", self.ctx.generation_id)
+                record = await self._store.record(self.ctx.thread)
+                if record is not None and record.cancel_requested:
+                    self.stop("cancelled")
+            except RedisError as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+
+class TurnManager:
+    """The turns running on this pod: start, cancel locally, drain."""
+
+    def __init__(
+        self,
+        model: ChatModel,
+        store: TurnStore,
+        lock: TurnLock,
+        hub: FanoutHub,
+        window_ms: float,
+        max_bytes: int,
+    ) -> None:
+        self._model = model
+        self._store = store
+        self._lock = lock
+        self._hub = hub
+        self._window_ms = window_ms
+        self._max_bytes = max_bytes
+        self._running: dict[asyncio.Task[None], TurnRunner] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def start(self, ctx: TurnContext) -> TurnRunner:
+        runner = TurnRunner(
+            ctx, self._model, self._store, self._lock, self._window_ms, self._max_bytes
+        )
+        task = asyncio.create_task(self._run(runner), name=f"turn-{ctx.generation_id}")
+        self._running[task] = runner
+        task.add_done_callback(self._running.pop)
+        return runner
+
+    async def _run(self, runner: TurnRunner) -> None:
+        thread = runner.ctx.thread
+        try:
+            await self._hub.follow(thread, runner)
+        except Exception as exc:  # cancel still reaches us through the turn record
+            log.warning("turn %s runs without live cancel: %s", runner.ctx.generation_id, exc)
+        try:
+            await runner.run()
+        except Exception:
+            log.exception("turn %s failed", runner.ctx.generation_id)
+        finally:
+            await self._hub.unfollow(thread, runner)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let running turns finish within ``grace_s``, then end the rest as
+        interrupted (their text so far is committed)."""
+        tasks = list(self._running)
+        if not tasks:
+            return
+        log.info("draining: waiting up to %.1fs for %d turn(s)", grace_s, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            self._running[task].stop("interrupted")
+        if pending:
+            await asyncio.wait(pending, timeout=WRITE_RETRY_S)
