@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 
 import typer
 import uvicorn
 
+from app.logs import configure as configure_logging
 from app.settings import ConfigError, Settings
 
 cli = typer.Typer(help="durable-chat: durable multi-user AI chat on stateless pods and Redis.")
@@ -21,10 +20,8 @@ def _settings() -> Settings:
     except (ConfigError, ValueError) as exc:
         typer.echo(f"durable-chat: configuration error: {exc}", err=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.chat_log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        settings.chat_log_level, settings.chat_pod_id, settings.chat_log_format == "json"
     )
     return settings
 
@@ -47,6 +44,7 @@ def serve(
         # uvicorn waits for their handlers. Turns are drained by the lifespan.
         timeout_graceful_shutdown=5,
         log_level=settings.chat_log_level.lower(),
+        log_config=None,  # keep ours (app.logs): JSON lines, tokens redacted
     )
 
 

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, ORJSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app import ws
-from app.auth import AuthError, Authenticator
+from app import metrics, ws
+from app.auth import Authenticator, AuthError
 from app.chat.service import ChatService
 from app.llm import make_model
 from app.redis_client import connect
@@ -44,6 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.chat = service
         app.state.auth = Authenticator(settings)
         await service.start()
+        metrics.bind_live_gauges(
+            lambda: service.hub.followed_threads, lambda: service.manager.running
+        )
         reaper_task = None
         if settings.chat_reaper_in_pod:
             reaper = Reaper(service, holder=f"pod:{settings.chat_pod_id}")
@@ -90,14 +93,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "redis unreachable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/list", tags=["threads"])
-    async def list_threads(request: Request) -> ORJSONResponse:
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/list", tags=["threads"], response_model=list[str])
+    async def list_threads(request: Request) -> Response:
         """The caller's thread ids, most recently active first (seed protocol)."""
         try:
             user = request.app.state.auth.user_for(request)
         except AuthError as exc:
-            return ORJSONResponse({"error": str(exc)}, status_code=401)
+            return JSONResponse({"error": str(exc)}, status_code=401)
         service: ChatService = request.app.state.chat
-        return ORJSONResponse(await service.threads.of_user(user))
+        return JSONResponse(await service.threads.of_user(user))
 
     return app

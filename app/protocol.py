@@ -13,7 +13,15 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -73,7 +81,7 @@ class Ping(_Frame):
 
 
 ClientFrame = Annotated[Prompt | GetHistory | Cancel | Resume | Ping, Field(discriminator="type")]
-_client_frame = TypeAdapter(ClientFrame)
+_client_frame: TypeAdapter[Prompt | GetHistory | Cancel | Resume | Ping] = TypeAdapter(ClientFrame)
 
 
 class BadFrame(Exception):
@@ -121,11 +129,11 @@ class Message(BaseModel):
     def from_history_entry(cls, entry_id: str, fields: dict[str, str]) -> Message:
         return cls(
             id=entry_id,
-            role=fields["role"],  # type: ignore[arg-type]
+            role=fields["role"],
             content=fields.get("content", ""),
             user_id=fields.get("user_id", ""),
             created_at=int(fields.get("created_at", entry_id.split("-")[0])),
-            status=fields.get("status", "complete"),  # type: ignore[arg-type]
+            status=fields.get("status", "complete"),
             client_msg_id=fields.get("client_msg_id") or None,
         )
 
@@ -208,5 +216,3 @@ def encode(event: BaseModel) -> str:
     else:
         data = event.model_dump(exclude_none=True)
     return orjson.dumps(data).decode()
-
-

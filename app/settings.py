@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     chat_drain_grace_s: float = Field(default=20.0, ge=0)
     chat_pod_id: str = Field(default_factory=lambda: secrets.token_hex(4))
     chat_log_level: str = "INFO"
+    chat_log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _choose_provider(self) -> Settings:

@@ -19,9 +19,10 @@ from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app.auth import AuthError, Authenticator
+from app import metrics
+from app.auth import Authenticator, AuthError
 from app.chat import keys
-from app.chat.errors import ChatError, Forbidden
+from app.chat.errors import ChatError, Forbidden, ThreadBusy
 from app.chat.fanout import FanoutUnavailable
 from app.chat.follower import Follower
 from app.chat.keys import ThreadId, UserId
@@ -104,11 +105,13 @@ async def thread_socket(ws: WebSocket, thread_id: str) -> None:
     if opened is None:
         return
     session = ThreadSession(ws, service, thread, user, opened.follower)
+    metrics.SOCKETS_OPEN.inc()
     try:
         await session.send_text(encode(opened.ready))
         await session.send_events(opened.replay)
         await session.run()
     finally:
+        metrics.SOCKETS_OPEN.dec()
         await service.close(opened.follower)
 
 
@@ -132,11 +135,19 @@ class ThreadSession:
         async with self._sending:
             await self.ws.send_text(text)
 
-    async def send_events(self, events: list[TimelineEvent]) -> None:
+    async def send_events(
+        self, events: list[TimelineEvent], restart_after: str | None = None
+    ) -> None:
+        """Send catch-up events in order; with ``restart_after``, first restart
+        the stream after that id (a ``resume``). One hold of the send lock for
+        both, so no live event can slip in between and mask the replay."""
         async with self._sending:
+            if restart_after is not None:
+                self.follower.restart_from(keys.event_id(restart_after))
             for event in events:
                 if self.follower.claim(event):
                     await self.ws.send_text(event.frame)
+                    metrics.EVENTS_DELIVERED.inc()
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write_forever(), name=f"ws-writer-{self.thread}")
@@ -154,11 +165,13 @@ class ThreadSession:
                 event = await queue.get()
                 if self.follower.overflowed.is_set():
                     log.info("closing a slow client of thread %s", self.thread)
+                    metrics.SLOW_CLIENT_DROPS.inc()
                     await self.ws.close(CLOSE_TRY_AGAIN, reason="too slow: resume with after")
                     return
                 async with self._sending:
                     if self.follower.claim(event):
                         await self.ws.send_text(event.frame)
+                        metrics.EVENTS_DELIVERED.inc()
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the reader sees the disconnect and ends the session
 
@@ -185,8 +198,11 @@ class ThreadSession:
         except BadFrame as exc:
             await self._error(exc.code, exc.message)
         except ChatError as exc:
+            if isinstance(exc, ThreadBusy):
+                metrics.THREAD_BUSY.inc()
             await self._error(exc.code, str(exc), retryable=exc.retryable)  # type: ignore[arg-type]
         except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("socket").inc()
             log.warning("storage error on thread %s: %s", self.thread, exc)
             await self._error("unavailable", "storage is unavailable; retry", retryable=True)
         except (WebSocketDisconnect, asyncio.CancelledError):
@@ -227,9 +243,7 @@ class ThreadSession:
         if resumed.replay is None:
             await self._error("resume_gap", "events after that id are gone: reload the history")
             return
-        async with self._sending:
-            self.follower.restart_from(keys.event_id(frame.after))
-        await self.send_events(resumed.replay)
+        await self.send_events(resumed.replay, restart_after=frame.after)
 
     async def _ping(self, frame: Ping) -> None:
         await self.send_text(encode(Pong(thread_id=self.thread)))

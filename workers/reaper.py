@@ -20,6 +20,7 @@ import logging
 
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.chat import keys
 from app.chat.errors import LockLost
 from app.chat.service import ChatService
@@ -68,6 +69,7 @@ class Reaper:
                     continue
                 log.info("closing turn %s left open by pod %s", record.generation_id, record.pod)
                 await service.turns.close_orphan(thread, lease, record)
+                metrics.TURNS_REAPED.inc()
                 closed += 1
             except (LockLost, RedisError) as exc:
                 log.warning("could not close the turn of thread %s: %s", thread, exc)

@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.chat.errors import LockLost
 from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
@@ -125,9 +126,14 @@ class TurnRunner:
                     await task
 
     async def _produce(self) -> None:
+        started = time.monotonic()
+        first = True
         try:
             async for piece in self._model.stream(self.ctx.messages, self.ctx.usage):
                 if piece:
+                    if first:
+                        metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
+                        first = False
                     self._inbox.put_nowait(piece)
             self._inbox.put_nowait(_END)
         except LLMError as exc:
@@ -185,6 +191,7 @@ class TurnRunner:
             seq=self._seq, text=text,
         )  # fmt: skip
         cancel = await self._store.append_delta(self.ctx.thread, self.ctx.lease, delta)
+        metrics.DELTAS_PUBLISHED.inc()
         self._published.append(text)
         self._pending.clear()
         self._pending_bytes = 0
@@ -204,6 +211,9 @@ class TurnRunner:
         if error:
             log.warning("turn %s ended with a model error: %s", ctx.generation_id, error)
         await self._store.end(ctx.thread, ctx.lease, assistant, done)
+        metrics.TURNS_FINISHED.labels(status).inc()
+        for kind in ("input_tokens", "output_tokens"):
+            metrics.LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(ctx.usage.get(kind, 0))
         await self._store.index_remove(ctx.thread)
 
     async def _retrying(self, write: Any) -> None:
@@ -216,6 +226,7 @@ class TurnRunner:
                 await write()
                 return
             except RedisError as exc:
+                metrics.REDIS_ERRORS.labels("turn").inc()
                 if time.monotonic() > deadline:
                     log.error("turn %s left to the reaper: %s", self.ctx.generation_id, exc)
                     return
@@ -268,6 +279,7 @@ class TurnManager:
             ctx, self._model, self._store, self._lock, self._window_ms, self._max_bytes
         )
         task = asyncio.create_task(self._run(runner), name=f"turn-{ctx.generation_id}")
+        metrics.TURNS_STARTED.inc()
         self._running[task] = runner
         task.add_done_callback(self._running.pop)
         return runner

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import orjson
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.chat import keys
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
@@ -173,6 +175,7 @@ class FanoutHub:
                 raise
             except Exception as exc:  # the connection dropped, or Redis is down
                 self.connected = False
+                metrics.REDIS_ERRORS.labels("subscriber").inc()
                 log.warning("fan-out subscriber lost (%s); reconnecting in %.1fs", exc, backoff)
                 await self._close_pubsub()
                 await asyncio.sleep(backoff)
@@ -192,6 +195,7 @@ class FanoutHub:
             await self._pubsub.subscribe(*channels)
         await self._resync(list(self._followers))
         self.reconnects += 1
+        metrics.SUBSCRIBER_CONNECTS.inc()
 
     async def _read_messages(self) -> None:
         while self._followers or self._confirmed:
@@ -232,6 +236,8 @@ class FanoutHub:
 
     def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
         cursor.n, cursor.id = event.n, event.id
+        # The event id's first part is the Redis clock at commit time.
+        metrics.FANOUT_LAG.observe(max(0.0, time.time() - event.key[0] / 1000))
         for sink in list(self._followers.get(thread, ())):
             sink.deliver(event)
 
@@ -241,6 +247,7 @@ class FanoutHub:
         end = f"({until.id}" if until is not None else "+"
         missing = await self._timeline.read_after(thread, after, end)
         if missing:
+            metrics.GAP_FILLS.inc(len(missing))
             log.info("filled %d missed event(s) on thread %s from the log", len(missing), thread)
         for event in missing:
             if cursor.n is None or event.n > cursor.n:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+
 from app.chat import keys
 from app.chat.keys import ThreadId
 from app.chat.scripts import Scripts

@@ -16,13 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from app.chat import keys
 from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.fanout import FanoutHub
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader
 from app.chat.keys import ThreadId, UserId
-from app.chat.lock import TurnLock
+from app.chat.lock import Lease, TurnLock
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import (
@@ -190,9 +192,11 @@ class ChatService:
                 await self.lock.release(thread, lease)
                 raise
             if isinstance(result, Begun):
-                context = await self.history.latest(thread, self.settings.chat_context_chars)
-                self.manager.start(TurnContext(thread, lease, generation_id, context))
-                await self.threads.touch(user, thread)
+                await self._start_turn(thread, lease, generation_id, message, result)
+                try:
+                    await self.threads.touch(user, thread)
+                except RedisError as exc:  # only the user's list goes stale
+                    log.warning("thread list of %s not updated: %s", user, exc)
                 return None
             if isinstance(result, Duplicate):
                 await self.lock.release(thread, lease)
@@ -204,6 +208,19 @@ class ChatService:
             log.info("closing turn %s left open by pod %s", record.generation_id, record.pod)
             await self.turns.close_orphan(thread, lease, record)
         raise ThreadBusy("a reply is being generated in this thread")
+
+    async def _start_turn(
+        self, thread: ThreadId, lease: Lease, generation_id: str, message: Message, begun: Begun
+    ) -> None:
+        """Hand the begun turn to a runner. From here on the turn must run (or
+        be reaped) whatever fails: a failed history read only narrows the
+        model's context to the prompt itself."""
+        try:
+            context = await self.history.latest(thread, self.settings.chat_context_chars)
+        except RedisError as exc:
+            log.warning("turn %s sees only its prompt: %s", generation_id, exc)
+            context = [message.model_copy(update={"id": begun.message_id})]
+        self.manager.start(TurnContext(thread, lease, generation_id, context))
 
     async def _original_message(self, thread: ThreadId, client_msg_id: str) -> str | None:
         """The ``message`` frame first sent for ``client_msg_id``, if any."""

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import anthropic
 import httpx2
-from anthropic.types import MessageParam
+from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
 
 from app.llm.base import LLMError
-from app.protocol import Message
+from app.protocol import Message, Role
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,15 @@ class AnthropicModel:
                     log.warning("anthropic stream ended before message_stop")
                     raise LLMError("The model's reply was cut off; try again.", retryable=True)
                 final = await stream.get_final_message()
+        except LLMError:
+            raise
         except (anthropic.AnthropicError, httpx2.HTTPError, httpx2.StreamError) as exc:
             raise self._to_llm_error(exc) from None
+        except Exception:
+            # A body the SDK cannot parse (bad JSON, an event out of order) is
+            # still the model failing; the traceback goes to the log only.
+            log.exception("anthropic stream could not be read")
+            raise LLMError("The model service sent a reply that could not be read.") from None
         if final.usage is not None:
             usage["input_tokens"] = final.usage.input_tokens
             usage["output_tokens"] = final.usage.output_tokens
@@ -106,10 +113,13 @@ class AnthropicModel:
         message, retryable = describe_error(exc)
         if self._api_key:
             message = message.replace(self._api_key, "[redacted]")
+        status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else None
+        request_id = exc.request_id if isinstance(exc, anthropic.APIStatusError) else None
         log.warning(
-            "anthropic request failed: %s%s (retryable=%s)",
+            "anthropic request failed: %s status=%s request_id=%s retryable=%s",
             type(exc).__name__,
-            f" status={exc.status_code}" if isinstance(exc, anthropic.APIStatusError) else "",
+            status,
+            request_id,
             retryable,
         )
         return LLMError(message, retryable=retryable)
@@ -119,15 +129,20 @@ def to_anthropic_messages(messages: Sequence[Message]) -> list[MessageParam]:
     """The history (oldest first) as the API wants it: no empty messages,
     roles alternating (consecutive same-role messages merged) and the user
     first (leading assistant messages dropped)."""
-    out: list[MessageParam] = []
+    turns: list[tuple[Role, str]] = []
     for m in messages:
-        if not m.content.strip() or (not out and m.role != "user"):
+        if not m.content.strip() or (not turns and m.role != "user"):
             continue
-        if out and out[-1]["role"] == m.role:
-            out[-1]["content"] = f"{out[-1]['content']}\n\n{m.content}"
+        if turns and turns[-1][0] == m.role:
+            turns[-1] = (m.role, f"{turns[-1][1]}\n\n{m.content}")
         else:
-            out.append({"role": m.role, "content": m.content})
-    return out
+            turns.append((m.role, m.content))
+    return [
+        UserMessageParam(role="user", content=content)
+        if role == "user"
+        else AssistantMessageParam(role="assistant", content=content)
+        for role, content in turns
+    ]
 
 
 def describe_error(exc: BaseException) -> tuple[str, bool]:

@@ -43,7 +43,9 @@ class FakeModel:
     def name(self) -> str:
         return "fake"
 
-    async def stream(self, messages: Sequence[Message], usage: dict[str, int]) -> AsyncIterator[str]:
+    async def stream(
+        self, messages: Sequence[Message], usage: dict[str, int]
+    ) -> AsyncIterator[str]:
         prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
         usage["input_tokens"] = sum(len(m.content.split()) for m in messages)
         for i, piece in enumerate(reply_tokens(prompt, self._tokens)):

@@ -1,0 +1,191 @@
+"""A Python client for durable-chat's WebSocket protocol, that never loses an event.
+
+    async with ChatClient(["ws://pod-a:8000", "ws://pod-b:8000"], "my-thread") as chat:
+        await chat.prompt("Hello")
+        async for event in chat.events():
+            if event["type"] == "delta":
+                print(event["text"], end="")
+            elif event["type"] == "done":
+                break
+
+What it does for you, as PROTOCOL.md asks of a client:
+- keeps the id of the last timeline event and the thread's epoch, and when
+  the socket drops (a pod restarting closes with 1012, a slow client gets
+  1013, a network blip closes with nothing) reconnects, to the next URL in
+  the list, with ``after`` and ``epoch``: nothing is missed, nothing repeats;
+- gives every prompt a ``client_msg_id`` and, if the connection drops before
+  the prompt's own ``message`` event came back, sends it again with the same
+  id after reconnecting (the server appends it once);
+- hands you ``ready`` events too: ``recovered: false`` means the thread's
+  history must be reloaded (``get_history``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+# Close codes after which reconnecting cannot help.
+_FINAL_CLOSE_CODES = {1000, 1008}
+# Errors that refuse a prompt outright.
+_PROMPT_REFUSALS = {"thread_busy", "too_large", "bad_request", "rate_limited", "forbidden"}
+
+
+class ChatClosed(Exception):
+    """The server refused the socket for good (auth, bad thread id) or it was closed."""
+
+
+class ChatClient:
+    """One thread, one logical connection that survives pod restarts."""
+
+    def __init__(
+        self,
+        base_urls: str | Sequence[str],
+        thread_id: str,
+        token: str | None = None,
+        reconnect_delays: Sequence[float] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
+        max_reconnects: int | None = 50,
+    ) -> None:
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        self._urls = itertools.cycle(urls)
+        self.thread_id = thread_id
+        self._token = token
+        self._delays = list(reconnect_delays)
+        self._max_reconnects = max_reconnects
+        self.last_event_id: str | None = None
+        self.epoch: str | None = None
+        self.reconnects = 0
+        self._ws: Any = None
+        self._connected = asyncio.Event()
+        self._unconfirmed: dict[str, dict[str, Any]] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> ChatClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:  # fmt: skip
+        await self.close()
+
+    def _url(self) -> str:
+        query: dict[str, str] = {}
+        if self.last_event_id is not None:
+            query["after"] = self.last_event_id
+            if self.epoch is not None:
+                query["epoch"] = self.epoch
+        if self._token:
+            query["token"] = self._token
+        base = next(self._urls).rstrip("/")
+        suffix = f"?{urlencode(query)}" if query else ""
+        return f"{base}/v1/threads/{self.thread_id}/ws{suffix}"
+
+    async def connect(self) -> None:
+        """Open the socket (resuming after the last event seen, if any)."""
+        try:
+            self._ws = await websockets.connect(self._url(), open_timeout=10, max_size=2**24)
+        except InvalidStatus as exc:
+            raise ChatClosed(f"server refused the socket: {exc}") from exc
+        self._connected.set()
+        for frame in list(self._unconfirmed.values()):
+            await self._ws.send(orjson.dumps(frame).decode())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        await self._connected.wait()
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(orjson.dumps(frame).decode())
+            # Lost with the connection? Then events() reconnects and connect() re-sends
+            # prompts; other frames are cheap for the caller to send again.
+
+    async def prompt(self, content: str, client_msg_id: str | None = None) -> str:
+        """Send a prompt; returns its client_msg_id. Re-sent after a reconnect
+        until its ``message`` event is seen, appended once by the server."""
+        client_msg_id = client_msg_id or secrets.token_hex(8)
+        frame = {"type": "prompt", "content": content, "client_msg_id": client_msg_id}
+        self._unconfirmed[client_msg_id] = frame
+        await self._send(frame)
+        return client_msg_id
+
+    async def cancel(self, generation_id: str | None = None) -> None:
+        frame: dict[str, Any] = {"type": "cancel"}
+        if generation_id:
+            frame["generation_id"] = generation_id
+        await self._send(frame)
+
+    async def get_history(self, before: str | None = None, limit: int = 50) -> None:
+        """Ask for a page of history; it arrives as a ``history`` event."""
+        frame: dict[str, Any] = {"type": "get_history", "limit": limit}
+        if before:
+            frame["before"] = before
+        await self._send(frame)
+
+    async def ping(self) -> None:
+        await self._send({"type": "ping"})
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event, in order, across reconnects, until ``close()``."""
+        failures = 0
+        while not self._closed:
+            try:
+                raw = await self._ws.recv()
+            except ConnectionClosed as exc:
+                if self._closed:
+                    return
+                code = exc.rcvd.code if exc.rcvd else None
+                if code in _FINAL_CLOSE_CODES:
+                    raise ChatClosed(f"closed by the server with {code}") from exc
+                failures = await self._reconnect(failures)
+                continue
+            failures = 0
+            event: dict[str, Any] = orjson.loads(raw)
+            self._observe(event)
+            yield event
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        if "id" in event:
+            self.last_event_id = event["id"]
+        if event["type"] == "ready":
+            self.epoch = event["epoch"]
+            if event.get("recovered") is False:
+                # Resume impossible (data trimmed or lost): restart from now.
+                self.last_event_id = event.get("last_event_id")
+        elif event["type"] == "message":
+            self._unconfirmed.pop(event["message"].get("client_msg_id") or "", None)
+        elif (
+            event["type"] == "error" and event.get("code") in _PROMPT_REFUSALS and self._unconfirmed
+        ):
+            # The server answers a socket's frames in order: a refusal of this
+            # kind answers the oldest prompt still waiting. It is the caller's
+            # to send again (say, after thread_busy), not ours.
+            self._unconfirmed.pop(next(iter(self._unconfirmed)))
+
+    async def _reconnect(self, failures: int) -> int:
+        self._connected.clear()
+        while True:
+            if self._max_reconnects is not None and failures >= self._max_reconnects:
+                raise ChatClosed("could not reconnect")
+            await asyncio.sleep(self._delays[min(failures, len(self._delays) - 1)])
+            failures += 1
+            try:
+                await self.connect()
+                self.reconnects += 1
+                return failures
+            except (TimeoutError, OSError, ChatClosed, websockets.InvalidHandshake):
+                continue

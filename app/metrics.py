@@ -1,0 +1,59 @@
+"""The pod's Prometheus metrics, served at /metrics: one place names them all.
+
+Counters are process-wide (the default registry), as Prometheus expects of
+one pod process. Gauges that mirror live state are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_PREFIX = "durable_chat"
+
+SOCKETS_OPEN = Gauge(f"{_PREFIX}_sockets_open", "WebSockets open on this pod")
+THREADS_FOLLOWED = Gauge(f"{_PREFIX}_threads_followed", "Threads this pod is subscribed to")
+TURNS_RUNNING = Gauge(f"{_PREFIX}_turns_running", "Turns running on this pod")
+TURNS_STARTED = Counter(f"{_PREFIX}_turns_started", "Turns started on this pod")
+TURNS_FINISHED = Counter(
+    f"{_PREFIX}_turns_finished", "Turns ended on this pod, by final status", ["status"]
+)
+TURNS_REAPED = Counter(f"{_PREFIX}_turns_reaped", "Dead pods' turns closed as interrupted")
+THREAD_BUSY = Counter(f"{_PREFIX}_thread_busy", "Prompts refused because a turn was running")
+DELTAS_PUBLISHED = Counter(f"{_PREFIX}_deltas_published", "Coalesced deltas written and published")
+EVENTS_DELIVERED = Counter(f"{_PREFIX}_events_delivered", "Timeline events sent to sockets")
+GAP_FILLS = Counter(
+    f"{_PREFIX}_gap_fill_events", "Events pub/sub lost that were filled from the event log"
+)
+FANOUT_LAG = Histogram(
+    f"{_PREFIX}_fanout_lag_seconds",
+    "From an event's commit in Redis to its dispatch on this pod",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    f"{_PREFIX}_time_to_first_token_seconds",
+    "From a turn's start to the model's first text",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+)
+LLM_TOKENS = Counter(f"{_PREFIX}_llm_tokens", "Model tokens, by kind", ["kind"])
+REDIS_ERRORS = Counter(
+    f"{_PREFIX}_redis_errors", "Redis errors seen while serving, by where", ["where"]
+)
+SUBSCRIBER_CONNECTS = Counter(
+    f"{_PREFIX}_subscriber_connects", "Connections of the pub/sub subscriber (1 + reconnects)"
+)
+SLOW_CLIENT_DROPS = Counter(
+    f"{_PREFIX}_slow_client_drops", "Sockets closed 1013 for being too slow"
+)
+
+
+def bind_live_gauges(followed: Callable[[], int], running: Callable[[], int]) -> None:
+    """Read the live gauges from the pod's own state at scrape time."""
+    THREADS_FOLLOWED.set_function(followed)
+    TURNS_RUNNING.set_function(running)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics in Prometheus text format, and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST
