@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.chat.sharded import ShardedSubscriber
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def connect(settings: Settings) -> RedisHandles:
         return RedisHandles(fake, fake.pubsub, "PUBLISH", "embedded (in-process, one pod only)")
     url = settings.redis_url or ""
     if settings.redis_cluster:
-        raise NotImplementedError("REDIS_CLUSTER=1 is not supported yet")
+        return _connect_cluster(url)
     commands = aioredis.Redis.from_url(
         url,
         decode_responses=True,
@@ -73,6 +75,24 @@ def connect(settings: Settings) -> RedisHandles:
     )
     return RedisHandles(
         commands, subscriber.pubsub, "PUBLISH", _redacted(url), _extra=(subscriber,)
+    )
+
+
+def _connect_cluster(url: str) -> RedisHandles:
+    """A Redis Cluster from one seed node: sharded pub/sub (SPUBLISH), so a
+    thread's messages stay on the shard that owns its hash slot."""
+    cluster = RedisCluster.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 6),
+    )
+    return RedisHandles(
+        cluster,
+        lambda: ShardedSubscriber(cluster, url),
+        "SPUBLISH",
+        f"cluster via {_redacted(url)}",
     )
 
 

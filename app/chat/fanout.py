@@ -204,7 +204,7 @@ class FanoutHub:
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "message":
+            if kind == "message":  # (app.chat.sharded names shard messages the same)
                 await self._on_frame(keys.thread_of_channel(message["channel"]), message["data"])
             elif kind == "subscribe":
                 confirmed = self._confirmed.get(message["channel"])
