@@ -1,12 +1,20 @@
-"""The ``durable-chat`` command: ``serve`` runs a pod, ``worker`` the reaper."""
+"""The ``durable-chat`` command: ``serve`` runs a pod, ``worker`` the reaper, and
+the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from typing import Any
 
+import redis
+import redis.cluster
 import typer
 import uvicorn
 
+from app import ops
+from app.chat import keys
+from app.chat.keys import ThreadId
 from app.logs import configure as configure_logging
 from app.settings import ConfigError, Settings
 
@@ -73,6 +81,129 @@ def worker() -> None:
             await handles.aclose()
 
     asyncio.run(run())
+
+
+def _redis_for_ops() -> Any:
+    """A synchronous client for the operator's commands (they need REDIS_URL)."""
+    settings = Settings()
+    if not settings.redis_url:
+        typer.echo("durable-chat: set REDIS_URL to the Redis your pods use", err=True)
+        raise typer.Exit(2)
+    if settings.redis_cluster:
+        return redis.cluster.RedisCluster.from_url(settings.redis_url, decode_responses=True)
+    return redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=None)
+
+
+def _styler() -> ops.Styler:
+    """Colours when a person is watching a terminal, plain text otherwise."""
+    if not sys.stdout.isatty():
+        return ops.plain
+    return lambda text, colour: typer.style(text, fg=colour)
+
+
+def _thread_arg(raw: str) -> ThreadId:
+    try:
+        return keys.thread_id(raw)
+    except keys.InvalidId as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@cli.command()
+def tail(
+    thread: str = typer.Argument(..., help="Thread id."),
+    last: int = typer.Option(10, help="How many past events to show first."),
+) -> None:
+    """Follow a thread's timeline live, decoded (Ctrl-C to stop)."""
+    style = _styler()
+    client = _redis_for_ops()
+    try:
+        for entry_id, fields in ops.follow_events(client, _thread_arg(thread), last):
+            typer.echo(ops.render_event(entry_id, fields, style))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+def history(
+    thread: str = typer.Argument(..., help="Thread id."),
+    limit: int = typer.Option(20, help="How many of the newest messages."),
+) -> None:
+    """Print a thread's committed messages, oldest first."""
+    for line in ops.render_history(_redis_for_ops(), _thread_arg(thread), limit, _styler()):
+        typer.echo(line)
+
+
+@cli.command()
+def threads(
+    user: str = typer.Option(..., "--user", help="User id."),
+    limit: int = typer.Option(50, help="How many."),
+) -> None:
+    """List a user's threads, most recently active first."""
+    try:
+        user_id = keys.user_id(user)
+    except keys.InvalidId as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for line in ops.render_threads(_redis_for_ops(), user_id, limit):
+        typer.echo(line)
+
+
+@cli.command()
+def turns() -> None:
+    """Turns in progress: which pod runs them, their fencing numbers and lock TTLs."""
+    style = _styler()
+    running = ops.running_turns(_redis_for_ops())
+    if not running:
+        typer.echo("no turn is running")
+    for turn in running:
+        typer.echo(ops.render_turn(turn, style))
+
+
+@cli.command()
+def chat(
+    thread: str = typer.Argument(..., help="Thread id."),
+    url: list[str] = typer.Option(
+        ["ws://127.0.0.1:8000"], help="Pod URL (repeat for several: the client fails over)."
+    ),
+    token: str | None = typer.Option(None, envvar="CHAT_TOKEN", help="Bearer token."),
+) -> None:
+    """Chat in a thread from the terminal: type a line, watch the reply stream."""
+    _thread_arg(thread)
+    asyncio.run(_chat(thread, url, token))
+
+
+async def _chat(thread: str, urls: list[str], token: str | None) -> None:
+    from app.client import ChatClient
+
+    style = _styler()
+    loop = asyncio.get_running_loop()
+    async with ChatClient(urls, thread, token=token) as client:
+        await client.get_history(limit=20)
+        events = client.events()
+        while True:
+            event = await anext(events)
+            if event["type"] == "history":
+                for message in event["messages"]:
+                    typer.echo(f"{style(message['role'], 'cyan')}: {message['content']}")
+                break
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            if not line.strip():
+                continue
+            await client.prompt(line.rstrip("\n"))
+            async for event in events:
+                kind = event["type"]
+                if kind == "delta":
+                    sys.stdout.write(event["text"])
+                    sys.stdout.flush()
+                elif kind == "done":
+                    status = event["status"]
+                    typer.echo("" if status == "complete" else style(f" [{status}]", "red"))
+                    break
+                elif kind == "error":
+                    typer.echo(style(f"error {event['code']}: {event['message']}", "red"))
+                    break
 
 
 def main() -> None:
