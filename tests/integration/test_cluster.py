@@ -38,12 +38,11 @@ def _cluster_port() -> int:
     raise AssertionError("no free port pair for a cluster node")
 
 
-@pytest.fixture
-def redis_cluster(redis_factory) -> Iterator[list[int]]:
-    """Three cluster-enabled redis-servers joined into one cluster; their ports."""
-    del redis_factory  # its skip/fail rule for a missing redis-server applies here too
+def _start_cluster(nodes: int, replicas: int) -> Iterator[list[int]]:
+    """``nodes`` cluster-enabled redis-servers joined into one cluster with
+    ``replicas`` replicas per primary; yields their ports (primaries first)."""
     tmp = Path(tempfile.mkdtemp(prefix="dc-cluster-"))
-    ports = [_cluster_port() for _ in range(3)]
+    ports = [_cluster_port() for _ in range(nodes)]
     procs = []
     try:
         for port in ports:
@@ -52,40 +51,44 @@ def redis_cluster(redis_factory) -> Iterator[list[int]]:
             procs.append(
                 subprocess.Popen(
                     [
-                        REDIS_SERVER or "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(workdir),
+                        REDIS_SERVER or "redis-server", "--port", str(port),
+                        "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                        "--cluster-config-file", "nodes.conf", "--save", "",
+                        "--appendonly", "no", "--dir", str(workdir),
+                        "--cluster-node-timeout", "2000",
                     ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
-            )
+            )  # fmt: skip
         for port in ports:
             wait_until(lambda p=port: _pings(p), 10, what=f"cluster node {port}")
         subprocess.run(
             ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
-        wait_until(lambda: _cluster_ok(ports[0]), 20, what="cluster state ok")
+        for port in ports:
+            wait_until(lambda p=port: _cluster_ok(p), 30, what=f"cluster state ok on {port}")
         yield ports
     finally:
         for proc in procs:
             proc.kill()
             proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_cluster(redis_factory) -> Iterator[list[int]]:
+    """A 3-primary cluster."""
+    del redis_factory  # its skip/fail rule for a missing redis-server applies here too
+    yield from _start_cluster(3, 0)
+
+
+@pytest.fixture
+def redis_cluster_with_replicas(redis_factory) -> Iterator[list[int]]:
+    """A 3-primary, 3-replica cluster."""
+    del redis_factory
+    yield from _start_cluster(6, 1)
 
 
 def _pings(port: int) -> bool:
@@ -194,3 +197,65 @@ async def test_resume_on_other_pod(redis_cluster, pod_factory):
         await watcher.close()
     assert client.reconnects >= 1
     assert timeline(received) == timeline(everything)
+
+
+def _replica_of_slot_owner(ports: list[int], key: str) -> int:
+    """The port of a replica of the primary that owns ``key``'s slot."""
+    cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+    try:
+        primary = cluster.get_node_from_key(key)
+        for port in ports:
+            info = redis.Redis(port=port, decode_responses=True).info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
+                return port
+    finally:
+        cluster.close()
+    raise AssertionError(f"no replica of the owner of {key}")
+
+
+async def test_turn_survives_failover_of_its_shard(redis_cluster_with_replicas, pod_factory):
+    """A manual failover of the thread's primary mid-turn: the turn completes,
+    and a listener on the other pod sees every event exactly once (its shard
+    subscription is lost with the demoted primary and refilled from the log)."""
+    ports = redis_cluster_with_replicas
+    slow = {"REDIS_CLUSTER": 1, "CHAT_FAKE_TOKEN_DELAY_MS": 20, "CHAT_FAKE_REPLY_TOKENS": 150}
+    pod_a = pod_factory(_Seed(ports[0]), **slow)
+    pod_b = pod_factory(_Seed(ports[1]), **slow)
+    thread = "clfail"
+    replica = _replica_of_slot_owner(ports, f"chat:{{{thread}}}:live")
+    listener = ChatClient([pod_b.ws, pod_a.ws], thread)
+    await listener.connect()
+    sender = await connect(pod_a.ws, thread)
+    received: list[dict] = []
+    try:
+        await recv_event(sender)
+        await send(sender, {"type": "prompt", "content": "through a failover"})
+        async with asyncio.timeout(60):
+            async for event in listener.events():
+                received.append(event)
+                if sum(e["type"] == "delta" for e in received) == 5:
+                    await asyncio.to_thread(
+                        redis.Redis(port=replica).execute_command, "CLUSTER", "FAILOVER"
+                    )
+                if event["type"] == "done":
+                    break
+    finally:
+        await listener.close()
+        await sender.close()
+    wait_until(
+        lambda: (
+            redis.Redis(port=replica, decode_responses=True).info("replication")["role"] == "master"
+        ),
+        10,
+        what="the replica to be promoted",
+    )
+    assert received[-1]["status"] == "complete"
+    cluster = RedisCluster(host="127.0.0.1", port=replica, decode_responses=True)
+    try:
+        log = cluster.xrange(f"chat:{{{thread}}}:events")
+    finally:
+        cluster.close()
+    got = [(e["id"], e["n"]) for e in received if "id" in e]
+    assert got == [(entry_id, int(f["n"])) for entry_id, f in log]
+    text = "".join(e["text"] for e in received if e["type"] == "delta")
+    assert text == expected_reply("through a failover", 150)
