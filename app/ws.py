@@ -24,7 +24,7 @@ from app.auth import Authenticator, AuthError
 from app.chat import keys
 from app.chat.errors import ChatError, Forbidden, ThreadBusy
 from app.chat.fanout import FanoutUnavailable
-from app.chat.follower import Follower
+from app.chat.follower import TOO_SLOW, Follower
 from app.chat.keys import ThreadId, UserId
 from app.chat.service import ChatService
 from app.chat.timeline import TimelineEvent
@@ -163,10 +163,12 @@ class ThreadSession:
         try:
             while True:
                 event = await queue.get()
-                if self.follower.overflowed.is_set():
-                    log.info("closing a slow client of thread %s", self.thread)
-                    metrics.SLOW_CLIENT_DROPS.inc()
-                    await self.ws.close(CLOSE_TRY_AGAIN, reason="too slow: resume with after")
+                if event is None or self.follower.closing is not None:
+                    reason = self.follower.closing or ""
+                    log.info("closing a socket of thread %s: %s", self.thread, reason)
+                    if reason == TOO_SLOW:
+                        metrics.SLOW_CLIENT_DROPS.inc()
+                    await self.ws.close(CLOSE_TRY_AGAIN, reason=reason)
                     return
                 async with self._sending:
                     if self.follower.claim(event):
@@ -319,12 +321,12 @@ async def _seed_writer(ws: WebSocket, follower: Follower, replay: list[TimelineE
             if follower.claim(event):
                 await _seed_send(ws, event)
         while True:
-            event = await follower.queue.get()
-            if follower.overflowed.is_set():
-                await ws.close(CLOSE_TRY_AGAIN, reason="too slow")
+            live = await follower.queue.get()
+            if live is None or follower.closing is not None:
+                await ws.close(CLOSE_TRY_AGAIN, reason=follower.closing or "")
                 return
-            if follower.claim(event):
-                await _seed_send(ws, event)
+            if follower.claim(live):
+                await _seed_send(ws, live)
 
 
 async def _seed_send(ws: WebSocket, event: TimelineEvent) -> None:

@@ -136,13 +136,17 @@ class FanoutHub:
         except TimeoutError:
             await self.unfollow(thread, sink)
             raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
-        cursor = self._cursors[thread]
-        if cursor.n is None:
-            # The baseline: everything up to here is in the log, which a new
-            # follower reads itself after this returns.
-            n, last_id = await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+        n, last_id = await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+        async with self._forwarding:
+            cursor = self._cursors.get(thread)
+            if cursor is None:
+                return  # unfollowed meanwhile
             if cursor.n is None:
+                # The baseline: everything up to here is in the log, which a
+                # new follower reads itself after this returns.
                 cursor.n, cursor.id = int(n or 0), last_id
+            elif int(n or 0) < cursor.n:
+                self._reset(thread, cursor, int(n or 0), last_id, spare=sink)
 
     async def unfollow(self, thread: ThreadId, sink: Sink) -> None:
         """Stop feeding ``sink``; unsubscribe when it was the thread's last."""
@@ -171,6 +175,9 @@ class FanoutHub:
                     await self._reconnect()
                 backoff = RECONNECT_BACKOFF_S[0]
                 await self._read_messages()
+                # No thread is followed any more: let the connection go rather
+                # than keep it idle and unread (it could die unnoticed).
+                await self._close_pubsub()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the connection dropped, or Redis is down
@@ -229,10 +236,13 @@ class FanoutHub:
             cursor = self._cursors.get(thread)
             if cursor is None:
                 return
+            if cursor.n is not None and cursor.id is not None and event.n <= cursor.n:
+                if event.key > keys.event_id(cursor.id):
+                    self._reset(thread, cursor, event.n, event.id)
+                return  # a duplicate
             if cursor.n is not None and event.n > cursor.n + 1:
                 await self._fill(thread, cursor, until=event)
-            if cursor.n is None or event.n > cursor.n:
-                self._forward(thread, cursor, event)
+            self._forward(thread, cursor, event)
 
     def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
         cursor.n, cursor.id = event.n, event.id
@@ -240,6 +250,20 @@ class FanoutHub:
         metrics.FANOUT_LAG.observe(max(0.0, time.time() - event.key[0] / 1000))
         for sink in list(self._followers.get(thread, ())):
             sink.deliver(event)
+
+    def _reset(
+        self, thread: ThreadId, cursor: _Cursor, n: int, last_id: str | None,
+        spare: Sink | None = None,
+    ) -> None:  # fmt: skip
+        """The thread's event numbers went back: its data was lost and recreated
+        (say, Redis restarted without persistence). Its followers cannot go on
+        silently: they are told to reconnect, and so learn the new epoch.
+        ``spare`` is a follower that joined after the loss and is up to date."""
+        log.warning("thread %s was reset in Redis (event numbers restarted)", thread)
+        cursor.n, cursor.id = n, last_id
+        for sink in list(self._followers.get(thread, ())):
+            if sink is not spare:
+                sink.control({"control": "reset"})
 
     async def _fill(self, thread: ThreadId, cursor: _Cursor, until: TimelineEvent | None) -> None:
         """Forward what the log holds after the cursor (and before ``until``)."""
@@ -259,13 +283,17 @@ class FanoutHub:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for thread in threads:
-                pipe.hget(keys.meta(thread), "event_n")
+                pipe.hmget(keys.meta(thread), "event_n", "last_event_id")
             stored = await pipe.execute()
         async with self._forwarding:
-            for thread, n in zip(threads, stored, strict=True):
+            for thread, (n, last_id) in zip(threads, stored, strict=True):
                 cursor = self._cursors.get(thread)
-                if cursor is not None and cursor.n is not None and int(n or 0) > cursor.n:
+                if cursor is None or cursor.n is None:
+                    continue
+                if int(n or 0) > cursor.n:
                     await self._fill(thread, cursor, until=None)
+                elif int(n or 0) < cursor.n:
+                    self._reset(thread, cursor, int(n or 0), last_id)
 
     async def _audit_forever(self) -> None:
         """Catch a lost frame that no later frame reveals (say, a turn's last)."""

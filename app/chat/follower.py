@@ -16,29 +16,45 @@ from typing import Any
 from app.chat.keys import ThreadId
 from app.chat.timeline import TimelineEvent
 
+TOO_SLOW = "too slow: resume with after"
+THREAD_RESET = "thread data was reset: resume to learn the new epoch"
+
 
 class Follower:
-    """A hub sink with a bounded queue; a client too slow to drain it is
-    marked ``overflowed`` (it is then disconnected and resumes with ``after``)."""
+    """A hub sink with a bounded queue.
+
+    When the socket must be closed so that its client resumes (it was too slow
+    to drain the queue, or the thread's data was reset under it), ``closing``
+    holds the reason and a ``None`` in the queue wakes the socket's writer.
+    """
 
     def __init__(self, thread: ThreadId, max_queue: int) -> None:
         self.thread = thread
-        self.queue: asyncio.Queue[TimelineEvent] = asyncio.Queue(maxsize=max_queue)
-        self.overflowed = asyncio.Event()
+        # One slot more than the limit, kept for the wake-up ``None``.
+        self.queue: asyncio.Queue[TimelineEvent | None] = asyncio.Queue(maxsize=max_queue + 1)
+        self._max_queue = max_queue
+        self.closing: str | None = None
         self.sent: tuple[int, int] | None = None
 
     def deliver(self, event: TimelineEvent) -> None:
-        if self.overflowed.is_set():
+        if self.closing is not None:
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self.queue.qsize() >= self._max_queue:
             # Never block the hub (it feeds every socket of the pod): drop
             # this socket instead; it resumes from its last id elsewhere.
-            self.overflowed.set()
+            self.close_for(TOO_SLOW)
+            return
+        self.queue.put_nowait(event)
 
     def control(self, message: dict[str, Any]) -> None:
-        """Control frames (cancel) are for turns, not sockets."""
+        """A thread reset (from the hub) closes the socket; cancels are for turns."""
+        if message.get("control") == "reset":
+            self.close_for(THREAD_RESET)
+
+    def close_for(self, reason: str) -> None:
+        if self.closing is None:
+            self.closing = reason
+            self.queue.put_nowait(None)
 
     def claim(self, event: TimelineEvent) -> bool:
         """Whether ``event`` is next to send (and record it as sent)."""
