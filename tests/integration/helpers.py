@@ -30,7 +30,11 @@ async def collect_until(
 
 async def connect(base: str, thread: str, query: str = "") -> Any:
     """A raw protocol socket, after its ``ready`` event (returned beside it)."""
-    ws = await websockets.connect(f"{base}/v1/threads/{thread}/ws{query}", open_timeout=10)
+    # An unbounded receive queue: a test that leaves frames unread must not
+    # stall its own close handshake (websockets stops reading when it is full).
+    ws = await websockets.connect(
+        f"{base}/v1/threads/{thread}/ws{query}", open_timeout=10, max_queue=None
+    )
     return ws
 
 
