@@ -4,6 +4,7 @@ the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -43,6 +44,11 @@ def serve(
     settings = _settings()
     from app.main import create_app
 
+    # uvicorn drains on SIGTERM and then raises the signal again, so the
+    # process would end "killed by SIGTERM". A finished drain is a clean exit:
+    # with a handler of our own installed first, that re-raise lands here and
+    # the process exits 0, as orchestrators expect of a graceful stop.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -52,6 +52,8 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
+# How long a close frame may take to go out before the connection is cut.
+CLOSE_TIMEOUT_S = 1.0
 
 
 async def _admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, UserId] | None:
@@ -107,9 +109,7 @@ async def thread_socket(ws: WebSocket, thread_id: str) -> None:
     session = ThreadSession(ws, service, thread, user, opened.follower)
     metrics.SOCKETS_OPEN.inc()
     try:
-        await session.send_text(encode(opened.ready))
-        await session.send_events(opened.replay)
-        await session.run()
+        await session.run(encode(opened.ready), opened.replay)
     finally:
         metrics.SOCKETS_OPEN.dec()
         await service.close(opened.follower)
@@ -149,33 +149,26 @@ class ThreadSession:
                     await self.ws.send_text(event.frame)
                     metrics.EVENTS_DELIVERED.inc()
 
-    async def run(self) -> None:
-        writer = asyncio.create_task(self._write_forever(), name=f"ws-writer-{self.thread}")
-        try:
-            await self._read_forever()
-        finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+    async def run(self, ready: str, replay: list[TimelineEvent]) -> None:
+        """Serve the socket: ``ready``, the catch-up, then live events, until
+        the client leaves or the follower must be closed."""
+        await _supervise(
+            self.ws, self.follower, self._read_forever(), self._write_forever(ready, replay)
+        )
 
-    async def _write_forever(self) -> None:
+    async def _write_forever(self, ready: str, replay: list[TimelineEvent]) -> None:
         queue = self.follower.queue
         try:
+            await self.send_text(ready)
+            await self.send_events(replay)
             while True:
                 event = await queue.get()
-                if event is None or self.follower.closing is not None:
-                    reason = self.follower.closing or ""
-                    log.info("closing a socket of thread %s: %s", self.thread, reason)
-                    if reason == TOO_SLOW:
-                        metrics.SLOW_CLIENT_DROPS.inc()
-                    await self.ws.close(CLOSE_TRY_AGAIN, reason=reason)
-                    return
                 async with self._sending:
                     if self.follower.claim(event):
                         await self.ws.send_text(event.frame)
                         metrics.EVENTS_DELIVERED.inc()
         except (WebSocketDisconnect, RuntimeError, OSError):
-            return  # the reader sees the disconnect and ends the session
+            return  # the client is gone
 
     async def _read_forever(self) -> None:
         max_bytes = self.service.settings.chat_max_frame_bytes
@@ -259,6 +252,49 @@ class ThreadSession:
     }
 
 
+async def _supervise(
+    ws: WebSocket, follower: Follower, reader: Awaitable[None], writer: Awaitable[None]
+) -> None:
+    """Run a socket's reader and writer until either ends, or until its
+    follower must be closed (slow client, thread reset): then close it 1013."""
+    tasks = [
+        asyncio.ensure_future(reader),
+        asyncio.ensure_future(writer),
+        asyncio.ensure_future(follower.must_close.wait()),
+    ]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if tasks[2] in done and follower.closing is not None:
+        await _close_for_resume(ws, follower.closing)
+
+
+async def _close_for_resume(ws: WebSocket, reason: str) -> None:
+    """Close 1013 so the client resumes with ``after``. A client that stopped
+    reading cannot even receive the close frame (uvicorn waits for the buffer
+    to drain before any send), so after CLOSE_TIMEOUT_S its connection is cut."""
+    log.info("closing a socket for resume: %s", reason)
+    if reason == TOO_SLOW:
+        metrics.SLOW_CLIENT_DROPS.inc()
+    try:
+        await asyncio.wait_for(ws.close(CLOSE_TRY_AGAIN, reason=reason), CLOSE_TIMEOUT_S)
+    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+        _abort_connection(ws)
+
+
+def _abort_connection(ws: WebSocket) -> None:
+    """Drop the TCP connection at once. ASGI has no call for it, so this
+    reaches the server protocol behind the socket's send (uvicorn's); on a
+    server without one the connection ends when the handler returns."""
+    protocol = getattr(ws._send, "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
+
+
 # --- the seed demo's protocol ------------------------------------------------
 
 SEED_GET_HISTORY = "(GET_HISTORY)"
@@ -277,22 +313,20 @@ async def seed_socket(ws: WebSocket) -> None:
     if opened is None:
         return
     follower: Follower = opened.follower
-    writer = asyncio.create_task(_seed_writer(ws, follower, opened.replay))
+
+    async def read_forever() -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text:
+                    await _seed_handle(ws, service, thread, user, text)
+
     try:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            text = message.get("text")
-            if not text:
-                continue
-            await _seed_handle(ws, service, thread, user, text)
-    except WebSocketDisconnect:
-        return
+        await _supervise(ws, follower, read_forever(), _seed_writer(ws, follower, opened.replay))
     finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
         await service.close(follower)
 
 
@@ -322,9 +356,6 @@ async def _seed_writer(ws: WebSocket, follower: Follower, replay: list[TimelineE
                 await _seed_send(ws, event)
         while True:
             live = await follower.queue.get()
-            if live is None or follower.closing is not None:
-                await ws.close(CLOSE_TRY_AGAIN, reason=follower.closing or "")
-                return
             if follower.claim(live):
                 await _seed_send(ws, live)
 

@@ -25,26 +25,26 @@ class Follower:
 
     When the socket must be closed so that its client resumes (it was too slow
     to drain the queue, or the thread's data was reset under it), ``closing``
-    holds the reason and a ``None`` in the queue wakes the socket's writer.
+    holds the reason and ``must_close`` is set: the socket's session watches
+    it, since its writer may be stuck in a send to a client that stopped reading.
     """
 
     def __init__(self, thread: ThreadId, max_queue: int) -> None:
         self.thread = thread
-        # One slot more than the limit, kept for the wake-up ``None``.
-        self.queue: asyncio.Queue[TimelineEvent | None] = asyncio.Queue(maxsize=max_queue + 1)
-        self._max_queue = max_queue
+        self.queue: asyncio.Queue[TimelineEvent] = asyncio.Queue(maxsize=max_queue)
         self.closing: str | None = None
+        self.must_close = asyncio.Event()
         self.sent: tuple[int, int] | None = None
 
     def deliver(self, event: TimelineEvent) -> None:
         if self.closing is not None:
             return
-        if self.queue.qsize() >= self._max_queue:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
             # Never block the hub (it feeds every socket of the pod): drop
             # this socket instead; it resumes from its last id elsewhere.
             self.close_for(TOO_SLOW)
-            return
-        self.queue.put_nowait(event)
 
     def control(self, message: dict[str, Any]) -> None:
         """A thread reset (from the hub) closes the socket; cancels are for turns."""
@@ -54,7 +54,7 @@ class Follower:
     def close_for(self, reason: str) -> None:
         if self.closing is None:
             self.closing = reason
-            self.queue.put_nowait(None)
+            self.must_close.set()
 
     def claim(self, event: TimelineEvent) -> bool:
         """Whether ``event`` is next to send (and record it as sent)."""
