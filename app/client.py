@@ -41,6 +41,11 @@ _FINAL_CLOSE_CODES = {1000, 1008}
 _PROMPT_REFUSALS = {"thread_busy", "too_large", "bad_request", "rate_limited", "forbidden"}
 
 
+def _key(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)
+
+
 class ChatClosed(Exception):
     """The server refused the socket for good (auth, bad thread id) or it was closed."""
 
@@ -155,11 +160,18 @@ class ChatClient:
                 continue
             failures = 0
             event: dict[str, Any] = orjson.loads(raw)
-            self._observe(event)
-            yield event
+            if self._observe(event):
+                yield event
 
-    def _observe(self, event: dict[str, Any]) -> None:
+    def _observe(self, event: dict[str, Any]) -> bool:
+        """Track position and prompts; False for an event already delivered."""
         if "id" in event:
+            if self.last_event_id is not None and _key(event["id"]) <= _key(self.last_event_id):
+                # The original ``message`` of a prompt sent again after a
+                # reconnect: it confirms the prompt, but the caller has seen it.
+                if event["type"] == "message":
+                    self._unconfirmed.pop(event["message"].get("client_msg_id") or "", None)
+                return False
             self.last_event_id = event["id"]
         if event["type"] == "ready":
             self.epoch = event["epoch"]
@@ -175,6 +187,7 @@ class ChatClient:
             # kind answers the oldest prompt still waiting. It is the caller's
             # to send again (say, after thread_busy), not ours.
             self._unconfirmed.pop(next(iter(self._unconfirmed)))
+        return True
 
     async def _reconnect(self, failures: int) -> int:
         self._connected.clear()

@@ -85,6 +85,11 @@ class FanoutHub:
         self._cursors: dict[ThreadId, _Cursor] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._has_channels = asyncio.Event()
+        # Serialises (un)subscribe commands. Two first commands on a fresh
+        # redis-py PubSub would each open a connection and the first one's
+        # subscription would be lost with its orphaned connection; and an
+        # UNSUBSCRIBE must never overtake the SUBSCRIBE of a later follow().
+        self._commanding = asyncio.Lock()
         # Serialises forwarding with gap fills, so frames of one thread are
         # forwarded in number order even when a fill awaits Redis.
         self._forwarding = asyncio.Lock()
@@ -125,11 +130,13 @@ class FanoutHub:
             confirmed = asyncio.get_running_loop().create_future()
             self._confirmed[channel] = confirmed
             self._cursors[thread] = _Cursor()
-            if self.connected:
-                # On failure the listener reconnects and subscribes every
-                # followed channel, this one included: just wait below.
-                with contextlib.suppress(RedisError, OSError):
-                    await self._pubsub.subscribe(channel)
+            async with self._commanding:
+                # Not connected: the listener's reconnect subscribes every
+                # followed channel, this one included. On failure too it
+                # reconnects and does so: either way, just wait below.
+                if self.connected:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pubsub.subscribe(channel)
             self._has_channels.set()
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
@@ -160,9 +167,10 @@ class FanoutHub:
         self._cursors.pop(thread, None)
         channel = keys.live(thread)
         self._confirmed.pop(channel, None)
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(channel)
+        async with self._commanding:
+            if self._pubsub is not None and self.connected:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(channel)
 
     # --- the listener -------------------------------------------------------
 
@@ -192,14 +200,14 @@ class FanoutHub:
         """A fresh connection, subscribed to every followed thread, then a
         resync: whatever was published while we were away is read from the log."""
         await self._close_pubsub()
-        self._pubsub = self._pubsub_factory()
-        # Connected before subscribing: a follow() from now on subscribes its
-        # own channel; one from before is in the list below. (A channel
-        # subscribed twice is harmless: both confirmations are idempotent.)
-        self.connected = True
-        channels = [keys.live(t) for t in self._followers]
-        if channels:
-            await self._pubsub.subscribe(*channels)
+        async with self._commanding:
+            self._pubsub = self._pubsub_factory()
+            # Under the lock: a follow() that came before is in this list; one
+            # that comes after finds us connected and subscribes its own.
+            channels = [keys.live(t) for t in self._followers]
+            if channels:
+                await self._pubsub.subscribe(*channels)
+            self.connected = True
         await self._resync(list(self._followers))
         self.reconnects += 1
         metrics.SUBSCRIBER_CONNECTS.inc()
