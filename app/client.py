@@ -36,7 +36,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 # Close codes after which reconnecting cannot help.
-_FINAL_CLOSE_CODES = {1000, 1008}
+_FINAL = {1000, 1008}
 # Errors that refuse a prompt outright.
 _PROMPT_REFUSALS = {"thread_busy", "too_large", "bad_request", "rate_limited", "forbidden"}
 
@@ -47,7 +47,11 @@ def _key(event_id: str) -> tuple[int, int]:
 
 
 class ChatClosed(Exception):
-    """The server refused the socket for good (auth, bad thread id) or it was closed."""
+    """The connection ended; ``final`` when retrying cannot help (auth, bad thread id)."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 class ChatClient:
@@ -73,6 +77,7 @@ class ChatClient:
         self._ws: Any = None
         self._connected = asyncio.Event()
         self._unconfirmed: dict[str, dict[str, Any]] = {}
+        self._backlog: list[dict[str, Any]] = []
         self._closed = False
 
     async def __aenter__(self) -> ChatClient:
@@ -98,11 +103,22 @@ class ChatClient:
         return f"{base}/v1/threads/{self.thread_id}/ws{suffix}"
 
     async def connect(self) -> None:
-        """Open the socket (resuming after the last event seen, if any)."""
+        """Join the thread (resuming after the last event seen, if any).
+
+        Returns once the server's ``ready`` has arrived: from then on every
+        event of the thread reaches this client. ``events()`` yields that
+        ``ready`` first."""
         try:
-            self._ws = await websockets.connect(self._url(), open_timeout=10, max_size=2**24)
+            ws = await websockets.connect(self._url(), open_timeout=10, max_size=2**24)
         except InvalidStatus as exc:
-            raise ChatClosed(f"server refused the socket: {exc}") from exc
+            raise ChatClosed(f"server refused the socket: {exc}", final=True) from exc
+        try:
+            ready = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            raise ChatClosed(f"closed by the server with {code}", code in _FINAL) from exc
+        self._ws = ws
+        self._backlog.append(ready)
         self._connected.set()
         for frame in list(self._unconfirmed.values()):
             await self._ws.send(orjson.dumps(frame).decode())
@@ -148,18 +164,23 @@ class ChatClient:
         """Every event, in order, across reconnects, until ``close()``."""
         failures = 0
         while not self._closed:
+            if self._backlog:
+                event = self._backlog.pop(0)
+                if self._observe(event):
+                    yield event
+                continue
             try:
                 raw = await self._ws.recv()
             except ConnectionClosed as exc:
                 if self._closed:
                     return
                 code = exc.rcvd.code if exc.rcvd else None
-                if code in _FINAL_CLOSE_CODES:
-                    raise ChatClosed(f"closed by the server with {code}") from exc
+                if code in _FINAL:
+                    raise ChatClosed(f"closed by the server with {code}", final=True) from exc
                 failures = await self._reconnect(failures)
                 continue
             failures = 0
-            event: dict[str, Any] = orjson.loads(raw)
+            event = orjson.loads(raw)
             if self._observe(event):
                 yield event
 
@@ -200,5 +221,8 @@ class ChatClient:
                 await self.connect()
                 self.reconnects += 1
                 return failures
-            except (TimeoutError, OSError, ChatClosed, websockets.InvalidHandshake):
+            except ChatClosed as exc:
+                if exc.final:
+                    raise
+            except (TimeoutError, OSError, websockets.InvalidHandshake):
                 continue
