@@ -44,13 +44,18 @@ def serve(
     settings = _settings()
     from app.main import create_app
 
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # a bad key, key file or origin list
+        typer.echo(f"durable-chat: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
     # uvicorn drains on SIGTERM and then raises the signal again, so the
     # process would end "killed by SIGTERM". A finished drain is a clean exit:
     # with a handler of our own installed first, that re-raise lands here and
     # the process exits 0, as orchestrators expect of a graceful stop.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         ws_max_size=settings.chat_max_frame_bytes,
@@ -67,7 +72,10 @@ def worker() -> None:
     """Run the reaper on its own (pods also run it unless CHAT_REAPER_IN_POD=0)."""
     settings = _settings()
     if settings.embedded:
-        typer.echo("durable-chat: the worker needs REDIS_URL (the embedded Redis is per process)")
+        typer.echo(
+            "durable-chat: the worker needs REDIS_URL (the embedded Redis is per process)",
+            err=True,
+        )
         raise typer.Exit(2)
 
     async def run() -> None:
