@@ -84,6 +84,7 @@ class TurnRunner:
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._published: list[str] = []
+        self._inflight: Delta | None = None
         self._seq = 0
         self.status: MessageStatus | None = None
 
@@ -111,7 +112,7 @@ class TurnRunner:
         try:
             status, error = await self._consume()
             self.status = status
-            await self._retrying(self._flush)
+            await self._retrying(self._flush_all)
             await self._retrying(lambda: self._finish(status, error))
         except LockLost:
             log.warning(
@@ -183,20 +184,33 @@ class TurnRunner:
             return False
 
     async def _flush(self) -> bool:
-        if not self._pending:
-            return False
-        text = "".join(self._pending)
-        delta = Delta(
-            thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
-            seq=self._seq, text=text,
-        )  # fmt: skip
+        """Publish the buffered text as the next delta.
+
+        A delta that failed is retried exactly as it was (same seq, same
+        text): its first attempt may have been applied with only the reply
+        lost, and the script drops a seq it has seen. Text that arrived since
+        waits for the next delta, or it would be dropped with the duplicate.
+        """
+        if self._inflight is None:
+            if not self._pending:
+                return False
+            self._inflight = Delta(
+                thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
+                seq=self._seq, text="".join(self._pending),
+            )  # fmt: skip
+            self._pending.clear()
+            self._pending_bytes = 0
+        delta = self._inflight
         cancel = await self._store.append_delta(self.ctx.thread, self.ctx.lease, delta)
         metrics.DELTAS_PUBLISHED.inc()
-        self._published.append(text)
-        self._pending.clear()
-        self._pending_bytes = 0
+        self._published.append(delta.text)
+        self._inflight = None
         self._seq += 1
         return cancel
+
+    async def _flush_all(self) -> None:
+        while self._inflight is not None or self._pending:
+            await self._flush()
 
     async def _finish(self, status: MessageStatus, error: str | None) -> None:
         ctx = self.ctx
