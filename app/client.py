@@ -96,8 +96,6 @@ class ChatClient:
             query["after"] = self.last_event_id
             if self.epoch is not None:
                 query["epoch"] = self.epoch
-        if self._token:
-            query["token"] = self._token
         base = next(self._urls).rstrip("/")
         suffix = f"?{urlencode(query)}" if query else ""
         return f"{base}/v1/threads/{self.thread_id}/ws{suffix}"
@@ -109,7 +107,11 @@ class ChatClient:
         event of the thread reaches this client. ``events()`` yields that
         ``ready`` first."""
         try:
-            ws = await websockets.connect(self._url(), open_timeout=10, max_size=2**24)
+            # The token goes in a header, never the URL: URLs end up in logs.
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+            ws = await websockets.connect(
+                self._url(), open_timeout=10, max_size=2**24, additional_headers=headers
+            )
         except InvalidStatus as exc:
             raise ChatClosed(f"server refused the socket: {exc}", final=True) from exc
         try:

@@ -18,10 +18,11 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app import metrics, ws
+from app import metrics, rest, ws
 from app.auth import Authenticator, AuthError
 from app.chat.service import ChatService
 from app.llm import make_model
+from app.origins import OriginPolicy
 from app.redis_client import connect
 from app.settings import Settings
 from workers.reaper import Reaper
@@ -33,6 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A durable-chat pod for ``settings`` (read from the environment if None)."""
     settings = settings or Settings()
     settings.check_startable()
+    # Keys and origins are loaded now, so a bad configuration stops the pod
+    # before it serves anything (ConfigError, with what to fix).
+    authenticator = Authenticator(settings)
+    origins = OriginPolicy(settings.chat_allowed_origins)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,7 +47,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, handles.commands, handles.pubsub_factory, model, handles.publish_command
         )
         app.state.chat = service
-        app.state.auth = Authenticator(settings)
         await service.start()
         metrics.bind_live_gauges(
             lambda: service.hub.followed_threads, lambda: service.manager.running
@@ -54,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info(
             "durable-chat pod %s ready: redis=%s model=%s auth=%s",
             settings.chat_pod_id, handles.description, model.name,
-            "jwt" if settings.auth_enabled else "off",
+            f"jwt {','.join(authenticator.algorithms)}" if settings.auth_enabled else "off",
         )  # fmt: skip
         try:
             yield
@@ -70,7 +74,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("pod %s stopped", settings.chat_pod_id)
 
     app = FastAPI(title="durable-chat", version="0.1.0", lifespan=lifespan)
+    app.state.auth = authenticator
+    app.state.origins = origins
     app.include_router(ws.router)
+    rest.install(app, origins)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo_page() -> str:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,6 +23,8 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+
+from app.chat import keys
 
 PROTOCOL_VERSION = 1
 
@@ -40,10 +43,21 @@ ErrorCode = Literal[
     "internal",
 ]
 
+
+def _stream_id(raw: str) -> str:
+    """A Redis Stream id Redis itself accepts (both parts fit 64 bits)."""
+    keys.event_id(raw)  # InvalidId is a ValueError: a validation error
+    return raw
+
+
 # Client ids (client_msg_id, generation ids) end up as Redis hash fields and in
 # events: bounded and printable, never used to build a key.
 ClientToken = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
-EventId = Annotated[StrictStr, Field(max_length=41, pattern=r"^\d{1,20}-\d{1,20}$")]
+EventId = Annotated[
+    StrictStr,
+    Field(max_length=41, pattern=r"^[0-9]{1,20}-[0-9]{1,20}$"),
+    AfterValidator(_stream_id),
+]
 
 
 class _Frame(BaseModel):
@@ -84,6 +98,11 @@ ClientFrame = Annotated[Prompt | GetHistory | Cancel | Resume | Ping, Field(disc
 _client_frame: TypeAdapter[Prompt | GetHistory | Cancel | Resume | Ping] = TypeAdapter(ClientFrame)
 
 
+# Client frames are flat objects; a little nesting is tolerated so the error
+# can name the field, but no deeper (orjson itself stops at 1024 levels).
+MAX_JSON_DEPTH = 4
+
+
 class BadFrame(Exception):
     """A client frame the protocol refuses; ``code`` is the error event's code."""
 
@@ -95,7 +114,8 @@ class BadFrame(Exception):
 
 def parse_client_frame(raw: str | bytes, max_bytes: int) -> ClientFrame:
     """Decode one text frame into a typed client frame, or raise ``BadFrame``."""
-    if len(raw) > max_bytes:
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
+    if size > max_bytes:
         raise BadFrame("too_large", f"frame larger than {max_bytes} bytes")
     try:
         data = orjson.loads(raw)
@@ -103,12 +123,31 @@ def parse_client_frame(raw: str | bytes, max_bytes: int) -> ClientFrame:
         raise BadFrame("bad_request", "frame is not valid JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise BadFrame("bad_request", "frame must be a JSON object with a string 'type'")
+    if _deeper_than(data, MAX_JSON_DEPTH):
+        raise BadFrame("bad_request", f"frame nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return _client_frame.validate_python(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "type"
         raise BadFrame("bad_request", f"{where}: {first['msg']}") from None
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether a decoded JSON value nests more than ``limit`` containers deep
+    (iterative: the check itself must not recurse on hostile input)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 # --- server -> client -------------------------------------------------------

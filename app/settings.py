@@ -37,9 +37,34 @@ class Settings(BaseSettings):
     chat_fake_reply_tokens: int = Field(default=40, ge=1, le=100000)
     chat_fake_token_delay_ms: float = Field(default=20.0, ge=0)
 
-    # Authentication.
+    # Authentication (app.auth). Secrets and keys come from the environment or
+    # from files (mounted Kubernetes Secrets); they are never logged or printed.
     chat_auth: Literal["jwt", "off"] = "jwt"
     chat_auth_secret: str | None = Field(default=None, repr=False)
+    chat_auth_secret_file: str | None = None
+    # Comma-separated. Default: HS256 with a secret, else RS256,ES256.
+    chat_auth_algorithms: str | None = None
+    chat_auth_public_key: str | None = Field(default=None, repr=False)
+    chat_auth_public_key_file: str | None = None
+    chat_auth_jwks_file: str | None = None
+    chat_auth_issuer: str | None = None
+    chat_auth_audience: str | None = None  # comma-separated: any of them
+    chat_auth_leeway_s: int = Field(default=30, ge=0, le=300)
+
+    # Browser safety: Origins allowed to open sockets besides the page's own
+    # (comma-separated ``scheme://host[:port]``; ``*`` allows any, on purpose).
+    chat_allowed_origins: str = ""
+
+    # Abuse limits (app.chat.limits). Per user, shared by every pod; 0 = none.
+    # With CHAT_AUTH=off every caller is the one user ``anonymous``, so only
+    # the per-pod limit applies.
+    chat_rate_prompts_per_min: int = Field(default=20, ge=0)
+    chat_rate_prompt_burst: int = Field(default=10, ge=1)
+    chat_max_sockets_per_user: int = Field(default=20, ge=0)
+    chat_max_threads_per_user: int = Field(default=1000, ge=0)
+    chat_max_members_per_thread: int = Field(default=100, ge=1)
+    chat_max_sockets_per_pod: int = Field(default=10000, ge=1)
+    chat_socket_lease_ms: int = Field(default=60000, ge=1000)
 
     # Turns, locks and the timeline.
     chat_lock_ttl_ms: int = Field(default=15000, ge=1000)
@@ -82,14 +107,28 @@ class Settings(BaseSettings):
         """
         if self.chat_auth == "off":
             return False
-        return self.embedded is False or self.chat_auth_secret is not None
+        return self.embedded is False or self.auth_key_configured
+
+    @property
+    def auth_key_configured(self) -> bool:
+        """Whether any token verification key is given (secret, public key, JWKS)."""
+        return any(
+            (
+                self.chat_auth_secret,
+                self.chat_auth_secret_file,
+                self.chat_auth_public_key,
+                self.chat_auth_public_key_file,
+                self.chat_auth_jwks_file,
+            )
+        )
 
     def check_startable(self) -> None:
         """Refuse configurations that would run unsafely or cannot work."""
-        if self.redis_url and self.chat_auth == "jwt" and not self.chat_auth_secret:
+        if self.redis_url and self.chat_auth == "jwt" and not self.auth_key_configured:
             raise ConfigError(
                 "REDIS_URL is set but CHAT_AUTH_SECRET is not: a shared deployment must "
-                "authenticate its users. Set CHAT_AUTH_SECRET, or CHAT_AUTH=off to run "
+                "authenticate its users. Set CHAT_AUTH_SECRET (or CHAT_AUTH_SECRET_FILE, "
+                "CHAT_AUTH_PUBLIC_KEY[_FILE], CHAT_AUTH_JWKS_FILE), or CHAT_AUTH=off to run "
                 "open on purpose."
             )
         if self.chat_llm == "anthropic" and not self.anthropic_api_key:

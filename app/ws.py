@@ -20,11 +20,11 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app import metrics
-from app.auth import Authenticator, AuthError
+from app.auth import Authenticator, AuthError, chosen_subprotocol
 from app.chat import keys
-from app.chat.errors import ChatError, Forbidden, ThreadBusy
+from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadBusy
 from app.chat.fanout import FanoutUnavailable
-from app.chat.follower import TOO_SLOW, Follower
+from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, TOO_SLOW, Follower
 from app.chat.keys import ThreadId, UserId
 from app.chat.service import ChatService
 from app.chat.timeline import TimelineEvent
@@ -61,6 +61,11 @@ async def _admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId,
     on refusal the socket is closed and None returned."""
     service: ChatService = ws.app.state.chat
     authenticator: Authenticator = ws.app.state.auth
+    if not ws.app.state.origins.allows(ws):
+        # Cross-site WebSocket hijacking: a foreign page's socket is refused
+        # before the upgrade (HTTP 403), whatever credentials it carries.
+        await ws.close(CLOSE_POLICY, reason="origin not allowed")
+        return None
     try:
         thread = keys.thread_id(raw_thread)
         user = authenticator.user_for(ws)
@@ -78,11 +83,21 @@ async def _open(
     after: str | None, epoch: str | None,
 ) -> Any:  # fmt: skip
     """Accept the socket and join the thread, or close it with the right code."""
-    await ws.accept()
+    # Accepted before the limits are checked: only an accepted socket can be
+    # told 1013 (try again later) and why, in an error event.
+    await ws.accept(subprotocol=chosen_subprotocol(ws))
     try:
         return await service.open(thread, user, after, epoch)
-    except Forbidden as exc:
+    except (Forbidden, NotFound) as exc:
         await ws.close(CLOSE_POLICY, reason=str(exc))
+    except RateLimited as exc:
+        event = ErrorEvent(
+            thread_id=thread, code="rate_limited", message=str(exc), retryable=exc.retryable,
+            retry_after_ms=exc.retry_after_ms,
+        )  # fmt: skip
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await ws.send_text(encode(event))
+        await ws.close(CLOSE_TRY_AGAIN if exc.retryable else CLOSE_POLICY, reason=str(exc)[:120])
     except (FanoutUnavailable, RedisError, OSError) as exc:
         log.warning("cannot open thread %s: %s", thread, exc)
         await ws.close(CLOSE_TRY_AGAIN, reason="storage unavailable, retry")
@@ -195,7 +210,10 @@ class ThreadSession:
         except ChatError as exc:
             if isinstance(exc, ThreadBusy):
                 metrics.THREAD_BUSY.inc()
-            await self._error(exc.code, str(exc), retryable=exc.retryable)  # type: ignore[arg-type]
+            await self._error(
+                exc.code,  # type: ignore[arg-type]
+                str(exc), retryable=exc.retryable, retry_after_ms=exc.retry_after_ms,
+            )  # fmt: skip
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("socket").inc()
             log.warning("storage error on thread %s: %s", self.thread, exc)
@@ -206,8 +224,14 @@ class ThreadSession:
             log.exception("unexpected error on thread %s", self.thread)
             await self._error("internal", "internal error", retryable=True)
 
-    async def _error(self, code: ErrorCode, message: str, retryable: bool = False) -> None:
-        event = ErrorEvent(thread_id=self.thread, code=code, message=message, retryable=retryable)
+    async def _error(
+        self, code: ErrorCode, message: str, retryable: bool = False,
+        retry_after_ms: int | None = None,
+    ) -> None:  # fmt: skip
+        event = ErrorEvent(
+            thread_id=self.thread, code=code, message=message, retryable=retryable,
+            retry_after_ms=retry_after_ms,
+        )  # fmt: skip
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await self.send_text(encode(event))
@@ -225,7 +249,9 @@ class ThreadSession:
             await self.send_text(original)
 
     async def _get_history(self, frame: GetHistory) -> None:
-        messages, has_more = await self.service.history_page(self.thread, frame.before, frame.limit)
+        messages, has_more = await self.service.history_page(
+            self.thread, frame.before, frame.limit, self.user
+        )
         reply = History(thread_id=self.thread, messages=messages, has_more=has_more)
         await self.send_text(encode(reply))
 
@@ -273,14 +299,16 @@ async def _supervise(
 
 
 async def _close_for_resume(ws: WebSocket, reason: str) -> None:
-    """Close 1013 so the client resumes with ``after``. A client that stopped
-    reading cannot even receive the close frame (uvicorn waits for the buffer
-    to drain before any send), so after CLOSE_TIMEOUT_S its connection is cut."""
+    """Close 1013 so the client resumes with ``after`` (1008 when the thread
+    was deleted or its user removed: resuming would be refused). A client that
+    stopped reading cannot even receive the close frame (uvicorn waits for the
+    buffer to drain before any send), so after CLOSE_TIMEOUT_S its connection is cut."""
     log.info("closing a socket for resume: %s", reason)
     if reason == TOO_SLOW:
         metrics.SLOW_CLIENT_DROPS.inc()
+    code = CLOSE_POLICY if reason in (THREAD_DELETED, ACCESS_REVOKED) else CLOSE_TRY_AGAIN
     try:
-        await asyncio.wait_for(ws.close(CLOSE_TRY_AGAIN, reason=reason), CLOSE_TIMEOUT_S)
+        await asyncio.wait_for(ws.close(code, reason=reason), CLOSE_TIMEOUT_S)
     except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
         _abort_connection(ws)
 

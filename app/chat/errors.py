@@ -8,6 +8,8 @@ class ChatError(Exception):
 
     code = "internal"
     retryable = False
+    # When the caller may usefully try again, if the domain knows (rate limits).
+    retry_after_ms: int | None = None
 
 
 class ThreadBusy(ChatError):
@@ -27,6 +29,38 @@ class NotFound(ChatError):
     """The thread or message does not exist."""
 
     code = "not_found"
+
+
+class Conflict(ChatError):
+    """The thing to create exists already (a thread id in use, or deleted recently)."""
+
+    code = "conflict"
+
+
+class InvalidRequest(ChatError):
+    """A request the domain refuses as malformed (a bad cursor, a bad title)."""
+
+    code = "bad_request"
+
+
+class RateLimited(ChatError):
+    """Too many prompts, sockets or threads for this user (or sockets for
+    this pod). ``retry_after_ms`` says when trying again can succeed; a quota
+    that only the user can free (threads) is not retryable."""
+
+    code = "rate_limited"
+    retryable = True
+
+    def __init__(
+        self, message: str, retry_after_ms: int | None = None, retryable: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+        self.retryable = retryable
+
+
+class PodFull(RateLimited):
+    """This pod holds CHAT_MAX_SOCKETS_PER_POD sockets; another pod may not."""
 
 
 class LockLost(ChatError):

@@ -82,6 +82,8 @@ class FanoutHub:
         self._audit_interval_s = audit_interval_s
         self._pubsub: Any = None
         self._followers: dict[ThreadId, set[Sink]] = {}
+        # Followers whose follow() has not returned yet (see follow()).
+        self._joining: set[Sink] = set()
         self._cursors: dict[ThreadId, _Cursor] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._has_channels = asyncio.Event()
@@ -122,6 +124,17 @@ class FanoutHub:
     async def follow(self, thread: ThreadId, sink: Sink) -> None:
         """Start feeding ``sink`` the thread's frames; returns once the channel is
         subscribed, so anything published from then on reaches the sink."""
+        # A follower still joining reads the thread's state only after this
+        # returns, so it is up to date whatever happened before: a reset found
+        # meanwhile (a resync racing this join after Redis lost the thread)
+        # must not close it too.
+        self._joining.add(sink)
+        try:
+            await self._follow(thread, sink)
+        finally:
+            self._joining.discard(sink)
+
+    async def _follow(self, thread: ThreadId, sink: Sink) -> None:
         sinks = self._followers.setdefault(thread, set())
         sinks.add(sink)
         channel = keys.live(thread)
@@ -143,8 +156,11 @@ class FanoutHub:
         except TimeoutError:
             await self.unfollow(thread, sink)
             raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
-        n, last_id = await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+        # Read under the forwarding lock: a frame forwarded between this read
+        # and the comparison below would make the stored number look older
+        # than the cursor, a false "reset" that closes every local socket.
         async with self._forwarding:
+            n, last_id = await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
             cursor = self._cursors.get(thread)
             if cursor is None:
                 return  # unfollowed meanwhile
@@ -266,11 +282,12 @@ class FanoutHub:
         """The thread's event numbers went back: its data was lost and recreated
         (say, Redis restarted without persistence). Its followers cannot go on
         silently: they are told to reconnect, and so learn the new epoch.
-        ``spare`` is a follower that joined after the loss and is up to date."""
+        ``spare`` is a follower that joined after the loss and is up to date,
+        as is every follower still joining."""
         log.warning("thread %s was reset in Redis (event numbers restarted)", thread)
         cursor.n, cursor.id = n, last_id
         for sink in list(self._followers.get(thread, ())):
-            if sink is not spare:
+            if sink is not spare and sink not in self._joining:
                 sink.control({"control": "reset"})
 
     async def _fill(self, thread: ThreadId, cursor: _Cursor, until: TimelineEvent | None) -> None:
@@ -289,11 +306,11 @@ class FanoutHub:
         """Fill every given thread whose stored event number is ahead of ours."""
         if not threads:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for thread in threads:
-                pipe.hmget(keys.meta(thread), "event_n", "last_event_id")
-            stored = await pipe.execute()
-        async with self._forwarding:
+        async with self._forwarding:  # read under the lock: see follow()
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for thread in threads:
+                    pipe.hmget(keys.meta(thread), "event_n", "last_event_id")
+                stored = await pipe.execute()
             for thread, (n, last_id) in zip(threads, stored, strict=True):
                 cursor = self._cursors.get(thread)
                 if cursor is None or cursor.n is None:

@@ -18,6 +18,9 @@ from app.chat.timeline import TimelineEvent
 
 TOO_SLOW = "too slow: resume with after"
 THREAD_RESET = "thread data was reset: resume to learn the new epoch"
+# A deleted thread or a removed member: reconnecting is then refused (1008).
+THREAD_DELETED = "thread deleted"
+ACCESS_REVOKED = "removed from the thread"
 
 
 class Follower:
@@ -29,8 +32,9 @@ class Follower:
     it, since its writer may be stuck in a send to a client that stopped reading.
     """
 
-    def __init__(self, thread: ThreadId, max_queue: int) -> None:
+    def __init__(self, thread: ThreadId, max_queue: int, user: str | None = None) -> None:
         self.thread = thread
+        self.user = user
         self.queue: asyncio.Queue[TimelineEvent] = asyncio.Queue(maxsize=max_queue)
         self.closing: str | None = None
         self.must_close = asyncio.Event()
@@ -47,9 +51,15 @@ class Follower:
             self.close_for(TOO_SLOW)
 
     def control(self, message: dict[str, Any]) -> None:
-        """A thread reset (from the hub) closes the socket; cancels are for turns."""
-        if message.get("control") == "reset":
+        """A thread reset, its deletion, or its user's removal (from the hub)
+        closes the socket; cancels are for turns."""
+        kind = message.get("control")
+        if kind == "reset":
             self.close_for(THREAD_RESET)
+        elif kind == "deleted":
+            self.close_for(THREAD_DELETED)
+        elif kind == "revoke" and message.get("user_id") == self.user:
+            self.close_for(ACCESS_REVOKED)
 
     def close_for(self, reason: str) -> None:
         if self.closing is None:

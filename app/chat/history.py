@@ -24,6 +24,8 @@ class HistoryReader:
     ) -> tuple[list[Message], bool]:
         """The ``limit`` messages just before ``before`` (or the latest), and
         whether older ones exist."""
+        if before is not None and keys.event_id(before) == (0, 0):
+            return [], False  # nothing is older (and Redis refuses "(0-0" as a bound)
         newest = f"({before}" if before else "+"
         entries = await self._redis.xrevrange(keys.history(thread), newest, "-", count=limit + 1)
         has_more = len(entries) > limit

@@ -11,13 +11,17 @@ Layout (see the README for the redis-cli view of each):
     chat:{T}:history   Stream   committed messages; entry id = message id
     chat:{T}:events    Stream   the timeline (capped), for resume and gap fill
     chat:{T}:lock      String   owner token of the running turn (PX lease)
-    chat:{T}:fence     String   fencing number, INCR at each lock grant
+    chat:{T}:fence     String   fencing number, INCR at each lock grant; after
+                                a delete, a tombstone with a TTL (DELETED_TTL_S)
     chat:{T}:meta      Hash     epoch, owner, title, counts, event number
     chat:{T}:members   Set      user ids allowed in the thread
     chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
     chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
     chat:{T}:live      channel  timeline frames as published
     chat:user:{U}:threads  Sorted set  a user's threads by last activity
+    chat:user:{U}:owned    Sorted set  threads the user created (the thread quota)
+    chat:user:{U}:sockets  Sorted set  the user's open sockets, by lease expiry (ms)
+    chat:user:{U}:rate:prompts  Hash   the user's prompt token bucket (expires)
     chat:turns         Sorted set  threads with a running turn (reaper's index)
     chat:reaper:leader String   the in-pod reaper's leader lease
 """
@@ -34,11 +38,22 @@ _THREAD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # User ids come from token subjects (emails, UUIDs, provider ids); they only
 # ever sit inside a hash tag, so anything printable without braces is safe.
 _USER_ID = re.compile(r"[A-Za-z0-9_.@:|+=-]{1,128}")
-_EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+# [0-9], not \d: \d also matches other scripts' digits, which int() accepts
+# and Redis refuses.
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_ID_PART = 2**64 - 1
 
 PREFIX = "chat"
 TURN_INDEX = f"{PREFIX}:turns"
 REAPER_LEADER = f"{PREFIX}:reaper:leader"
+
+# How long a deleted thread's fence stays behind as a tombstone. While it
+# exists the thread id cannot be created again, and any write still in flight
+# from a turn of the deleted thread fails its fence check (see DELETE_THREAD
+# in app.chat.scripts). A turn's writes stop within seconds of its fence
+# going stale (the LLM call and write retries are bounded), so a day is
+# generous; after it, the id is free and nothing of the thread remains.
+DELETED_TTL_S = 86400
 
 
 class InvalidId(ValueError):
@@ -64,7 +79,11 @@ def event_id(raw: str) -> tuple[int, int]:
     match = _EVENT_ID.fullmatch(raw) if isinstance(raw, str) else None
     if match is None:
         raise InvalidId("event and message ids look like <ms>-<seq>")
-    return int(match.group(1)), int(match.group(2))
+    ms, seq = int(match.group(1)), int(match.group(2))
+    if ms > _MAX_ID_PART or seq > _MAX_ID_PART:
+        # Redis refuses such an id with an error: never send it one.
+        raise InvalidId("event and message ids are two 64-bit numbers <ms>-<seq>")
+    return ms, seq
 
 
 def _thread_key(t: ThreadId, suffix: str) -> str:
@@ -108,12 +127,25 @@ def live(t: ThreadId) -> str:
 
 
 def all_thread_keys(t: ThreadId) -> list[str]:
-    """Every key a thread owns (its channel is not a key), for deletion."""
+    """Every key a thread owns (its channel is not a key). A delete removes
+    all but the fence, which stays a while as a tombstone (DELETED_TTL_S)."""
     return [history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t)]
 
 
 def user_threads(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:threads"
+
+
+def user_owned(u: UserId) -> str:
+    return f"{PREFIX}:user:{{{u}}}:owned"
+
+
+def user_sockets(u: UserId) -> str:
+    return f"{PREFIX}:user:{{{u}}}:sockets"
+
+
+def user_prompt_bucket(u: UserId) -> str:
+    return f"{PREFIX}:user:{{{u}}}:rate:prompts"
 
 
 def thread_of_channel(channel: str) -> ThreadId:

@@ -116,7 +116,9 @@ return 0
 #     generation after a lost reply: nothing is written twice),
 #     {'dup', original_message_id},
 #     or {'orphan'} when a turn whose pod died is still open (its lease ran
-#     out before the reaper closed it: the caller closes it first);
+#     out before the reaper closed it: the caller closes it first),
+#     or {'gone'} when the thread no longer exists (deleted, or its data lost
+#     under an open socket): writing would resurrect a thread without owner;
 #     error STALE_FENCE when the lock was lost before the commit.
 # Atomic: the message, its dedup entry, its event, and the turn record exist
 # together or not at all, so a crash can neither lose a message the sender
@@ -127,6 +129,7 @@ BEGIN_TURN = (
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
+if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {'gone'} end
 local running = redis.call('HMGET', KEYS[7], 'generation_id', 'user_message_id', 'start_id')
 if running[1] == ARGV[8] then return {'ok', running[2], running[3]} end
 if ARGV[6] ~= '' then
@@ -223,20 +226,187 @@ return gen
 """
 
 # ENSURE_THREAD: create a thread's metadata on first use.
-# KEYS[1] meta, KEYS[2] members
-# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms)
-# Returns {epoch, owner, created (1/0)}.
+# KEYS[1] meta, KEYS[2] members, KEYS[3] fence
+# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms), ARGV[4] title or ''
+# Returns {epoch, owner, created}: created is 1 (just created), 0 (it existed),
+#     or -1 (it was deleted recently: its fence is a tombstone, see
+#     DELETE_THREAD; nothing is created).
 # The epoch is set exactly once per life of the thread's data: if Redis loses
 # the thread, the next use draws a new epoch, and resumes from the old one fail
-# loudly instead of silently skipping what was lost.
+# loudly instead of silently skipping what was lost. A live thread's fence
+# never has a TTL, so a TTL on it can only be a delete's tombstone.
 ENSURE_THREAD = r"""
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 and redis.call('PTTL', KEYS[3]) > 0 then
+  return {'', '', -1}
+end
 local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 if created == 1 then
   redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created_at', ARGV[3], 'updated_at', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[4]) end
   redis.call('SADD', KEYS[2], ARGV[2])
 end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 return {meta[1], meta[2] or '', created}
+"""
+
+# DELETE_THREAD: remove a thread and everything it holds, for good.
+# KEYS[1] meta, [2] members, [3] history, [4] events, [5] lock, [6] dedup,
+#     [7] turn, [8] fence, [9] live channel
+# ARGV[1] caller, ARGV[2] '1' when only the owner may delete, ARGV[3] publish
+#     command, ARGV[4] control frame telling sockets the thread is gone,
+#     ARGV[5] tombstone TTL in seconds
+# Returns {'ok', owner, member...}, {'not_found'} or {'forbidden'}.
+# Why the fence is bumped and kept (with a TTL) instead of deleted: a turn of
+# this thread may still be running on some pod, and every write of a turn is
+# fenced. Deleting the fence would make its check fail only until the id is
+# used again: a new thread's first grant INCRs a fresh fence to 1, and a
+# zombie turn holding fence 1 would then pass the check and write into a
+# stranger's thread. Bumping it makes every in-flight write fail STALE_FENCE
+# now; keeping it as a tombstone (ENSURE_THREAD refuses to recreate the id
+# while it lives, BEGIN_TURN refuses a thread without meta) means no later
+# grant can ever hand out that number again while such a turn could live.
+# The tombstone expires, so in the end no key of the thread remains. The
+# control frame closes every socket of the thread on every pod; it is sent in
+# the same step so no socket can see a later event of a thread that is gone.
+DELETE_THREAD = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
+if not meta[1] then return {'not_found'} end
+if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return {'forbidden'} end
+local members = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+redis.call('INCR', KEYS[8])
+redis.call('EXPIRE', KEYS[8], ARGV[5])
+redis.call(ARGV[3], KEYS[9], ARGV[4])
+return {'ok', meta[2] or '', unpack(members)}
+"""
+
+# RENAME_THREAD: set a thread's title.
+# KEYS[1] meta; ARGV[1] caller, ARGV[2] '1' when only the owner may, ARGV[3] title
+# Returns 'ok', 'not_found' or 'forbidden'.
+# In Lua so that a rename racing a delete cannot recreate a meta hash
+# without epoch or owner (a plain HSET would).
+RENAME_THREAD = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
+if not meta[1] then return 'not_found' end
+if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return 'forbidden' end
+redis.call('HSET', KEYS[1], 'title', ARGV[3])
+return 'ok'
+"""
+
+# CHANGE_MEMBER: the owner adds or removes a member; a member may leave.
+# KEYS[1] meta, KEYS[2] members, KEYS[3] live channel
+# ARGV[1] caller, ARGV[2] '1' when only the owner may, ARGV[3] 'add' or
+#     'remove', ARGV[4] the member, ARGV[5] max members, ARGV[6] publish
+#     command, ARGV[7] control frame for a removal (closes the member's sockets)
+# Returns 'ok', 'not_found', 'forbidden', 'full', or 'owner' (the owner
+#     cannot be removed: delete the thread instead).
+# In Lua for the same reason as RENAME_THREAD (no SADD on a deleted thread),
+# and so that the member limit holds under concurrent adds.
+CHANGE_MEMBER = r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
+if not meta[1] then return 'not_found' end
+local leaving = ARGV[3] == 'remove' and ARGV[4] == ARGV[1]
+if ARGV[2] == '1' and meta[2] ~= ARGV[1] and not leaving then return 'forbidden' end
+if ARGV[3] == 'add' then
+  if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 0
+     and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then
+    return 'full'
+  end
+  redis.call('SADD', KEYS[2], ARGV[4])
+  return 'ok'
+end
+if ARGV[4] == meta[2] then return 'owner' end
+if redis.call('SREM', KEYS[2], ARGV[4]) == 1 then
+  redis.call(ARGV[6], KEYS[3], ARGV[7])
+end
+return 'ok'
+"""
+
+# TAKE_TOKEN: one request against a token bucket shared by every pod.
+# KEYS[1] the bucket (Hash: tokens, ts)
+# ARGV[1] capacity (the burst), ARGV[2] refill in tokens per ms, ARGV[3] cost
+# Returns {1, 0} when the request may go ahead, or {0, retry_after_ms}: how
+#     long until enough tokens are back.
+# Atomic so that two pods taking the last token at once cannot both get it.
+# The clock is Redis's (TIME), never a pod's: pods' clocks drift, and every
+# pod must agree on how full the bucket is. The bucket expires once it would
+# be full again, so an idle user leaves no key behind.
+TAKE_TOKEN = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or capacity
+local ts = tonumber(state[2]) or ms
+if ms > ts then
+  tokens = math.min(capacity, tokens + (ms - ts) * rate)
+  ts = ms
+end
+local allowed = 0
+local retry = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+else
+  retry = math.ceil((cost - tokens) / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', string.format('%d', ts))
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.ceil((capacity - tokens) / rate) + 1000))
+return {allowed, retry}
+"""
+
+# ADMIT_SOCKET: count a user's open sockets across pods; admit one more if allowed.
+# KEYS[1] the user's sockets (Sorted set: socket id -> lease expiry in ms)
+# ARGV[1] socket id, ARGV[2] max sockets, ARGV[3] lease in ms
+# Returns {1, 0} when admitted, or {0, retry_after_ms}: when the oldest lease
+#     runs out (a crashed pod's socket stops counting then).
+# Pods renew their sockets' leases (heartbeat) and remove them on close; a
+# crashed pod does neither, so its sockets expire here instead of counting
+# forever. Pruning, counting and adding are one step so concurrent opens on
+# several pods cannot together exceed the limit.
+ADMIT_SOCKET = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, math.max(1000, tonumber(oldest[2]) - ms)}
+end
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, 0}
+"""
+
+# RENEW_SOCKETS: extend the leases of one user's sockets on this pod.
+# KEYS[1] the user's sockets; ARGV[1] lease in ms, ARGV[2...] socket ids
+# Returns the number of leases renewed. Sockets still open are put back even
+# if a stall of this pod let them expire: they are open, so they count.
+RENEW_SOCKETS = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local until_ms = ms + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], until_ms, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
+
+# RESERVE_THREAD: count a new thread against its creator's quota, before it exists.
+# KEYS[1] the user's owned threads (Sorted set: thread id -> created ms)
+# ARGV[1] thread id, ARGV[2] max threads, ARGV[3] now (ms)
+# Returns 1 when reserved (or already counted), 0 when the user owns the maximum.
+# A separate step from ENSURE_THREAD because on a Redis Cluster the user's
+# keys and the thread's live on different shards. Reserving first means
+# concurrent creations cannot pass the quota together; a reservation whose
+# thread was not created (someone else created the id first, or the pod died
+# in between) is released, or pruned when the quota is next full (see
+# Threads._prune_owned for the one narrow race that pruning allows).
+RESERVE_THREAD = r"""
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
 """
 
 # LEADER_LEASE: take or keep a lease (the in-pod reaper's leadership).
@@ -268,4 +438,11 @@ class Scripts:
         self.end_turn: AsyncScript = redis.register_script(END_TURN)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
+        self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)
+        self.rename_thread: AsyncScript = redis.register_script(RENAME_THREAD)
+        self.change_member: AsyncScript = redis.register_script(CHANGE_MEMBER)
+        self.take_token: AsyncScript = redis.register_script(TAKE_TOKEN)
+        self.admit_socket: AsyncScript = redis.register_script(ADMIT_SOCKET)
+        self.renew_sockets: AsyncScript = redis.register_script(RENEW_SOCKETS)
+        self.reserve_thread: AsyncScript = redis.register_script(RESERVE_THREAD)
         self.leader_lease: AsyncScript = redis.register_script(LEADER_LEASE)

@@ -24,6 +24,7 @@ from app.chat.fanout import FanoutHub
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader
 from app.chat.keys import ThreadId, UserId
+from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
@@ -77,7 +78,15 @@ class ChatService:
         self.lock = TurnLock(self.scripts, settings.chat_lock_ttl_ms)
         self.timeline = Timeline(redis)
         self.history = HistoryReader(redis)
-        self.threads = Threads(redis, self.scripts)
+        self.threads = Threads(
+            redis, self.scripts, publish_command,
+            max_threads=settings.chat_max_threads_per_user,
+            max_members=settings.chat_max_members_per_thread,
+            open_access=not settings.auth_enabled,
+        )  # fmt: skip
+        self.limits = Limits(redis, self.scripts, settings)
+        # The socket slot (app.chat.limits) each open follower holds.
+        self._slots: dict[Follower, str] = {}
         self.turns = TurnStore(
             redis, self.scripts, publish_command,
             settings.chat_event_retention, settings.chat_dedup_ttl_s,
@@ -91,24 +100,39 @@ class ChatService:
 
     async def start(self) -> None:
         await self.hub.start()
+        await self.limits.start()
 
     async def drain(self) -> None:
         """Stop starting turns, let running ones finish (bounded), stop the hub."""
         self.draining = True
         await self.manager.drain(self.settings.chat_drain_grace_s)
         await self.hub.stop()
+        await self.limits.stop()
 
     # --- opening a thread -----------------------------------------------------
 
     async def open(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
     ) -> Opened:
-        """Join a thread: create it if new, check access, follow it live, and
-        work out what the client must be sent before the live events."""
+        """Join a thread: count the socket against the limits, create the
+        thread if new, check access, follow it live, and work out what the
+        client must be sent before the live events."""
+        slot = await self.limits.claim_socket(user)
+        try:
+            opened = await self._join(thread, user, after, epoch)
+        except BaseException:
+            await self.limits.release_socket(slot)
+            raise
+        self._slots[opened.follower] = slot
+        return opened
+
+    async def _join(
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
+    ) -> Opened:
         info = await self.threads.open(thread, user)
         if not info.created and not await self._may_access(thread, user):
             raise Forbidden("you are not a member of this thread")
-        follower = Follower(thread, self.settings.chat_send_queue)
+        follower = Follower(thread, self.settings.chat_send_queue, user)
         # Follow first, read second: whatever is published after the follow
         # reaches the queue, whatever was published before is in the log.
         await self.hub.follow(thread, follower)
@@ -141,6 +165,9 @@ class ChatService:
 
     async def close(self, follower: Follower) -> None:
         await self.hub.unfollow(follower.thread, follower)
+        slot = self._slots.pop(follower, None)
+        if slot is not None:
+            await self.limits.release_socket(slot)
 
     async def resume(self, thread: ThreadId, after: str, epoch: str | None) -> Resumed:
         """The events after ``after``, or None when they are no longer all there."""
@@ -164,14 +191,19 @@ class ChatService:
         Returns None when the message was committed (its ``message`` event
         reaches every follower, the sender included), or the original
         ``message`` frame when ``client_msg_id`` was seen before (nothing new
-        is written). Raises ThreadBusy while another turn runs.
+        is written). Raises ThreadBusy while another turn runs, Forbidden
+        when ``user`` is no longer a member, RateLimited when ``user`` sent
+        too many prompts (a repeat of a seen ``client_msg_id`` costs nothing).
         """
         if self.draining:
             raise Draining("this server is restarting; send again in a moment")
+        if not await self._may_access(thread, user):
+            raise Forbidden("you are not a member of this thread")
         if client_msg_id is not None:
             original = await self._original_message(thread, client_msg_id)
             if original is not None:
                 return original
+        await self.limits.take_prompt(user)
         generation_id = secrets.token_hex(8)
         message = Message(
             id="", role="user", content=content, user_id=user,
@@ -194,9 +226,9 @@ class ChatService:
             if isinstance(result, Begun):
                 await self._start_turn(thread, lease, generation_id, message, result)
                 try:
-                    await self.threads.touch(user, thread)
-                except RedisError as exc:  # only the user's list goes stale
-                    log.warning("thread list of %s not updated: %s", user, exc)
+                    await self.threads.touch_members(thread)
+                except RedisError as exc:  # only the members' lists go stale
+                    log.warning("thread lists of %s's members not updated: %s", thread, exc)
                 return None
             if isinstance(result, Duplicate):
                 await self.lock.release(thread, lease)
@@ -242,6 +274,10 @@ class ChatService:
         return await self.turns.request_cancel(thread, generation_id)
 
     async def history_page(
-        self, thread: ThreadId, before: str | None, limit: int
+        self, thread: ThreadId, before: str | None, limit: int, user: UserId | None = None
     ) -> tuple[list[Message], bool]:
+        """A page of history; with ``user``, only while they are a member (a
+        removed member's socket may not have been closed yet)."""
+        if user is not None and not await self._may_access(thread, user):
+            raise Forbidden("you are not a member of this thread")
         return await self.history.page(thread, before, limit)

@@ -1,19 +1,41 @@
-"""Threads as a whole: creation (and its epoch), membership, a user's thread list.
+"""Threads as a whole: creation (and its epoch), ownership, membership, titles,
+deletion, the thread quota and a user's thread list.
 
-A thread comes into being the first time someone opens it: its creator owns
-it and is its first member. Only members may read or write it.
+A thread comes into being when someone opens it (a socket) or creates it
+(REST): its creator owns it and is its first member. The owner adds and
+removes members and renames or deletes the thread; a member may leave; only
+members read or write it. With auth off (``open_access``) everyone is the
+same user and these checks pass. Every change that must not act on a deleted
+thread (rename, membership, delete itself) is one script that checks the
+thread exists first, so a change racing a delete can never recreate a key.
+
+A user's list ``chat:user:{U}:threads`` lives on the user's shard, not the
+thread's, so it is kept beside the thread's own commits, not inside them: a
+crash in between leaves it a little stale, and reading a page prunes entries
+of threads that are gone or no longer the user's.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+from redis.exceptions import RedisError
+
 from app.chat import keys
+from app.chat.errors import Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
 from app.chat.keys import ThreadId, UserId
 from app.chat.scripts import Scripts
+
+log = logging.getLogger(__name__)
+
+MAX_TITLE_CHARS = 200
+DELETED_FRAME = orjson.dumps({"control": "deleted"}).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,23 +47,218 @@ class ThreadInfo:
     created: bool
 
 
-class Threads:
-    """Thread metadata, members and per-user thread lists."""
+@dataclass(frozen=True, slots=True)
+class ThreadSummary:
+    """A thread as listed: ``active_at`` is the last activity (seconds)."""
 
-    def __init__(self, redis: Any, scripts: Scripts) -> None:
+    id: ThreadId
+    title: str
+    owner: str
+    created_at: int
+    updated_at: int
+    active_at: float
+
+
+class Threads:
+    """Thread metadata, members, quota and per-user thread lists."""
+
+    def __init__(
+        self,
+        redis: Any,
+        scripts: Scripts,
+        publish: str = "PUBLISH",
+        *,
+        max_threads: int = 0,
+        max_members: int = 100,
+        open_access: bool = False,
+    ) -> None:
         self._redis = redis
         self._scripts = scripts
+        self._publish = publish
+        self._max_threads = 0 if open_access else max_threads
+        self._max_members = max_members
+        self._open = open_access
+        self._owner_only = "0" if open_access else "1"
+
+    # --- creating -------------------------------------------------------------
 
     async def open(self, thread: ThreadId, user: UserId) -> ThreadInfo:
-        """Create the thread if it is new (``user`` owns it); return its info."""
+        """Create the thread if it is new (``user`` owns it); return its info.
+        NotFound when it was deleted recently; RateLimited over the quota."""
+        if self._max_threads and not await self._redis.exists(keys.meta(thread)):
+            info = await self._create(thread, user, "")
+        else:
+            info = await self._ensure(thread, user, "")
+        if info is None:
+            raise NotFound("this thread was deleted")
+        return info
+
+    async def create(self, thread: ThreadId, user: UserId, title: str) -> ThreadInfo:
+        """Create a new thread owned by ``user``; Conflict if the id is taken."""
+        info = await self._create(thread, user, _checked_title(title) if title else "")
+        if info is None:
+            raise Conflict("a thread with this id was deleted recently; choose another id")
+        if not info.created:
+            raise Conflict("a thread with this id exists")
+        return info
+
+    async def _create(self, thread: ThreadId, user: UserId, title: str) -> ThreadInfo | None:
+        if self._max_threads:
+            await self._reserve(user, thread)
+        try:
+            info = await self._ensure(thread, user, title)
+        except BaseException:
+            await self._unreserve(user, thread)
+            raise
+        if info is None or (not info.created and info.owner != user):
+            await self._unreserve(user, thread)
+        return info
+
+    async def _ensure(self, thread: ThreadId, user: UserId, title: str) -> ThreadInfo | None:
+        now_ms = int(time.time() * 1000)
         epoch, owner, created = await self._scripts.ensure_thread(
-            keys=[keys.meta(thread), keys.members(thread)],
-            args=[secrets.token_hex(8), user, int(time.time() * 1000)],
+            keys=[keys.meta(thread), keys.members(thread), keys.fence(thread)],
+            args=[secrets.token_hex(8), user, now_ms, title],
         )
-        return ThreadInfo(epoch=epoch, owner=owner, created=bool(created))
+        if int(created) < 0:
+            return None
+        if int(created):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if not self._open:  # with auth off there is no one to count
+                    pipe.zadd(keys.user_owned(user), {thread: now_ms})
+                pipe.zadd(keys.user_threads(user), {thread: now_ms / 1000})
+                await pipe.execute()
+        return ThreadInfo(epoch=epoch, owner=owner, created=bool(int(created)))
+
+    async def _reserve(self, user: UserId, thread: ThreadId) -> None:
+        args: list[str | int] = [thread, self._max_threads, int(time.time() * 1000)]
+        owned = keys.user_owned(user)
+        if await self._scripts.reserve_thread(keys=[owned], args=args):
+            return
+        if await self._prune_owned(user) and await self._scripts.reserve_thread(
+            keys=[owned], args=args
+        ):
+            return
+        raise RateLimited(
+            f"you own {self._max_threads} threads, the most allowed: delete one first",
+            retryable=False,
+        )
+
+    async def _unreserve(self, user: UserId, thread: ThreadId) -> None:
+        if self._max_threads:
+            try:
+                await self._redis.zrem(keys.user_owned(user), thread)
+            except (RedisError, OSError) as exc:  # pruned when the quota is next full
+                log.warning("thread reservation of %s not released: %s", user, exc)
+
+    async def _prune_owned(self, user: UserId) -> int:
+        """Drop quota entries of threads the user does not own (gone, or a
+        reservation whose creation never happened); how many were dropped.
+        An entry reserved by a creation still in flight may be dropped too:
+        the quota can then be passed by the few creations racing it."""
+        owned: list[str] = await self._redis.zrange(keys.user_owned(user), 0, -1)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for thread in owned:
+                pipe.hget(keys.meta(ThreadId(thread)), "owner")
+            owners = await pipe.execute()
+        stale = [t for t, owner in zip(owned, owners, strict=True) if owner != user]
+        if stale:
+            await self._redis.zrem(keys.user_owned(user), *stale)
+        return len(stale)
+
+    # --- access ---------------------------------------------------------------
 
     async def is_member(self, thread: ThreadId, user: UserId) -> bool:
         return bool(await self._redis.sismember(keys.members(thread), user))
+
+    async def require_member(self, thread: ThreadId, user: UserId) -> str:
+        """The thread's owner, once ``user`` may read it: NotFound when the
+        thread does not exist, Forbidden when ``user`` is not a member."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.meta(thread), "epoch", "owner")
+            pipe.sismember(keys.members(thread), user)
+            (epoch, owner), member = await pipe.execute()
+        if epoch is None:
+            raise NotFound("no such thread")
+        if not member and not self._open:
+            raise Forbidden("you are not a member of this thread")
+        return str(owner or "")
+
+    async def describe(self, thread: ThreadId, user: UserId) -> tuple[ThreadSummary, list[str]]:
+        """A member's view of a thread: its summary and its members."""
+        await self.require_member(thread, user)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.meta(thread), "owner", "title", "created_at", "updated_at")
+            pipe.smembers(keys.members(thread))
+            pipe.zscore(keys.user_threads(user), thread)
+            meta, members, active_at = await pipe.execute()
+        summary = _summary(thread, meta, active_at)
+        if summary is None:
+            raise NotFound("no such thread")
+        return summary, sorted(members)
+
+    # --- owner's changes ------------------------------------------------------
+
+    async def rename(self, thread: ThreadId, user: UserId, title: str) -> None:
+        result = await self._scripts.rename_thread(
+            keys=[keys.meta(thread)], args=[user, self._owner_only, _checked_title(title)]
+        )
+        _raise_for(result, "only the owner may rename this thread")
+
+    async def add_member(self, thread: ThreadId, user: UserId, member: UserId) -> None:
+        result = await self._change_member(thread, user, "add", member)
+        if result == "full":
+            raise Conflict(f"a thread has at most {self._max_members} members")
+        _raise_for(result, "only the owner may add members")
+        await self._redis.zadd(keys.user_threads(member), {thread: time.time()}, nx=True)
+
+    async def remove_member(self, thread: ThreadId, user: UserId, member: UserId) -> None:
+        """The owner removes ``member``, or ``member`` leaves. The member's open
+        sockets on the thread are closed (every pod hears it on the channel)."""
+        result = await self._change_member(thread, user, "remove", member)
+        if result == "owner":
+            raise Conflict("the owner cannot leave the thread: delete it instead")
+        _raise_for(result, "only the owner may remove other members")
+        await self._redis.zrem(keys.user_threads(member), thread)
+
+    async def _change_member(
+        self, thread: ThreadId, user: UserId, action: str, member: UserId
+    ) -> str:
+        revoke = orjson.dumps({"control": "revoke", "user_id": member}).decode()
+        result: str = await self._scripts.change_member(
+            keys=[keys.meta(thread), keys.members(thread), keys.live(thread)],
+            args=[
+                user, self._owner_only, action, member, self._max_members,
+                self._publish, revoke,
+            ],
+        )  # fmt: skip
+        return result
+
+    async def delete(self, thread: ThreadId, user: UserId) -> None:
+        """Delete the thread and every key it holds (see DELETE_THREAD for why
+        its fence stays behind a while, as a tombstone); its sockets close."""
+        reply = await self._scripts.delete_thread(
+            keys=[
+                keys.meta(thread), keys.members(thread), keys.history(thread),
+                keys.events(thread), keys.lock(thread), keys.dedup(thread),
+                keys.turn(thread), keys.fence(thread), keys.live(thread),
+            ],
+            args=[user, self._owner_only, self._publish, DELETED_FRAME, keys.DELETED_TTL_S],
+        )  # fmt: skip
+        _raise_for(reply[0], "only the owner may delete this thread")
+        owner, members = reply[1], reply[2:]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for member in {owner, *members} - {""}:
+                    pipe.zrem(keys.user_threads(UserId(member)), thread)
+                if owner:
+                    pipe.zrem(keys.user_owned(UserId(owner)), thread)
+                pipe.zrem(keys.TURN_INDEX, thread)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:  # the lists are pruned when read
+            log.warning("lists still name deleted thread %s: %s", thread, exc)
+
+    # --- a user's list --------------------------------------------------------
 
     async def last_event_id(self, thread: ThreadId) -> str | None:
         last: str | None = await self._redis.hget(keys.meta(thread), "last_event_id")
@@ -55,9 +272,101 @@ class Threads:
         than the thread. A crash in between only leaves the list a little
         stale; the thread's own data is already committed.
         """
-        await self._redis.zadd(keys.user_threads(user), {thread: time.time()})
+        await self._redis.zadd(keys.user_threads(user), {thread: time.time()}, gt=True)
+
+    async def touch_members(self, thread: ThreadId) -> None:
+        """Move the thread to the top of every member's list (activity is
+        shared: anyone's prompt is news for all of them)."""
+        members: set[str] = await self._redis.smembers(keys.members(thread))
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.zadd(keys.user_threads(UserId(member)), {thread: now}, gt=True)
+            await pipe.execute()
 
     async def of_user(self, user: UserId, limit: int = 100) -> list[str]:
         """The user's thread ids, most recently active first."""
         ids: list[str] = await self._redis.zrevrange(keys.user_threads(user), 0, limit - 1)
         return ids
+
+    async def page_of_user(
+        self, user: UserId, limit: int, cursor: str | None
+    ) -> tuple[list[ThreadSummary], str | None]:
+        """One page of the user's threads, most recently active first, and the
+        cursor of the next page (None at the end). A cursor is the last
+        item's (activity, id): the list is ordered by score, then id, both
+        descending, so the page after it is exactly what sorts below it, even
+        when threads moved meanwhile."""
+        after = parse_cursor(cursor) if cursor else None
+        key = keys.user_threads(user)
+        high = repr(after[0]) if after else "+inf"
+        found: list[ThreadSummary] = []
+        stale: list[str] = []
+        offset = 0
+        batch = limit + 1
+        while len(found) <= limit:
+            rows = await self._redis.zrevrangebyscore(
+                key, high, "-inf", start=offset, num=batch, withscores=True
+            )
+            offset += len(rows)
+            fetched = len(rows)
+            rows = [(t, s) for t, s in rows if not (after and s == after[0] and t >= after[1])]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for thread, _score in rows:
+                    pipe.hmget(
+                        keys.meta(ThreadId(thread)), "owner", "title", "created_at", "updated_at"
+                    )
+                    pipe.sismember(keys.members(ThreadId(thread)), user)
+                replies = await pipe.execute()
+            for i, (thread, score) in enumerate(rows):
+                summary = _summary(ThreadId(thread), replies[2 * i], score)
+                if summary is None or not (replies[2 * i + 1] or self._open):
+                    stale.append(thread)
+                elif len(found) <= limit:
+                    found.append(summary)
+            if fetched < batch:
+                break
+        if stale:
+            await self._redis.zrem(key, *stale)
+        if len(found) > limit:
+            last = found[limit - 1]
+            return found[:limit], f"{last.active_at!r}~{last.id}"
+        return found, None
+
+
+def parse_cursor(cursor: str) -> tuple[float, ThreadId]:
+    """A page cursor ``<activity>~<thread id>``, checked (InvalidRequest)."""
+    score, _, thread = cursor.partition("~")
+    try:
+        value = float(score)
+        if not math.isfinite(value):
+            raise ValueError(score)
+        return value, keys.thread_id(thread)
+    except (ValueError, keys.InvalidId):
+        raise InvalidRequest("cursor: not a cursor this server returned") from None
+
+
+def _checked_title(title: str) -> str:
+    title = title.strip()
+    if not 1 <= len(title) <= MAX_TITLE_CHARS or not title.isprintable():
+        raise InvalidRequest(f"title: 1 to {MAX_TITLE_CHARS} printable characters")
+    return title
+
+
+def _summary(thread: ThreadId, meta: list[str | None], active_at: Any) -> ThreadSummary | None:
+    owner, title, created_at, updated_at = meta
+    if owner is None:
+        return None
+    created = int(created_at or 0)
+    return ThreadSummary(
+        id=thread, title=title or "", owner=owner, created_at=created,
+        updated_at=int(updated_at or created),
+        active_at=float(active_at) if active_at is not None else created / 1000,
+    )  # fmt: skip
+
+
+def _raise_for(result: str, forbidden: str) -> None:
+    if result == "not_found":
+        raise NotFound("no such thread")
+    if result == "forbidden":
+        raise Forbidden(forbidden)

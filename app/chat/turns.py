@@ -19,7 +19,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from app.chat import keys
-from app.chat.errors import LockLost
+from app.chat.errors import LockLost, NotFound
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
 from app.chat.scripts import Scripts
@@ -79,7 +79,8 @@ class TurnStore:
         self, thread: ThreadId, lease: Lease, user_message: Message, loading: Loading, pod: str
     ) -> Begun | Duplicate | Orphaned:
         """Commit the user's message and open the turn, or find it was sent
-        before, or that a dead pod's turn must be closed first."""
+        before, or that a dead pod's turn must be closed first. NotFound when
+        the thread is gone (deleted under an open socket)."""
         try:
             reply = await self._scripts.begin_turn(
                 keys=[
@@ -100,6 +101,8 @@ class TurnStore:
             return Duplicate(reply[1])
         if reply[0] == "orphan":
             return Orphaned()
+        if reply[0] == "gone":
+            raise NotFound("this thread no longer exists")
         return Begun(reply[1], reply[2])
 
     async def append_delta(self, thread: ThreadId, lease: Lease, delta: Delta) -> bool:

@@ -1,0 +1,152 @@
+"""Abuse limits: prompts per minute and open sockets per user, shared by every
+pod, and this pod's own ceiling on sockets.
+
+Per-user counts live in Redis (the TAKE_TOKEN, ADMIT_SOCKET and RENEW_SOCKETS
+scripts of app.chat.scripts), so a user who spreads prompts or sockets over
+many pods meets one limit. The per-pod count is kept in memory: its point is
+to protect this process. (The thread quota is the thread's own business:
+app.chat.threads.) With auth off every caller is the same user,
+``anonymous``, so per-user limits are not applied at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import defaultdict
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.chat import keys
+from app.chat.errors import PodFull, RateLimited
+from app.chat.keys import UserId
+from app.chat.scripts import Scripts
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# What a client refused by a full pod is told to wait (another pod may answer
+# sooner: the load balancer picks again on reconnect).
+POD_FULL_RETRY_MS = 1000
+# Lease renewals run concurrently, this many users at a time.
+RENEW_BATCH = 100
+
+
+class Limits:
+    """The prompt bucket and the socket counts, for every user of this pod."""
+
+    def __init__(self, redis: Any, scripts: Scripts, settings: Settings) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        per_user = settings.auth_enabled
+        self._prompts_per_min = settings.chat_rate_prompts_per_min if per_user else 0
+        self._burst = settings.chat_rate_prompt_burst
+        self._max_user_sockets = settings.chat_max_sockets_per_user if per_user else 0
+        self._max_pod_sockets = settings.chat_max_sockets_per_pod
+        self._lease_ms = settings.chat_socket_lease_ms
+        self._pod = settings.chat_pod_id
+        # Sockets open on this pod: socket id -> user.
+        self._local: dict[str, UserId] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @property
+    def local_sockets(self) -> int:
+        return len(self._local)
+
+    async def start(self) -> None:
+        if self._max_user_sockets:
+            self._heartbeat = asyncio.create_task(self._renew_forever(), name="socket-leases")
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+
+    # --- prompts --------------------------------------------------------------
+
+    async def take_prompt(self, user: UserId) -> None:
+        """Count one prompt of ``user``; RateLimited when the bucket is empty."""
+        if not self._prompts_per_min:
+            return
+        allowed, retry_after_ms = await self._scripts.take_token(
+            keys=[keys.user_prompt_bucket(user)],
+            args=[self._burst, self._prompts_per_min / 60000, 1],
+        )
+        if not allowed:
+            raise RateLimited(
+                f"too many prompts: at most {self._prompts_per_min} a minute",
+                retry_after_ms=int(retry_after_ms),
+            )
+
+    # --- sockets --------------------------------------------------------------
+
+    async def claim_socket(self, user: UserId) -> str:
+        """Count a new socket of ``user`` on this pod and across pods; its id,
+        for ``release_socket``. PodFull or RateLimited when over a limit."""
+        if len(self._local) >= self._max_pod_sockets:
+            raise PodFull("this server is full; try again", retry_after_ms=POD_FULL_RETRY_MS)
+        socket_id = f"{self._pod}:{secrets.token_hex(8)}"
+        # Counted locally before the first await, so concurrent opens on this
+        # pod cannot all pass the check above.
+        self._local[socket_id] = user
+        if not self._max_user_sockets:
+            return socket_id
+        try:
+            admitted, retry_after_ms = await self._scripts.admit_socket(
+                keys=[keys.user_sockets(user)],
+                args=[socket_id, self._max_user_sockets, self._lease_ms],
+            )
+        except BaseException:
+            self._local.pop(socket_id, None)
+            raise
+        if not admitted:
+            self._local.pop(socket_id, None)
+            raise RateLimited(
+                f"too many open sockets: at most {self._max_user_sockets} per user",
+                retry_after_ms=int(retry_after_ms),
+            )
+        return socket_id
+
+    async def release_socket(self, socket_id: str) -> None:
+        """The socket closed: stop counting it (on failure, its lease runs out)."""
+        user = self._local.pop(socket_id, None)
+        if user is None or not self._max_user_sockets:
+            return
+        try:
+            await self._redis.zrem(keys.user_sockets(user), socket_id)
+        except (RedisError, OSError) as exc:
+            log.warning("socket %s stays counted until its lease ends: %s", socket_id, exc)
+
+    async def renew_leases(self) -> None:
+        """Extend the lease of every socket open on this pod."""
+        by_user: dict[UserId, list[str]] = defaultdict(list)
+        for socket_id, user in list(self._local.items()):
+            by_user[user].append(socket_id)
+        users = list(by_user.items())
+        for start in range(0, len(users), RENEW_BATCH):
+            await asyncio.gather(
+                *(
+                    self._scripts.renew_sockets(
+                        keys=[keys.user_sockets(user)], args=[self._lease_ms, *ids]
+                    )
+                    for user, ids in users[start : start + RENEW_BATCH]
+                )
+            )
+
+    async def _renew_forever(self) -> None:
+        # Three renewals per lease: one late or failed renewal never lets a
+        # live socket expire.
+        interval_s = self._lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.renew_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("socket leases not renewed: %s", exc)

@@ -1,0 +1,301 @@
+"""The REST edge: threads and their members under ``/v1/threads``.
+
+The one place where HTTP requests become domain calls (app.chat.threads) and
+domain errors become HTTP statuses, each with a JSON body
+``{"error": {"code", "message", "retry_after_ms"?}}`` whose ``code`` is the
+protocol's: 401 unauthorized (no or bad token), 403 forbidden (not a member,
+or not the owner), 404 not_found (no such thread), 409 conflict, 413
+too_large, 422 bad_request, 429 rate_limited (with ``Retry-After``), 503
+unavailable. A stranger gets 403, not 404, for a thread that exists: thread
+ids are not secret (opening a socket on an unused id creates the thread, so
+existence is observable anyway); what a stranger never gets is its content.
+Path and body values are validated before any Redis key is built from them.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import AuthError
+from app.chat import keys
+from app.chat.errors import (
+    ChatError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
+from app.chat.keys import ThreadId, UserId
+from app.chat.service import ChatService
+from app.chat.threads import MAX_TITLE_CHARS, ThreadSummary
+from app.origins import OriginPolicy
+
+# Request bodies here are a title at most: anything bigger is refused unread.
+MAX_BODY_BYTES = 16 * 1024
+
+THREAD_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+USER_ID_PATTERN = r"^[A-Za-z0-9_.@:|+=-]{1,128}$"
+
+PathThread = Annotated[str, Path(pattern=THREAD_ID_PATTERN, description="A thread id.")]
+PathUser = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id (token sub).")]
+Title = Annotated[StrictStr, Field(min_length=1, max_length=MAX_TITLE_CHARS)]
+
+
+class CreateThread(BaseModel):
+    """A new thread; without ``id`` the server picks an unguessable one."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[StrictStr, Field(pattern=THREAD_ID_PATTERN)] | None = None
+    title: Title | None = None
+
+
+class RenameThread(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: Title
+
+
+class ThreadOut(BaseModel):
+    id: str
+    title: str
+    owner: str
+    role: Literal["owner", "member"]
+    created_at: int = Field(description="ms since the epoch")
+    updated_at: int = Field(description="last committed message, ms since the epoch")
+    active_at: int = Field(description="last activity in the caller's list, ms since the epoch")
+
+
+class ThreadDetail(ThreadOut):
+    members: list[str]
+
+
+class ThreadPage(BaseModel):
+    threads: list[ThreadOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+
+class ApiError(BaseModel):
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ApiError
+
+
+class HttpError(Exception):
+    """A refusal that is not a domain error (authentication, body size)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 429, 503)
+}
+router = APIRouter(prefix="/v1/threads", tags=["threads"], responses=_ERRORS)
+
+
+def caller(request: Request) -> UserId:
+    """The authenticated user (``anonymous`` with auth off), or 401."""
+    try:
+        user: UserId = request.app.state.auth.user_for(request)
+    except AuthError as exc:
+        raise HttpError(401, "unauthorized", str(exc)) from None
+    return user
+
+
+def chat(request: Request) -> ChatService:
+    service: ChatService = request.app.state.chat
+    return service
+
+
+Caller = Annotated[UserId, Depends(caller)]
+Chat = Annotated[ChatService, Depends(chat)]
+
+
+@router.post("", status_code=201, summary="Create a thread (the caller owns it)")
+async def create_thread(body: CreateThread, user: Caller, service: Chat) -> ThreadDetail:
+    thread = keys.thread_id(body.id) if body.id else ThreadId(secrets.token_urlsafe(12))
+    await service.threads.create(thread, user, body.title or "")
+    return await _detail(service, thread, user)
+
+
+@router.get("", summary="The caller's threads, most recently active first")
+async def list_threads(
+    user: Caller,
+    service: Chat,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=120)] = None,
+) -> ThreadPage:
+    page, next_cursor = await service.threads.page_of_user(user, limit, cursor)
+    return ThreadPage(threads=[_out(s, user) for s in page], next_cursor=next_cursor)
+
+
+@router.get("/{thread_id}", summary="A thread and its members (members only)")
+async def get_thread(thread_id: PathThread, user: Caller, service: Chat) -> ThreadDetail:
+    return await _detail(service, keys.thread_id(thread_id), user)
+
+
+@router.patch("/{thread_id}", summary="Rename a thread (owner only)")
+async def rename_thread(
+    thread_id: PathThread, body: RenameThread, user: Caller, service: Chat
+) -> ThreadDetail:
+    thread = keys.thread_id(thread_id)
+    await service.threads.rename(thread, user, body.title)
+    return await _detail(service, thread, user)
+
+
+@router.delete(
+    "/{thread_id}", status_code=204, summary="Delete a thread, its history and all its keys"
+)
+async def delete_thread(thread_id: PathThread, user: Caller, service: Chat) -> Response:
+    await service.threads.delete(keys.thread_id(thread_id), user)
+    return Response(status_code=204)
+
+
+@router.put("/{thread_id}/members/{member}", status_code=204, summary="Add a member (owner only)")
+async def add_member(
+    thread_id: PathThread, member: PathUser, user: Caller, service: Chat
+) -> Response:
+    await service.threads.add_member(keys.thread_id(thread_id), user, keys.user_id(member))
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/{thread_id}/members/{member}",
+    status_code=204,
+    summary="Remove a member (owner), or leave (the member); their sockets close",
+)
+async def remove_member(
+    thread_id: PathThread, member: PathUser, user: Caller, service: Chat
+) -> Response:
+    await service.threads.remove_member(keys.thread_id(thread_id), user, keys.user_id(member))
+    return Response(status_code=204)
+
+
+async def _detail(service: ChatService, thread: ThreadId, user: UserId) -> ThreadDetail:
+    summary, members = await service.threads.describe(thread, user)
+    return ThreadDetail(**_out(summary, user).model_dump(), members=members)
+
+
+def _out(summary: ThreadSummary, user: UserId) -> ThreadOut:
+    return ThreadOut(
+        id=summary.id, title=summary.title, owner=summary.owner,
+        role="owner" if summary.owner == user else "member",
+        created_at=summary.created_at, updated_at=summary.updated_at,
+        active_at=int(summary.active_at * 1000),
+    )  # fmt: skip
+
+
+# --- errors ------------------------------------------------------------------
+
+_STATUS: list[tuple[type[ChatError], int]] = [
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (InvalidRequest, 422),
+    (RateLimited, 429),
+]
+
+
+def _error(status: int, code: str, message: str, retry_after_ms: int | None = None) -> JSONResponse:
+    body = ErrorBody(error=ApiError(code=code, message=message, retry_after_ms=retry_after_ms))
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
+    return JSONResponse(body.model_dump(exclude_none=True), status, headers=headers)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, HttpError):
+        raise exc
+    return _error(exc.status, exc.code, str(exc))
+
+
+async def _on_chat_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, ChatError) or request.scope["type"] != "http":
+        raise exc  # sockets map their own errors (app.ws)
+    status = next((s for kind, s in _STATUS if isinstance(exc, kind)), 503)
+    code = exc.code if status != 503 else "unavailable"
+    return _error(status, code, str(exc), exc.retry_after_ms)
+
+
+async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
+    if request.scope["type"] != "http":
+        raise exc
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return _error(422, "bad_request", f"{where}: {first.get('msg', 'invalid')}")
+    return _error(422, "bad_request", str(exc))
+
+
+async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
+    if request.scope["type"] != "http":
+        raise exc
+    return _error(503, "unavailable", "storage is unavailable; retry")
+
+
+class BodyLimit:
+    """Refuse request bodies over MAX_BODY_BYTES (413) before they are read
+    into memory: by Content-Length at once, or as a chunked body grows."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY_BYTES):
+                await _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")(
+                    scope, receive, send
+                )
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise HttpError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def install(app: FastAPI, origins: OriginPolicy) -> None:
+    """Mount the REST API on ``app``: routes, error mapping, body limit, CORS."""
+    app.include_router(router)
+    app.add_exception_handler(HttpError, _on_http_error)
+    app.add_exception_handler(ChatError, _on_chat_error)
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(keys.InvalidId, _on_invalid)
+    app.add_exception_handler(RedisError, _on_storage_error)
+    app.add_middleware(BodyLimit)
+    if origins.explicit:
+        # Bearer tokens, not cookies: no credentials mode, so "*" stays harmless.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins.explicit,
+            allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+            allow_headers=["authorization", "content-type"],
+        )

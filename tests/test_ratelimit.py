@@ -1,0 +1,135 @@
+"""Abuse limits (app.chat.limits) on fakeredis: the prompt token bucket and the
+socket counts, shared by two Limits objects standing for two pods."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from app.chat import keys
+from app.chat.errors import PodFull, RateLimited
+from app.chat.limits import Limits
+from app.chat.scripts import Scripts
+from app.settings import Settings
+
+ALICE = keys.user_id("alice")
+BOB = keys.user_id("bob")
+
+
+@pytest.fixture
+def pods(
+    redis: Any, scripts: Scripts, make_settings: Callable[..., Settings]
+) -> Callable[..., tuple[Limits, Limits]]:
+    """Two pods' limits on one Redis, auth on (per-user limits apply)."""
+
+    def make(**overrides: Any) -> tuple[Limits, Limits]:
+        values: dict[str, Any] = {"chat_auth": "jwt", "chat_auth_secret": "s" * 32, **overrides}
+        return (
+            Limits(redis, scripts, make_settings(chat_pod_id="a", **values)),
+            Limits(redis, scripts, make_settings(chat_pod_id="b", **values)),
+        )
+
+    return make
+
+
+async def test_the_prompt_bucket_is_shared_by_pods(pods: Callable[..., Any]) -> None:
+    a, b = pods(chat_rate_prompts_per_min=6, chat_rate_prompt_burst=3)
+    await a.take_prompt(ALICE)
+    await b.take_prompt(ALICE)
+    await a.take_prompt(ALICE)
+    with pytest.raises(RateLimited) as refused:
+        await b.take_prompt(ALICE)
+    # 6 a minute: one token every 10 s.
+    assert refused.value.retryable and 9000 <= (refused.value.retry_after_ms or 0) <= 10000
+    assert refused.value.code == "rate_limited"
+    await b.take_prompt(BOB)  # another user has a bucket of their own
+
+
+async def test_the_bucket_refills_with_time(pods: Callable[..., Any], redis: Any) -> None:
+    a, _ = pods(chat_rate_prompts_per_min=600, chat_rate_prompt_burst=1)  # one per 100 ms
+    await a.take_prompt(ALICE)
+    with pytest.raises(RateLimited) as refused:
+        await a.take_prompt(ALICE)
+    assert 0 < (refused.value.retry_after_ms or 0) <= 100
+    await asyncio.sleep(0.15)
+    await a.take_prompt(ALICE)
+    # An idle bucket expires: no key is left behind for long.
+    assert 0 < await redis.pttl(keys.user_prompt_bucket(ALICE)) <= 1200
+
+
+async def test_zero_means_no_prompt_limit(pods: Callable[..., Any], redis: Any) -> None:
+    a, _ = pods(chat_rate_prompts_per_min=0)
+    for _ in range(50):
+        await a.take_prompt(ALICE)
+    assert await redis.exists(keys.user_prompt_bucket(ALICE)) == 0
+
+
+async def test_auth_off_applies_no_per_user_limit(
+    redis: Any, scripts: Scripts, make_settings: Callable[..., Settings]
+) -> None:
+    limits = Limits(
+        redis,
+        scripts,
+        make_settings(chat_rate_prompts_per_min=1, chat_max_sockets_per_user=1),
+    )
+    for _ in range(5):
+        await limits.take_prompt(keys.user_id("anonymous"))
+        await limits.claim_socket(keys.user_id("anonymous"))
+    assert await redis.keys("*") == []
+
+
+async def test_sockets_per_user_across_pods(pods: Callable[..., Any], redis: Any) -> None:
+    a, b = pods(chat_max_sockets_per_user=3)
+    held = [await a.claim_socket(ALICE), await b.claim_socket(ALICE), await a.claim_socket(ALICE)]
+    with pytest.raises(RateLimited) as refused:
+        await b.claim_socket(ALICE)
+    assert refused.value.retry_after_ms is not None and refused.value.retry_after_ms >= 1000
+    await b.claim_socket(BOB)
+    assert b.local_sockets == 2  # the refused one is not counted locally either
+    await a.release_socket(held[0])
+    await b.claim_socket(ALICE)
+    assert await redis.zcard(keys.user_sockets(ALICE)) == 3
+
+
+async def test_a_crashed_pods_sockets_stop_counting(pods: Callable[..., Any], redis: Any) -> None:
+    a, b = pods(chat_max_sockets_per_user=1, chat_socket_lease_ms=1000)
+    await a.claim_socket(ALICE)  # pod a then dies: no release, no renewal
+    with pytest.raises(RateLimited):
+        await b.claim_socket(ALICE)
+    await asyncio.sleep(1.1)
+    await b.claim_socket(ALICE)
+
+
+async def test_renewed_leases_keep_live_sockets_counted(
+    pods: Callable[..., Any], redis: Any
+) -> None:
+    a, b = pods(chat_max_sockets_per_user=1, chat_socket_lease_ms=1000)
+    await a.claim_socket(ALICE)
+    for _ in range(3):
+        await asyncio.sleep(0.4)
+        await a.renew_leases()
+    with pytest.raises(RateLimited):
+        await b.claim_socket(ALICE)
+
+
+async def test_the_pod_ceiling_is_local(pods: Callable[..., Any]) -> None:
+    a, b = pods(chat_max_sockets_per_pod=2, chat_max_sockets_per_user=0)
+    first = await a.claim_socket(ALICE)
+    await a.claim_socket(BOB)
+    with pytest.raises(PodFull) as refused:
+        await a.claim_socket(keys.user_id("carol"))
+    assert refused.value.code == "rate_limited" and refused.value.retryable
+    await b.claim_socket(keys.user_id("carol"))  # another pod has room
+    await a.release_socket(first)
+    await a.claim_socket(keys.user_id("carol"))
+
+
+async def test_the_heartbeat_task_starts_and_stops(pods: Callable[..., Any]) -> None:
+    a, _ = pods(chat_max_sockets_per_user=2)
+    await a.start()
+    await a.claim_socket(ALICE)
+    await a.stop()
+    await a.stop()  # idempotent
