@@ -1,0 +1,173 @@
+"""Shared fixtures of the unit tests: an in-memory Redis (fakeredis, with Lua
+and pub/sub) per test, the chat parts built on it, and bounded waits.
+
+Integration tests (tests/integration) have their own conftest and real
+processes; nothing here starts a process or touches the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import fakeredis
+import pytest
+
+from app.chat import keys
+from app.chat.keys import ThreadId, UserId
+from app.chat.lock import TurnLock
+from app.chat.scripts import Scripts
+from app.chat.service import ChatService
+from app.chat.threads import Threads
+from app.chat.turns import TurnStore
+from app.llm.fake import FakeModel
+from app.settings import Settings
+
+USER = keys.user_id("alice")
+
+# Every environment variable the settings read starts with one of these.
+_ENV_PREFIXES = ("CHAT_", "REDIS_", "ANTHROPIC_")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No configuration from the machine's environment leaks into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith(_ENV_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def make_settings(clean_env: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    """Settings for tests: embedded, auth off, fast timings; overrides by keyword."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "chat_auth": "off",
+            "chat_llm": "fake",
+            "chat_pod_id": "pod-test",
+            "chat_lock_ttl_ms": 3000,
+            "chat_reaper_interval_ms": 100,
+            "chat_delta_window_ms": 5,
+            "chat_drain_grace_s": 0,
+            "chat_rate_prompts_per_min": 0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def scripts(redis: Any) -> Scripts:
+    return Scripts(redis)
+
+
+@pytest.fixture
+def lock(scripts: Scripts) -> TurnLock:
+    return TurnLock(scripts, ttl_ms=5000)
+
+
+@pytest.fixture
+def store(redis: Any, scripts: Scripts) -> TurnStore:
+    return TurnStore(redis, scripts, "PUBLISH", retention=10000, dedup_ttl_s=3600)
+
+
+@pytest.fixture
+def threads(redis: Any, scripts: Scripts) -> Threads:
+    return Threads(redis, scripts)
+
+
+@pytest.fixture
+async def thread(threads: Threads) -> ThreadId:
+    """A freshly created thread owned by USER."""
+    t = keys.thread_id("t1")
+    await threads.open(t, USER)
+    return t
+
+
+@pytest.fixture
+async def make_service(
+    redis: Any, make_settings: Callable[..., Settings]
+) -> AsyncIterator[Callable[..., Awaitable[ChatService]]]:
+    """ChatServices built as app.main builds them, on the test's Redis; each
+    is started, and drained in teardown."""
+    services: list[ChatService] = []
+
+    async def make(tokens: int = 20, delay_ms: float = 1, **overrides: Any) -> ChatService:
+        settings = make_settings(**overrides)
+        service = ChatService(settings, redis, redis.pubsub, FakeModel(tokens, delay_ms), "PUBLISH")
+        await service.start()
+        services.append(service)
+        return service
+
+    try:
+        yield make
+    finally:
+        for service in services:
+            await service.drain()
+
+
+async def open_thread(threads: Threads, name: str, user: UserId = USER) -> ThreadId:
+    t = keys.thread_id(name)
+    await threads.open(t, user)
+    return t
+
+
+async def wait_until(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class Listener:
+    """A raw subscriber of one channel, collecting its messages in order."""
+
+    def __init__(self, redis: Any, channel: str) -> None:
+        self._pubsub = redis.pubsub()
+        self._channel = channel
+        self.messages: list[str] = []
+
+    async def __aenter__(self) -> Listener:
+        await self._pubsub.subscribe(self._channel)
+        confirm = await self._pubsub.get_message(timeout=1.0)
+        assert confirm is not None and confirm["type"] == "subscribe"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._pubsub.aclose()
+
+    async def drain(self, timeout: float = 0.05) -> list[str]:
+        """Every message published so far (waits ``timeout`` for the next)."""
+        while True:
+            message = await self._pubsub.get_message(timeout=timeout)
+            if message is None:
+                return self.messages
+            if message["type"] == "message":
+                self.messages.append(message["data"])

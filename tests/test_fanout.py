@@ -1,0 +1,365 @@
+"""Cross-pod fan-out: one subscriber per pod, ordered gap-free delivery to sinks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from app.chat import fanout, keys
+from app.chat.fanout import FanoutHub, FanoutUnavailable
+from app.chat.keys import ThreadId
+from app.chat.lock import TurnLock
+from app.chat.timeline import Timeline, TimelineEvent, frame_from_entry
+from app.chat.turns import TurnStore
+from app.protocol import Delta, Done, Loading, Message
+from tests.conftest import USER, wait_until
+
+
+class Sink:
+    """A follower that records what the hub gives it."""
+
+    def __init__(self) -> None:
+        self.events: list[TimelineEvent] = []
+        self.controls: list[dict[str, Any]] = []
+
+    def deliver(self, event: TimelineEvent) -> None:
+        self.events.append(event)
+
+    def control(self, message: dict[str, Any]) -> None:
+        self.controls.append(message)
+
+    @property
+    def numbers(self) -> list[int]:
+        return [e.n for e in self.events]
+
+
+@pytest.fixture
+async def hub(redis: Any) -> AsyncIterator[FanoutHub]:
+    """A hub whose audit never runs during a test: only frames (and their
+    gap fills) deliver events."""
+    hub = FanoutHub(redis.pubsub, redis, Timeline(redis), audit_interval_s=60)
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+
+
+@pytest.fixture
+async def auditing_hub(redis: Any) -> AsyncIterator[FanoutHub]:
+    hub = FanoutHub(redis.pubsub, redis, Timeline(redis), audit_interval_s=0.2)
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+
+
+async def numsub(redis: Any, thread: ThreadId) -> int:
+    [(_, count)] = await redis.pubsub_numsub(keys.live(thread))
+    return int(count)
+
+
+async def run_turn(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, generation_id: str, deltas: int
+) -> None:
+    """A whole turn through the commit scripts: 2 + deltas + 2 events."""
+    lease = await lock.acquire(thread)
+    assert lease is not None
+    message = Message(
+        id="", role="user", content="q", user_id=USER, created_at=1, status="complete"
+    )
+    await store.begin(
+        thread, lease, message, Loading(thread_id=thread, generation_id=generation_id, model="f"),
+        "pod",
+    )  # fmt: skip
+    for seq in range(deltas):
+        delta = Delta(thread_id=thread, generation_id=generation_id, seq=seq, text=f"{seq} ")
+        await store.append_delta(thread, lease, delta)
+    reply = Message(
+        id="", role="assistant", content="r", user_id="assistant", created_at=1, status="complete"
+    )
+    await store.end(
+        thread, lease, reply,
+        Done(thread_id=thread, generation_id=generation_id, status="complete"),
+    )  # fmt: skip
+
+
+async def write_unpublished(redis: Any, thread: ThreadId, text: str) -> TimelineEvent:
+    """An event in the log and the meta hash, as a commit script would write
+    it, but never published (a lost pub/sub message)."""
+    last = await redis.hget(keys.meta(thread), "last_event_id")
+    ms, seq = keys.event_id(last)
+    entry_id = f"{ms}-{seq + 1}"
+    data = orjson.dumps(
+        {"type": "delta", "thread_id": thread, "generation_id": "hand", "seq": 0, "text": text}
+    ).decode()
+    n = await redis.hincrby(keys.meta(thread), "event_n", 1)
+    await redis.hset(keys.meta(thread), "last_event_id", entry_id)
+    await redis.xadd(keys.events(thread), {"n": n, "data": data}, entry_id)
+    return frame_from_entry(entry_id, {"n": str(n), "data": data})
+
+
+async def stored_frames(redis: Any, thread: ThreadId) -> list[str]:
+    entries = await redis.xrange(keys.events(thread), "-", "+")
+    return [frame_from_entry(i, f).frame for i, f in entries]
+
+
+async def settle() -> None:
+    """Long enough for a stray frame to arrive (the listener polls continuously)."""
+    await asyncio.sleep(0.15)
+
+
+# --- following -------------------------------------------------------------------------
+
+
+async def test_frames_reach_the_sink_in_order(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    sink = Sink()
+    await hub.follow(thread, sink)
+    assert await numsub(redis, thread) == 1
+    await run_turn(store, lock, thread, "g", deltas=5)
+    await wait_until(lambda: len(sink.events) >= 9, what="9 events")
+    await settle()
+    assert sink.numbers == list(range(1, 10))
+    assert [e.frame for e in sink.events] == await stored_frames(redis, thread)
+    assert sink.controls == []
+
+
+async def test_two_sinks_on_one_thread_see_the_same(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    a, b = Sink(), Sink()
+    await hub.follow(thread, a)
+    await hub.follow(thread, b)
+    assert await numsub(redis, thread) == 1  # one subscription per pod, not per sink
+    assert hub.followed_threads == 1
+    await run_turn(store, lock, thread, "g", deltas=3)
+    await wait_until(lambda: len(a.events) >= 7 and len(b.events) >= 7, what="both sinks")
+    await settle()
+    assert a.numbers == b.numbers == list(range(1, 8))
+    assert [e.frame for e in a.events] == [e.frame for e in b.events]
+
+
+async def test_a_follower_starts_from_the_moment_it_follows(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    await run_turn(store, lock, thread, "g1", deltas=2)  # events 1..6, before the follow
+    sink = Sink()
+    await hub.follow(thread, sink)
+    await run_turn(store, lock, thread, "g2", deltas=1)  # events 7..11
+    await wait_until(lambda: len(sink.events) >= 5, what="the second turn")
+    await settle()
+    assert sink.numbers == [7, 8, 9, 10, 11]
+
+
+async def test_unfollow_of_the_last_sink_unsubscribes(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    a, b = Sink(), Sink()
+    await hub.follow(thread, a)
+    await hub.follow(thread, b)
+    await hub.unfollow(thread, a)
+    assert await numsub(redis, thread) == 1
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(b.events) >= 4, what="events for the remaining sink")
+    assert a.events == []
+
+    await hub.unfollow(thread, b)
+
+    async def unsubscribed() -> bool:
+        return await numsub(redis, thread) == 0
+
+    await wait_until(unsubscribed, what="the channel unsubscribed")
+    assert hub.followed_threads == 0
+    # Unfollowing again, or a sink never followed, is harmless.
+    await hub.unfollow(thread, b)
+    await hub.unfollow(keys.thread_id("never"), Sink())
+
+
+async def test_follow_again_after_unfollow(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    first = Sink()
+    await hub.follow(thread, first)
+    await hub.unfollow(thread, first)
+    await run_turn(store, lock, thread, "g1", deltas=0)  # events 1..4, nobody follows
+    second = Sink()
+    await hub.follow(thread, second)
+    assert await numsub(redis, thread) == 1
+    await run_turn(store, lock, thread, "g2", deltas=0)
+    await wait_until(lambda: len(second.events) >= 4, what="events after re-follow")
+    await settle()
+    assert second.numbers == [5, 6, 7, 8]
+    assert first.events == []
+
+
+async def test_threads_are_kept_apart(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, threads: Any
+) -> None:
+    a, b = keys.thread_id("ta"), keys.thread_id("tb")
+    await threads.open(a, USER)
+    await threads.open(b, USER)
+    sink_a, sink_b = Sink(), Sink()
+    await hub.follow(a, sink_a)
+    await hub.follow(b, sink_b)
+    await run_turn(store, lock, a, "ga", deltas=1)
+    await run_turn(store, lock, b, "gb", deltas=2)
+    await wait_until(lambda: len(sink_a.events) >= 5 and len(sink_b.events) >= 6, what="both")
+    await settle()
+    assert all(orjson.loads(e.frame)["thread_id"] == "ta" for e in sink_a.events)
+    assert all(orjson.loads(e.frame)["thread_id"] == "tb" for e in sink_b.events)
+    assert sink_a.numbers == [1, 2, 3, 4, 5] and sink_b.numbers == [1, 2, 3, 4, 5, 6]
+
+
+async def test_control_frames_go_to_every_sink(
+    hub: FanoutHub, store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    a, b = Sink(), Sink()
+    await hub.follow(thread, a)
+    await hub.follow(thread, b)
+    await redis.publish(keys.live(thread), '{"control":"cancel","generation_id":"g"}')
+    await wait_until(lambda: a.controls and b.controls, what="control frames")
+    assert a.controls == b.controls == [{"control": "cancel", "generation_id": "g"}]
+    assert a.events == []
+
+
+async def test_frames_of_unknown_shape_are_dropped(
+    hub: FanoutHub, store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    sink = Sink()
+    await hub.follow(thread, sink)
+    await redis.publish(keys.live(thread), '{"something":"else"}')
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(sink.events) >= 4, what="the turn after the junk")
+    assert sink.numbers == [1, 2, 3, 4] and sink.controls == []
+
+
+# --- gaps and duplicates ---------------------------------------------------------------------
+
+
+async def test_gap_is_filled_from_the_log(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    sink = Sink()
+    await hub.follow(thread, sink)
+    lease = await lock.acquire(thread)
+    assert lease is not None
+    message = Message(
+        id="", role="user", content="q", user_id=USER, created_at=1, status="complete"
+    )
+    await store.begin(
+        thread, lease, message, Loading(thread_id=thread, generation_id="g", model="f"), "pod"
+    )
+    await store.append_delta(
+        thread, lease, Delta(thread_id=thread, generation_id="g", seq=0, text="a")
+    )
+    await wait_until(lambda: len(sink.events) >= 3, what="events 1..3")
+    assert sink.numbers == [1, 2, 3]
+
+    fourth = await write_unpublished(redis, thread, "lost")
+    fifth = await write_unpublished(redis, thread, "seen")
+    assert (fourth.n, fifth.n) == (4, 5)
+    await redis.publish(keys.live(thread), fifth.frame)
+    await wait_until(lambda: len(sink.events) >= 5, what="the gap filled")
+    # The late original and a repeat of 5 change nothing.
+    await redis.publish(keys.live(thread), fourth.frame)
+    await redis.publish(keys.live(thread), fifth.frame)
+    await settle()
+    assert sink.numbers == [1, 2, 3, 4, 5]
+    assert [e.frame for e in sink.events[3:]] == [fourth.frame, fifth.frame]
+    assert sink.controls == []
+
+
+async def test_duplicate_frames_are_delivered_once(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    sink = Sink()
+    await hub.follow(thread, sink)
+    await run_turn(store, lock, thread, "g", deltas=1)
+    await wait_until(lambda: len(sink.events) >= 5, what="the turn")
+    for frame in await stored_frames(redis, thread):
+        await redis.publish(keys.live(thread), frame)
+        await redis.publish(keys.live(thread), frame)
+    await settle()
+    assert sink.numbers == [1, 2, 3, 4, 5]
+
+
+async def test_audit_delivers_a_lost_last_event(
+    auditing_hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    sink = Sink()
+    await auditing_hub.follow(thread, sink)
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(sink.events) >= 4, what="the turn")
+    lost = await write_unpublished(redis, thread, "never published")
+    # The hub audits every 0.2 s: well within a second the event arrives.
+    await wait_until(lambda: len(sink.events) >= 5, timeout=1.0, what="the audit")
+    await settle()
+    assert sink.numbers == [1, 2, 3, 4, 5]
+    assert sink.events[-1].frame == lost.frame
+
+
+async def test_event_numbers_going_back_tell_sinks_to_reset(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    sink = Sink()
+    await hub.follow(thread, sink)
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(sink.events) >= 4, what="the turn")
+    last = sink.events[-1]
+    # The thread's data was lost and recreated: numbering restarts at 1, ids go on.
+    newer_id = f"{last.key[0] + 1000}-0"
+    data = '{"type":"delta","thread_id":"t1","generation_id":"x","seq":0,"text":"new life"}'
+    frame = frame_from_entry(newer_id, {"n": "1", "data": data}).frame
+    await redis.publish(keys.live(thread), frame)
+    await wait_until(lambda: sink.controls, what="a reset")
+    assert sink.controls == [{"control": "reset"}]
+    assert sink.numbers == [1, 2, 3, 4]
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+async def test_follow_fails_when_redis_is_unreachable(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fanout, "SUBSCRIBE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(fanout, "RECONNECT_BACKOFF_S", (0.05, 0.05))
+
+    def broken() -> Any:
+        raise ConnectionError("redis is down")
+
+    hub = FanoutHub(broken, redis, Timeline(redis), audit_interval_s=10)
+    await hub.start()
+    try:
+        with pytest.raises(FanoutUnavailable) as info:
+            await hub.follow(keys.thread_id("t"), Sink())
+        assert info.value.retryable is True and info.value.code == "unavailable"
+        assert hub.followed_threads == 0
+        assert hub.connected is False
+    finally:
+        await hub.stop()
+
+
+async def test_gap_at_the_very_start_of_a_thread_is_filled(
+    hub: FanoutHub, redis: Any, thread: ThreadId
+) -> None:
+    """The follower joined a thread without events (no last id yet): the
+    fill reads the log from its beginning."""
+    sink = Sink()
+    await hub.follow(thread, sink)
+    await redis.hset(keys.meta(thread), "last_event_id", "1-0")  # as if 1-0 were stored
+    await redis.hset(keys.meta(thread), "event_n", 0)
+    first = await write_unpublished(redis, thread, "one")
+    second = await write_unpublished(redis, thread, "two")
+    third = await write_unpublished(redis, thread, "three")
+    await redis.publish(keys.live(thread), third.frame)
+    await wait_until(lambda: len(sink.events) >= 3, what="the start filled")
+    await settle()
+    assert [e.frame for e in sink.events] == [first.frame, second.frame, third.frame]

@@ -1,0 +1,101 @@
+"""Reads of committed messages: pages, the whole history, the model's context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.chat import keys
+from app.chat.history import HistoryReader
+from app.protocol import Message
+
+T = keys.thread_id("hist")
+
+
+async def add(redis: Any, entry_id: str, content: str, role: str = "user") -> None:
+    message = Message(
+        id="", role=role, content=content, user_id="u", created_at=1, status="complete"
+    )  # type: ignore[arg-type]
+    flat = message.history_fields()
+    await redis.xadd(keys.history(T), dict(zip(flat[::2], flat[1::2], strict=True)), entry_id)
+
+
+@pytest.fixture
+async def seven(redis: Any) -> list[str]:
+    """Messages m1..m7 with ids 1-0 .. 7-0."""
+    ids = [f"{i}-0" for i in range(1, 8)]
+    for i, entry_id in enumerate(ids, start=1):
+        await add(redis, entry_id, f"m{i}", "user" if i % 2 else "assistant")
+    return ids
+
+
+async def test_page_walks_back_through_the_history(redis: Any, seven: list[str]) -> None:
+    reader = HistoryReader(redis)
+    page, more = await reader.page(T, None, 3)
+    assert [m.content for m in page] == ["m5", "m6", "m7"] and more is True
+    page, more = await reader.page(T, page[0].id, 3)
+    assert [m.content for m in page] == ["m2", "m3", "m4"] and more is True
+    page, more = await reader.page(T, page[0].id, 3)
+    assert [m.content for m in page] == ["m1"] and more is False
+
+
+async def test_page_exactly_filling_the_limit_has_no_more(redis: Any, seven: list[str]) -> None:
+    reader = HistoryReader(redis)
+    page, more = await reader.page(T, None, 7)
+    assert [m.id for m in page] == seven and more is False
+    page, more = await reader.page(T, "4-0", 3)
+    assert [m.id for m in page] == ["1-0", "2-0", "3-0"] and more is False
+
+
+async def test_page_before_is_exclusive_and_messages_are_whole(
+    redis: Any, seven: list[str]
+) -> None:
+    page, more = await HistoryReader(redis).page(T, "3-0", 50)
+    assert [m.id for m in page] == ["1-0", "2-0"] and more is False
+    assert page[0].role == "user" and page[1].role == "assistant"
+    assert page[0].user_id == "u" and page[0].status == "complete"
+
+
+async def test_page_of_an_empty_thread(redis: Any) -> None:
+    assert await HistoryReader(redis).page(T, None, 10) == ([], False)
+
+
+async def test_all_is_oldest_first(redis: Any, seven: list[str]) -> None:
+    assert [m.id for m in await HistoryReader(redis).all(T)] == seven
+
+
+async def test_latest_respects_the_char_budget(redis: Any, seven: list[str]) -> None:
+    reader = HistoryReader(redis)
+    # Each message is 2 chars: 7 fit in 14, 3 in 7.
+    assert [m.content for m in await reader.latest(T, 14)] == [f"m{i}" for i in range(1, 8)]
+    assert [m.content for m in await reader.latest(T, 7)] == ["m5", "m6", "m7"]
+    assert [m.content for m in await reader.latest(T, 6)] == ["m5", "m6", "m7"]
+    assert [m.content for m in await reader.latest(T, 5)] == ["m6", "m7"]
+
+
+async def test_latest_always_includes_the_newest_message(redis: Any) -> None:
+    await add(redis, "1-0", "short")
+    await add(redis, "2-0", "x" * 1000)
+    latest = await HistoryReader(redis).latest(T, 10)
+    assert [m.content for m in latest] == ["x" * 1000]
+
+
+async def test_latest_reads_beyond_one_batch(redis: Any) -> None:
+    for i in range(1, 121):
+        await add(redis, f"{i}-0", "ab")
+    reader = HistoryReader(redis)
+    everything = await reader.latest(T, 10_000)
+    assert [m.id for m in everything] == [f"{i}-0" for i in range(1, 121)]
+    some = await reader.latest(T, 150)
+    assert [m.id for m in some] == [f"{i}-0" for i in range(46, 121)]
+
+
+async def test_latest_of_an_empty_thread(redis: Any) -> None:
+    assert await HistoryReader(redis).latest(T, 100) == []
+
+
+async def test_page_before_the_first_possible_id_is_empty(redis: Any, seven: list[str]) -> None:
+    assert await HistoryReader(redis).page(T, "0-0", 10) == ([], False)
+    page, more = await HistoryReader(redis).page(T, "1-0", 10)
+    assert page == [] and more is False

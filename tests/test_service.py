@@ -1,0 +1,347 @@
+"""ChatService: the protocol's operations end to end on one in-memory Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from app.chat import keys
+from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
+from app.chat.follower import Follower
+from app.chat.keys import ThreadId
+from app.chat.service import ChatService
+from app.chat.timeline import frame_from_entry
+from app.chat.turns import Begun
+from app.llm.fake import expected_reply
+from app.protocol import Delta, Loading, Message
+from tests.conftest import USER, wait_until
+
+MakeService = Callable[..., Awaitable[ChatService]]
+T = keys.thread_id("svc")
+
+
+async def until_done(follower: Follower, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Events from the follower's queue up to and including the next ``done``."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        event = await asyncio.wait_for(follower.queue.get(), deadline - time.monotonic())
+        if follower.claim(event):
+            got.append(orjson.loads(event.frame))
+        if got and got[-1]["type"] == "done":
+            return got
+
+
+async def stored(redis: Any, thread: ThreadId) -> list[tuple[str, dict[str, Any]]]:
+    entries = await redis.xrange(keys.events(thread), "-", "+")
+    return [(i, orjson.loads(f["data"])) for i, f in entries]
+
+
+async def idle(service: ChatService, thread: ThreadId) -> None:
+    async def no_turn() -> bool:
+        return service.manager.running == 0 and await service.turns.record(thread) is None
+
+    await wait_until(no_turn, what="the thread to be idle")
+
+
+# --- prompts ------------------------------------------------------------------------------
+
+
+async def test_a_prompt_runs_a_turn_to_done(make_service: MakeService, redis: Any) -> None:
+    service = await make_service(tokens=12, delay_ms=1)
+    opened = await service.open(T, USER, None, None)
+    assert opened.ready.generating is False and opened.replay == []
+    assert opened.ready.last_event_id is None and opened.ready.epoch
+
+    assert await service.prompt(T, USER, "hello there", "c1") is None
+    events = await until_done(opened.follower)
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["message", "loading"] and kinds[-2:] == ["message", "done"]
+    assert set(kinds[2:-2]) == {"delta"}
+    user, loading, reply, done = events[0], events[1], events[-2], events[-1]
+    assert user["message"]["content"] == "hello there"
+    assert user["message"]["user_id"] == USER and user["message"]["client_msg_id"] == "c1"
+    assert loading["model"] == "fake"
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    assert text == reply["message"]["content"] == expected_reply("hello there", 12)
+    assert done["message_id"] == reply["message"]["id"] and done["status"] == "complete"
+    # What the socket saw is exactly the log.
+    assert [e["id"] for e in events] == [i for i, _ in await stored(redis, T)]
+    await idle(service, T)
+    history, more = await service.history_page(T, None, 10)
+    assert [m.role for m in history] == ["user", "assistant"] and more is False
+    assert await service.threads.of_user(USER) == ["svc"]
+
+
+async def test_the_model_sees_the_conversation(make_service: MakeService) -> None:
+    service = await make_service(tokens=5, delay_ms=0)
+    opened = await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "first", None)
+    await until_done(opened.follower)
+    await idle(service, T)
+    await service.prompt(T, USER, "second", None)
+    events = await until_done(opened.follower)
+    # The fake model answers the last user message.
+    assert events[-2]["message"]["content"] == expected_reply("second", 5)
+
+
+async def test_a_second_prompt_while_running_is_busy(make_service: MakeService, redis: Any) -> None:
+    service = await make_service(tokens=400, delay_ms=5)
+    await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "slow one", None)
+    history_before = await redis.xlen(keys.history(T))
+    with pytest.raises(ThreadBusy) as info:
+        await service.prompt(T, USER, "impatient", None)
+    assert info.value.retryable is True and info.value.code == "thread_busy"
+    assert await redis.xlen(keys.history(T)) == history_before == 1
+
+
+async def test_a_resent_prompt_returns_the_original_message(
+    make_service: MakeService, redis: Any
+) -> None:
+    service = await make_service(tokens=400, delay_ms=5)
+    await service.open(T, USER, None, None)
+    assert await service.prompt(T, USER, "once", "same-id") is None
+    first_id = (await stored(redis, T))[0][0]
+
+    # While its turn still runs: the original, not ThreadBusy.
+    frame = await service.prompt(T, USER, "once", "same-id")
+    assert frame is not None
+    decoded = orjson.loads(frame)
+    assert decoded["id"] == first_id and decoded["message"]["id"] == first_id
+    assert decoded["message"]["content"] == "once"
+    stored_entry = await redis.xrange(keys.events(T), first_id, first_id)
+    assert frame == frame_from_entry(*stored_entry[0]).frame
+    await service.cancel(T, None)
+    await idle(service, T)
+
+    # After the turn, and with different content: still the original, nothing new.
+    length = await redis.xlen(keys.history(T))
+    again = await service.prompt(T, USER, "changed my mind", "same-id")
+    assert again is not None and orjson.loads(again)["message"]["content"] == "once"
+    assert await redis.xlen(keys.history(T)) == length
+    assert await service.turns.record(T) is None
+
+
+async def test_a_resent_prompt_whose_event_was_trimmed_is_rebuilt_from_history(
+    make_service: MakeService, redis: Any
+) -> None:
+    service = await make_service(tokens=3, delay_ms=0)
+    opened = await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "old", "cid")
+    await until_done(opened.follower)
+    await idle(service, T)
+    first_id, first_event = (await stored(redis, T))[0]
+    await redis.xdel(keys.events(T), first_id)  # trimmed from the timeline since
+    frame = await service.prompt(T, USER, "old", "cid")
+    assert frame is not None
+    decoded = orjson.loads(frame)
+    assert decoded["id"] == first_id
+    assert decoded["message"] == first_event["message"]
+    assert decoded["type"] == "message" and decoded["thread_id"] == T
+
+
+async def test_cancel_ends_the_running_turn(make_service: MakeService) -> None:
+    service = await make_service(tokens=400, delay_ms=5)
+    opened = await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "go on", None)
+    record = await service.turns.record(T)
+    assert record is not None
+    assert await service.cancel(T, record.generation_id) == record.generation_id
+    events = await until_done(opened.follower)
+    assert events[-1]["status"] == "cancelled"
+    assert events[-2]["message"]["status"] == "cancelled"
+    await idle(service, T)
+    assert await service.cancel(T, None) is None  # nothing runs any more
+
+
+async def test_a_draining_service_starts_no_turn(make_service: MakeService, redis: Any) -> None:
+    service = await make_service()
+    await service.open(T, USER, None, None)
+    await service.drain()
+    with pytest.raises(Draining):
+        await service.prompt(T, USER, "too late", None)
+    assert await redis.xlen(keys.history(T)) == 0
+
+
+async def test_drain_interrupts_a_running_turn(make_service: MakeService, redis: Any) -> None:
+    service = await make_service(tokens=1000, delay_ms=5, chat_drain_grace_s=0)
+    await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "long answer", None)
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(service.drain(), 5)
+    [(_, last)] = await redis.xrevrange(keys.history(T), count=1)
+    assert last["role"] == "assistant" and last["status"] == "interrupted"
+    assert expected_reply("long answer", 1000).startswith(last["content"])
+    assert await redis.exists(keys.lock(T)) == 0
+
+
+async def test_a_prompt_on_a_dead_pods_turn_closes_it_and_starts_anew(
+    make_service: MakeService, redis: Any
+) -> None:
+    service = await make_service(tokens=6, delay_ms=0)
+    opened = await service.open(T, USER, None, None)
+    # A pod died mid-reply: its turn is open, its lease has run out.
+    lease = await service.lock.acquire(T)
+    assert lease is not None
+    await service.turns.index_add(T)
+    message = Message(
+        id="", role="user", content="q", user_id=USER, created_at=1, status="complete"
+    )
+    begun = await service.turns.begin(
+        T, lease, message, Loading(thread_id=T, generation_id="dead", model="fake"), "gone-pod"
+    )
+    assert isinstance(begun, Begun)
+    for seq, text in enumerate(["half ", "done"]):
+        await service.turns.append_delta(
+            T, lease, Delta(thread_id=T, generation_id="dead", seq=seq, text=text)
+        )
+    await redis.delete(keys.lock(T))
+
+    assert await service.prompt(T, USER, "anyone there?", None) is None
+    closed = await until_done(opened.follower)
+    assert closed[-1]["generation_id"] == "dead" and closed[-1]["status"] == "interrupted"
+    assert closed[-2]["message"]["content"] == "half done"
+    new_turn = await until_done(opened.follower)
+    assert new_turn[0]["message"]["content"] == "anyone there?"
+    assert new_turn[-1]["status"] == "complete"
+    assert new_turn[-2]["message"]["content"] == expected_reply("anyone there?", 6)
+    await idle(service, T)
+    history = await service.history.all(T)
+    assert [(m.role, m.status) for m in history] == [
+        ("user", "complete"),
+        ("assistant", "interrupted"),
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+
+
+async def test_a_prompt_on_a_thread_never_opened_is_refused(
+    make_service: MakeService, redis: Any
+) -> None:
+    service = await make_service()
+    with pytest.raises(NotFound):
+        await service.prompt(keys.thread_id("nowhere"), USER, "hi", None)
+    assert await redis.exists(keys.lock(keys.thread_id("nowhere"))) == 0
+
+
+# --- opening and resuming -------------------------------------------------------------------
+
+
+async def finished_turn(service: ChatService, prompt: str = "q") -> list[dict[str, Any]]:
+    opened = await service.open(T, USER, None, None)
+    await service.prompt(T, USER, prompt, None)
+    events = await until_done(opened.follower)
+    await service.close(opened.follower)
+    await idle(service, T)
+    return events
+
+
+async def test_open_with_after_replays_exactly_what_followed(
+    make_service: MakeService, redis: Any
+) -> None:
+    service = await make_service(tokens=5, delay_ms=0)
+    events = await finished_turn(service)
+    ids = [e["id"] for e in events]
+    opened = await service.open(T, USER, ids[2], None)
+    assert opened.ready.recovered is True
+    assert [e.id for e in opened.replay] == ids[3:]
+    assert [orjson.loads(e.frame) for e in opened.replay] == events[3:]
+    assert opened.ready.last_event_id == ids[-1]
+    assert opened.ready.generating is False and opened.ready.generation_id is None
+    # Live events up to the client's cursor are never sent again; the replay is.
+    [(cursor_id, cursor_fields)] = await redis.xrange(keys.events(T), ids[2], ids[2])
+    assert opened.follower.claim(frame_from_entry(cursor_id, cursor_fields)) is False
+    assert opened.follower.claim(opened.replay[0]) is True
+
+    up_to_date = await service.open(T, USER, ids[-1], opened.ready.epoch)
+    assert up_to_date.ready.recovered is True and up_to_date.replay == []
+
+
+async def test_open_with_a_wrong_epoch_is_not_recovered(
+    make_service: MakeService,
+) -> None:
+    service = await make_service(tokens=3, delay_ms=0)
+    events = await finished_turn(service)
+    opened = await service.open(T, USER, events[1]["id"], "not-the-epoch")
+    assert opened.ready.recovered is False and opened.replay == []
+
+
+async def test_open_with_an_unknown_cursor_is_not_recovered(make_service: MakeService) -> None:
+    service = await make_service(tokens=3, delay_ms=0)
+    events = await finished_turn(service)
+    too_old = await service.open(T, USER, "1-0", None)
+    assert too_old.ready.recovered is False and too_old.replay == []
+    from_the_future = await service.open(T, USER, "99999999999999-0", None)
+    assert from_the_future.ready.recovered is False and from_the_future.replay == []
+    # Not recovered: only events after the current last reach the socket.
+    last = keys.event_id(events[-1]["id"])
+    assert too_old.follower.sent == last
+
+
+async def test_open_mid_turn_replays_from_the_loading_event(make_service: MakeService) -> None:
+    service = await make_service(tokens=100, delay_ms=4)
+    first = await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "stream it", None)
+    record = await service.turns.record(T)
+    assert record is not None
+
+    async def has_deltas() -> bool:
+        return first.follower.queue.qsize() >= 4
+
+    await wait_until(has_deltas, what="some deltas")
+    late = await service.open(T, USER, None, None)
+    assert late.ready.generating is True
+    assert late.ready.generation_id == record.generation_id
+    assert late.replay[0].id == record.start_id
+    replayed = [orjson.loads(e.frame) for e in late.replay]
+    assert replayed[0]["type"] == "loading"
+    assert {e["type"] for e in replayed[1:]} == {"delta"}
+    # The late socket then goes on live, without a gap or repeat.
+    for event in late.replay:
+        assert late.follower.claim(event)
+    rest = await until_done(late.follower)
+    seen = replayed + rest
+    all_events = await until_done(first.follower)
+    assert [e["id"] for e in seen] == [e["id"] for e in all_events[1:]]
+
+
+async def test_resume(make_service: MakeService) -> None:
+    service = await make_service(tokens=3, delay_ms=0)
+    events = await finished_turn(service)
+    epoch = (await service.open(T, USER, None, None)).ready.epoch
+    resumed = await service.resume(T, events[0]["id"], epoch)
+    assert resumed.replay is not None
+    assert [e.id for e in resumed.replay] == [e["id"] for e in events[1:]]
+    assert (await service.resume(T, events[0]["id"], "other-epoch")).replay is None
+    assert (await service.resume(T, "1-0", None)).replay is None
+    assert (await service.resume(T, events[-1]["id"], None)).replay == []
+
+
+async def test_close_unfollows(make_service: MakeService, redis: Any) -> None:
+    service = await make_service()
+    opened = await service.open(T, USER, None, None)
+    assert service.hub.followed_threads == 1
+    await service.close(opened.follower)
+    assert service.hub.followed_threads == 0
+
+
+async def test_with_auth_only_members_open_and_prompt(
+    make_service: MakeService, redis: Any
+) -> None:
+    service = await make_service(chat_auth="jwt", chat_auth_secret="x" * 32)
+    assert service.settings.auth_enabled is True
+    owner = await service.open(T, USER, None, None)
+    stranger = keys.user_id("mallory")
+    with pytest.raises(Forbidden):
+        await service.open(T, stranger, None, None)
+    with pytest.raises(Forbidden):
+        await service.prompt(T, stranger, "let me in", None)
+    assert await redis.xlen(keys.history(T)) == 0
+    assert service.hub.followed_threads == 1  # only the owner's follower
+    await service.close(owner.follower)
