@@ -99,7 +99,9 @@ async def _open(
             await ws.send_text(encode(event))
         await ws.close(CLOSE_TRY_AGAIN if exc.retryable else CLOSE_POLICY, reason=str(exc)[:120])
     except (FanoutUnavailable, RedisError, OSError) as exc:
-        log.warning("cannot open thread %s: %s", thread, exc)
+        log.warning(
+            "cannot open thread %s: %s", thread, exc, extra={"thread_id": thread, "user_id": user}
+        )
         await ws.close(CLOSE_TRY_AGAIN, reason="storage unavailable, retry")
     return None
 
@@ -216,12 +218,18 @@ class ThreadSession:
             )  # fmt: skip
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("socket").inc()
-            log.warning("storage error on thread %s: %s", self.thread, exc)
+            log.warning(
+                "storage error on thread %s: %s", self.thread, exc,
+                extra={"thread_id": self.thread, "user_id": self.user},
+            )  # fmt: skip
             await self._error("unavailable", "storage is unavailable; retry", retryable=True)
         except (WebSocketDisconnect, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("unexpected error on thread %s", self.thread)
+            log.exception(
+                "unexpected error on thread %s", self.thread,
+                extra={"thread_id": self.thread, "user_id": self.user},
+            )  # fmt: skip
             await self._error("internal", "internal error", retryable=True)
 
     async def _error(

@@ -67,12 +67,18 @@ class Reaper:
                 if record is None:
                     await service.turns.index_remove(thread)
                     continue
-                log.info("closing turn %s left open by pod %s", record.generation_id, record.pod)
+                log.info(
+                    "closing turn %s left open by pod %s", record.generation_id, record.pod,
+                    extra={"thread_id": thread, "generation_id": record.generation_id},
+                )  # fmt: skip
                 await service.turns.close_orphan(thread, lease, record)
                 metrics.TURNS_REAPED.inc()
                 closed += 1
             except (LockLost, RedisError) as exc:
-                log.warning("could not close the turn of thread %s: %s", thread, exc)
+                log.warning(
+                    "could not close the turn of thread %s: %s", thread, exc,
+                    extra={"thread_id": thread},
+                )  # fmt: skip
             finally:
                 await service.lock.release(thread, lease)
         return closed

@@ -87,6 +87,8 @@ class TurnRunner:
         self._inflight: Delta | None = None
         self._seq = 0
         self.status: MessageStatus | None = None
+        # JSON log lines carry these as fields (app.logs).
+        self.log_context = {"thread_id": ctx.thread, "generation_id": ctx.generation_id}
 
     # --- signals from outside (any of them ends the turn early) -------------
 
@@ -118,6 +120,7 @@ class TurnRunner:
             log.warning(
                 "turn %s on thread %s lost its lock; a newer grant owns the thread",
                 self.ctx.generation_id, self.ctx.thread,
+                extra=self.log_context,
             )  # fmt: skip
         finally:
             for task in (producer, renewer):
@@ -140,7 +143,7 @@ class TurnRunner:
         except LLMError as exc:
             self._inbox.put_nowait(exc)
         except Exception:
-            log.exception("model %s failed unexpectedly", self._model.name)
+            log.exception("model %s failed unexpectedly", self._model.name, extra=self.log_context)
             self._inbox.put_nowait(LLMError("the model failed unexpectedly"))
 
     async def _consume(self) -> tuple[MessageStatus, str | None]:
@@ -180,7 +183,9 @@ class TurnRunner:
         try:
             return await self._flush()
         except RedisError as exc:
-            log.warning("delta not published yet (%s); keeping it buffered", exc)
+            log.warning(
+                "delta not published yet (%s); keeping it buffered", exc, extra=self.log_context
+            )
             return False
 
     async def _flush(self) -> bool:
@@ -223,8 +228,15 @@ class TurnRunner:
             usage=dict(ctx.usage) or None,
         )  # fmt: skip
         if error:
-            log.warning("turn %s ended with a model error: %s", ctx.generation_id, error)
+            log.warning(
+                "turn %s ended with a model error: %s", ctx.generation_id, error,
+                extra=self.log_context,
+            )  # fmt: skip
         await self._store.end(ctx.thread, ctx.lease, assistant, done)
+        log.info(
+            "turn %s ended %s after %d deltas", ctx.generation_id, status, self._seq,
+            extra=self.log_context,
+        )  # fmt: skip
         metrics.TURNS_FINISHED.labels(status).inc()
         for kind in ("input_tokens", "output_tokens"):
             metrics.LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(ctx.usage.get(kind, 0))
@@ -242,7 +254,10 @@ class TurnRunner:
             except RedisError as exc:
                 metrics.REDIS_ERRORS.labels("turn").inc()
                 if time.monotonic() > deadline:
-                    log.error("turn %s left to the reaper: %s", self.ctx.generation_id, exc)
+                    log.error(
+                        "turn %s left to the reaper: %s", self.ctx.generation_id, exc,
+                        extra=self.log_context,
+                    )  # fmt: skip
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -256,12 +271,15 @@ class TurnRunner:
                 if not await self._lock.renew(self.ctx.thread, self.ctx.lease):
                     # Not fatal by itself: the fencing number decides. If no
                     # one took the thread over, our writes still go through.
-                    log.warning("turn %s: lease expired before renewal", self.ctx.generation_id)
+                    log.warning(
+                        "turn %s: lease expired before renewal", self.ctx.generation_id,
+                        extra=self.log_context,
+                    )  # fmt: skip
                 record = await self._store.record(self.ctx.thread)
                 if record is not None and record.cancel_requested:
                     self.stop("cancelled")
             except RedisError as exc:
-                log.warning("lease renewal failed: %s", exc)
+                log.warning("lease renewal failed: %s", exc, extra=self.log_context)
 
 
 class TurnManager:
@@ -294,6 +312,7 @@ class TurnManager:
         )
         task = asyncio.create_task(self._run(runner), name=f"turn-{ctx.generation_id}")
         metrics.TURNS_STARTED.inc()
+        log.info("turn %s started", ctx.generation_id, extra=runner.log_context)
         self._running[task] = runner
         task.add_done_callback(self._running.pop)
         return runner
@@ -303,11 +322,14 @@ class TurnManager:
         try:
             await self._hub.follow(thread, runner)
         except Exception as exc:  # cancel still reaches us through the turn record
-            log.warning("turn %s runs without live cancel: %s", runner.ctx.generation_id, exc)
+            log.warning(
+                "turn %s runs without live cancel: %s", runner.ctx.generation_id, exc,
+                extra=runner.log_context,
+            )  # fmt: skip
         try:
             await runner.run()
         except Exception:
-            log.exception("turn %s failed", runner.ctx.generation_id)
+            log.exception("turn %s failed", runner.ctx.generation_id, extra=runner.log_context)
         finally:
             await self._hub.unfollow(thread, runner)
 

@@ -55,6 +55,8 @@ async def test_json_logs_carry_the_pod_and_never_the_token(redis_server, pod_fac
     pod = pod_factory(redis_server, CHAT_LOG_FORMAT="json")
     ws = await connect(pod.ws, "logs1", "?token=sekret-value-123")
     await recv_event(ws)
+    await send(ws, {"type": "prompt", "content": "log me"})
+    generation = (await collect_until(ws))[-1]["generation_id"]
     await ws.close()
     async with httpx.AsyncClient() as http:
         await http.get(f"{pod.http}/list?token=sekret-value-123", timeout=5)
@@ -62,3 +64,7 @@ async def test_json_logs_carry_the_pod_and_never_the_token(redis_server, pod_fac
     assert lines and all(line["pod"] == "pod0" for line in lines)
     assert any("/list?token=[redacted]" in line["msg"] for line in lines)
     assert "sekret-value-123" not in pod.logs()
+    turn_lines = [line for line in lines if line.get("generation_id") == generation]
+    assert [line["msg"].split()[-1] for line in turn_lines[:1]] == ["started"]
+    assert any("ended complete" in line["msg"] for line in turn_lines)
+    assert all(line["thread_id"] == "logs1" for line in turn_lines)
