@@ -17,11 +17,13 @@ import fakeredis
 import pytest
 
 from app.chat import keys
+from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId, UserId
 from app.chat.lock import TurnLock
 from app.chat.scripts import Scripts
 from app.chat.service import ChatService
 from app.chat.threads import Threads
+from app.chat.timeline import Timeline
 from app.chat.turns import TurnStore
 from app.llm.fake import FakeModel
 from app.settings import Settings
@@ -171,3 +173,22 @@ class Listener:
                 return self.messages
             if message["type"] == "message":
                 self.messages.append(message["data"])
+
+
+@pytest.fixture
+async def hub_factory(redis: Any) -> AsyncIterator[Callable[[float], Awaitable[FanoutHub]]]:
+    """Started fan-out hubs on the test's fakeredis, stopped in teardown:
+    ``await hub_factory(audit_interval_s)``."""
+    hubs: list[FanoutHub] = []
+
+    async def make(audit_interval_s: float) -> FanoutHub:
+        hub = FanoutHub(redis.pubsub, redis, Timeline(redis), audit_interval_s=audit_interval_s)
+        await hub.start()
+        hubs.append(hub)
+        return hub
+
+    try:
+        yield make
+    finally:
+        for hub in hubs:
+            await hub.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -38,25 +37,17 @@ class Sink:
 
 
 @pytest.fixture
-async def hub(redis: Any) -> AsyncIterator[FanoutHub]:
+async def hub(hub_factory: Any) -> FanoutHub:
     """A hub whose audit never runs during a test: only frames (and their
     gap fills) deliver events."""
-    hub = FanoutHub(redis.pubsub, redis, Timeline(redis), audit_interval_s=60)
-    await hub.start()
-    try:
-        yield hub
-    finally:
-        await hub.stop()
+    made: FanoutHub = await hub_factory(60)
+    return made
 
 
 @pytest.fixture
-async def auditing_hub(redis: Any) -> AsyncIterator[FanoutHub]:
-    hub = FanoutHub(redis.pubsub, redis, Timeline(redis), audit_interval_s=0.2)
-    await hub.start()
-    try:
-        yield hub
-    finally:
-        await hub.stop()
+async def auditing_hub(hub_factory: Any) -> FanoutHub:
+    made: FanoutHub = await hub_factory(0.2)
+    return made
 
 
 async def numsub(redis: Any, thread: ThreadId) -> int:

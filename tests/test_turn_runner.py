@@ -15,7 +15,6 @@ from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
 from app.chat.scripts import Scripts
-from app.chat.timeline import Timeline
 from app.chat.turns import Begun, TurnStore
 from app.llm import LLMError
 from app.llm.fake import FakeModel, expected_reply, reply_tokens
@@ -54,13 +53,9 @@ class ScriptedModel:
 
 
 @pytest.fixture
-async def hub(redis: Any) -> AsyncIterator[FanoutHub]:
-    hub = FanoutHub(redis.pubsub, redis, Timeline(redis), audit_interval_s=60)
-    await hub.start()
-    try:
-        yield hub
-    finally:
-        await hub.stop()
+async def hub(hub_factory: Any) -> FanoutHub:
+    made: FanoutHub = await hub_factory(60)
+    return made
 
 
 async def begin_turn(
