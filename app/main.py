@@ -18,7 +18,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app import metrics, rest, ws
+from app import metrics, rest, seed, ws
 from app.auth import Authenticator, AuthError
 from app.chat.service import ChatService
 from app.llm import make_model
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = authenticator
     app.state.origins = origins
     app.include_router(ws.router)
+    app.include_router(seed.router)
     rest.install(app, origins)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -1,4 +1,4 @@
-"""The WebSocket edge: protocol v1 and the seed demo's text protocol.
+"""The WebSocket edge of protocol v1 (the seed demo's protocol is app.seed).
 
 This is the one place where frames become domain calls and where errors
 become ``error`` events or close codes. A socket holds no domain state: its
@@ -14,7 +14,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -56,7 +55,7 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_TIMEOUT_S = 1.0
 
 
-async def _admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, UserId] | None:
+async def admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, UserId] | None:
     """Validate the thread id and the caller before any Redis key is built;
     on refusal the socket is closed and None returned."""
     service: ChatService = ws.app.state.chat
@@ -78,7 +77,7 @@ async def _admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId,
     return service, thread, user
 
 
-async def _open(
+async def open_thread(
     ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
     after: str | None, epoch: str | None,
 ) -> Any:  # fmt: skip
@@ -108,7 +107,7 @@ async def _open(
 
 @router.websocket("/v1/threads/{thread_id}/ws")
 async def thread_socket(ws: WebSocket, thread_id: str) -> None:
-    admitted = await _admit(ws, thread_id)
+    admitted = await admit(ws, thread_id)
     if admitted is None:
         return
     service, thread, user = admitted
@@ -120,7 +119,7 @@ async def thread_socket(ws: WebSocket, thread_id: str) -> None:
         except keys.InvalidId as exc:
             await ws.close(CLOSE_POLICY, reason=f"after: {exc}")
             return
-    opened = await _open(ws, service, thread, user, after, epoch)
+    opened = await open_thread(ws, service, thread, user, after, epoch)
     if opened is None:
         return
     session = ThreadSession(ws, service, thread, user, opened.follower)
@@ -169,7 +168,7 @@ class ThreadSession:
     async def run(self, ready: str, replay: list[TimelineEvent]) -> None:
         """Serve the socket: ``ready``, the catch-up, then live events, until
         the client leaves or the follower must be closed."""
-        await _supervise(
+        await supervise(
             self.ws, self.follower, self._read_forever(), self._write_forever(ready, replay)
         )
 
@@ -286,7 +285,7 @@ class ThreadSession:
     }
 
 
-async def _supervise(
+async def supervise(
     ws: WebSocket, follower: Follower, reader: Awaitable[None], writer: Awaitable[None]
 ) -> None:
     """Run a socket's reader and writer until either ends, or until its
@@ -329,79 +328,3 @@ def _abort_connection(ws: WebSocket) -> None:
     transport = getattr(protocol, "transport", None)
     if transport is not None and hasattr(transport, "abort"):
         transport.abort()
-
-
-# --- the seed demo's protocol ------------------------------------------------
-
-SEED_GET_HISTORY = "(GET_HISTORY)"
-SEED_LOADING = "[LOADING]"
-SEED_DONE = "[DONE]"
-
-
-@router.websocket("/websocket")
-async def seed_socket(ws: WebSocket) -> None:
-    """The original Durable Objects demo's text protocol, on the same threads."""
-    admitted = await _admit(ws, ws.query_params.get("threadID", ""))
-    if admitted is None:
-        return
-    service, thread, user = admitted
-    opened = await _open(ws, service, thread, user, None, None)
-    if opened is None:
-        return
-    follower: Follower = opened.follower
-
-    async def read_forever() -> None:
-        with contextlib.suppress(WebSocketDisconnect):
-            while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                text = message.get("text")
-                if text:
-                    await _seed_handle(ws, service, thread, user, text)
-
-    try:
-        await _supervise(ws, follower, read_forever(), _seed_writer(ws, follower, opened.replay))
-    finally:
-        await service.close(follower)
-
-
-async def _seed_handle(
-    ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId, text: str
-) -> None:
-    try:
-        if text.startswith(SEED_GET_HISTORY):
-            messages = await service.history.all(thread)
-            history = [{"role": m.role, "content": m.content} for m in messages]
-            await ws.send_text(orjson.dumps(history).decode())
-        elif len(text) > service.settings.chat_max_prompt_chars:
-            await ws.send_text("[ERROR] too_large: prompt too long")
-        else:
-            await service.prompt(thread, user, text, None)
-    except ChatError as exc:
-        await ws.send_text(f"[ERROR] {exc.code}: {exc}")
-    except (RedisError, OSError):
-        await ws.send_text("[ERROR] unavailable: storage is unavailable; retry")
-
-
-async def _seed_writer(ws: WebSocket, follower: Follower, replay: list[TimelineEvent]) -> None:
-    """Turn timeline events into the seed's text frames."""
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-        for event in replay:
-            if follower.claim(event):
-                await _seed_send(ws, event)
-        while True:
-            live = await follower.queue.get()
-            if follower.claim(live):
-                await _seed_send(ws, live)
-
-
-async def _seed_send(ws: WebSocket, event: TimelineEvent) -> None:
-    data = orjson.loads(event.frame)
-    kind = data["type"]
-    if kind == "loading":
-        await ws.send_text(SEED_LOADING)
-    elif kind == "delta":
-        await ws.send_text(data["text"])
-    elif kind == "done":
-        await ws.send_text(SEED_DONE)
