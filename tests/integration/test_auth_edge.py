@@ -1,0 +1,90 @@
+"""JWT (HS256) at the socket edge of a real pod: no token, a forged token, a
+valid one by query or header, and a valid user who is not a member."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import jwt
+import websockets
+
+from app.llm.fake import expected_reply
+from tests.integration.contract_helpers import REFUSED, refusal, unique
+from tests.integration.helpers import collect_until, recv_event, send
+
+# s3cret, long enough for HS256 (the pod refuses secrets under 32 bytes).
+SECRET = "s3cret" * 8
+AUTH = {"CHAT_AUTH": "jwt", "CHAT_AUTH_SECRET": SECRET}
+
+
+def _token(sub: str | None, key: str = SECRET, algorithm: str = "HS256", **claims) -> str:
+    body = {"sub": sub, "exp": int(time.time()) + 300} | claims
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
+
+
+async def _connect(url: str, **kwargs):
+    ws = await websockets.connect(url, open_timeout=10, max_queue=None, **kwargs)
+    ready = await recv_event(ws)
+    assert ready["type"] == "ready", ready
+    return ws, ready
+
+
+async def test_tokens_at_the_socket_edge(redis_server, pod_factory):
+    pod = pod_factory(redis_server, **AUTH, CHAT_FAKE_REPLY_TOKENS=5, CHAT_FAKE_TOKEN_DELAY_MS=1)
+    thread = unique("auth")
+    url = f"{pod.ws}/v1/threads/{thread}/ws"
+    alice, bob = _token("alice"), _token("bob")
+    now = int(time.time())
+    refused_tokens = {
+        "none": None,
+        "other secret": _token("alice", key="another-secret-" + "y" * 40),
+        "expired": _token("alice", exp=now - 3600),
+        "no exp": _token("alice", exp=None),
+        "no sub": _token(None),
+        "alg none": jwt.encode({"sub": "alice", "exp": now + 300}, None, algorithm="none"),
+        "garbage": "not.a.token",
+    }
+    for what, token in refused_tokens.items():
+        query = f"?token={token}" if token else ""
+        assert await refusal(url + query) in REFUSED, what
+        if token:
+            header = {"Authorization": f"Bearer {token}"}
+            assert await refusal(url, additional_headers=header) in REFUSED, what
+    assert await refusal(f"{pod.ws}/websocket?threadID={thread}") in REFUSED
+    # None of it created the thread.
+    assert not [k for k in redis_server.client().keys("*") if thread in k]
+
+    # alice by query parameter creates the thread and runs a turn.
+    ws, ready = await _connect(f"{url}?token={alice}")
+    try:
+        assert ready["thread_id"] == thread
+        await send(ws, {"type": "prompt", "content": "alice was here"})
+        events = await collect_until(ws)
+    finally:
+        await ws.close()
+    assert events[0]["message"]["user_id"] == "alice"
+    assert events[-2]["message"]["content"] == expected_reply("alice was here", 5)
+
+    # alice by Authorization header, on the same thread.
+    ws, ready = await _connect(url, additional_headers={"Authorization": f"Bearer {alice}"})
+    await ws.close()
+    assert ready["last_event_id"] == events[-1]["id"]
+
+    # bob holds a valid token but is no member of alice's thread.
+    assert await refusal(f"{url}?token={bob}") == 1008
+    assert await refusal(url, additional_headers={"Authorization": f"Bearer {bob}"}) == 1008
+    assert await refusal(f"{pod.ws}/websocket?threadID={thread}&token={bob}") == 1008
+    db = redis_server.client()
+    assert db.smembers(f"chat:{{{thread}}}:members") == {"alice"}
+    assert db.xlen(f"chat:{{{thread}}}:history") == 2
+
+    # bob's own thread is his; lists show each user only their threads.
+    ws, _ = await _connect(f"{pod.ws}/v1/threads/{thread}_bob/ws?token={bob}")
+    await ws.close()
+    async with httpx.AsyncClient(base_url=pod.http, timeout=10) as http:
+        assert (await http.get("/list")).status_code == 401
+        mine = await http.get("/list", headers={"Authorization": f"Bearer {alice}"})
+        theirs = await http.get("/list", params={"token": bob})
+    assert mine.json() == [thread]
+    assert theirs.json() == [f"{thread}_bob"]

@@ -1,0 +1,86 @@
+"""The Redis key layout of app/chat/keys.py, as an operator sees it in
+redis-cli after real turns on a real pod: only documented keys, of the
+documented types, and no lock or turn left once the thread is free."""
+
+from __future__ import annotations
+
+import re
+
+from tests.integration.contract_helpers import open_ready, turn, unique
+
+# Every key name the documented layout allows (app/chat/keys.py, DESIGN.md).
+_THREAD = r"chat:\{(?P<thread>[A-Za-z0-9_-]{1,64})\}:"
+_USER = r"chat:user:\{(?P<user>[A-Za-z0-9_.@:|+=-]{1,128})\}:"
+DOCUMENTED = re.compile(
+    rf"{_THREAD}(history|events|lock|fence|meta|members|dedup|turn)"
+    rf"|{_USER}(threads|owned|sockets|rate:prompts)"
+    r"|chat:turns|chat:reaper:leader"
+)
+TYPES = {
+    "history": "stream",
+    "events": "stream",
+    "fence": "string",
+    "meta": "hash",
+    "members": "set",
+    "dedup": "hash",
+}
+
+
+async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_factory):
+    pod = pod_factory(redis_server, CHAT_FAKE_REPLY_TOKENS=4, CHAT_FAKE_TOKEN_DELAY_MS=1)
+    thread = unique("layout")
+    ws, ready = await open_ready(pod.ws, thread)
+    try:
+        first = await turn(ws, "plain prompt")
+        second = await turn(ws, "idempotent prompt", client_msg_id="cm-1")
+    finally:
+        await ws.close()
+    db = redis_server.client()
+    found = set(db.keys("*"))
+
+    undocumented = sorted(k for k in found if not DOCUMENTED.fullmatch(k))
+    assert undocumented == [], undocumented
+    for key in found:
+        match = DOCUMENTED.fullmatch(key)
+        assert match is not None
+        if match.group("thread") is not None:
+            assert match.group("thread") == thread, key  # no other thread exists
+        if match.group("user") is not None:
+            assert match.group("user") == "anonymous", key  # auth off
+
+    t = f"chat:{{{thread}}}:"
+    required = {t + suffix for suffix in TYPES} | {"chat:user:{anonymous}:threads"}
+    assert required <= found, sorted(required - found)
+    # With auth off nothing else: no quota or socket counters for ``anonymous``.
+    assert found - required <= {"chat:reaper:leader", "chat:turns"}, sorted(found - required)
+    for suffix, kind in TYPES.items():
+        assert db.type(t + suffix) == kind, suffix
+
+    # The thread is free: no lock, no running-turn record, not in the reaper's index.
+    assert t + "lock" not in found and t + "turn" not in found
+    assert "chat:turns" not in found or db.zscore("chat:turns", thread) is None
+
+    history = db.xrange(t + "history")
+    assert [f["role"] for _, f in history] == ["user", "assistant"] * 2
+    assert [i for i, _ in history] == [
+        first[0]["id"], first[-1]["message_id"], second[0]["id"], second[-1]["message_id"],
+    ]  # fmt: skip
+    assert history[2][1]["client_msg_id"] == "cm-1"
+
+    meta = db.hgetall(t + "meta")
+    assert {"epoch", "last_event_id", "event_n", "message_count"} <= meta.keys(), meta
+    assert meta["epoch"] == ready["epoch"]
+    assert meta["last_event_id"] == second[-1]["id"]
+    assert int(meta["event_n"]) == second[-1]["n"]
+    assert int(meta["message_count"]) == 4
+
+    events = db.xrange(t + "events")
+    seen = [e for e in first + second if "id" in e]
+    assert [i for i, _ in events] == [e["id"] for e in seen]
+    assert [e["n"] for e in seen] == list(range(seen[0]["n"], seen[0]["n"] + len(seen)))
+
+    assert int(db.get(t + "fence")) >= 2  # one grant per turn
+    assert db.smembers(t + "members") == {"anonymous"}
+    assert db.zscore("chat:user:{anonymous}:threads", thread) is not None
+    assert db.hgetall(t + "dedup") == {"cm-1": second[0]["id"]}
+    assert 0 < db.ttl(t + "dedup") <= 86400  # expires (CHAT_DEDUP_TTL_S)

@@ -1,0 +1,64 @@
+"""How a pod starts: the embedded default serves a whole turn on its own, and
+a pod on a real Redis without an auth secret refuses to start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from app.llm.fake import expected_reply
+from tests.integration.contract_helpers import open_ready, turn, unique
+
+
+async def test_embedded_default_serves_a_full_turn(pod_factory):
+    pod = pod_factory(None, CHAT_FAKE_REPLY_TOKENS=6, CHAT_FAKE_TOKEN_DELAY_MS=1)
+    assert "REDIS_URL" not in pod.env
+    thread = unique("embedded")
+    prompt = "no redis server needed"
+    ws, ready = await open_ready(pod.ws, thread)
+    try:
+        events = await turn(ws, prompt)
+        assert [e["type"] for e in events][:2] == ["message", "loading"]
+        assert events[-2]["message"]["content"] == expected_reply(prompt, 6)
+        assert events[-1]["status"] == "complete"
+    finally:
+        await ws.close()
+    # A second socket sees the same thread: the embedded store lives in the pod.
+    ws, again = await open_ready(pod.ws, thread)
+    await ws.close()
+    assert again["epoch"] == ready["epoch"] and again["last_event_id"] == events[-1]["id"]
+    assert "EMBEDDED" in pod.logs()
+
+
+def _serve(env_overrides: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "REDIS_", "ANTHROPIC_"))
+    }
+    env.update(env_overrides)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return result, time.monotonic() - started
+
+
+def test_real_redis_without_an_auth_secret_refuses_to_start(redis_server):
+    result, took = _serve({"REDIS_URL": redis_server.url, "CHAT_LLM": "fake"})
+    assert result.returncode != 0, result
+    assert "CHAT_AUTH_SECRET" in result.stderr, result.stderr
+    assert took < 20
+    # It never served: nothing was written to the Redis it was pointed at.
+    assert redis_server.client().keys("*") == []
+
+
+def test_a_too_short_auth_secret_refuses_to_start(redis_server):
+    secret = "s3cret"
+    result, _ = _serve(
+        {"REDIS_URL": redis_server.url, "CHAT_AUTH": "jwt", "CHAT_AUTH_SECRET": secret}
+    )
+    assert result.returncode != 0, result
+    assert "secret" in result.stderr and "32" in result.stderr, result.stderr
+    assert secret not in result.stdout + result.stderr  # secrets are never printed
