@@ -78,6 +78,7 @@ class ChatClient:
         self._connected = asyncio.Event()
         self._unconfirmed: dict[str, dict[str, Any]] = {}
         self._backlog: list[dict[str, Any]] = []
+        self._joined = False  # a ``ready`` was seen
         self._closed = False
 
     async def __aenter__(self) -> ChatClient:
@@ -198,8 +199,19 @@ class ChatClient:
             self.last_event_id = event["id"]
         if event["type"] == "ready":
             self.epoch = event["epoch"]
-            if event.get("recovered") is False:
+            if self._joined and self.last_event_id is None and event.get("last_event_id"):
+                # Back after a drop without having seen any event (we joined
+                # a thread that had none): there is no id to resume after, so
+                # what happened meanwhile cannot be had. Say so, never skip it.
+                event["recovered"] = False
+            self._joined = True
+            if event.get("recovered") is False or (
+                self.last_event_id is None and not event.get("generating")
+            ):
                 # Resume impossible (data trimmed or lost): restart from now.
+                # Or a first join of an idle thread: no replay follows, every
+                # later event reaches us, so a reconnect resumes from here
+                # (without ``after`` it would silently skip what it missed).
                 self.last_event_id = event.get("last_event_id")
         elif event["type"] == "message":
             self._unconfirmed.pop(event["message"].get("client_msg_id") or "", None)

@@ -323,8 +323,21 @@ async def _close_for_resume(ws: WebSocket, reason: str) -> None:
 def _abort_connection(ws: WebSocket) -> None:
     """Drop the TCP connection at once. ASGI has no call for it, so this
     reaches the server protocol behind the socket's send (uvicorn's); on a
-    server without one the connection ends when the handler returns."""
-    protocol = getattr(ws._send, "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
+    server without one the connection ends when the handler returns.
+
+    Starlette hands the route a wrapper of uvicorn's bound ``send`` (its
+    exception handling), so the protocol is looked for in the wrappers'
+    closures too, a few levels deep."""
+    pending: list[Any] = [ws._send]
+    for _ in range(16):
+        if not pending:
+            return
+        send = pending.pop(0)
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            transport.abort()
+            return
+        for cell in getattr(send, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    pending.append(cell.cell_contents)

@@ -1,0 +1,133 @@
+"""Guarantee 5 across pods: a prompt repeated with the same ``client_msg_id``
+(say, after a reconnect to another pod) appends nothing and starts no second
+turn; the sender gets the original ``message`` event again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from typing import Any
+
+import orjson
+import pytest
+
+from app.client import ChatClient
+from tests.integration.conftest import wait_until
+from tests.integration.contract_helpers import open_ready, unique
+from tests.integration.failure_helpers import (
+    assert_idle,
+    assert_matches_log,
+    assert_turns_well_formed,
+    event_log,
+    expect_quiet,
+    history,
+    until_deltas,
+    until_done,
+)
+from tests.integration.helpers import recv_event
+
+pytestmark = pytest.mark.integration
+
+
+def _users(redis_server: Any, thread: str) -> list[dict[str, str]]:
+    return [m for m in history(redis_server, thread) if m["role"] == "user"]
+
+
+async def test_a_repeated_prompt_on_another_pod_returns_the_original(redis_server, pod_factory):
+    env = {"CHAT_FAKE_TOKEN_DELAY_MS": 10, "CHAT_FAKE_REPLY_TOKENS": 60}
+    pod_a, pod_b = pod_factory(redis_server, **env), pod_factory(redis_server, **env)
+    thread = unique("idem")
+    a, _ = await open_ready(pod_a.ws, thread)
+    b, _ = await open_ready(pod_b.ws, thread)
+    try:
+        frame = orjson.dumps({"type": "prompt", "content": "once", "client_msg_id": "X-1"})
+        await a.send(frame.decode())
+        # Repeated on pod B while the turn still runs: the original message,
+        # not thread_busy, and no second turn.
+        seen_b = await until_deltas(b, 1)
+        original = seen_b[0]
+        assert original["type"] == "message" and original["message"]["client_msg_id"] == "X-1"
+        await b.send(frame.decode())
+        seen_b += await until_done(b)
+        repeats = [e for e in seen_b if e.get("id") == original["id"]]
+        assert repeats == [original, original], "expected the original message once more"
+        seen_a = await until_done(a)
+        # Repeated on pod B after the turn: the original again, then nothing.
+        await b.send(frame.decode())
+        assert await recv_event(b) == original
+        await expect_quiet(b)
+        # And on pod A, where it was first sent.
+        await a.send(frame.decode())
+        assert await recv_event(a) == original
+        await expect_quiet(a)
+    finally:
+        await a.close()
+        await b.close()
+    assert_matches_log(seen_a, redis_server, thread)
+    users = _users(redis_server, thread)
+    assert [(u["id"], u["client_msg_id"]) for u in users] == [(original["id"], "X-1")]
+    assert sum(e["type"] == "loading" for e in event_log(redis_server, thread)) == 1
+    assert assert_turns_well_formed(redis_server, thread) == 1
+
+
+def _settled(
+    redis_server: Any, thread: str, received: list[dict[str, Any]], client: ChatClient
+) -> bool:
+    """The turn is over, the lock gone, and the client, reconnected, has the
+    thread's last event (its ``done``)."""
+    db = redis_server.client()
+    log = db.xrevrange(f"chat:{{{thread}}}:events", count=1)
+    idle = not db.exists(f"chat:{{{thread}}}:lock")
+    seen_last = bool(log) and any(e.get("id") == log[0][0] for e in received)
+    done_last = bool(log) and '"type":"done"' in log[0][1]["data"]
+    return idle and seen_last and done_last and client.reconnects >= 1
+
+
+async def test_a_client_cut_off_while_prompting_gets_its_prompt_appended_once(
+    redis_server, pod_factory
+):
+    """The client library re-sends an unconfirmed prompt after reconnecting
+    to the next pod. Whether the first copy reached pod A or not, and whether
+    A's turn had committed when B saw the copy, the thread gets it once."""
+    env = {"CHAT_FAKE_TOKEN_DELAY_MS": 1, "CHAT_FAKE_REPLY_TOKENS": 20}
+    pod_a, pod_b = pod_factory(redis_server, **env), pod_factory(redis_server, **env)
+    for round_, delay in enumerate((0, 0.001, 0.003, 0.01, 0.03)):
+        thread = unique(f"cut{round_}")
+        # A thread with a past (the client joins it idle, after its last event).
+        primer, _ = await open_ready(pod_b.ws, thread)
+        await primer.send('{"type":"prompt","content":"earlier"}')
+        await until_done(primer)
+        await primer.close()
+        client = ChatClient([pod_a.ws, pod_b.ws], thread)
+        await client.connect()
+        received: list[dict[str, Any]] = []
+
+        async def consume(client: ChatClient = client, into: list = received) -> None:
+            async for event in client.events():
+                into.append(event)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            cmid = await client.prompt(f"round {round_}")
+            await asyncio.sleep(delay)
+            client._ws.transport.abort()  # the network drops, mid-prompt or just after
+            settled = functools.partial(_settled, redis_server, thread, received, client)
+            await asyncio.to_thread(wait_until, settled, 10, what=f"round {round_} to settle")
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await client.close()
+        assert client.reconnects >= 1
+        users = _users(redis_server, thread)
+        assert [u.get("client_msg_id") for u in users] == [None, cmid], f"round {round_}"
+        mine = [
+            e
+            for e in received
+            if e["type"] == "message" and e["message"].get("client_msg_id") == cmid
+        ]
+        assert len(mine) == 1, f"round {round_}: the client saw its message {len(mine)} times"
+        assert_matches_log(received, redis_server, thread)
+        assert assert_turns_well_formed(redis_server, thread) == 2
+        assert_idle(redis_server, thread)

@@ -1,0 +1,172 @@
+"""A seeded random workout of three pods that are killed (-9) and drained
+(SIGTERM) and restarted while a dozen ChatClients prompt, cancel, lose their
+connections and resume on other pods.
+
+Afterwards, for every client: the timeline events it received have strictly
+increasing ids, no duplicate, and are exactly the Redis event log from its
+first received event on (no gap); it was never told ``recovered: false``
+(nothing was trimmed or lost). For every thread: every turn in the log is
+whole (one assistant message per ``loading``, whose content is its deltas'
+text, then ``done`` with the same status), the history holds exactly those
+messages, no client_msg_id was appended twice, and no lock is left.
+
+The random choices come from a fixed seed (the same workout each run);
+which turns a kill or a drain catches still depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from app.client import ChatClient
+from tests.integration.conftest import Pod, wait_until
+from tests.integration.contract_helpers import open_ready, unique
+from tests.integration.failure_helpers import (
+    assert_idle,
+    assert_matches_log,
+    assert_turns_well_formed,
+    history,
+    until_done,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+SEED = 4242
+PODS, THREADS, CLIENTS, STEPS = 3, 6, 12, 160
+ENV = {
+    "CHAT_FAKE_TOKEN_DELAY_MS": 10,
+    "CHAT_FAKE_REPLY_TOKENS": 40,  # about half a second a turn
+    "CHAT_LOCK_TTL_MS": 2000,
+    "CHAT_REAPER_INTERVAL_MS": 500,
+    "CHAT_DRAIN_GRACE_S": 0.15,  # some drained turns finish, some are interrupted
+}
+ACTIONS = {"prompt": 6, "cancel": 1, "cut": 2, "wait": 2, "kill": 0.35, "term": 0.35}
+
+
+async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory):
+    rng = random.Random(SEED)
+    pods: list[Pod] = [pod_factory(redis_server, **ENV) for _ in range(PODS)]
+    urls = [pod.ws for pod in pods]
+    threads = [unique(f"chaos{i}") for i in range(THREADS)]
+    clients: list[ChatClient] = []
+    received: list[list[dict[str, Any]]] = []
+    consumers: list[asyncio.Task[None]] = []
+    bounce: asyncio.Task[None] | None = None
+    done_ops: Counter[str] = Counter()
+
+    async def consume(client: ChatClient, sink: list[dict[str, Any]]) -> None:
+        async for event in client.events():
+            sink.append(event)
+
+    async def bounce_pod(pod: Pod, how: str, downtime: float) -> None:
+        """Kill or drain one pod, leave it down a while, start it again."""
+        if how == "kill":
+            await asyncio.to_thread(pod.kill)
+        else:
+            assert await asyncio.to_thread(pod.terminate) == 0, pod.logs()[-2000:]
+        done_ops[how] += 1
+        await asyncio.sleep(downtime)
+        await asyncio.to_thread(pod.start)
+
+    # Every thread has a past before the clients join: a client that joins a
+    # thread with no event at all has no id to resume after, and if its
+    # first connection drops before it sees one it can only be told
+    # ``recovered: false`` (see test_resume); here that would be a failure.
+    async def prime(thread: str) -> None:
+        primer, _ = await open_ready(urls[0], thread)
+        await primer.send('{"type":"prompt","content":"hello"}')
+        await until_done(primer)
+        await primer.close()
+
+    await asyncio.gather(*(prime(thread) for thread in threads))
+    for i in range(CLIENTS):
+        first = rng.randrange(PODS)
+        client = ChatClient(urls[first:] + urls[:first], threads[i % THREADS])
+        await client.connect()
+        clients.append(client)
+        received.append([])
+        consumers.append(asyncio.create_task(consume(client, received[-1])))
+    db = redis_server.client()
+    try:
+        # Both kinds of pod failure happen at least once, at seeded steps.
+        forced = {
+            rng.randrange(10, STEPS // 2): "kill",
+            rng.randrange(STEPS // 2, STEPS - 20): "term",
+        }
+        for step in range(STEPS):
+            for task in consumers:
+                if task.done():
+                    task.result()  # a client gave up: fail with its error
+            client = rng.choice(clients)
+            action = forced.get(step) or rng.choices(list(ACTIONS), list(ACTIONS.values()))[0]
+            if action == "prompt":
+                await asyncio.wait_for(client.prompt(f"say {rng.randrange(10_000)}"), 10)
+            elif action == "cancel":
+                await asyncio.wait_for(client.cancel(), 10)
+            elif action == "cut" and client._ws is not None:
+                client._ws.transport.abort()  # the client resumes on its next pod
+            elif action in ("kill", "term"):
+                if bounce is not None and not bounce.done():
+                    if step not in forced:
+                        continue  # one pod down at a time
+                    await bounce
+                # Preferably a pod that runs a turn right now.
+                busy = {db.hget(f"chat:{{{t}}}:turn", "pod") for t in threads} - {None}
+                targets = [p for p in pods if p.env["CHAT_POD_ID"] in busy] or pods
+                pod = rng.choice(targets)
+                bounce = asyncio.create_task(bounce_pod(pod, action, rng.uniform(0.2, 1.0)))
+            await asyncio.sleep(rng.choice([0.01, 0.03, 0.05, 0.08]))
+        if bounce is not None:
+            await bounce
+        assert done_ops["kill"] >= 1 and done_ops["term"] >= 1, done_ops
+
+        def all_idle() -> bool:
+            return not any(db.exists(f"chat:{{{t}}}:lock", f"chat:{{{t}}}:turn") for t in threads)
+
+        # A killed turn takes the lock TTL plus a reaper interval to close.
+        await asyncio.to_thread(wait_until, all_idle, 20, 0.05, "every turn to end")
+
+        def caught_up() -> bool:
+            for client, events in zip(clients, received, strict=True):
+                tail = db.xrevrange(f"chat:{{{client.thread_id}}}:events", count=1)
+                if tail and not any(e.get("id") == tail[0][0] for e in events[-50:]):
+                    return False
+            return True
+
+        await asyncio.to_thread(wait_until, caught_up, 20, 0.05, "clients to catch up")
+    finally:
+        if bounce is not None and not bounce.done():
+            with contextlib.suppress(Exception):
+                await bounce
+        for client in clients:
+            await client.close()
+        for task in consumers:
+            task.cancel()
+        results = await asyncio.gather(*consumers, return_exceptions=True)
+    failures = [r for r in results if not isinstance(r, asyncio.CancelledError | type(None))]
+    assert not failures, failures
+
+    reconnects = sum(c.reconnects for c in clients)
+    assert reconnects > 0, "the workout cut no connection"
+    for client, events in zip(clients, received, strict=True):
+        refused = [e for e in events if e["type"] == "ready" and e.get("recovered") is False]
+        assert not refused, f"a client of {client.thread_id} could not resume: {refused}"
+        if any("id" in e for e in events):
+            assert_matches_log(events, redis_server, client.thread_id)
+    statuses: Counter[str] = Counter()
+    turns = 0
+    for thread in threads:
+        turns += assert_turns_well_formed(redis_server, thread)
+        assert_idle(redis_server, thread)
+        stored = history(redis_server, thread)
+        ids = [m["client_msg_id"] for m in stored if m.get("client_msg_id")]
+        assert len(ids) == len(set(ids)), f"a prompt was appended twice in {thread}"
+        statuses.update(m["status"] for m in stored if m["role"] == "assistant")
+    print(f"turns {turns}, statuses {dict(statuses)}, reconnects {reconnects}, ops {done_ops}")
+    assert turns >= THREADS, "the workout ran too few turns"
