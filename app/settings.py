@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     chat_llm_timeout_s: float = Field(default=120.0, gt=0)
     chat_fake_reply_tokens: int = Field(default=40, ge=1, le=100000)
     chat_fake_token_delay_ms: float = Field(default=20.0, ge=0)
+    # Benchmarks: each fake token carries its emission time (app.llm.fake).
+    chat_fake_stamp: bool = False
 
     # Authentication (app.auth). Secrets and keys come from the environment or
     # from files (mounted Kubernetes Secrets); they are never logged or printed.

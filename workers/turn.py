@@ -148,24 +148,28 @@ class TurnRunner:
 
     async def _consume(self) -> tuple[MessageStatus, str | None]:
         """Coalesce the model's pieces into deltas until the turn ends."""
-        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # when the buffered text must go out (loop time)
         while True:
-            try:
-                if deadline is None:
-                    item = await self._inbox.get()
-                else:
-                    timeout = max(0.0, deadline - time.monotonic())
-                    item = await asyncio.wait_for(self._inbox.get(), timeout)
-            except TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
                 deadline = None
                 if await self._try_flush():
                     return "cancelled", None
                 continue
+            if not self._inbox.empty():
+                item = self._inbox.get_nowait()
+            else:
+                try:
+                    # asyncio.timeout, not wait_for: no task per token.
+                    async with asyncio.timeout_at(deadline):
+                        item = await self._inbox.get()
+                except TimeoutError:
+                    continue  # the window closed: flushed at the top
             if isinstance(item, str):
                 self._pending.append(item)
                 self._pending_bytes += len(item)
                 if deadline is None:
-                    deadline = time.monotonic() + self._window_s
+                    deadline = loop.time() + self._window_s
                 if self._pending_bytes >= self._max_bytes or self._window_s == 0:
                     deadline = None
                     if await self._try_flush():

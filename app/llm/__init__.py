@@ -15,4 +15,6 @@ def make_model(settings: Settings) -> ChatModel:
         from app.llm.anthropic import AnthropicModel
 
         return AnthropicModel(settings)
-    return FakeModel(settings.chat_fake_reply_tokens, settings.chat_fake_token_delay_ms)
+    return FakeModel(
+        settings.chat_fake_reply_tokens, settings.chat_fake_token_delay_ms, settings.chat_fake_stamp
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from app.protocol import Message
@@ -33,11 +34,17 @@ def reply_tokens(prompt: str, tokens: int) -> list[str]:
 
 
 class FakeModel:
-    """Streams ``reply_tokens`` of the last user message, one per ``delay_ms``."""
+    """Streams ``reply_tokens`` of the last user message, one per ``delay_ms``.
 
-    def __init__(self, tokens: int, delay_ms: float) -> None:
+    With ``stamp`` (CHAT_FAKE_STAMP, for benchmarks) each piece is followed by
+    its emission time, ``[t=<unix seconds, 6 decimals>]``, so a client can
+    measure emit-to-receive latency; the reply then differs from expected_reply.
+    """
+
+    def __init__(self, tokens: int, delay_ms: float, stamp: bool = False) -> None:
         self._tokens = tokens
         self._delay_s = delay_ms / 1000
+        self._stamp = stamp
 
     @property
     def name(self) -> str:
@@ -52,7 +59,7 @@ class FakeModel:
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)
             usage["output_tokens"] = i + 1
-            yield piece
+            yield f"{piece}[t={time.time():.6f}]" if self._stamp else piece
 
     async def aclose(self) -> None:
         return None

@@ -1,0 +1,146 @@
+"""The workload every peer serves: the same turns as a durable-chat pod.
+
+A turn publishes, to everyone in the thread's room, the frames a durable-chat
+turn publishes, with the same shapes and sizes: the user's ``message``,
+``loading``, the reply's ``delta`` frames, the assistant's ``message`` and
+``done``. The reply is the fake model's (same words, same count, same pace,
+the same ``[t=<emission time>]`` stamp after each token, taken when the token
+is emitted), coalesced by the same rule as durable-chat's turn runner: a
+delta goes out when the buffered text reaches CHAT_DELTA_MAX_BYTES or its
+oldest token is CHAT_DELTA_WINDOW_MS old. Each publish is awaited before the
+next, as durable-chat awaits each commit.
+
+What a peer does not do is everything durable-chat does besides fan-out: no
+lock, no fencing, no history or timeline Stream, no event numbers, no resume.
+
+The configuration is read from the same variables as a pod's, so one
+dictionary configures both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+# The fake model's words (app.llm.fake), so the text and its size are the same.
+_WORDS = (
+    "durable", "chat", "streams", "every", "token", "to", "each", "tab", "on", "any",
+    "pod", "and", "keeps", "the", "thread", "history", "safe", "in", "redis", "always",
+)  # fmt: skip
+
+Frame = dict[str, Any]
+Publish = Callable[[str, Frame], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    tokens: int
+    delay_s: float
+    window_s: float
+    max_bytes: int
+
+    @classmethod
+    def from_env(cls) -> TurnConfig:
+        env = os.environ
+        return cls(
+            tokens=int(env.get("CHAT_FAKE_REPLY_TOKENS", "40")),
+            delay_s=float(env.get("CHAT_FAKE_TOKEN_DELAY_MS", "20")) / 1000,
+            window_s=float(env.get("CHAT_DELTA_WINDOW_MS", "25")) / 1000,
+            max_bytes=int(env.get("CHAT_DELTA_MAX_BYTES", "2048")),
+        )
+
+
+def reply_tokens(prompt: str, tokens: int) -> list[str]:
+    """The fake model's pieces for ``prompt`` (as app.llm.fake.reply_tokens)."""
+    seed = hashlib.sha256(prompt.encode()).digest()
+    words = [_WORDS[seed[i % len(seed)] % len(_WORDS)] for i in range(tokens)]
+    return [words[0].capitalize()] + [" " + w for w in words[1:]]
+
+
+async def _produce(prompt: str, config: TurnConfig, out: asyncio.Queue[str | None]) -> None:
+    for piece in reply_tokens(prompt, config.tokens):
+        if config.delay_s:
+            await asyncio.sleep(config.delay_s)
+        out.put_nowait(f"{piece}[t={time.time():.6f}]")
+    out.put_nowait(None)
+
+
+async def run_turn(thread: str, prompt: str, publish: Publish, config: TurnConfig) -> None:
+    """Stream one fake reply to the room ``thread`` through ``publish``."""
+    generation_id = secrets.token_hex(8)
+    now_ms = int(time.time() * 1000)
+    user = {"role": "user", "content": prompt, "user_id": "anonymous"}
+    await publish(thread, _message(thread, user, now_ms))
+    await publish(
+        thread,
+        {"type": "loading", "thread_id": thread, "generation_id": generation_id, "model": "fake"},
+    )
+    inbox: asyncio.Queue[str | None] = asyncio.Queue()
+    producer = asyncio.create_task(_produce(prompt, config, inbox))
+    pending: list[str] = []
+    pending_bytes = 0
+    published: list[str] = []
+    seq = 0
+
+    async def flush() -> None:
+        nonlocal pending, pending_bytes, seq
+        if not pending:
+            return
+        text = "".join(pending)
+        pending, pending_bytes = [], 0
+        await publish(
+            thread,
+            {"type": "delta", "thread_id": thread, "generation_id": generation_id, "seq": seq,
+             "text": text},
+        )  # fmt: skip
+        published.append(text)
+        seq += 1
+
+    # The same coalescing loop as durable-chat's turn runner (workers/turn.py).
+    loop = asyncio.get_running_loop()
+    deadline: float | None = None
+    try:
+        while True:
+            if deadline is not None and loop.time() >= deadline:
+                deadline = None
+                await flush()
+                continue
+            if not inbox.empty():
+                item = inbox.get_nowait()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await inbox.get()
+                except TimeoutError:
+                    continue
+            if item is None:
+                break
+            pending.append(item)
+            pending_bytes += len(item)
+            if deadline is None:
+                deadline = loop.time() + config.window_s
+            if pending_bytes >= config.max_bytes or config.window_s == 0:
+                deadline = None
+                await flush()
+        await flush()
+    finally:
+        producer.cancel()
+    assistant = {"role": "assistant", "content": "".join(published), "user_id": "assistant"}
+    await publish(thread, _message(thread, assistant, int(time.time() * 1000)))
+    await publish(
+        thread,
+        {"type": "done", "thread_id": thread, "generation_id": generation_id,
+         "status": "complete", "usage": {"input_tokens": 1, "output_tokens": config.tokens},
+         "message_id": f"{now_ms}-1"},
+    )  # fmt: skip
+
+
+def _message(thread: str, body: dict[str, Any], created_at: int) -> Frame:
+    message = {"id": f"{created_at}-0", **body, "created_at": created_at, "status": "complete"}
+    return {"type": "message", "thread_id": thread, "message": message}

@@ -1,0 +1,479 @@
+"""Turn one run's raw measurements into bench/results/latest.{json,md,png}.
+
+Every derived figure is computed here, from the load generator's counts and
+/proc readings, so latest.json (raw and derived) and latest.md always agree.
+Ratios compare durable-chat with baselines measured in the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+NAMES = {
+    "durable": "durable-chat",
+    "socketio": "python-socketio + AsyncRedisManager",
+    "broadcaster": "broadcaster (Redis) + Starlette",
+    "bare": "bare uvicorn WS, no Redis (limit)",
+}
+PEERS = ("socketio", "broadcaster")
+
+# Targets from the issue: (key, text).
+TARGETS = (
+    ("peer_ratio", "Deliveries per second at least 3x the best peer's"),
+    ("p99", "p99 emit-to-receive under 10 ms with 2,000 listeners on 2 pods"),
+    ("redis_limit", "At least 40% of the raw redis-py pub/sub limit"),
+    ("round_trips", "At most one Redis round trip per delta batch"),
+    ("idle_kb", "Idle socket under 40 KB"),
+)
+
+
+# --- derived figures -----------------------------------------------------------
+
+
+def fanout_figures(r: dict[str, Any]) -> dict[str, Any]:
+    """Rates, latency and CPU per 1,000 deliveries of one fanout measurement."""
+    if "failed" in r:
+        return {"failed": r["failed"]}
+    frames = r["counts"]["frames"]
+    cpu = sum(r["server_cpu_s"].values())
+    lat = r["latency"]
+    per = 1000 / frames if frames else 0.0
+    return {
+        "frames_per_s": r["rates"]["frames_per_s"],
+        "deltas_per_s": r["rates"]["deltas_per_s"],
+        "tokens_per_s": r["rates"]["tokens_per_s"],
+        "turns_per_s": r["rates"]["turns_per_s"],
+        "frames_per_turn_per_socket": frames / max(r["counts"]["turns"], 1) / r["listeners"],
+        "p50_ms": lat.get("p50_ms"), "p90_ms": lat.get("p90_ms"), "p99_ms": lat.get("p99_ms"),
+        "p999_ms": lat.get("p999_ms"), "max_ms": lat.get("max_ms"),
+        "latency_samples": lat.get("count", 0),
+        "server_cpu_s": cpu, "server_cores": cpu / r["elapsed_s"],
+        "server_cpu_s_per_1000": cpu * per,
+        "redis_cpu_s_per_1000": r["redis_cpu_s"] * per,
+        "loadgen_cores": r["loadgen_cpu_s"] / r["elapsed_s"],
+        "sockets": r["sockets"], "errors": r.get("errors", {}),
+    }  # fmt: skip
+
+
+def script_names() -> dict[str, str]:
+    """SHA1 -> name of durable-chat's Lua scripts (as EVALSHA names them)."""
+    try:
+        from app.chat import scripts
+    except ImportError:
+        return {}
+    return {
+        hashlib.sha1(value.encode()).hexdigest(): name.lower()
+        for name, value in vars(scripts).items()
+        if name.isupper() and isinstance(value, str) and "redis.call" in value
+    }
+
+
+def cost_figures(r: dict[str, Any], shas: dict[str, str]) -> dict[str, Any]:
+    """Redis commands and round trips per turn and per delta (one cost run)."""
+    if "failed" in r:
+        return {"failed": r["failed"]}
+    counts = r["counts"]
+    turns, elapsed = max(counts["turns"], 1), r["elapsed_s"]
+    monitor: dict[str, int] = r.get("monitor") or {}
+    client: dict[str, int] = {}
+    lua = 0
+    for key, n in monitor.items():
+        source, _, command = key.partition(":")
+        if source == "lua":
+            lua += n
+            continue
+        if command.startswith("EVALSHA:"):
+            command = "EVALSHA " + shas.get(command[8:], command[8:16])
+        client[command] = client.get(command, 0) + n
+    deltas_published = client.get("EVALSHA append_delta", 0)
+    round_trips = sum(client.values())
+    stats_calls = sum(v for k, v in r["commandstats"].items() if k != "config|resetstat")
+    return {
+        "pods": r.get("pods"), "listeners": r["listeners"], "threads": r["threads"],
+        "turns": counts["turns"], "deltas_published": deltas_published,
+        "deltas_per_turn": deltas_published / turns,
+        "round_trips_per_turn": round_trips / turns,
+        "round_trips_per_delta_batch": (
+            client.get("EVALSHA append_delta", 0) / deltas_published if deltas_published else None
+        ),
+        "lua_internal_per_turn": lua / turns,
+        "commandstats_calls_per_turn": stats_calls / turns,
+        "redis_cpu_ms_per_turn": 1000 * r["redis_cpu_s"] / turns,
+        "frames_per_s": counts["frames"] / elapsed,
+        "client_commands_per_turn": {
+            k: round(v / turns, 3) for k, v in sorted(client.items(), key=lambda kv: -kv[1])
+        },
+    }  # fmt: skip
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "fanout" in results:
+        out["fanout"] = {s: fanout_figures(r) for s, r in results["fanout"].items()}
+    if "latency" in results:
+        out["latency"] = {
+            w: {s: fanout_figures(r) for s, r in by.items()} for w, by in results["latency"].items()
+        }
+    if "cost" in results:
+        shas = script_names()
+        out["cost"] = [cost_figures(r, shas) for r in results["cost"]]
+    if "idle" in results:
+        out["idle"] = {}
+        for s, r in results["idle"].items():
+            if "failed" in r:
+                out["idle"][s] = r
+                continue
+            kb, cpu = r["rss_per_socket_kb"], r["idle_cpu_fraction"]
+            out["idle"][s] = {
+                **{k: r[k] for k in ("sockets", "held", "connect_per_s", "idle_cpu_fraction")},
+                "rss_per_socket_kb": kb,
+                # One core, 8 GiB for sockets, idle sockets using at most half the core.
+                "sockets_per_8gib": int(8 * 1024 * 1024 / kb) if kb else None,
+                "sockets_at_half_core": int(0.5 * r["held"] / cpu) if cpu > 0 else None,
+            }
+    out["targets"] = targets(results, out)
+    return out
+
+
+def _best_peer(fan: dict[str, Any]) -> tuple[str | None, float]:
+    best, rate = None, 0.0
+    for s in PEERS:
+        f = fan.get(s, {})
+        if f.get("tokens_per_s", 0) > rate:
+            best, rate = s, f["tokens_per_s"]
+    return best, rate
+
+
+def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
+    t: dict[str, Any] = {}
+    fan = d.get("fanout", {})
+    ours = fan.get("durable", {})
+    peer, rate = _best_peer(fan)
+    if peer and ours.get("tokens_per_s"):
+        ratio = ours["tokens_per_s"] / rate
+        frames_ratio = ours["frames_per_s"] / fan[peer]["frames_per_s"]
+        t["peer_ratio"] = {
+            "measured": f"{ratio:.2f}x {NAMES[peer]} in tokens/s ({frames_ratio:.2f}x in frames/s)",
+            "met": ratio >= 3,
+        }
+    lat = d.get("latency", {})
+    if lat:
+        window = min(lat, key=lambda w: float(w.removeprefix("window_").removesuffix("ms")))
+        f = lat[window].get("durable", {})
+        if f.get("p99_ms") is not None:
+            cfg = results["config"]
+            listeners = cfg["latency_threads"] * cfg["latency_listeners"]
+            t["p99"] = {
+                "measured": f"{f['p99_ms']:.1f} ms ({listeners} listeners, {window})",
+                "met": f["p99_ms"] < 10 and listeners >= 2000,
+            }
+    limit = results.get("limits", {}).get("per_listener", {}).get("deliveries_per_s")
+    if limit and ours.get("frames_per_s"):
+        share = ours["frames_per_s"] / limit
+        t["redis_limit"] = {
+            "measured": f"{100 * share:.0f}% ({ours['frames_per_s']:,.0f} / {limit:,.0f} "
+            "deliveries/s)",
+            "met": share >= 0.4,
+        }
+    costs = [c for c in d.get("cost", []) if c.get("round_trips_per_delta_batch") is not None]
+    if costs:
+        worst = max(c["round_trips_per_delta_batch"] for c in costs)
+        t["round_trips"] = {"measured": f"{worst:.2f} per delta batch", "met": worst <= 1.0}
+    idle = d.get("idle", {}).get("durable", {})
+    if idle.get("rss_per_socket_kb"):
+        kb = idle["rss_per_socket_kb"]
+        # "40 KB" read as 40 KiB, the unit RSS is reported in.
+        t["idle_kb"] = {"measured": f"{kb:.1f} KiB", "met": kb < 40}
+    return t
+
+
+# --- markdown -------------------------------------------------------------------
+
+
+def _n(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def markdown(results: dict[str, Any], d: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# durable-chat benchmark results",
+        "",
+        f"Run {m['date']} on {m['cpus']} CPUs ({m['platform']}), Python {m['python']}, "
+        f"Redis {m.get('redis', '?')}; {'quick' if results['quick'] else 'full'} run, "
+        f"{results.get('wall_s', 0):.0f} s. Command: `python -m bench.run"
+        f"{' --quick' if results['quick'] else ''}`. Everything (Redis, servers, load "
+        "generator) shares this one machine; see bench/README.md for what each figure means.",
+        "",
+    ]
+    if "fanout" in d:
+        lines += _fanout_md(results, d)
+    if "latency" in d:
+        lines += _latency_md(results, d)
+    if "idle" in d:
+        lines += _idle_md(results, d)
+    if "cost" in d:
+        lines += _cost_md(d)
+    lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    for key, text in TARGETS:
+        t = d["targets"].get(key)
+        if t is None:
+            lines.append(f"| {text} | not measured in this run | - |")
+        else:
+            lines.append(f"| {text} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _fanout_md(results: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
+    fan = d["fanout"]
+    ours = fan.get("durable", {})
+    lines = [
+        "## Fan-out at full model speed",
+        "",
+        f"{cfg['threads']} threads x {cfg['listeners']} listeners "
+        f"({cfg['threads'] * cfg['listeners']} sockets, half on each of 2 server processes), "
+        f"every thread running turns back to back; fake model at full speed, "
+        f"{cfg['reply_tokens']} stamped tokens a reply, coalesced by 25 ms / 2048 B. "
+        f"Measured for {cfg['duration_s']:g} s after {cfg['warmup_s']:g} s of warm-up. "
+        "A delivery is one frame received by one client. Latency is emit-to-receive "
+        "per token under saturation (it includes queueing; see the paced run below). "
+        "Ratio columns: durable-chat's figure over this row's.",
+        "",
+        "| system | deliveries/s | ratio | deltas/s | tokens/s | ratio | turns/s "
+        "| p50 ms | p99 ms | p99.9 ms | server CPU s / 1000 deliveries | ratio (this / ours) "
+        "| server cores busy | load-gen cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
+    ]
+    for s, f in fan.items():
+        if "failed" in f:
+            lines.append(f"| {NAMES[s]} | failed: {f['failed'][:120]!r} |" + " |" * 12)
+            continue
+        lines.append(
+            f"| {NAMES[s]} | {_n(f['frames_per_s'])} "
+            f"| {_ratio(ours.get('frames_per_s'), f['frames_per_s'])} "
+            f"| {_n(f['deltas_per_s'])} | {_n(f['tokens_per_s'])} "
+            f"| {_ratio(ours.get('tokens_per_s'), f['tokens_per_s'])} | {_n(f['turns_per_s'], 1)} "
+            f"| {_n(f['p50_ms'], 1)} | {_n(f['p99_ms'], 1)} | {_n(f['p999_ms'], 1)} "
+            f"| {_n(f['server_cpu_s_per_1000'], 3)} "
+            f"| {_ratio(f['server_cpu_s_per_1000'], ours.get('server_cpu_s_per_1000'))} "
+            f"| {_n(f['server_cores'], 2)} | {_n(f['loadgen_cores'], 2)} |"
+        )  # fmt: skip
+    limits = results.get("limits", {})
+    if limits:
+        lines += [
+            "",
+            "Physical limits of the path, same run (deliveries/s; ratio: durable-chat's over the "
+            "limit):",
+            "",
+            "| limit | deliveries/s | durable-chat / limit | subscriber CPU s / 1000 |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for shape, text in (
+            ("per_listener", "raw redis-py pub/sub, one subscriber connection per listener "
+             f"({cfg['threads'] * cfg['listeners']} connections in 2 processes)"),
+            ("hub", "raw redis-py pub/sub, one connection per process subscribed to every "
+             "thread (a pod's intake; each message is one delivery)"),
+        ):  # fmt: skip
+            r = limits.get(shape, {})
+            if "deliveries_per_s" in r:
+                lines.append(
+                    f"| {text} | {_n(r['deliveries_per_s'])} "
+                    f"| {_ratio(ours.get('frames_per_s'), r['deliveries_per_s'])} "
+                    f"| {_n(r['cpu_s_per_1000'], 3)} |"
+                )
+        bare = fan.get("bare", {})
+        if bare.get("frames_per_s"):
+            lines.append(
+                f"| bare uvicorn WebSocket broadcast, no Redis | {_n(bare['frames_per_s'])} "
+                f"| {_ratio(ours.get('frames_per_s'), bare['frames_per_s'])} "
+                f"| {_n(bare['server_cpu_s_per_1000'], 3)} |"
+            )
+    return [*lines, ""]
+
+
+def _latency_md(results: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
+    listeners = cfg["latency_threads"] * cfg["latency_listeners"]
+    offered = cfg["latency_active"] * 1000 / cfg["token_delay_ms"]
+    lines = [
+        "## Latency at a paced load",
+        "",
+        f"{listeners} listeners ({cfg['latency_threads']} threads x {cfg['latency_listeners']}, "
+        f"half on each of 2 server processes); {cfg['latency_active']} threads streaming at any "
+        f"time at one token per {cfg['token_delay_ms']:g} ms ({cfg['latency_tokens']} tokens a "
+        f"reply): about {offered:,.0f} tokens/s emitted, {offered * cfg['latency_listeners']:,.0f} "
+        "token deliveries/s. Emit-to-receive per token, from the stamp the model put in it to "
+        "the client's read. The window is the delta coalescing window (a token waits in it, by "
+        "design, up to that long).",
+        "",
+        "| window | system | tokens/s delivered | deliveries/s | p50 ms | p90 ms | p99 ms "
+        "| p99.9 ms | max ms | p99 ratio (this / ours) | server cores busy |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for window, by in d["latency"].items():
+        ours = by.get("durable", {})
+        for s, f in by.items():
+            if "failed" in f:
+                lines.append(f"| {window} | {NAMES[s]} | failed |" + " |" * 8)
+                continue
+            lines.append(
+                f"| {window.removeprefix('window_')} | {NAMES[s]} | {_n(f['tokens_per_s'])} "
+                f"| {_n(f['frames_per_s'])} | {_n(f['p50_ms'], 1)} | {_n(f['p90_ms'], 1)} "
+                f"| {_n(f['p99_ms'], 1)} | {_n(f['p999_ms'], 1)} | {_n(f['max_ms'], 1)} "
+                f"| {_ratio(f['p99_ms'], ours.get('p99_ms'))} | {_n(f['server_cores'], 2)} |"
+            )
+    return [*lines, ""]
+
+
+def _idle_md(results: dict[str, Any], d: dict[str, Any]) -> list[str]:
+    ours = d["idle"].get("durable", {})
+    lines = [
+        "## Idle connections on one server process (one core)",
+        "",
+        "Sockets opened with 100 handshakes in flight, each on its own thread (durable-chat "
+        "creates the thread and subscribes the pod to it); RSS growth of the server process "
+        "over the sockets held, then its CPU use over 5 s of idleness. 'Sockets per 8 GiB' and "
+        "'at half a core' extrapolate from these.",
+        "",
+        "| system | sockets held | RSS KiB / socket | ratio (ours / this) | connects/s "
+        "| ratio (ours / this) | idle CPU % of a core | sockets per 8 GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s, f in d["idle"].items():
+        if "failed" in f:
+            lines.append(f"| {NAMES[s]} | failed |" + " |" * 6)
+            continue
+        lines.append(
+            f"| {NAMES[s]} | {_n(f['held'])} | {_n(f['rss_per_socket_kb'], 1)} "
+            f"| {_ratio(ours.get('rss_per_socket_kb'), f['rss_per_socket_kb'])} "
+            f"| {_n(f['connect_per_s'])} | {_ratio(ours.get('connect_per_s'), f['connect_per_s'])} "
+            f"| {_n(100 * f['idle_cpu_fraction'], 1)} | {_n(f['sockets_per_8gib'])} |"
+        )
+    return [*lines, ""]
+
+
+def _cost_md(d: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Redis cost per turn and per delta (durable-chat)",
+        "",
+        "Every command Redis ran during the window, from MONITOR: a command sent by a pod is one "
+        "round trip (a Lua script call is one, whatever it does inside); commands run inside "
+        "scripts are counted apart. Includes the pods' background work (reaper lease, fan-out "
+        "audit), spread over the turns.",
+        "",
+        "| pods | listeners / thread | turns | deltas / turn | round trips / turn "
+        "| round trips / delta batch | in-script commands / turn | commandstats calls / turn "
+        "| Redis CPU ms / turn |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in d["cost"]:
+        if "failed" in c:
+            lines.append("| failed |" + " |" * 8)
+            continue
+        lines.append(
+            f"| {c['pods']} | {c['listeners']} | {c['turns']} | {_n(c['deltas_per_turn'], 2)} "
+            f"| {_n(c['round_trips_per_turn'], 2)} | {_n(c['round_trips_per_delta_batch'], 2)} "
+            f"| {_n(c['lua_internal_per_turn'], 1)} | {_n(c['commandstats_calls_per_turn'], 1)} "
+            f"| {_n(c['redis_cpu_ms_per_turn'], 3)} |"
+        )
+    good = [c for c in d["cost"] if "client_commands_per_turn" in c]
+    if good:
+        c = good[-1]
+        lines += [
+            "",
+            f"Round trips per turn by command ({c['pods']} pods, {c['listeners']} listeners per "
+            "thread): " + ", ".join(f"{k} {v:g}" for k, v in c["client_commands_per_turn"].items()),
+        ]
+    return [*lines, ""]
+
+
+# --- plot -----------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], d: dict[str, Any], path: Path) -> bool:
+    """latest.png; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    colors = {"durable": "#1f77b4", "socketio": "#ff7f0e", "broadcaster": "#2ca02c",
+              "bare": "#7f7f7f"}  # fmt: skip
+    short = {"durable": "durable-chat", "socketio": "socketio", "broadcaster": "broadcaster",
+             "bare": "bare WS"}  # fmt: skip
+    fan = {s: f for s, f in d.get("fanout", {}).items() if "failed" not in f}
+    ax = axes[0][0]
+    labels, values, cols = [], [], []
+    for s, f in fan.items():
+        labels.append(short[s])
+        values.append(f["frames_per_s"])
+        cols.append(colors[s])
+    for shape, text in (("per_listener", "redis-py\nper listener"), ("hub", "redis-py\nhub")):
+        r = results.get("limits", {}).get(shape, {})
+        if "deliveries_per_s" in r:
+            labels.append(text)
+            values.append(r["deliveries_per_s"])
+            cols.append("#c7c7c7")
+    ax.bar(labels, values, color=cols)
+    ax.set_title("Fan-out at full model speed: deliveries/s (higher is better)")
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax = axes[0][1]
+    ax.bar([short[s] for s in fan], [f["server_cpu_s_per_1000"] for f in fan.values()],
+           color=[colors[s] for s in fan])  # fmt: skip
+    ax.set_title("Server CPU seconds per 1,000 deliveries (lower is better)")
+    ax = axes[1][0]
+    lat = results.get("latency", {})
+    if lat:
+        window = min(lat, key=lambda w: float(w.removeprefix("window_").removesuffix("ms")))
+        for s, r in lat[window].items():
+            cdf = r.get("latency", {}).get("cdf_ms")
+            if cdf:
+                ax.plot(cdf, [i / 200 for i in range(200)], label=short[s], color=colors[s])
+        ax.set_xscale("log")
+        ax.axvline(10, color="red", linestyle=":", label="10 ms target")
+        ax.set_xlabel("emit-to-receive latency, ms (log)")
+        ax.set_ylabel("fraction of tokens")
+        ax.set_title(f"Paced load, {window.replace('_', ' ')}: latency CDF")
+        ax.legend(fontsize=8)
+    ax = axes[1][1]
+    idle = {s: f for s, f in d.get("idle", {}).items() if f.get("rss_per_socket_kb")}
+    ax.bar([short[s] for s in idle], [f["rss_per_socket_kb"] for f in idle.values()],
+           color=[colors[s] for s in idle])  # fmt: skip
+    ax.axhline(40, color="red", linestyle=":", label="40 KiB target")
+    ax.set_title("RSS per idle socket, KiB (lower is better)")
+    ax.legend(fontsize=8)
+    fig.suptitle(
+        f"durable-chat benchmarks ({'quick' if results['quick'] else 'full'} run, "
+        f"{results['machine']['cpus']} CPUs, {results['machine']['date']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    derived = derive(results)
+    results["derived"] = derived
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "latest.md").write_text(markdown(results, derived))
+    if not plot(results, derived, out / "latest.png"):
+        print("matplotlib is not installed: no latest.png (pip install -r bench/requirements.txt)")
