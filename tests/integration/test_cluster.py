@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +260,146 @@ async def test_turn_survives_failover_of_its_shard(redis_cluster_with_replicas, 
     assert got == [(entry_id, int(f["n"])) for entry_id, f in log]
     text = "".join(e["text"] for e in received if e["type"] == "delta")
     assert text == expected_reply("through a failover", 150)
+
+
+def _errorstat(port: int, code: str) -> int:
+    """How many ``code`` error replies (ASK, MOVED, TRYAGAIN) a node has sent."""
+    stats = redis.Redis(port=port, decode_responses=True).info("errorstats")
+    return int(stats.get(f"errorstat_{code}", {}).get("count", 0))
+
+
+def _reshard_slot(slot: int, source: int, target: int, others: list[int], first: list[str]) -> None:
+    """Move ``slot`` from the primary on ``source`` to the one on ``target`` as
+    ``redis-cli --cluster reshard`` does, but one key at a time (``first`` ones
+    first), waiting for the pods to meet each stage: ASK while the slot is
+    half-moved, then MOVED once every primary says the target owns it."""
+    src = redis.Redis(port=source, decode_responses=True)
+    dst = redis.Redis(port=target, decode_responses=True)
+    src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+    asks, moved = _errorstat(source, "ASK"), _errorstat(source, "MOVED")
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+
+    def migrate(key: str) -> None:
+        src.execute_command("MIGRATE", "127.0.0.1", target, key, 0, 5000)
+        time.sleep(0.02)  # pacing only: the pods keep working between keys
+
+    for key in first:
+        migrate(key)
+    # Half-moved: the turn's lease renewals find the lock gone from the source
+    # and are sent on to the target with ASK (every 0.5 s: CHAT_LOCK_TTL_MS).
+    wait_until(lambda: _errorstat(source, "ASK") > asks, 10, what="a pod to be sent ASK")
+    while batch := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 10):
+        for key in batch:
+            migrate(key)
+    assert src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+    # Target first, as redis-cli does; the source then drops the slot's shard
+    # subscribers (SUNSUBSCRIBE) and answers MOVED to the turn's next write.
+    for port in (target, source, *others):
+        redis.Redis(port=port).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    wait_until(lambda: _errorstat(source, "MOVED") > moved, 10, what="a pod to be sent MOVED")
+
+
+def _shard_subscribers(port: int, channel: str) -> int:
+    """How many connections of this node are subscribed to the shard ``channel``."""
+    [(_, count)] = redis.Redis(port=port, decode_responses=True).pubsub_shardnumsub(channel)
+    return int(count)
+
+
+async def test_turn_survives_live_resharding_of_its_slot(redis_cluster, pod_factory):
+    """The thread's slot migrates to another primary mid-turn, key by key
+    (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE): the pods are sent ASK, then
+    MOVED, and lose their shard subscription to SUNSUBSCRIBE. The turn still
+    completes, both pods' clients see one identical, gap-free timeline equal to
+    the event log, and the next turn runs on the slot's new owner."""
+    ports, thread, tokens = redis_cluster, "clmove", 200
+    events, live = f"chat:{{{thread}}}:events", f"chat:{{{thread}}}:live"
+    slot = int(redis.Redis(port=ports[0]).execute_command("CLUSTER KEYSLOT", f"{{{thread}}}"))
+    cluster = RedisCluster(host="127.0.0.1", port=ports[0], decode_responses=True)
+    try:
+        source = int(cluster.get_node_from_key(events).port)
+    finally:
+        cluster.close()
+    target, *others = [p for p in ports if p != source]
+    slow = {
+        "REDIS_CLUSTER": 1, "CHAT_FAKE_TOKEN_DELAY_MS": 20, "CHAT_FAKE_REPLY_TOKENS": tokens,
+        "CHAT_LOCK_TTL_MS": 1500,  # a lease renewal (single-key, so ASK-able) every 0.5 s
+    }  # fmt: skip
+    pod_a = pod_factory(_Seed(others[0]), **slow)
+    pod_b = pod_factory(_Seed(source), **slow)
+    sender = ChatClient([pod_a.ws], thread)
+    listener = ChatClient([pod_b.ws], thread)
+    await sender.connect()
+    await listener.connect()
+    seen: dict[str, list[dict]] = {"a": [], "b": []}
+
+    async def read(name: str, client: ChatClient) -> None:
+        async for event in client.events():
+            seen[name].append(event)
+
+    def count(name: str, kind: str) -> int:
+        return sum(e["type"] == kind for e in seen[name])
+
+    def finished(turns: int) -> bool:
+        return count("a", "done") == count("b", "done") == turns
+
+    def streaming() -> bool:
+        return count("a", "delta") >= 3
+
+    def subscribers() -> tuple[int, int]:
+        """The pods' shard subscriptions to the thread's channel: (target, source)."""
+        return _shard_subscribers(target, live), _shard_subscribers(source, live)
+
+    readers = [asyncio.create_task(read("a", sender)), asyncio.create_task(read("b", listener))]
+    try:
+        await sender.prompt("across a reshard")
+        await asyncio.to_thread(wait_until, streaming, 10, what="the turn to stream")
+        first = [f"chat:{{{thread}}}:lock", f"chat:{{{thread}}}:turn"]
+        await asyncio.to_thread(_reshard_slot, slot, source, target, others, first)
+        assert count("a", "done") == count("b", "done") == 0  # it moved mid-turn
+        await asyncio.to_thread(wait_until, lambda: finished(1), 15, what="the turn's done on both")
+        # Both pods subscribe to the thread's channel again, on the new owner.
+        await asyncio.to_thread(
+            wait_until, lambda: subscribers() == (2, 0), 10, what="both pods on the new owner"
+        )
+        cluster = RedisCluster(host="127.0.0.1", port=ports[0], decode_responses=True)
+        try:
+            assert int(cluster.get_node_from_key(events).port) == target
+            assert cluster.exists(f"chat:{{{thread}}}:lock") == 0
+            history = cluster.xrange(f"chat:{{{thread}}}:history")
+            assert [(f["role"], f["status"]) for _, f in history] == [
+                ("user", "complete"), ("assistant", "complete")
+            ]  # fmt: skip
+            assert history[1][1]["content"] == expected_reply("across a reshard", tokens)
+
+            await listener.prompt("after the reshard")  # from the other pod, on the new owner
+            await asyncio.to_thread(
+                wait_until, lambda: finished(2), 15, what="the next turn's done"
+            )
+            log = cluster.xrange(events)
+            history = cluster.xrange(f"chat:{{{thread}}}:history")
+            assert cluster.exists(f"chat:{{{thread}}}:lock") == 0
+        finally:
+            cluster.close()
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await sender.close()
+        await listener.close()
+
+    assert timeline(seen["a"]) == timeline(seen["b"])
+    got = [(e["id"], e["n"]) for e in seen["b"] if "id" in e]
+    assert got == [(entry_id, int(f["n"])) for entry_id, f in log]
+    assert [n for _, n in got] == list(range(1, len(got) + 1))  # no gap, no duplicate
+    dones = [e for e in seen["b"] if e["type"] == "done"]
+    assert [d["status"] for d in dones] == ["complete", "complete"]
+    for done, prompt in zip(dones, ["across a reshard", "after the reshard"], strict=True):
+        text = "".join(
+            e["text"]
+            for e in seen["b"]
+            if e["type"] == "delta" and e["generation_id"] == done["generation_id"]
+        )
+        assert text == expected_reply(prompt, tokens)
+    assert [f["role"] for _, f in history] == ["user", "assistant", "user", "assistant"]
+    assert history[3][1]["content"] == expected_reply("after the reshard", tokens)
