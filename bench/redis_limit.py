@@ -69,7 +69,8 @@ def _subscriber(
                     received.value += taken
 
     async def run() -> None:
-        client = aioredis.Redis.from_url(url)
+        # One connection per group (up to a thousand): lift the pool's cap.
+        client = aioredis.Redis.from_url(url, max_connections=len(groups) + 1)
         pubsubs = []
         for channels in groups:
             pubsub = client.pubsub()
