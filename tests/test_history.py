@@ -74,6 +74,15 @@ async def test_latest_respects_the_char_budget(redis: Any, seven: list[str]) -> 
     assert [m.content for m in await reader.latest(T, 5)] == ["m6", "m7"]
 
 
+async def test_latest_reads_across_pages_without_gap_or_repeat(redis: Any) -> None:
+    # 100 messages of 3 chars: more than the first few (growing) pages hold.
+    for i in range(1, 101):
+        await add(redis, f"{i}-0", f"{i:03d}")
+    reader = HistoryReader(redis)
+    assert [m.content for m in await reader.latest(T, 300)] == [f"{i:03d}" for i in range(1, 101)]
+    assert [m.content for m in await reader.latest(T, 90)] == [f"{i:03d}" for i in range(71, 101)]
+
+
 async def test_latest_always_includes_the_newest_message(redis: Any) -> None:
     await add(redis, "1-0", "short")
     await add(redis, "2-0", "x" * 1000)

@@ -43,8 +43,13 @@ class HistoryReader:
         picked: list[Message] = []
         used = 0
         cursor = "+"
+        # Pages that start small and double: a budget is often met by the last
+        # few messages, and every entry read past it is Redis and pod time
+        # spent on every turn.
+        count = 8
         while True:
-            entries = await self._redis.xrevrange(keys.history(thread), cursor, "-", count=50)
+            entries = await self._redis.xrevrange(keys.history(thread), cursor, "-", count=count)
+            count = min(count * 2, 256)
             if not entries:
                 return picked[::-1]
             for entry_id, fields in entries:
