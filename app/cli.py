@@ -59,6 +59,7 @@ def serve(
         host=host,
         port=port,
         ws_max_size=settings.chat_max_frame_bytes,
+        ws_per_message_deflate=settings.chat_ws_deflate,  # see Settings.chat_ws_deflate
         # Sockets are closed (1012) at once on SIGTERM; this bounds how long
         # uvicorn waits for their handlers. Turns are drained by the lifespan.
         timeout_graceful_shutdown=5,

@@ -83,7 +83,7 @@ async def _seed_writer(ws: WebSocket, follower: Follower, replay: list[TimelineE
             if follower.claim(event):
                 await _seed_send(ws, event)
         while True:
-            live = await follower.queue.get()
+            live = await follower.next_event()
             if follower.claim(live):
                 await _seed_send(ws, live)
 

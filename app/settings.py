@@ -83,6 +83,11 @@ class Settings(BaseSettings):
 
     # Sockets and shutdown.
     chat_send_queue: int = Field(default=1024, ge=8)
+    # permessage-deflate, when a client offers it (browsers always do). Off by
+    # default: its zlib contexts cost ~45 KiB per socket, more than the whole
+    # rest of an idle socket, and the small JSON frames of a stream (deltas of
+    # a few tokens) gain little from it. Turn on for slow links, at that price.
+    chat_ws_deflate: bool = False
     chat_drain_grace_s: float = Field(default=20.0, ge=0)
     chat_pod_id: str = Field(default_factory=lambda: secrets.token_hex(4))
     chat_log_level: str = "INFO"

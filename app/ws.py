@@ -25,7 +25,7 @@ from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadB
 from app.chat.fanout import FanoutUnavailable
 from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, TOO_SLOW, Follower
 from app.chat.keys import ThreadId, UserId
-from app.chat.service import ChatService
+from app.chat.service import ChatService, Opened
 from app.chat.timeline import TimelineEvent
 from app.protocol import (
     BadFrame,
@@ -119,30 +119,47 @@ async def thread_socket(ws: WebSocket, thread_id: str) -> None:
         except keys.InvalidId as exc:
             await ws.close(CLOSE_POLICY, reason=f"after: {exc}")
             return
-    opened = await open_thread(ws, service, thread, user, after, epoch)
-    if opened is None:
+    session = await _open_session(ws, service, thread, user, after, epoch)
+    if session is None:
         return
-    session = ThreadSession(ws, service, thread, user, opened.follower)
     metrics.SOCKETS_OPEN.inc()
     try:
-        await session.run(encode(opened.ready), opened.replay)
+        await session.run()
     finally:
         metrics.SOCKETS_OPEN.dec()
-        await service.close(opened.follower)
+        await service.close(session.follower)
+
+
+async def _open_session(
+    ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
+    after: str | None, epoch: str | None,
+) -> ThreadSession | None:  # fmt: skip
+    """The session of an opened socket. Its ``Opened`` (the ``ready`` model and
+    the replay) is not kept by the caller, who may then hold the socket for hours."""
+    opened = await open_thread(ws, service, thread, user, after, epoch)
+    return None if opened is None else ThreadSession(ws, service, thread, user, opened)
 
 
 class ThreadSession:
     """One protocol-v1 socket on one thread: a reader loop and a writer task."""
 
+    __slots__ = ("_greeting", "_sending", "follower", "service", "thread", "user", "ws")
+
     def __init__(
         self, ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
-        follower: Follower,
+        opened: Opened,
     ) -> None:  # fmt: skip
         self.ws = ws
         self.service = service
         self.thread = thread
         self.user = user
-        self.follower = follower
+        self.follower: Follower = opened.follower
+        # ``ready`` and the catch-up, until the writer has sent them: a replay
+        # can be long, and is not worth keeping for the socket's idle life.
+        self._greeting: tuple[str, list[TimelineEvent]] | None = (
+            encode(opened.ready),
+            opened.replay,
+        )
         # Serialises sends: the writer's live events, replies, and resume
         # replays must never interleave inside the follower's ordering rule.
         self._sending = asyncio.Lock()
@@ -165,26 +182,30 @@ class ThreadSession:
                     await self.ws.send_text(event.frame)
                     metrics.EVENTS_DELIVERED.inc()
 
-    async def run(self, ready: str, replay: list[TimelineEvent]) -> None:
+    async def run(self) -> None:
         """Serve the socket: ``ready``, the catch-up, then live events, until
         the client leaves or the follower must be closed."""
-        await supervise(
-            self.ws, self.follower, self._read_forever(), self._write_forever(ready, replay)
-        )
+        await supervise(self.ws, self.follower, self._read_forever(), self._write_forever())
 
-    async def _write_forever(self, ready: str, replay: list[TimelineEvent]) -> None:
-        queue = self.follower.queue
+    async def _write_forever(self) -> None:
         try:
-            await self.send_text(ready)
-            await self.send_events(replay)
+            await self._send_greeting()
             while True:
-                event = await queue.get()
+                event = await self.follower.next_event()
                 async with self._sending:
                     if self.follower.claim(event):
                         await self.ws.send_text(event.frame)
                         metrics.EVENTS_DELIVERED.inc()
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client is gone
+
+    async def _send_greeting(self) -> None:
+        if self._greeting is None:
+            return
+        ready, replay = self._greeting
+        self._greeting = None
+        await self.send_text(ready)
+        await self.send_events(replay)
 
     async def _read_forever(self) -> None:
         max_bytes = self.service.settings.chat_max_frame_bytes
@@ -289,19 +310,30 @@ async def supervise(
     ws: WebSocket, follower: Follower, reader: Awaitable[None], writer: Awaitable[None]
 ) -> None:
     """Run a socket's reader and writer until either ends, or until its
-    follower must be closed (slow client, thread reset): then close it 1013."""
-    tasks = [
-        asyncio.ensure_future(reader),
-        asyncio.ensure_future(writer),
-        asyncio.ensure_future(follower.must_close.wait()),
-    ]
+    follower must be closed (slow client, thread reset): then close it 1013.
+
+    Every idle socket of the pod sits in here, so the wait is kept small:
+    ``must_close`` is a future, not a third task waiting on it, and the first
+    to end resolves one future (not asyncio.wait, whose own coroutines, sets
+    and closures would be held for the socket's whole life)."""
+    tasks = [asyncio.ensure_future(reader), asyncio.ensure_future(writer)]
+    must_close = follower.must_close
+    first: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
+
+    def ended(future: asyncio.Future[None]) -> None:
+        if not first.done():
+            first.set_result(future)
+
+    for future in (*tasks, must_close):
+        future.add_done_callback(ended)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        ended_first = await first
     finally:
+        must_close.remove_done_callback(ended)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    if tasks[2] in done and follower.closing is not None:
+    if ended_first is must_close and follower.closing is not None:
         await _close_for_resume(ws, follower.closing)
 
 

@@ -30,7 +30,7 @@ async def until_done(follower: Follower, timeout: float = 5.0) -> list[dict[str,
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while True:
-        event = await asyncio.wait_for(follower.queue.get(), deadline - time.monotonic())
+        event = await asyncio.wait_for(follower.next_event(), deadline - time.monotonic())
         if follower.claim(event):
             got.append(orjson.loads(event.frame))
         if got and got[-1]["type"] == "done":
@@ -292,7 +292,7 @@ async def test_open_mid_turn_replays_from_the_loading_event(make_service: MakeSe
     assert record is not None
 
     async def has_deltas() -> bool:
-        return first.follower.queue.qsize() >= 4
+        return first.follower.queued >= 4
 
     await wait_until(has_deltas, what="some deltas")
     late = await service.open(T, USER, None, None)

@@ -1,6 +1,10 @@
 """One socket's subscription to a thread: a bounded queue fed by the pod's
 fan-out hub, and the rule that keeps what the socket sends in order.
 
+A pod holds thousands of mostly idle followers, so an idle one holds no
+buffer and no task: its queue exists only while events wait in it, and the
+futures it is awaited through only while someone awaits them.
+
 The rule: a timeline event is sent only if its id is greater than the last
 one sent. Catch-up from the log (on connect or ``resume``) and live events
 from the hub may overlap; this one comparison, made at send time, drops the
@@ -11,6 +15,7 @@ catch-up read make sure nothing is missing.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
 from app.chat.keys import ThreadId
@@ -28,27 +33,65 @@ class Follower:
 
     When the socket must be closed so that its client resumes (it was too slow
     to drain the queue, or the thread's data was reset under it), ``closing``
-    holds the reason and ``must_close`` is set: the socket's session watches
-    it, since its writer may be stuck in a send to a client that stopped reading.
+    holds the reason and ``must_close`` is resolved: the socket's session
+    waits on it, since its writer may be stuck in a send to a client that
+    stopped reading.
     """
+
+    __slots__ = ("_closed", "_queued", "_wakeup", "closing", "max_queue", "sent", "thread", "user")
 
     def __init__(self, thread: ThreadId, max_queue: int, user: str | None = None) -> None:
         self.thread = thread
         self.user = user
-        self.queue: asyncio.Queue[TimelineEvent] = asyncio.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
         self.closing: str | None = None
-        self.must_close = asyncio.Event()
         self.sent: tuple[int, int] | None = None
+        # Not an asyncio.Queue: that is four deques (~3 KiB) even when empty.
+        self._queued: deque[TimelineEvent] | None = None
+        self._wakeup: asyncio.Future[None] | None = None  # while next_event() waits
+        self._closed: asyncio.Future[None] | None = None  # once must_close is asked for
+
+    @property
+    def queued(self) -> int:
+        """How many events wait to be sent."""
+        return len(self._queued) if self._queued is not None else 0
+
+    @property
+    def must_close(self) -> asyncio.Future[None]:
+        """Resolved once the socket must be closed (see ``closing``); a plain
+        future, to be awaited with others in ``asyncio.wait`` (no task)."""
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+            if self.closing is not None:
+                self._closed.set_result(None)
+        return self._closed
+
+    async def next_event(self) -> TimelineEvent:
+        """The next queued event, waiting for one if there is none."""
+        while self._queued is None:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        event = self._queued.popleft()
+        if not self._queued:
+            self._queued = None  # drained: give the buffer back while idle
+        return event
 
     def deliver(self, event: TimelineEvent) -> None:
         if self.closing is not None:
             return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if self._queued is None:
+            self._queued = deque()
+        elif len(self._queued) >= self.max_queue:
             # Never block the hub (it feeds every socket of the pod): drop
             # this socket instead; it resumes from its last id elsewhere.
             self.close_for(TOO_SLOW)
+            return
+        self._queued.append(event)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     def control(self, message: dict[str, Any]) -> None:
         """A thread reset, its deletion, or its user's removal (from the hub)
@@ -64,7 +107,8 @@ class Follower:
     def close_for(self, reason: str) -> None:
         if self.closing is None:
             self.closing = reason
-            self.must_close.set()
+            if self._closed is not None and not self._closed.done():
+                self._closed.set_result(None)
 
     def claim(self, event: TimelineEvent) -> bool:
         """Whether ``event`` is next to send (and record it as sent)."""
