@@ -12,6 +12,7 @@ from app.chat import fanout, keys
 from app.chat.fanout import FanoutHub, FanoutUnavailable
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
+from app.chat.threads import Threads
 from app.chat.timeline import Timeline, TimelineEvent, frame_from_entry
 from app.chat.turns import TurnStore
 from app.protocol import Delta, Done, Loading, Message
@@ -294,6 +295,31 @@ async def test_audit_delivers_a_lost_last_event(
     await settle()
     assert sink.numbers == [1, 2, 3, 4, 5]
     assert sink.events[-1].frame == lost.frame
+
+
+async def test_audit_covers_every_thread_batch_by_batch(
+    auditing_hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, threads: Threads,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(fanout, "RESYNC_BATCH", 2)
+    ids = [keys.thread_id(f"batch{i}") for i in range(5)]  # batches of 2, 2 and 1
+    sinks = {thread: Sink() for thread in ids}
+    for thread in ids:
+        await threads.open(thread, USER)
+        await auditing_hub.follow(thread, sinks[thread])
+        await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: all(len(s.events) >= 4 for s in sinks.values()), what="the turns")
+    first, last = ids[0], ids[-1]
+    lost = {t: await write_unpublished(redis, t, f"lost on {t}") for t in (first, last)}
+    await wait_until(
+        lambda: len(sinks[first].events) >= 5 and len(sinks[last].events) >= 5,
+        timeout=1.0, what="the audit of the first and the last batch",
+    )  # fmt: skip
+    await settle()
+    for thread in ids:
+        expected = [1, 2, 3, 4, 5] if thread in lost else [1, 2, 3, 4]
+        assert sinks[thread].numbers == expected
+    assert all(sinks[t].events[-1].frame == lost[t].frame for t in lost)
 
 
 async def test_event_numbers_going_back_tell_sinks_to_reset(

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
 RECONNECT_BACKOFF_S = (0.1, 5.0)
+RESYNC_BATCH = 200  # threads read per hold of the forwarding lock
 
 
 class FanoutUnavailable(ChatError):
@@ -304,8 +305,13 @@ class FanoutHub:
 
     async def _resync(self, threads: list[ThreadId]) -> None:
         """Fill every given thread whose stored event number is ahead of ours."""
-        if not threads:
-            return
+        # In batches: the forwarding lock is held while a batch is read and
+        # checked, and live frames of every thread wait for it meanwhile, so
+        # one pipeline for a pod's ten thousand threads would stall them all.
+        for start in range(0, len(threads), RESYNC_BATCH):
+            await self._resync_batch(threads[start : start + RESYNC_BATCH])
+
+    async def _resync_batch(self, threads: list[ThreadId]) -> None:
         async with self._forwarding:  # read under the lock: see follow()
             async with self._redis.pipeline(transaction=False) as pipe:
                 for thread in threads:
