@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -55,6 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.chat_reaper_in_pod:
             reaper = Reaper(service, holder=f"pod:{settings.chat_pod_id}")
             reaper_task = asyncio.create_task(reaper.run_forever(), name="reaper")
+        # Everything loaded so far (the modules, the app, the clients) lives as
+        # long as the pod: out of the collector's sight, so that a full
+        # collection scans only what sockets and turns create. Without this, a
+        # pod's full collections took 40 to 100 ms, a stall of every stream.
+        gc.collect()
+        gc.freeze()
         log.info(
             "durable-chat pod %s ready: redis=%s model=%s auth=%s",
             settings.chat_pod_id, handles.description, model.name,
