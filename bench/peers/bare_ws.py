@@ -12,16 +12,13 @@ client sends ``{"type":"prompt","content":...}``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import uvicorn
-
-from bench.peers.common import Frame, TurnConfig, run_turn
+from bench.peers.common import Frame, TurnConfig, run_turn, serve
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -76,12 +73,5 @@ class BareBroadcast:
                 self.rooms.pop(thread, None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    uvicorn.run(BareBroadcast(), host="127.0.0.1", port=args.port, log_level="warning")
-
-
 if __name__ == "__main__":
-    main()
+    serve(lambda _redis: BareBroadcast(), __doc__)

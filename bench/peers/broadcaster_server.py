@@ -18,19 +18,17 @@ subscribed; the client sends ``{"type":"prompt","content":...}``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
 
-import uvicorn
 from broadcaster import Broadcast
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from bench.peers.common import Frame, TurnConfig, run_turn
+from bench.peers.common import Frame, TurnConfig, run_turn, serve
 
 
 def create_app(redis_url: str) -> Starlette:
@@ -95,13 +93,5 @@ def create_app(redis_url: str) -> Starlette:
     return Starlette(routes=[WebSocketRoute("/ws/{thread}", endpoint)], lifespan=lifespan)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    args = parser.parse_args()
-    uvicorn.run(create_app(args.redis), host="127.0.0.1", port=args.port, log_level="warning")
-
-
 if __name__ == "__main__":
-    main()
+    serve(create_app, __doc__)

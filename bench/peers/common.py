@@ -19,8 +19,8 @@ dictionary configures both.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import hashlib
 import os
 import secrets
 import time
@@ -28,11 +28,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-# The fake model's words (app.llm.fake), so the text and its size are the same.
-_WORDS = (
-    "durable", "chat", "streams", "every", "token", "to", "each", "tab", "on", "any",
-    "pod", "and", "keeps", "the", "thread", "history", "safe", "in", "redis", "always",
-)  # fmt: skip
+import uvicorn
+
+from app.llm.fake import reply_tokens
 
 Frame = dict[str, Any]
 Publish = Callable[[str, Frame], Awaitable[None]]
@@ -54,13 +52,6 @@ class TurnConfig:
             window_s=float(env.get("CHAT_DELTA_WINDOW_MS", "25")) / 1000,
             max_bytes=int(env.get("CHAT_DELTA_MAX_BYTES", "2048")),
         )
-
-
-def reply_tokens(prompt: str, tokens: int) -> list[str]:
-    """The fake model's pieces for ``prompt`` (as app.llm.fake.reply_tokens)."""
-    seed = hashlib.sha256(prompt.encode()).digest()
-    words = [_WORDS[seed[i % len(seed)] % len(_WORDS)] for i in range(tokens)]
-    return [words[0].capitalize()] + [" " + w for w in words[1:]]
 
 
 async def _produce(prompt: str, config: TurnConfig, out: asyncio.Queue[str | None]) -> None:
@@ -144,3 +135,12 @@ async def run_turn(thread: str, prompt: str, publish: Publish, config: TurnConfi
 def _message(thread: str, body: dict[str, Any], created_at: int) -> Frame:
     message = {"id": f"{created_at}-0", **body, "created_at": created_at, "status": "complete"}
     return {"type": "message", "thread_id": thread, "message": message}
+
+
+def serve(make_app: Callable[[str], Any], description: str | None) -> None:
+    """A peer's command line: ``--port N [--redis URL]``, then uvicorn."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--redis", default="", help="the Redis URL (not for the bare peer)")
+    args = parser.parse_args()
+    uvicorn.run(make_app(args.redis), host="127.0.0.1", port=args.port, log_level="warning")

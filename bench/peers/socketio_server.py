@@ -14,14 +14,12 @@ frames arrive as ``42["chat",{...}]``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from typing import Any
 
 import socketio
-import uvicorn
 
-from bench.peers.common import Frame, TurnConfig, run_turn
+from bench.peers.common import Frame, TurnConfig, run_turn, serve
 
 
 def create_app(redis_url: str) -> Any:
@@ -50,13 +48,5 @@ def create_app(redis_url: str) -> Any:
     return socketio.ASGIApp(sio)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    args = parser.parse_args()
-    uvicorn.run(create_app(args.redis), host="127.0.0.1", port=args.port, log_level="warning")
-
-
 if __name__ == "__main__":
-    main()
+    serve(create_app, __doc__)

@@ -4,6 +4,8 @@ far committed as a ``cancelled`` assistant message, then ``done``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.integration.contract_helpers import open_ready, unique
@@ -40,6 +42,24 @@ def _check_cancelled(events: list[dict], generation: str) -> str:
     return streamed
 
 
+async def _cancel(
+    canceller: Any, seen: list[dict], other_seen: list[dict], other: Any, frame: str
+) -> tuple[list[dict], list[dict], str]:
+    """Send ``frame`` (a cancel) on ``canceller`` while a turn streams; both
+    sockets must see it end ``cancelled`` within QUICKLY_S. Returns what
+    ``other`` and ``canceller`` saw of the turn, and its streamed text."""
+    generation = next(e["generation_id"] for e in seen + other_seen if e["type"] == "loading")
+    clock = Stopwatch()
+    await canceller.send(frame)
+    seen = seen + await until_done(canceller, timeout=5)
+    took = clock.elapsed
+    other_seen = other_seen + await until_done(other, timeout=5)
+    assert took < QUICKLY_S, f"the cancel took {took:.2f}s"
+    streamed = _check_cancelled(seen, generation)
+    assert _check_cancelled(other_seen, generation) == streamed
+    return other_seen, seen, streamed
+
+
 async def test_cancel_sent_to_the_other_pod_stops_the_turn(redis_server, pod_factory):
     pod_a = pod_factory(redis_server, **SLOW)
     pod_b = pod_factory(redis_server, **SLOW)
@@ -62,16 +82,8 @@ async def test_cancel_sent_to_the_other_pod_stops_the_turn(redis_server, pod_fac
         assert seen_b[-1]["code"] == "not_found"
         seen_b = seen_b[:-1]
         seen_b += await until_deltas(on_b, 1)  # still streaming
-        clock = Stopwatch()
-        await on_b.send('{"type":"cancel"}')
-        seen_b += await until_done(on_b, timeout=5)
-        took = clock.elapsed
-        seen_a = await until_done(on_a, timeout=5)
-        assert took < QUICKLY_S, f"the cancel took {took:.2f}s"
-        streamed = _check_cancelled(seen_b, generation)
-        _check_cancelled(seen_a, generation)
+        seen_a, seen_b, turn_1 = await _cancel(on_b, seen_b, [], on_a, '{"type":"cancel"}')
         assert seen_a == seen_b  # the same events, in the same order, on both pods
-        turn_1 = streamed
 
         # The thread is free at once: turn 2 runs on pod B, pod A cancels it
         # by its generation id.
@@ -79,14 +91,8 @@ async def test_cancel_sent_to_the_other_pod_stops_the_turn(redis_server, pod_fac
         seen_a2 = await until_deltas(on_a, 2)
         generation2 = next(e["generation_id"] for e in seen_a2 if e["type"] == "loading")
         assert generation2 != generation
-        clock = Stopwatch()
-        await on_a.send(f'{{"type":"cancel","generation_id":"{generation2}"}}')
-        seen_a2 += await until_done(on_a, timeout=5)
-        took = clock.elapsed
-        seen_b2 = await until_done(on_b, timeout=5)
-        assert took < QUICKLY_S, f"the cancel took {took:.2f}s"
-        turn_2 = _check_cancelled(seen_a2, generation2)
-        _check_cancelled(seen_b2, generation2)
+        cancel = f'{{"type":"cancel","generation_id":"{generation2}"}}'
+        seen_b2, seen_a2, turn_2 = await _cancel(on_a, seen_a2, [], on_b, cancel)
         assert timeline(seen_a2) == timeline(seen_b2)
     finally:
         await on_a.close()
