@@ -83,6 +83,10 @@ class Settings(BaseSettings):
 
     # Sockets and shutdown.
     chat_send_queue: int = Field(default=1024, ge=8)
+    # How often a pod checks every thread it follows for a lost pub/sub
+    # message that no later one would reveal (a turn's last): the bound on
+    # how late such an event arrives. Costs one HMGET per followed thread.
+    chat_fanout_audit_s: float = Field(default=5.0, gt=0)
     # permessage-deflate, when a client offers it (browsers always do). Off by
     # default: its zlib contexts cost ~45 KiB per socket, more than the whole
     # rest of an idle socket, and the small JSON frames of a stream (deltas of

@@ -345,3 +345,21 @@ async def test_with_auth_only_members_open_and_prompt(
     assert await redis.xlen(keys.history(T)) == 0
     assert service.hub.followed_threads == 1  # only the owner's follower
     await service.close(owner.follower)
+
+
+async def test_the_audit_interval_is_the_setting(make_service: MakeService, redis: Any) -> None:
+    service = await make_service(tokens=3, delay_ms=0, chat_fanout_audit_s=0.2)
+    opened = await service.open(T, USER, None, None)
+    await service.prompt(T, USER, "hello", None)
+    await until_done(opened.follower)
+    # An event committed but never published (a lost pub/sub message, and the
+    # thread's last): only the audit can bring it, within its interval.
+    last = await redis.hget(keys.meta(T), "last_event_id")
+    ms, seq = keys.event_id(last)
+    lost_id = f"{ms}-{seq + 1}"
+    data = '{"type":"delta","thread_id":"svc","generation_id":"hand","seq":0,"text":"lost"}'
+    n = await redis.hincrby(keys.meta(T), "event_n", 1)
+    await redis.hset(keys.meta(T), "last_event_id", lost_id)
+    await redis.xadd(keys.events(T), {"n": n, "data": data}, lost_id)
+    event = await asyncio.wait_for(opened.follower.next_event(), timeout=1.0)
+    assert (event.id, event.n) == (lost_id, n)

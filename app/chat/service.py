@@ -91,7 +91,9 @@ class ChatService:
             redis, self.scripts, publish_command,
             settings.chat_event_retention, settings.chat_dedup_ttl_s,
         )  # fmt: skip
-        self.hub = FanoutHub(pubsub_factory, redis, self.timeline)
+        self.hub = FanoutHub(
+            pubsub_factory, redis, self.timeline, audit_interval_s=settings.chat_fanout_audit_s
+        )
         self.manager = TurnManager(
             model, self.turns, self.lock, self.hub,
             settings.chat_delta_window_ms, settings.chat_delta_max_bytes,
