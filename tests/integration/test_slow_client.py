@@ -5,18 +5,18 @@ the whole turn intact and is never held up.
 
 How the pod's sends are made to block for real: a pod can only see that a
 client is slow when writing to its socket blocks, which takes the kernel's
-socket buffers on both sides to be full (a few MB on loopback). So the
-prompt itself is 4 MB: its ``message`` event alone fills the buffers of a
-socket that does not read, and the writer of that socket blocks on the next
-event. The reply (one delta per token) then overflows the 8-slot queue
-within a few tokens.
+socket buffers on both sides to be full. So the prompt itself is larger than
+the largest send buffer the kernel lets a socket grow to (tcp_wmem), plus
+2 MB: its ``message`` event alone cannot be wholly in flight to a socket that
+does not read, and that socket's writer blocks in it. The reply (one delta
+per token) then overflows the 8-slot queue within a few tokens.
 
 Two stalled readers: ``late`` starts reading as soon as the pod reports the
 drop, drains the backlog and must find the close frame with 1013 at its end
 (the pod waits CHAT's close timeout, 1 s, for the close frame to go out);
-``dead`` never reads until the turn is over: the pod must let go of its
-connection (a close frame if the kernel's buffers had room for it, else a
-cut) instead of holding it and its backlog forever.
+``dead`` (a 4 KB receive window) never reads until the pod is done with it, so no
+close frame can reach it: the pod must cut its connection instead of holding
+it (and its buffers) forever.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+from pathlib import Path
 
 import httpx
 import orjson
@@ -41,8 +42,17 @@ from tests.integration.failure_helpers import (
 
 pytestmark = pytest.mark.integration
 
+
+def _max_send_buffer() -> int:
+    """The largest TCP send buffer this kernel grows a socket to (Linux), else 4 MiB."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 << 20
+
+
 TOKENS = 3000
-PROMPT_BYTES = 4_000_000
+PROMPT_BYTES = _max_send_buffer() + 2_000_000
 ENV = {
     "CHAT_SEND_QUEUE": 8,
     "CHAT_FAKE_TOKEN_DELAY_MS": 0,
@@ -112,9 +122,10 @@ def _check_prefix(frames: list[tuple[int, bytes]]) -> list[dict]:
     return events
 
 
-def _drops(pod_http: str) -> float:
+def _metric(pod_http: str, name: str) -> float:
+    """A pod's metric, as /metrics shows it now (0 before its first change)."""
     text = httpx.get(f"{pod_http}/metrics").text
-    found = re.search(r"^durable_chat_slow_client_drops_total (\S+)$", text, re.M)
+    found = re.search(rf"^durable_chat_{name} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 
 
@@ -132,19 +143,28 @@ async def test_a_reader_that_stops_reading_is_closed_1013(redis_server, pod_fact
         # Both stalled sockets are open (counted by the pod) before the prompt.
         await asyncio.to_thread(
             wait_until,
-            lambda: "durable_chat_sockets_open 3.0" in httpx.get(f"{pod.http}/metrics").text,
+            lambda: _metric(pod.http, "sockets_open") == 3,
             10,
             what="three open sockets",
         )
         await fast.send(orjson.dumps({"type": "prompt", "content": prompt}).decode())
         reading = asyncio.create_task(until_done(fast, timeout=30))
         await asyncio.to_thread(
-            wait_until, lambda: _drops(pod.http) >= 2, 20, what="both stalled readers dropped"
+            wait_until,
+            lambda: _metric(pod.http, "slow_client_drops_total") >= 2,
+            20,
+            what="both stalled readers dropped",
         )
         # `late` reads now, while the pod still waits for its close frame to go out.
         late_frames, _ = await asyncio.to_thread(_read_frames, late, 10)
         seen = await reading
-        dead_frames, _ = await asyncio.to_thread(_read_frames, dead, 5)
+        # `dead` reads only once the pod is done with it (its handler has
+        # returned: the close frame sent, or the connection cut); reading
+        # earlier would drain it in time for a graceful close.
+        await asyncio.to_thread(
+            wait_until, lambda: _metric(pod.http, "sockets_open") == 1, 10, what="`dead` let go"
+        )
+        dead_frames, dead_bytes = await asyncio.to_thread(_read_frames, dead, 5)
     finally:
         await fast.close()
         late.close()
@@ -155,15 +175,13 @@ async def test_a_reader_that_stops_reading_is_closed_1013(redis_server, pod_fact
     late_events = _check_prefix(late_frames)
     assert late_events[-1]["type"] != "done", "it was dropped, yet got the whole turn"
 
-    # The pod let go of `dead` (it did not keep the connection and its
-    # backlog): the read above ended instead of timing out. What arrived is
-    # what the kernel's buffers held when the pod dropped it, which depends on
-    # the machine's TCP buffer sizes: a gap-free prefix of the turn, and a
-    # 1013 close frame at the end if there was room for it, else a cut.
-    if dead_frames[-1][0] == 0x8:
-        assert int.from_bytes(dead_frames[-1][1][:2], "big") == 1013
-    dead_events = _check_prefix(dead_frames)
-    assert dead_events[-1]["type"] != "done", "it was dropped, yet got the whole turn"
+    # The pod cut `dead`'s connection (CHAT's close timeout after the drop)
+    # rather than keep it and its backlog: the read above ended instead of
+    # timing out, with what the kernel's buffers held, `ready` and part of
+    # the `message`; neither the rest nor a close frame could have arrived.
+    assert dead_bytes < PROMPT_BYTES, "the pod kept the connection of a reader that never reads"
+    assert [opcode for opcode, _ in dead_frames] == [0x1], "only `ready` can have arrived whole"
+    _check_prefix(dead_frames)
 
     # The normal reader got every event, in order, and the whole reply.
     assert seen[0]["message"]["content"] == prompt
