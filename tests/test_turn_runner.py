@@ -86,6 +86,16 @@ async def generation_events(redis: Any, thread: ThreadId, generation_id: str) ->
     return [e for e in decoded if e.get("generation_id") == generation_id or e["type"] == "message"]
 
 
+async def until_deltas(redis: Any, thread: ThreadId, generation_id: str, count: int) -> None:
+    """Wait until the turn has published ``count`` deltas."""
+
+    async def published() -> bool:
+        events = await generation_events(redis, thread, generation_id)
+        return sum(e["type"] == "delta" for e in events) >= count
+
+    await wait_until(published, what=f"{count} delta(s)")
+
+
 async def outcome(redis: Any, thread: ThreadId, generation_id: str) -> tuple[list[str], dict, dict]:
     """The turn's delta texts, its committed assistant message and its done event."""
     events = await generation_events(redis, thread, generation_id)
@@ -203,11 +213,7 @@ async def test_cancel_ends_the_turn_with_partial_content(
     manager = manager_for(model, store, lock, hub, window_ms=5, max_bytes=2048)
     manager.start(await begin_turn(store, lock, thread, "g"))
 
-    async def some_deltas() -> bool:
-        events = await generation_events(redis, thread, "g")
-        return sum(e["type"] == "delta" for e in events) >= 2
-
-    await wait_until(some_deltas, what="a few deltas")
+    await until_deltas(redis, thread, "g", 2)
     assert await store.request_cancel(thread, "g") == "g"
     await run_to_end(manager, timeout=5)
     texts, message, done = await outcome(redis, thread, "g")
@@ -282,11 +288,7 @@ async def test_drain_with_no_grace_interrupts_and_commits_the_partial_text(
     )
     manager.start(await begin_turn(store, lock, thread, "g"))
 
-    async def some_deltas() -> bool:
-        events = await generation_events(redis, thread, "g")
-        return any(e["type"] == "delta" for e in events)
-
-    await wait_until(some_deltas, what="a delta")
+    await until_deltas(redis, thread, "g", 1)
     await asyncio.wait_for(manager.drain(0), 5)
     assert manager.running == 0
     texts, message, done = await outcome(redis, thread, "g")
@@ -322,11 +324,7 @@ async def test_a_turn_that_lost_its_lock_stops_writing(
     )
     manager.start(await begin_turn(store, lock, thread, "g"))
 
-    async def some_deltas() -> bool:
-        events = await generation_events(redis, thread, "g")
-        return any(e["type"] == "delta" for e in events)
-
-    await wait_until(some_deltas, what="a delta")
+    await until_deltas(redis, thread, "g", 1)
     await redis.delete(keys.lock(thread))
     newer = await lock.acquire(thread)  # another pod (or the reaper) took over
     assert newer is not None
