@@ -14,7 +14,7 @@ import orjson
 from websockets.exceptions import ConnectionClosed
 
 from tests.integration.conftest import RedisServer
-from tests.integration.helpers import recv_event
+from tests.integration.helpers import recv_event, timeline
 
 TIMEOUT_S = 15.0
 
@@ -79,11 +79,6 @@ def deltas_text(events: list[dict[str, Any]], generation_id: str | None = None) 
     return "".join(d["text"] for d in deltas)
 
 
-def timeline(events: list[dict[str, Any]]) -> list[tuple[str, int]]:
-    """(id, n) of the timeline events among ``events``."""
-    return [(e["id"], e["n"]) for e in events if "id" in e]
-
-
 def event_log(server: RedisServer, thread: str, start: str = "-") -> list[dict[str, Any]]:
     """The thread's stored timeline (``chat:{T}:events``) as frames with id and n."""
     entries = server.client().xrange(f"chat:{{{thread}}}:events", start, "+")
@@ -105,9 +100,9 @@ def assert_matches_log(events: list[dict[str, Any]], server: RedisServer, thread
     order: ids strictly increasing, no duplicate, no gap."""
     got = timeline(events)
     assert got, "the client received no timeline event"
-    keys = [tuple(map(int, event_id.split("-"))) for event_id, _ in got]
+    keys = [tuple(map(int, event_id.split("-"))) for event_id, _, _ in got]
     assert all(a < b for a, b in itertools.pairwise(keys)), "ids not increasing"
-    stored = [(e["id"], e["n"]) for e in event_log(server, thread, got[0][0])]
+    stored = timeline(event_log(server, thread, got[0][0]))
     if got != stored:
         at = next((i for i, (a, b) in enumerate(zip(got, stored, strict=False)) if a != b), None)
         at = min(len(got), len(stored)) if at is None else at

@@ -17,11 +17,10 @@ from tests.integration.failure_helpers import (
     deltas_text,
     history,
     read_until,
-    recv_event,
-    timeline,
     until_deltas,
     until_done,
 )
+from tests.integration.helpers import recv_event, timeline
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,10 @@ from tests.integration.failure_helpers import (
     close_code,
     deltas_text,
     history,
-    timeline,
     until_deltas,
     until_done,
 )
+from tests.integration.helpers import timeline
 
 pytestmark = pytest.mark.integration
 
