@@ -79,23 +79,9 @@ def worker() -> None:
         )
         raise typer.Exit(2)
 
-    async def run() -> None:
-        from app.chat.service import ChatService
-        from app.llm import make_model
-        from app.redis_client import connect
-        from workers.reaper import Reaper
+    from workers.reaper import run
 
-        handles = connect(settings)
-        model = make_model(settings)
-        service = ChatService(
-            settings, handles.commands, handles.pubsub_factory, model, handles.publish_command
-        )
-        try:
-            await Reaper(service, holder=f"worker:{settings.chat_pod_id}").run_forever()
-        finally:
-            await handles.aclose()
-
-    asyncio.run(run())
+    asyncio.run(run(settings))
 
 
 def _redis_for_ops() -> Any:

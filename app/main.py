@@ -26,7 +26,6 @@ from app.llm import make_model
 from app.origins import OriginPolicy
 from app.redis_client import connect
 from app.settings import Settings
-from workers.reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         reaper_task = None
         if settings.chat_reaper_in_pod:
-            reaper = Reaper(service, holder=f"pod:{settings.chat_pod_id}")
+            reaper = service.reaper(holder=f"pod:{settings.chat_pod_id}")
             reaper_task = asyncio.create_task(reaper.run_forever(), name="reaper")
         # Everything loaded so far (the modules, the app, the clients) lives as
         # long as the pod: out of the collector's sight, so that a full

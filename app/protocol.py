@@ -25,11 +25,10 @@ from pydantic import (
 )
 
 from app.chat import keys
+from app.chat.records import Joined, Message
 
 PROTOCOL_VERSION = 1
 
-Role = Literal["user", "assistant"]
-MessageStatus = Literal["complete", "cancelled", "interrupted", "error"]
 ErrorCode = Literal[
     "bad_request",
     "too_large",
@@ -153,43 +152,6 @@ def _deeper_than(value: object, limit: int) -> bool:
 # --- server -> client -------------------------------------------------------
 
 
-class Message(BaseModel):
-    """A committed message of a thread's history."""
-
-    id: str
-    role: Role
-    content: str
-    user_id: str
-    created_at: int
-    status: MessageStatus
-    client_msg_id: str | None = None
-
-    @classmethod
-    def from_history_entry(cls, entry_id: str, fields: dict[str, str]) -> Message:
-        return cls(
-            id=entry_id,
-            role=fields["role"],
-            content=fields.get("content", ""),
-            user_id=fields.get("user_id", ""),
-            created_at=int(fields.get("created_at", entry_id.split("-")[0])),
-            status=fields.get("status", "complete"),
-            client_msg_id=fields.get("client_msg_id") or None,
-        )
-
-    def history_fields(self) -> list[str]:
-        """The history stream entry, as flat (name, value) pairs for XADD."""
-        pairs = [
-            "role", self.role,
-            "content", self.content,
-            "user_id", self.user_id,
-            "status", self.status,
-            "created_at", str(self.created_at),
-        ]  # fmt: skip
-        if self.client_msg_id:
-            pairs += ["client_msg_id", self.client_msg_id]
-        return pairs
-
-
 class Ready(BaseModel):
     type: Literal["ready"] = "ready"
     thread_id: str
@@ -199,6 +161,14 @@ class Ready(BaseModel):
     generating: bool
     generation_id: str | None
     recovered: bool | None = None
+
+    @classmethod
+    def of(cls, joined: Joined) -> Ready:
+        return cls(
+            thread_id=joined.thread_id, epoch=joined.epoch, last_event_id=joined.last_event_id,
+            generating=joined.generating, generation_id=joined.generation_id,
+            recovered=joined.recovered,
+        )  # fmt: skip
 
 
 class History(BaseModel):
@@ -220,31 +190,6 @@ class ErrorEvent(BaseModel):
 class Pong(BaseModel):
     type: Literal["pong"] = "pong"
     thread_id: str
-
-
-class Loading(BaseModel):
-    type: Literal["loading"] = "loading"
-    thread_id: str
-    generation_id: str
-    model: str
-
-
-class Delta(BaseModel):
-    type: Literal["delta"] = "delta"
-    thread_id: str
-    generation_id: str
-    seq: int
-    text: str
-
-
-class Done(BaseModel):
-    """``message_id`` is filled in by the commit script (see app.chat.scripts)."""
-
-    type: Literal["done"] = "done"
-    thread_id: str
-    generation_id: str
-    status: MessageStatus
-    usage: dict[str, int] | None = None
 
 
 def encode(event: BaseModel) -> str:

@@ -37,6 +37,7 @@ from app.protocol import (
     Ping,
     Pong,
     Prompt,
+    Ready,
     Resume,
     encode,
     parse_client_frame,
@@ -162,7 +163,7 @@ class ThreadSession:
         # ``ready`` and the catch-up, until the writer has sent them: a replay
         # can be long, and is not worth keeping for the socket's idle life.
         self._greeting: tuple[str, list[TimelineEvent]] | None = (
-            encode(opened.ready),
+            encode(Ready.of(opened.ready)),
             opened.replay,
         )
         # Serialises sends: the writer's live events, replies, and resume

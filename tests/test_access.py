@@ -22,10 +22,10 @@ from app.chat.errors import (
 )
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
+from app.chat.records import Delta, Loading, Message
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.turns import Begun, TurnStore
-from app.protocol import Delta, Loading, Message
 from tests.conftest import Listener
 
 OWNER = keys.user_id("olivia")

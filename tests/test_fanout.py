@@ -12,10 +12,10 @@ from app.chat import fanout, keys
 from app.chat.fanout import FanoutHub, FanoutUnavailable
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
+from app.chat.records import Delta, Done, Loading, Message
 from app.chat.threads import Threads
 from app.chat.timeline import Timeline, TimelineEvent, frame_from_entry
 from app.chat.turns import TurnStore
-from app.protocol import Delta, Done, Loading, Message
 from tests.conftest import USER, wait_until
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from app.chat import keys
 from app.chat.history import HistoryReader
-from app.protocol import Message
+from app.chat.records import Message
 
 T = keys.thread_id("hist")
 

@@ -15,9 +15,9 @@ from typing import Any
 import httpx2
 import pytest
 
+from app.chat.records import Message, Role
 from app.llm.anthropic import AnthropicModel, to_anthropic_messages
 from app.llm.base import LLMError
-from app.protocol import Message, Role
 from app.settings import Settings
 
 API_KEY = "sk-test-4f9c2a7e1b8d-do-not-leak"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from app.chat.records import Done, Message
 from app.protocol import (
     BadFrame,
     Cancel,
-    Done,
     ErrorEvent,
     GetHistory,
-    Message,
     Ping,
     Prompt,
     Ready,

@@ -14,11 +14,11 @@ from app.chat import keys
 from app.chat.errors import LockLost
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
+from app.chat.reaper import Reaper
+from app.chat.records import Delta, Loading, Message
 from app.chat.service import ChatService
 from app.chat.turns import Begun
-from app.protocol import Delta, Loading, Message
 from tests.conftest import USER, Listener
-from workers.reaper import Reaper
 
 MakeService = Callable[..., Awaitable[ChatService]]
 
@@ -53,7 +53,7 @@ async def test_sweep_closes_a_dead_pods_turn(service: ChatService, redis: Any) -
     thread = keys.thread_id("orphan")
     dead = await dead_turn(service, thread, "g", ["The ", "answer ", "is"])
     await redis.delete(keys.lock(thread))  # the lease ran out
-    reaper = Reaper(service, holder="r1")
+    reaper = service.reaper(holder="r1")
 
     async with Listener(redis, keys.live(thread)) as live:
         assert await reaper.sweep() == 1
@@ -89,7 +89,7 @@ async def test_sweep_leaves_a_live_turn_alone(service: ChatService, redis: Any) 
     thread = keys.thread_id("alive")
     lease = await dead_turn(service, thread, "g", ["still ", "going"])
     before = await redis.xrange(keys.events(thread), "-", "+")
-    assert await Reaper(service, holder="r1").sweep() == 0
+    assert await service.reaper(holder="r1").sweep() == 0
     assert await redis.xrange(keys.events(thread), "-", "+") == before
     record = await service.turns.record(thread)
     assert record is not None and record.generation_id == "g"
@@ -101,7 +101,7 @@ async def test_sweep_drops_an_index_entry_without_a_turn(service: ChatService, r
     thread = keys.thread_id("finished")
     await service.threads.open(thread, USER)
     await service.turns.index_add(thread)  # the turn ended but its index removal was lost
-    assert await Reaper(service, holder="r1").sweep() == 0
+    assert await service.reaper(holder="r1").sweep() == 0
     assert await redis.zscore(keys.TURN_INDEX, thread) is None
     assert await redis.exists(keys.lock(thread)) == 0
     assert await redis.xlen(keys.history(thread)) == 0
@@ -115,7 +115,7 @@ async def test_sweep_closes_several_threads(service: ChatService, redis: Any) ->
         await redis.delete(keys.lock(thread))
     live = keys.thread_id("live")
     await dead_turn(service, live, "g-live", ["x"])
-    assert await Reaper(service, holder="r1").sweep() == 3
+    assert await service.reaper(holder="r1").sweep() == 3
     for name in names:
         [(_, fields)] = await redis.xrevrange(keys.history(keys.thread_id(name)), count=1)
         assert fields["content"] == name and fields["status"] == "interrupted"
@@ -126,7 +126,7 @@ async def test_only_the_leader_sweeps(
     make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service = await make_service(chat_reaper_interval_ms=100)
-    first, second = Reaper(service, holder="pod:a"), Reaper(service, holder="pod:b")
+    first, second = service.reaper(holder="pod:a"), service.reaper(holder="pod:b")
     sweeps = {"pod:a": 0, "pod:b": 0}
 
     def counting(reaper: Reaper, holder: str) -> None:

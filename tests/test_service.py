@@ -14,11 +14,11 @@ from app.chat import keys
 from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.follower import Follower
 from app.chat.keys import ThreadId
+from app.chat.records import Delta, Loading, Message
 from app.chat.service import ChatService
 from app.chat.timeline import frame_from_entry
 from app.chat.turns import Begun
 from app.llm.fake import expected_reply
-from app.protocol import Delta, Loading, Message
 from tests.conftest import USER, wait_until
 
 MakeService = Callable[..., Awaitable[ChatService]]

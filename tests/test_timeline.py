@@ -9,6 +9,7 @@ import pytest
 
 from app.chat import keys
 from app.chat.keys import ThreadId
+from app.chat.records import Delta, Done, Message
 from app.chat.timeline import (
     MESSAGE_ID_PLACEHOLDER,
     Timeline,
@@ -18,7 +19,6 @@ from app.chat.timeline import (
     message_event_data,
     parse_frame,
 )
-from app.protocol import Delta, Done, Message
 
 T = keys.thread_id("tl")
 

@@ -1,4 +1,4 @@
-"""Assistant turns (workers.turn): streaming, coalescing, and every way a turn ends."""
+"""Assistant turns (app.chat.runner): streaming, coalescing, and every way a turn ends."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from app.chat import keys
 from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
+from app.chat.records import Loading, Message
+from app.chat.runner import TurnContext, TurnManager, TurnRunner
 from app.chat.scripts import Scripts
 from app.chat.turns import Begun, TurnStore
 from app.llm import LLMError
 from app.llm.fake import FakeModel, expected_reply, reply_tokens
-from app.protocol import Loading, Message
 from tests.conftest import USER, wait_until
-from workers.turn import TurnContext, TurnManager, TurnRunner
 
 PROMPT = "tell me about durable chat"
 

@@ -14,11 +14,11 @@ from app.chat import keys
 from app.chat.errors import LockLost, NotFound
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease, TurnLock
+from app.chat.records import Delta, Done, Loading, Message
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import frame_from_entry, parse_frame
 from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore
-from app.protocol import Delta, Done, Loading, Message
 from tests.conftest import USER, Listener, open_thread
 
 POD = "pod-a"

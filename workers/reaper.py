@@ -1,84 +1,34 @@
-"""The reaper: closes turns whose pod died, so no thread stays stuck.
+"""The standalone reaper process (``durable-chat worker``).
 
-A turn whose pod is gone stops renewing its lease; once the lease has run
-out (CHAT_LOCK_TTL_MS) the reaper takes the thread's lock itself, with a new
-fencing number (so the dead turn, should it wake up, can never write again),
-commits the text the turn had published as an ``interrupted`` assistant
-message, publishes ``done`` and frees the thread. It runs every
-CHAT_REAPER_INTERVAL_MS, so a thread is free again within the lease plus one
-interval.
-
-It runs as ``durable-chat worker`` or inside every pod; either way only the
-holder of a short leader lease in Redis sweeps, so pods do not race each
-other (if they did, the lock would still let only one close a turn).
+Pods run the reaper themselves unless CHAT_REAPER_IN_POD=0; this process runs
+it on its own, built from the few parts it needs: a Redis command client, the
+turn lock and the turn store. No model, no fan-out hub, no sockets.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from redis.exceptions import RedisError
-
-from app import metrics
-from app.chat import keys
-from app.chat.errors import LockLost
-from app.chat.service import ChatService
-
-log = logging.getLogger(__name__)
+from app.chat.lock import TurnLock
+from app.chat.reaper import Reaper
+from app.chat.scripts import Scripts
+from app.chat.turns import TurnStore
+from app.redis_client import connect
+from app.settings import Settings
 
 
-class Reaper:
-    """Sweeps the turn index for turns whose lease expired."""
-
-    def __init__(self, service: ChatService, holder: str) -> None:
-        self._service = service
-        self._holder = holder
-        self._interval_s = service.settings.chat_reaper_interval_ms / 1000
-
-    async def run_forever(self) -> None:
-        lease_ms = int(self._interval_s * 3000)
-        while True:
-            try:
-                leader = await self._service.scripts.leader_lease(
-                    keys=[keys.REAPER_LEADER], args=[self._holder, lease_ms]
-                )
-                if leader:
-                    await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down, or a bug: log and try again later
-                log.warning("reaper sweep failed: %s", exc)
-            await asyncio.sleep(self._interval_s)
-
-    async def sweep(self) -> int:
-        """Close every turn whose lease has expired; returns how many."""
-        service = self._service
-        closed = 0
-        for thread in await service.turns.index_threads():
-            if await service.redis.exists(keys.lock(thread)):
-                continue  # alive, or not yet expired
-            lease = await service.lock.acquire(thread)
-            if lease is None:
-                continue  # a new turn just took it
-            try:
-                # Read under the lock: no turn can begin or end meanwhile.
-                record = await service.turns.record(thread)
-                if record is None:
-                    await service.turns.index_remove(thread)
-                    continue
-                log.info(
-                    "closing turn %s left open by pod %s", record.generation_id, record.pod,
-                    extra={"thread_id": thread, "generation_id": record.generation_id},
-                )  # fmt: skip
-                await service.turns.close_orphan(thread, lease, record)
-                metrics.TURNS_REAPED.inc()
-                closed += 1
-            except (LockLost, RedisError) as exc:
-                log.warning(
-                    "could not close the turn of thread %s: %s", thread, exc,
-                    extra={"thread_id": thread},
-                )  # fmt: skip
-            finally:
-                await service.lock.release(thread, lease)
-        return closed
+async def run(settings: Settings) -> None:
+    """Sweep for dead pods' turns until cancelled (REDIS_URL must be set)."""
+    handles = connect(settings)
+    scripts = Scripts(handles.commands)
+    turns = TurnStore(
+        handles.commands, scripts, handles.publish_command,
+        settings.chat_event_retention, settings.chat_dedup_ttl_s,
+    )  # fmt: skip
+    reaper = Reaper(
+        scripts, TurnLock(scripts, settings.chat_lock_ttl_ms), turns,
+        interval_s=settings.chat_reaper_interval_ms / 1000,
+        holder=f"worker:{settings.chat_pod_id}",
+    )  # fmt: skip
+    try:
+        await reaper.run_forever()
+    finally:
+        await handles.aclose()

@@ -10,7 +10,7 @@ from typing import Any
 
 from app.chat import keys
 from app.chat.keys import ThreadId
-from app.protocol import Message
+from app.chat.records import Message
 
 
 class HistoryReader:

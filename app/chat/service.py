@@ -26,6 +26,9 @@ from app.chat.history import HistoryReader
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
+from app.chat.reaper import Reaper
+from app.chat.records import Joined, Loading, Message
+from app.chat.runner import TurnContext, TurnManager
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import (
@@ -37,9 +40,7 @@ from app.chat.timeline import (
 )
 from app.chat.turns import Begun, Duplicate, TurnStore
 from app.llm import ChatModel
-from app.protocol import Loading, Message, Ready
 from app.settings import Settings
-from workers.turn import TurnContext, TurnManager
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 class Opened:
     """A socket's start on a thread: ``ready``, then ``replay``, then live."""
 
-    ready: Ready
+    ready: Joined
     replay: list[TimelineEvent]
     follower: Follower
 
@@ -99,6 +100,13 @@ class ChatService:
             settings.chat_delta_window_ms, settings.chat_delta_max_bytes,
         )  # fmt: skip
         self.draining = False
+
+    def reaper(self, holder: str) -> Reaper:
+        """The reaper a pod runs beside this service, sweeping as ``holder``."""
+        return Reaper(
+            self.scripts, self.lock, self.turns,
+            interval_s=self.settings.chat_reaper_interval_ms / 1000, holder=holder,
+        )  # fmt: skip
 
     async def start(self) -> None:
         await self.hub.start()
@@ -158,7 +166,7 @@ class ChatService:
         except BaseException:
             await self.hub.unfollow(thread, follower)
             raise
-        ready = Ready(
+        ready = Joined(
             thread_id=thread, epoch=info.epoch, last_event_id=last_id,
             generating=record is not None,
             generation_id=record.generation_id if record else None, recovered=recovered,

@@ -16,7 +16,7 @@ import orjson
 
 from app.chat import keys
 from app.chat.keys import ThreadId
-from app.protocol import Done, Message
+from app.chat.records import Done, Message
 
 # Stands where the commit script writes the id of the message it commits
 # (see app.chat.scripts: orjson never emits a raw control byte).

@@ -22,9 +22,9 @@ from app.chat import keys
 from app.chat.errors import LockLost, NotFound
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
+from app.chat.records import Delta, Done, Loading, Message
 from app.chat.scripts import Scripts
 from app.chat.timeline import done_event_data, event_data, message_event_data
-from app.protocol import Delta, Done, Loading, Message
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,8 @@ import anthropic
 import httpx2
 from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
 
+from app.chat.records import Message, Role
 from app.llm.base import LLMError
-from app.protocol import Message, Role
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

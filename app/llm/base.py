@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from app.protocol import Message
+from app.chat.records import Message
 
 
 class LLMError(Exception):

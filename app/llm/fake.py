@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from app.protocol import Message
+from app.chat.records import Message
 
 _WORDS = (
     "durable", "chat", "streams", "every", "token", "to", "each", "tab", "on", "any",

@@ -93,7 +93,7 @@ async def run_turn(thread: str, prompt: str, publish: Publish, config: TurnConfi
         published.append(text)
         seq += 1
 
-    # The same coalescing loop as durable-chat's turn runner (workers/turn.py).
+    # The same coalescing loop as durable-chat's turn runner (app/chat/runner.py).
     loop = asyncio.get_running_loop()
     deadline: float | None = None
     try:

@@ -5,7 +5,7 @@ Redis while clients come and go (or resume on other pods), and it always
 ends through one path that commits the final message and ``done``: complete,
 cancelled (a ``cancel`` from any pod), error (the model failed), or
 interrupted (this pod is draining). If the pod dies instead, the reaper
-(workers.reaper) ends the turn.
+(app.chat.reaper) ends the turn.
 
 Tokens are coalesced into deltas: the buffer is flushed when it reaches
 CHAT_DELTA_MAX_BYTES or when its oldest piece is CHAT_DELTA_WINDOW_MS old,
@@ -29,10 +29,10 @@ from app.chat.errors import LockLost
 from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease, TurnLock
+from app.chat.records import Delta, Done, Message, MessageStatus
 from app.chat.timeline import TimelineEvent
 from app.chat.turns import TurnStore
 from app.llm import ChatModel, LLMError
-from app.protocol import Delta, Done, Message, MessageStatus
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,91 @@
+"""The reaper: closes turns whose pod died, so no thread stays stuck.
+
+A turn whose pod is gone stops renewing its lease; once the lease has run
+out (CHAT_LOCK_TTL_MS) the reaper takes the thread's lock itself, with a new
+fencing number (so the dead turn, should it wake up, can never write again),
+commits the text the turn had published as an ``interrupted`` assistant
+message, publishes ``done`` and frees the thread. It runs every
+CHAT_REAPER_INTERVAL_MS, so a thread is free again within the lease plus one
+interval.
+
+It runs inside every pod (app.main) or on its own as ``durable-chat worker``
+(workers.reaper); either way only the holder of a short leader lease in Redis
+sweeps, so pods do not race each other (if they did, the lock would still let
+only one close a turn). It needs only the turn lock and the turn store, never
+a model or a fan-out hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.exceptions import RedisError
+
+from app import metrics
+from app.chat import keys
+from app.chat.errors import LockLost
+from app.chat.lock import TurnLock
+from app.chat.scripts import Scripts
+from app.chat.turns import TurnStore
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    """Sweeps the turn index for turns whose lease expired."""
+
+    def __init__(
+        self, scripts: Scripts, lock: TurnLock, turns: TurnStore, *, interval_s: float, holder: str
+    ) -> None:
+        self._scripts = scripts
+        self._lock = lock
+        self._turns = turns
+        self._holder = holder
+        self._interval_s = interval_s
+
+    async def run_forever(self) -> None:
+        lease_ms = int(self._interval_s * 3000)
+        while True:
+            try:
+                leader = await self._scripts.leader_lease(
+                    keys=[keys.REAPER_LEADER], args=[self._holder, lease_ms]
+                )
+                if leader:
+                    await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down, or a bug: log and try again later
+                log.warning("reaper sweep failed: %s", exc)
+            await asyncio.sleep(self._interval_s)
+
+    async def sweep(self) -> int:
+        """Close every turn whose lease has expired; returns how many."""
+        closed = 0
+        for thread in await self._turns.index_threads():
+            # A lock still held is a live turn, or one whose lease has not run
+            # out yet; a free one may be taken by a new turn at any moment.
+            lease = await self._lock.acquire(thread)
+            if lease is None:
+                continue
+            try:
+                # Read under the lock: no turn can begin or end meanwhile.
+                record = await self._turns.record(thread)
+                if record is None:
+                    await self._turns.index_remove(thread)
+                    continue
+                log.info(
+                    "closing turn %s left open by pod %s", record.generation_id, record.pod,
+                    extra={"thread_id": thread, "generation_id": record.generation_id},
+                )  # fmt: skip
+                await self._turns.close_orphan(thread, lease, record)
+                metrics.TURNS_REAPED.inc()
+                closed += 1
+            except (LockLost, RedisError) as exc:
+                log.warning(
+                    "could not close the turn of thread %s: %s", thread, exc,
+                    extra={"thread_id": thread},
+                )  # fmt: skip
+            finally:
+                await self._lock.release(thread, lease)
+        return closed
