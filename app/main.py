@@ -19,7 +19,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app import metrics, rest, seed, ws
+from app import metrics, rest, seed, sse, ws
 from app.auth import Authenticator, AuthError
 from app.chat.service import ChatService
 from app.llm import make_model
@@ -80,10 +80,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("pod %s stopped", settings.chat_pod_id)
 
     app = FastAPI(title="durable-chat", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
     app.state.auth = authenticator
     app.state.origins = origins
     app.include_router(ws.router)
     app.include_router(seed.router)
+    app.include_router(sse.router)
     rest.install(app, origins)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -4,7 +4,7 @@ The one place where HTTP requests become domain calls (app.chat.threads) and
 domain errors become HTTP statuses, each with a JSON body
 ``{"error": {"code", "message", "retry_after_ms"?}}`` whose ``code`` is the
 protocol's: 401 unauthorized (no or bad token), 403 forbidden (not a member,
-or not the owner), 404 not_found (no such thread), 409 conflict, 413
+or not the owner), 404 not_found (no such thread), 409 conflict or thread_busy, 413
 too_large, 422 bad_request, 429 rate_limited (with ``Retry-After``), 503
 unavailable. A stranger gets 403, not 404, for a thread that exists: thread
 ids are not secret (opening a socket on an unused id creates the thread, so
@@ -35,6 +35,7 @@ from app.chat.errors import (
     InvalidRequest,
     NotFound,
     RateLimited,
+    ThreadBusy,
 )
 from app.chat.keys import ThreadId, UserId
 from app.chat.service import ChatService
@@ -207,6 +208,7 @@ _STATUS: list[tuple[type[ChatError], int]] = [
     (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
+    (ThreadBusy, 409),  # a prompt over HTTP (app.sse) while a turn runs
     (InvalidRequest, 422),
     (RateLimited, 429),
 ]
@@ -253,8 +255,9 @@ async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """Refuse request bodies over MAX_BODY_BYTES (413) before they are read
-    into memory: by Content-Length at once, or as a chunked body grows."""
+    """Refuse request bodies over MAX_BODY_BYTES (a prompt's: a frame's size)
+    with 413 before they are read into memory: by Content-Length at once, or as
+    a chunked body grows."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -263,11 +266,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = MAX_BODY_BYTES
+        if scope["path"].endswith("/messages"):  # a prompt (app.sse): as big as a frame
+            limit = scope["app"].state.settings.chat_max_frame_bytes
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY_BYTES):
-                await _error(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")(
-                    scope, receive, send
-                )
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await _error(413, "too_large", f"body over {limit} bytes")(scope, receive, send)
                 return
         seen = 0
 
@@ -275,8 +279,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > MAX_BODY_BYTES:
-                raise HttpError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            if seen > limit:
+                raise HttpError(413, "too_large", f"body over {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -297,5 +301,5 @@ def install(app: FastAPI, origins: OriginPolicy) -> None:
             CORSMiddleware,
             allow_origins=origins.explicit,
             allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
-            allow_headers=["authorization", "content-type"],
+            allow_headers=["authorization", "content-type", "last-event-id"],
         )

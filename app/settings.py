@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # rest of an idle socket, and the small JSON frames of a stream (deltas of
     # a few tokens) gain little from it. Turn on for slow links, at that price.
     chat_ws_deflate: bool = False
+    # Seconds between keep-alive comments on an idle SSE stream (app.sse), well
+    # under the idle timeouts of common proxies (60 s).
+    chat_sse_keepalive_s: float = Field(default=15.0, gt=0)
     chat_drain_grace_s: float = Field(default=20.0, ge=0)
     chat_pod_id: str = Field(default_factory=lambda: secrets.token_hex(4))
     chat_log_level: str = "INFO"

@@ -210,7 +210,7 @@ class ChatService:
         if not await self._may_access(thread, user):
             raise Forbidden("you are not a member of this thread")
         if client_msg_id is not None:
-            original = await self._original_message(thread, client_msg_id)
+            original = await self.message_frame(thread, client_msg_id)
             if original is not None:
                 return original
         await self.limits.take_prompt(user)
@@ -242,7 +242,7 @@ class ChatService:
                 return None
             if isinstance(result, Duplicate):
                 await self.lock.release(thread, lease)
-                return await self._original_message(thread, client_msg_id or "")
+                return await self.message_frame(thread, client_msg_id or "")
             record = await self.turns.record(thread)
             if record is None:  # closed meanwhile by the reaper
                 await self.lock.release(thread, lease)
@@ -264,8 +264,9 @@ class ChatService:
             context = [message.model_copy(update={"id": begun.message_id})]
         self.manager.start(TurnContext(thread, lease, generation_id, context))
 
-    async def _original_message(self, thread: ThreadId, client_msg_id: str) -> str | None:
-        """The ``message`` frame first sent for ``client_msg_id``, if any."""
+    async def message_frame(self, thread: ThreadId, client_msg_id: str) -> str | None:
+        """The ``message`` frame first sent for ``client_msg_id``, if any (the
+        HTTP prompt's answer, and a repeated prompt's)."""
         message_id = await self.redis.hget(keys.dedup(thread), client_msg_id)
         if message_id is None:
             return None

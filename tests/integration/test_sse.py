@@ -1,0 +1,189 @@
+"""The thread protocol without a WebSocket, on real pods: the SSE stream is a
+socket's stream (same frames, same order, across pods), ``Last-Event-ID``
+resumes on another pod with the socket's gap rules, keep-alives flow, and
+the HTTP prompt, history and cancel behave as their frames, with the REST
+API's authentication, origin check and error bodies."""
+
+from __future__ import annotations
+
+import secrets
+
+import httpx
+import orjson
+import pytest
+
+from tests.integration.helpers import collect_until, recv_event
+from tests.integration.shared_pods import pods
+from tests.integration.sse import open_stream
+from tests.integration.tokens import AUTH_ENV, bearer, open_socket, token
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def two_pods(tmp_path_factory):
+    env = dict(
+        AUTH_ENV, CHAT_SSE_KEEPALIVE_S=0.3, CHAT_FAKE_TOKEN_DELAY_MS=15,
+        CHAT_MAX_PROMPT_CHARS=200, CHAT_ALLOWED_ORIGINS="https://app.example.test",
+    )  # fmt: skip
+    with pods(tmp_path_factory.mktemp("sse"), **env) as started:
+        yield started
+
+
+def thread_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def client(pod, user: str | None = "alice", **headers: str) -> httpx.AsyncClient:
+    auth = bearer(user) if user else {}
+    return httpx.AsyncClient(base_url=pod.http, headers={**auth, **headers}, timeout=10)
+
+
+async def test_sse_listener_and_socket_on_other_pods_get_the_same_frames(two_pods):
+    pod_a, pod_b = two_pods
+    thread = thread_id("same")
+    ws = await open_socket(pod_a.ws, thread, "alice")
+    try:
+        assert (await recv_event(ws))["type"] == "ready"
+        # The EventSource way: no headers, the token in the query.
+        async with (
+            client(pod_b, None) as http,
+            open_stream(http, thread, params={"token": token("alice")}) as stream,
+        ):
+            ready = await stream.next()
+            assert (ready.event, ready.id, ready.retry) == ("ready", None, 1000)
+            assert ready.json["generating"] is False and ready.json["thread_id"] == thread
+            async with client(pod_b) as poster:
+                posted = await poster.post(
+                    f"/v1/threads/{thread}/messages", json={"content": "hello over http"}
+                )
+            assert posted.status_code == 202, posted.text
+            over_sse = await stream.until("done")
+        over_socket = [orjson.dumps(e).decode() for e in await collect_until(ws)]
+    finally:
+        await ws.close()
+    # Byte for byte the socket's frames, in the same order, with SSE ids and types.
+    assert [e.data for e in over_sse] == over_socket
+    assert [e.id for e in over_sse] == [orjson.loads(f)["id"] for f in over_socket]
+    assert [e.event for e in over_sse] == [orjson.loads(f)["type"] for f in over_socket]
+    assert posted.json() == orjson.loads(over_socket[0])
+    assert posted.json()["message"]["content"] == "hello over http"
+    types = [e.event for e in over_sse]
+    assert types[:2] == ["message", "loading"] and types[-2:] == ["message", "done"]
+
+
+async def test_last_event_id_resumes_on_another_pod(two_pods):
+    pod_a, pod_b = two_pods
+    thread = thread_id("resume")
+    async with client(pod_a) as http_a, client(pod_b) as http_b:
+        async with open_stream(http_a, thread) as stream:
+            epoch = (await stream.next()).json["epoch"]
+            await http_a.post(f"/v1/threads/{thread}/messages", json={"content": "count"})
+            before = [await stream.next() for _ in range(5)]  # message, loading, 3 deltas
+        assert before[-1].event == "delta"
+        last = before[-1].id
+        headers = {"Last-Event-ID": last}
+        async with open_stream(http_b, thread, headers=headers, params={"epoch": epoch}) as stream:
+            ready = await stream.next()
+            assert ready.json["recovered"] is True
+            after = await stream.until("done")
+        events = [e.json for e in before + after]
+        ids = [e["id"] for e in events]
+        assert ids == sorted(set(ids), key=lambda i: tuple(map(int, i.split("-"))))
+        assert [e["n"] for e in events] == list(range(events[0]["n"], events[0]["n"] + len(ids)))
+        text = "".join(e["text"] for e in events if e["type"] == "delta")
+        assert text == events[-2]["message"]["content"] and text
+        # ?after= is the same resume; another epoch or an unknown id is never silent.
+        async with open_stream(http_a, thread, params={"after": last}) as stream:
+            assert (await stream.next()).json["recovered"] is True
+            assert [e.id for e in await stream.until("done")] == [e.id for e in after]
+        for query in ({"after": last, "epoch": "another"}, {"after": "99999999999999-0"}):
+            async with open_stream(http_b, thread, params=query) as stream:
+                assert (await stream.next()).json["recovered"] is False
+        bad = await http_a.get(f"/v1/threads/{thread}/events", headers={"Last-Event-ID": "x"})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "bad_request"
+
+
+async def test_idle_stream_sends_keepalive_comments(two_pods):
+    async with client(two_pods[0]) as http, open_stream(http, thread_id("idle")) as stream:
+        assert (await stream.next()).event == "ready"
+        comment = await stream.next(timeout=5, comments=True)
+        assert comment.comment == "keep-alive"
+
+
+async def test_cancel_over_http_stops_a_turn_on_another_pod_with_no_socket(two_pods):
+    pod_a, pod_b = two_pods
+    thread = thread_id("cancel")
+    async with client(pod_a) as http_a, client(pod_b) as http_b:
+        idle = await http_b.post(f"/v1/threads/{thread}/cancel", json={})
+        assert idle.status_code == 404  # not even created yet
+        await http_a.post("/v1/threads", json={"id": thread})
+        idle = await http_b.post(f"/v1/threads/{thread}/cancel")
+        assert idle.status_code == 404 and idle.json()["error"]["code"] == "not_found"
+        # A reply started over HTTP: no socket is open anywhere.
+        posted = await http_a.post(f"/v1/threads/{thread}/messages", json={"content": "go on"})
+        assert posted.status_code == 202
+        cancelled = await http_b.post(f"/v1/threads/{thread}/cancel", json={})
+        assert cancelled.status_code == 202, cancelled.text
+        generation = cancelled.json()["generation_id"]
+
+        async def reply() -> dict | None:
+            page = (await http_b.get(f"/v1/threads/{thread}/messages")).json()
+            replies = [m for m in page["messages"] if m["role"] == "assistant"]
+            return replies[0] if replies else None
+
+        final = None
+        async with open_stream(http_b, thread) as stream:
+            ready = (await stream.next()).json
+            if ready["generating"]:
+                assert ready["generation_id"] == generation
+                done = (await stream.until("done"))[-1].json
+                assert done["status"] == "cancelled"
+            final = await reply()
+        assert final is not None and final["status"] == "cancelled"
+
+
+async def test_http_prompts_are_idempotent_and_refused_like_frames(two_pods):
+    pod_a, pod_b = two_pods
+    thread = thread_id("errors")
+    url = f"/v1/threads/{thread}/messages"
+    async with client(pod_a) as alice, client(pod_b, "bob") as bob, client(pod_a, None) as anon:
+        assert (await anon.get(f"/v1/threads/{thread}/events")).status_code == 401
+        unauth = await anon.post(url, json={"content": "hi"})
+        assert unauth.status_code == 401 and unauth.json()["error"]["code"] == "unauthorized"
+        assert (await alice.post(url, json={"content": "hi"})).status_code == 404
+        await alice.post("/v1/threads", json={"id": thread})
+        body = {"content": "once", "client_msg_id": "m-1"}
+        first = await alice.post(url, json=body)
+        busy = await alice.post(url, json={"content": "meanwhile"})
+        again = await alice.post(url, json=body)
+        assert first.status_code == 202 and again.status_code == 202
+        assert again.json() == first.json()  # the original message, nothing new
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "thread_busy"
+        for refused, status, code in [
+            (await bob.post(url, json={"content": "hi"}), 403, "forbidden"),
+            (await bob.get(f"/v1/threads/{thread}/events"), 403, "forbidden"),
+            (await bob.post(f"/v1/threads/{thread}/cancel"), 403, "forbidden"),
+            (await bob.get(url), 403, "forbidden"),
+            (await alice.post(url, json={"content": ""}), 422, "bad_request"),
+            (await alice.post(url, json={"content": "x", "extra": 1}), 422, "bad_request"),
+            (await alice.post(url, json={"content": "x" * 201}), 413, "too_large"),
+            (await alice.post(url, json={"content": "x" * 40000}), 413, "too_large"),
+            (await alice.post(url, json={"content": "hi"}, headers={"Origin": "https://evil.test"}),
+             403, "forbidden"),
+        ]:  # fmt: skip
+            assert (refused.status_code, refused.json()["error"]["code"]) == (status, code)
+        allowed = await alice.get(url, headers={"Origin": "https://app.example.test"})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.test"
+
+        resume = {"Last-Event-ID": first.json()["id"]}
+        async with open_stream(alice, thread, headers=resume) as stream:
+            await stream.until("done")  # the reply is committed
+        async with client(pod_b) as on_b:
+            page = (await on_b.get(url)).json()
+        assert [m["content"] for m in page["messages"]][:1] == ["once"]
+        assert [m["role"] for m in page["messages"]] == ["user", "assistant"]
+        paths = (await anon.get("/openapi.json")).json()["paths"]
+    for path in ("events", "messages", "cancel"):
+        assert f"/v1/threads/{{thread_id}}/{path}" in paths
+    assert "text/event-stream" in str(paths["/v1/threads/{thread_id}/events"]["get"])
