@@ -33,9 +33,10 @@ from app import metrics
 from app.chat import keys
 from app.chat.errors import NotFound
 from app.chat.follower import Follower
+from app.chat.records import Message
 from app.chat.service import ChatService, Opened
 from app.chat.timeline import TimelineEvent
-from app.protocol import ClientToken, EventId, History, Message, encode
+from app.protocol import ClientToken, EventId, History, Ready, encode
 from app.rest import Caller, Chat, HttpError, PathThread
 
 router = APIRouter(prefix="/v1/threads", tags=["threads without a WebSocket"])
@@ -129,7 +130,7 @@ async def _stream(service: ChatService, opened: Opened, keepalive_s: float) -> A
     follower = opened.follower
     metrics.SOCKETS_OPEN.inc()
     try:
-        yield f"retry: {RECONNECT_MS}\nevent: ready\ndata: {encode(opened.ready)}\n\n"
+        yield f"retry: {RECONNECT_MS}\nevent: ready\ndata: {encode(Ready.of(opened.ready))}\n\n"
         for replayed in opened.replay:
             if follower.claim(replayed):
                 yield _message(replayed)
