@@ -45,7 +45,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bench import wsclient
-from bench.procs import cpu_seconds, rss_kb
+from tests.procs import cpu_seconds, rss_kb
 
 STAMP = b"[t="
 CONNECT_TIMEOUT_S = 30.0

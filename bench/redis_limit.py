@@ -35,7 +35,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from bench.procs import cpu_seconds
+from tests.procs import cpu_seconds
 
 FLUSH_INTERVAL_S = 0.005
 

@@ -41,14 +41,8 @@ from typing import Any
 
 from bench import report
 from bench.peers.common import TurnConfig, run_turn
-from bench.procs import (
-    ROOT,
-    RedisServer,
-    Server,
-    durable_pod,
-    peer_server,
-    running,
-)
+from tests import procs
+from tests.procs import ROOT, RedisServer, Server, running
 
 RESULTS = ROOT / "bench" / "results"
 SYSTEMS = ("durable", "socketio", "broadcaster", "bare")
@@ -58,6 +52,16 @@ PEER_MODULES = {
     "bare": "bench.peers.bare_ws",
 }
 PHASES = ("limits", "fanout", "latency", "idle", "cost")
+# A durable-chat pod under load: the fake model stamping its tokens and no
+# per-user limits (one load generator plays every user).
+DURABLE_ENV = {
+    "CHAT_FAKE_STAMP": "1",
+    "CHAT_FAKE_TOKEN_DELAY_MS": "0",
+    "CHAT_RATE_PROMPTS_PER_MIN": "0",
+    "CHAT_MAX_THREADS_PER_USER": "0",
+    "CHAT_MAX_SOCKETS_PER_POD": "50000",
+    "CHAT_LOG_LEVEL": "WARNING",
+}
 
 
 @dataclass
@@ -99,6 +103,19 @@ class Config:
         )  # fmt: skip
 
 
+def peer_server(
+    module: str, name: str, redis_url: str | None, logdir: Path, turn_env: dict[str, str]
+) -> Server:
+    """A peer server (bench.peers.*) under uvicorn, with the same token stream."""
+    port = procs.free_port()
+    env = procs.base_env()
+    env.update(turn_env)
+    argv = [sys.executable, "-m", module, "--port", str(port)]
+    if redis_url:
+        argv += ["--redis", redis_url]
+    return Server(name, argv, env, port, logdir / f"{name}.log")
+
+
 class Bench:
     """One benchmark run: its Redis, its scratch directory, its results."""
 
@@ -107,7 +124,7 @@ class Bench:
         self.systems = systems
         self.tmp = tmp
         self.logdir = logdir
-        self.redis = RedisServer(tmp / "redis").start()
+        self.redis = RedisServer(tmp / "redis", maxclients=20000).start()
         self.runs = 0
 
     def close(self) -> None:
@@ -138,11 +155,9 @@ class Bench:
         self.redis.client().flushall()
         self.runs += 1
         if system == "durable":
-            env = {**turn_env, **(pod_env or {})}
-            return [
-                durable_pod(f"pod{self.runs}-{i}", self.redis.url, self.logdir, env)
-                for i in range(count)
-            ]
+            env = {**DURABLE_ENV, **turn_env, **(pod_env or {})}
+            names = [f"pod{self.runs}-{i}" for i in range(count)]
+            return [procs.pod(n, self.redis.url, self.logdir / f"{n}.log", **env) for n in names]
         url = None if system == "bare" else self.redis.url
         module = PEER_MODULES[system]
         return [

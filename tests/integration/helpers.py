@@ -1,47 +1,279 @@
-"""Helpers shared by the integration tests: reading a socket until an event."""
+"""What the integration tests say, in the order a test says it: open a
+socket, send, read until something happens, then check what the client saw
+against what Redis holds.
+
+Sockets speak protocol v1 (docs/protocol.md); every read is bounded by
+``TIMEOUT_S`` unless the caller gives its own bound. Tokens for the
+authenticated pods are in tests/integration/tokens.py, the processes in
+tests/procs.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.procs import RedisServer
 
 TIMEOUT_S = 15.0
+REFUSED = (403, 1008)  # HTTP 403 on the upgrade, or close 1008 after it
+
+Event = dict[str, Any]
 
 
-async def recv_event(ws: Any, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+def unique(prefix: str) -> str:
+    """A thread id no other test uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+# -- a client's socket -------------------------------------------------------
+
+
+async def connect(base: str, thread: str, query: str = "", **kw: Any) -> Any:
+    """A raw protocol socket (its ``ready`` event still unread); ``kw`` go to
+    ``websockets.connect`` (``additional_headers=...``)."""
+    # An unbounded receive queue: a test that leaves frames unread must not
+    # stall its own close handshake (websockets stops reading when it is full).
+    return await websockets.connect(
+        f"{base}/v1/threads/{thread}/ws{query}", open_timeout=10, max_queue=None, **kw
+    )
+
+
+async def open_ready(base: str, thread: str, query: str = "", **kw: Any) -> tuple[Any, Event]:
+    """A protocol socket and its ``ready`` event."""
+    ws = await connect(base, thread, query, **kw)
+    return ws, await expect(ws, "ready")
+
+
+async def send(ws: Any, frame: Event) -> None:
+    await ws.send(orjson.dumps(frame).decode())
+
+
+async def recv_event(ws: Any, timeout: float = TIMEOUT_S) -> Event:
     return orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
-async def collect_until(
-    ws: Any, stop_type: str = "done", timeout: float = TIMEOUT_S
-) -> list[dict[str, Any]]:
-    """Every event up to and including the first of type ``stop_type``."""
-    events: list[dict[str, Any]] = []
+async def expect(ws: Any, event_type: str, timeout: float = TIMEOUT_S) -> Event:
+    """The next event, which must be of type ``event_type``."""
+    event = await recv_event(ws, timeout)
+    assert event["type"] == event_type, event
+    return event
+
+
+async def read_until(
+    ws: Any,
+    stop: str | Callable[[Event], bool],
+    timeout: float = TIMEOUT_S,
+    into: list[Event] | None = None,
+) -> list[Event]:
+    """Events up to and including the first of type ``stop`` (or for which
+    ``stop(event)`` holds). With ``into``, events are appended there as they
+    come (so they are kept on timeout)."""
+    matches = (lambda e: e["type"] == stop) if isinstance(stop, str) else stop
+    events: list[Event] = [] if into is None else into
+    start = len(events)
     async with asyncio.timeout(timeout):
         while True:
             event = orjson.loads(await ws.recv())
             events.append(event)
-            if event["type"] == stop_type:
-                return events
+            if matches(event):
+                return events[start:]
 
 
-async def connect(base: str, thread: str, query: str = "") -> Any:
-    """A raw protocol socket, after its ``ready`` event (returned beside it)."""
-    # An unbounded receive queue: a test that leaves frames unread must not
-    # stall its own close handshake (websockets stops reading when it is full).
-    ws = await websockets.connect(
-        f"{base}/v1/threads/{thread}/ws{query}", open_timeout=10, max_queue=None
-    )
-    return ws
+async def until_done(ws: Any, timeout: float = TIMEOUT_S) -> list[Event]:
+    """Every event up to and including the next ``done``."""
+    return await read_until(ws, "done", timeout)
 
 
-async def send(ws: Any, frame: dict[str, Any]) -> None:
-    await ws.send(orjson.dumps(frame).decode())
+async def until_deltas(ws: Any, count: int, timeout: float = TIMEOUT_S) -> list[Event]:
+    """Events until the ``count``-th delta (inclusive)."""
+    seen = 0
+
+    def enough(event: Event) -> bool:
+        nonlocal seen
+        seen += event["type"] == "delta"
+        return seen >= count
+
+    return await read_until(ws, enough, timeout)
 
 
-def timeline(events: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
+async def turn(ws: Any, content: str, **extra: Any) -> list[Event]:
+    """Send a prompt and return every event up to its ``done``."""
+    await send(ws, {"type": "prompt", "content": content, **extra})
+    return await until_done(ws)
+
+
+async def get_history(ws: Any, **params: Any) -> Event:
+    """A ``get_history`` answer (other events in between fail the test)."""
+    await send(ws, {"type": "get_history", **params})
+    return await expect(ws, "history")
+
+
+async def expect_quiet(ws: Any) -> None:
+    """Nothing is pending on the socket: a ping is answered before any event."""
+    await ws.send('{"type":"ping"}')
+    event = await recv_event(ws, 5)
+    assert event["type"] == "pong", f"unexpected event before pong: {event}"
+
+
+async def close_code(ws: Any, timeout: float = 10.0) -> tuple[list[Event], int | None]:
+    """Read until the server closes the socket: the events before, and the close code."""
+    events: list[Event] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                events.append(orjson.loads(await ws.recv()))
+    except ConnectionClosed as exc:
+        return events, exc.rcvd.code if exc.rcvd is not None else None
+
+
+async def refusal(url: str, timeout: float = 10.0, **connect_kwargs: Any) -> int:
+    """How the server refuses a socket at ``url``: the HTTP status of the
+    upgrade (403), or the close code it sends before any frame. Fails if the
+    socket is served a frame instead."""
+    try:
+        ws = await websockets.connect(url, open_timeout=timeout, max_queue=None, **connect_kwargs)
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    try:
+        frame = await asyncio.wait_for(ws.recv(), timeout)
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd is not None else 1006
+    finally:
+        await ws.close()
+    raise AssertionError(f"socket at {url} was served instead of refused: {frame!r}")
+
+
+# -- what a client saw -------------------------------------------------------
+
+
+def timeline(events: list[Event]) -> list[tuple[str, int, str]]:
     """The timeline part of a list of events: (id, n, type)."""
     return [(e["id"], e["n"], e["type"]) for e in events if "id" in e]
+
+
+def deltas_text(events: list[Event], generation_id: str | None = None) -> str:
+    """The concatenated delta texts (of one generation, if given), checking
+    that their ``seq`` numbers run 0, 1, 2... with none missing or repeated."""
+    deltas = [
+        e for e in events if e["type"] == "delta" and generation_id in (None, e["generation_id"])
+    ]
+    if generation_id is not None and deltas:
+        assert [d["seq"] for d in deltas] == list(range(len(deltas))), "delta seq gap/dup"
+    return "".join(d["text"] for d in deltas)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+# -- what Redis holds --------------------------------------------------------
+
+# The documented key layout (app/chat/keys.py, README "Redis keys"): tests
+# check that Redis never holds anything else.
+_THREAD = r"[A-Za-z0-9_-]{1,64}"
+_USER = r"[A-Za-z0-9_.@:|+=-]{1,128}"
+DOCUMENTED_KEYS = re.compile(
+    rf"chat:\{{{_THREAD}\}}:(history|events|lock|fence|turn|meta|members|dedup)"
+    rf"|chat:user:\{{{_USER}\}}:(threads|owned|sockets|rate:prompts)"
+    r"|chat:turns|chat:reaper:leader"
+)
+
+
+def undocumented(found: set[str] | list[str]) -> set[str]:
+    """The keys among ``found`` that the documented layout does not allow."""
+    return {key for key in found if not DOCUMENTED_KEYS.fullmatch(key)}
+
+
+def stored_events(server: RedisServer, thread: str, start: str = "-") -> list[Event]:
+    """The thread's stored timeline (``chat:{T}:events``) as frames with id and n."""
+    entries = server.client().xrange(f"chat:{{{thread}}}:events", start, "+")
+    return [
+        {"id": entry_id, "n": int(fields["n"]), **orjson.loads(fields["data"])}
+        for entry_id, fields in entries
+    ]
+
+
+def stored_history(server: RedisServer, thread: str) -> list[dict[str, str]]:
+    """The thread's committed messages (``chat:{T}:history``), with their ids."""
+    entries = server.client().xrange(f"chat:{{{thread}}}:history")
+    return [{"id": entry_id, **fields} for entry_id, fields in entries]
+
+
+def assert_matches_log(events: list[Event], server: RedisServer, thread: str) -> None:
+    """Guarantee 1 and 2 for one client: the timeline events it received are
+    exactly the thread's event log from its first received event on, in
+    order: ids strictly increasing, no duplicate, no gap."""
+    got = timeline(events)
+    assert got, "the client received no timeline event"
+    keys = [tuple(map(int, event_id.split("-"))) for event_id, _, _ in got]
+    assert all(a < b for a, b in itertools.pairwise(keys)), "ids not increasing"
+    stored = timeline(stored_events(server, thread, got[0][0]))
+    if got != stored:
+        at = next((i for i, (a, b) in enumerate(zip(got, stored, strict=False)) if a != b), None)
+        at = min(len(got), len(stored)) if at is None else at
+        raise AssertionError(
+            f"client timeline differs from the log at index {at} (client has {len(got)} "
+            f"events, log {len(stored)}): client {got[max(0, at - 2) : at + 3]}, "
+            f"log {stored[max(0, at - 2) : at + 3]}"
+        )
+
+
+def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
+    """Every turn in the event log is whole: user message, loading, deltas
+    (seq 0..k), the assistant message whose content is the deltas' text, and
+    ``done`` naming that message with the same status; and the history holds
+    exactly those messages. Returns the number of turns."""
+    log = stored_events(server, thread)
+    stored = {m["id"]: m for m in stored_history(server, thread)}
+    numbers = [e["n"] for e in log]
+    if numbers:
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "n not contiguous"
+    turns = 0
+    i = 0
+    while i < len(log):
+        user = log[i]
+        assert user["type"] == "message" and user["message"]["role"] == "user", user
+        loading = log[i + 1]
+        assert loading["type"] == "loading", loading
+        generation = loading["generation_id"]
+        j = i + 2
+        while log[j]["type"] == "delta":
+            j += 1
+        text = deltas_text(log[i + 2 : j], generation)
+        final, done = log[j], log[j + 1]
+        assert final["type"] == "message" and final["message"]["role"] == "assistant", final
+        assert final["message"]["content"] == text, (thread, generation)
+        assert done["type"] == "done" and done["generation_id"] == generation, done
+        assert done["message_id"] == final["id"] == final["message"]["id"]
+        assert done["status"] == final["message"]["status"]
+        for event in (user, final):
+            entry = stored[event["id"]]
+            assert entry["content"] == event["message"]["content"]
+            assert entry["status"] == event["message"]["status"]
+        turns += 1
+        i = j + 2
+    assert len(stored) == 2 * turns, "history holds messages the timeline does not show"
+    return turns
+
+
+def assert_idle(server: RedisServer, thread: str) -> None:
+    """No stuck turn: no lock, no turn record, not in the reaper's index."""
+    db = server.client()
+    assert not db.exists(f"chat:{{{thread}}}:lock"), "stuck lock"
+    assert not db.exists(f"chat:{{{thread}}}:turn"), "stuck turn record"
+    assert db.zscore("chat:turns", thread) is None, "still in the turn index"

@@ -10,8 +10,7 @@ import jwt
 import websockets
 
 from app.llm.fake import expected_reply
-from tests.integration.contract_helpers import REFUSED, refusal, unique
-from tests.integration.helpers import collect_until, recv_event, send
+from tests.integration.helpers import REFUSED, recv_event, refusal, send, unique, until_done
 
 # s3cret, long enough for HS256 (the pod refuses secrets under 32 bytes).
 SECRET = "s3cret" * 8
@@ -60,7 +59,7 @@ async def test_tokens_at_the_socket_edge(redis_server, pod_factory):
     try:
         assert ready["thread_id"] == thread
         await send(ws, {"type": "prompt", "content": "alice was here"})
-        events = await collect_until(ws)
+        events = await until_done(ws)
     finally:
         await ws.close()
     assert events[0]["message"]["user_id"] == "alice"

@@ -8,19 +8,21 @@ from typing import Any
 
 import pytest
 
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     Stopwatch,
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
     deltas_text,
-    history,
+    open_ready,
     read_until,
+    recv_event,
+    stored_history,
+    timeline,
+    unique,
     until_deltas,
     until_done,
 )
-from tests.integration.helpers import recv_event, timeline
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +99,7 @@ async def test_cancel_sent_to_the_other_pod_stops_the_turn(redis_server, pod_fac
         await on_a.close()
         await on_b.close()
     assert_matches_log(seen_a + seen_a2, redis_server, thread)
-    stored = history(redis_server, thread)
+    stored = stored_history(redis_server, thread)
     assert [(m["role"], m["status"]) for m in stored] == [
         ("user", "complete"),
         ("assistant", "cancelled"),

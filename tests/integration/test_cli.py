@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import collect_until, connect, recv_event, send
+from tests.integration.helpers import connect, open_ready, recv_event, send, turn, until_done
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +24,9 @@ def _cli(server, *args: str, stdin: str | None = None, timeout: float = 30):
 
 
 async def _turn(pod, thread: str, prompt: str) -> list[dict]:
-    ws = await connect(pod.ws, thread)
+    ws, _ = await open_ready(pod.ws, thread)
     try:
-        await recv_event(ws)
-        await send(ws, {"type": "prompt", "content": prompt})
-        return await collect_until(ws)
+        return await turn(ws, prompt)
     finally:
         await ws.close()
 
@@ -84,7 +82,7 @@ async def test_turns_shows_running_turn_and_its_lock(redis_server, pod_factory):
         assert f"ops2  gen={generation} pod=pod0" in out
         assert "lock ttl" in out and "ORPHANED" not in out
         await send(ws, {"type": "cancel"})
-        await collect_until(ws)
+        await until_done(ws)
     finally:
         await ws.close()
     assert "no turn is running" in _cli(redis_server, "turns").stdout

@@ -19,8 +19,8 @@ from redis.cluster import RedisCluster
 
 from app.client import ChatClient
 from app.llm.fake import expected_reply
-from tests.integration.conftest import REDIS_SERVER, wait_until
-from tests.integration.helpers import collect_until, connect, recv_event, send, timeline
+from tests.integration.helpers import connect, recv_event, send, timeline, until_done
+from tests.procs import REDIS_SERVER, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +136,7 @@ async def test_cross_pod_timeline_on_every_shard(redis_cluster, pod_factory):
             assert (await recv_event(a))["type"] == "ready"
             assert (await recv_event(b))["type"] == "ready"
             await send(b, {"type": "prompt", "content": f"on {thread}"})
-            seen_a, seen_b = await asyncio.gather(collect_until(a), collect_until(b))
+            seen_a, seen_b = await asyncio.gather(until_done(a), until_done(b))
         finally:
             await a.close()
             await b.close()
@@ -164,7 +164,7 @@ async def test_single_writer_across_pods(redis_cluster, pod_factory):
             send(a, {"type": "prompt", "content": "one"}),
             send(b, {"type": "prompt", "content": "two"}),
         )
-        seen_a, seen_b = await asyncio.gather(collect_until(a), collect_until(b))
+        seen_a, seen_b = await asyncio.gather(until_done(a), until_done(b))
     finally:
         await a.close()
         await b.close()
@@ -192,7 +192,7 @@ async def test_resume_on_other_pod(redis_cluster, pod_factory):
                     client._ws.transport.abort()
                 if event["type"] == "done":
                     break
-        everything = await collect_until(watcher)
+        everything = await until_done(watcher)
     finally:
         await client.close()
         await watcher.close()

@@ -16,19 +16,20 @@ import pytest
 
 from app.client import ChatClient
 from app.llm.fake import expected_reply
-from tests.integration.conftest import wait_until
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     Stopwatch,
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
     deltas_text,
-    history,
+    open_ready,
     read_until,
+    stored_history,
+    unique,
     until_deltas,
     until_done,
 )
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +110,7 @@ async def test_kill_9_mid_turn_is_closed_by_the_reaper_within_ttl_plus_interval(
     assert any(e["type"] == "ready" and e.get("recovered") is True for e in roamed)
     assert_matches_log(roamed, redis_server, thread)
     # One assistant message for the killed turn, committed once.
-    stored = history(redis_server, thread)
+    stored = stored_history(redis_server, thread)
     assert [(m["role"], m["status"]) for m in stored] == [
         ("user", "complete"),
         ("assistant", "interrupted"),
@@ -171,5 +172,5 @@ async def test_without_a_reaper_the_next_prompt_closes_the_dead_turn(redis_serve
     assert new_turn[-2]["message"]["content"] == expected_reply("take over", 50)
     assert_matches_log(seen, redis_server, thread)
     assert assert_turns_well_formed(redis_server, thread) == 2
-    assert "too early" not in [m["content"] for m in history(redis_server, thread)]
+    assert "too early" not in [m["content"] for m in stored_history(redis_server, thread)]
     assert_idle(redis_server, thread)

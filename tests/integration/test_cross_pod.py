@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import collect_until, connect, recv_event, send, timeline
+from tests.integration.helpers import connect, recv_event, send, timeline, until_done
 
 
 async def test_same_timeline_on_both_pods(redis_server, pod_factory):
@@ -16,7 +16,7 @@ async def test_same_timeline_on_both_pods(redis_server, pod_factory):
         assert (await recv_event(a))["type"] == "ready"
         assert (await recv_event(b))["type"] == "ready"
         await send(a, {"type": "prompt", "content": "hi there"})
-        seen_a, seen_b = await asyncio.gather(collect_until(a), collect_until(b))
+        seen_a, seen_b = await asyncio.gather(until_done(a), until_done(b))
     finally:
         await a.close()
         await b.close()

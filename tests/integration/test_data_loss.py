@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from app.client import ChatClient
-from tests.integration.conftest import wait_until
-from tests.integration.helpers import collect_until, connect, recv_event, send
+from tests.integration.helpers import connect, recv_event, send, until_done
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ async def test_live_client_learns_the_thread_was_reset(redis_server, pod_factory
         try:
             await recv_event(other)
             await send(other, {"type": "prompt", "content": "after the loss"})
-            await collect_until(other)
+            await until_done(other)
         finally:
             await other.close()
         async with asyncio.timeout(15):

@@ -12,19 +12,20 @@ import pytest
 
 from app.client import ChatClient
 from app.llm.fake import expected_reply
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     Stopwatch,
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
     close_code,
     deltas_text,
-    history,
+    open_ready,
+    stored_history,
+    timeline,
+    unique,
     until_deltas,
     until_done,
 )
-from tests.integration.helpers import timeline
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +116,7 @@ async def test_a_turn_longer_than_the_grace_is_committed_interrupted(redis_serve
         assert streamed != expected_reply("too long to wait for", 200)
         assert done["message_id"] == final["id"]
         assert_matches_log(events, redis_server, thread)
-        stored = history(redis_server, thread)
+        stored = stored_history(redis_server, thread)
         assert [(m["role"], m["status"]) for m in stored] == [
             ("user", "complete"),
             ("assistant", "interrupted"),

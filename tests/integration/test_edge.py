@@ -10,9 +10,8 @@ import httpx
 import orjson
 
 from app.llm.fake import expected_reply
-from tests.integration.conftest import wait_until
-from tests.integration.contract_helpers import REFUSED, open_ready, refusal, turn, unique
-from tests.integration.helpers import recv_event, send
+from tests.integration.helpers import REFUSED, open_ready, recv_event, refusal, send, turn, unique
+from tests.procs import wait_until
 
 BAD_THREAD_IDS = ["x" * 65, "a{b}", "..", "a:b", "a b", "a/b", "é", "a*"]
 

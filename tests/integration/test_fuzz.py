@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.integration.schema import undocumented
+from tests.integration.helpers import undocumented
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -4,7 +4,7 @@ wrote it, is readable in Redis, and pages oldest-first with ``has_more``."""
 from __future__ import annotations
 
 from app.llm.fake import expected_reply
-from tests.integration.contract_helpers import history, open_ready, turn, unique
+from tests.integration.helpers import get_history, open_ready, turn, unique
 
 HISTORY_FIELDS = {"role", "content", "user_id", "status", "created_at"}
 
@@ -43,7 +43,7 @@ async def test_history_survives_kill_9_of_the_writing_pod(redis_server, pod_fact
         ws, ready = await open_ready(pod.ws, thread)
         try:
             assert ready["last_event_id"] == done["id"] and ready["generating"] is False
-            page = await history(ws)
+            page = await get_history(ws)
         finally:
             await ws.close()
         assert page["has_more"] is False
@@ -74,7 +74,7 @@ async def test_history_pages_walk_every_message_oldest_first(redis_server, pod_f
         for prompt in prompts:
             expected += [("user", prompt), ("assistant", expected_reply(prompt, 3))]
 
-        everything = await history(ws, limit=200)
+        everything = await get_history(ws, limit=200)
         assert everything["has_more"] is False
         all_messages = everything["messages"]
         assert [(m["role"], m["content"]) for m in all_messages] == expected
@@ -86,7 +86,7 @@ async def test_history_pages_walk_every_message_oldest_first(redis_server, pod_f
             before = None
             while True:
                 params = {"limit": limit} | ({"before": before} if before else {})
-                page = await history(ws, **params)
+                page = await get_history(ws, **params)
                 pages.append(page["messages"])
                 if not page["has_more"]:
                     break
@@ -97,11 +97,11 @@ async def test_history_pages_walk_every_message_oldest_first(redis_server, pod_f
             assert walked == all_messages, f"limit={limit}"
             assert len(pages) == -(-len(expected) // limit)
 
-        oldest = await history(ws, before=ids[0])
+        oldest = await get_history(ws, before=ids[0])
         assert oldest == {**oldest, "messages": [], "has_more": False}
-        newest_two = await history(ws, limit=2)
+        newest_two = await get_history(ws, limit=2)
         assert newest_two["messages"] == all_messages[-2:] and newest_two["has_more"] is True
-        middle = await history(ws, before=ids[4], limit=200)
+        middle = await get_history(ws, before=ids[4], limit=200)
         assert middle["messages"] == all_messages[:4] and middle["has_more"] is False
     finally:
         await ws.close()

@@ -13,25 +13,26 @@ import orjson
 import pytest
 
 from app.client import ChatClient
-from tests.integration.conftest import wait_until
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
-    event_log,
     expect_quiet,
-    history,
+    open_ready,
+    recv_event,
+    stored_events,
+    stored_history,
+    unique,
     until_deltas,
     until_done,
 )
-from tests.integration.helpers import recv_event
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def _users(redis_server: Any, thread: str) -> list[dict[str, str]]:
-    return [m for m in history(redis_server, thread) if m["role"] == "user"]
+    return [m for m in stored_history(redis_server, thread) if m["role"] == "user"]
 
 
 async def test_a_repeated_prompt_on_another_pod_returns_the_original(redis_server, pod_factory):
@@ -67,7 +68,7 @@ async def test_a_repeated_prompt_on_another_pod_returns_the_original(redis_serve
     assert_matches_log(seen_a, redis_server, thread)
     users = _users(redis_server, thread)
     assert [(u["id"], u["client_msg_id"]) for u in users] == [(original["id"], "X-1")]
-    assert sum(e["type"] == "loading" for e in event_log(redis_server, thread)) == 1
+    assert sum(e["type"] == "loading" for e in stored_events(redis_server, thread)) == 1
     assert assert_turns_well_formed(redis_server, thread) == 1
 
 

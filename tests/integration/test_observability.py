@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from tests.integration.helpers import collect_until, connect, recv_event, send
+from tests.integration.helpers import connect, recv_event, send, until_done
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ async def test_metrics_show_a_turn_while_it_runs(redis_server, pod_factory):
         assert during["durable_chat_deltas_published_total"] >= 3
         assert during["durable_chat_events_delivered_total"] >= 5  # message, loading, 3 deltas
         assert during["durable_chat_fanout_lag_seconds_count"] >= 5
-        await collect_until(ws)
+        await until_done(ws)
     finally:
         await ws.close()
     after = _scrape(pod)
@@ -56,7 +56,7 @@ async def test_json_logs_carry_the_pod_and_never_the_token(redis_server, pod_fac
     ws = await connect(pod.ws, "logs1", "?token=sekret-value-123")
     await recv_event(ws)
     await send(ws, {"type": "prompt", "content": "log me"})
-    generation = (await collect_until(ws))[-1]["generation_id"]
+    generation = (await until_done(ws))[-1]["generation_id"]
     await ws.close()
     async with httpx.AsyncClient() as http:
         await http.get(f"{pod.http}/list?token=sekret-value-123", timeout=5)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from app.client import ChatClient, ChatClosed
-from tests.integration.conftest import wait_until
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 

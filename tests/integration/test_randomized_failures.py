@@ -25,15 +25,16 @@ from typing import Any
 import pytest
 
 from app.client import ChatClient
-from tests.integration.conftest import Pod, wait_until
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
-    history,
+    open_ready,
+    stored_history,
+    unique,
     until_done,
 )
+from tests.procs import Server, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -51,7 +52,7 @@ ACTIONS = {"prompt": 6, "cancel": 1, "cut": 2, "wait": 2, "kill": 0.35, "term": 
 
 async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory):
     rng = random.Random(SEED)
-    pods: list[Pod] = [pod_factory(redis_server, **ENV) for _ in range(PODS)]
+    pods: list[Server] = [pod_factory(redis_server, **ENV) for _ in range(PODS)]
     urls = [pod.ws for pod in pods]
     threads = [unique(f"chaos{i}") for i in range(THREADS)]
     clients: list[ChatClient] = []
@@ -64,7 +65,7 @@ async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory
         async for event in client.events():
             sink.append(event)
 
-    async def bounce_pod(pod: Pod, how: str, downtime: float) -> None:
+    async def bounce_pod(pod: Server, how: str, downtime: float) -> None:
         """Kill or drain one pod, leave it down a while, start it again."""
         if how == "kill":
             await asyncio.to_thread(pod.kill)
@@ -164,7 +165,7 @@ async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory
     for thread in threads:
         turns += assert_turns_well_formed(redis_server, thread)
         assert_idle(redis_server, thread)
-        stored = history(redis_server, thread)
+        stored = stored_history(redis_server, thread)
         ids = [m["client_msg_id"] for m in stored if m.get("client_msg_id")]
         assert len(ids) == len(set(ids)), f"a prompt was appended twice in {thread}"
         statuses.update(m["status"] for m in stored if m["role"] == "assistant")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from tests.integration.contract_helpers import open_ready, turn, unique
+from tests.integration.helpers import open_ready, turn, unique
 
 # Every key name the documented layout allows (app/chat/keys.py, DESIGN.md).
 _THREAD = r"chat:\{(?P<thread>[A-Za-z0-9_-]{1,64})\}:"

@@ -16,16 +16,18 @@ from websockets.exceptions import ConnectionClosed
 
 from app.client import ChatClient
 from app.llm.fake import expected_reply
-from tests.integration.conftest import wait_until
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
-    history,
+    connect,
+    open_ready,
     read_until,
+    recv_event,
+    stored_history,
+    unique,
 )
-from tests.integration.helpers import connect, recv_event
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +122,7 @@ async def test_redis_killed_mid_turn_and_restarted(redis_factory, pod_factory):
         await http.aclose()
     assert all(pod.proc is not None and pod.proc.poll() is None for pod in pods)
     assert [d["status"] for d in _dones(received)] == ["complete", "complete"]
-    stored = history(server, thread)
+    stored = stored_history(server, thread)
     assert [(m["role"], m["content"]) for m in stored] == [
         ("user", "one"),
         ("assistant", expected_reply("one", TOKENS)),

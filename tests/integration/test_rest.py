@@ -10,8 +10,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.integration.helpers import collect_until, recv_event, send
-from tests.integration.schema import undocumented
+from tests.integration.helpers import recv_event, send, undocumented, until_done
 from tests.integration.tokens import AUTH_ENV, bearer, open_socket
 
 pytestmark = pytest.mark.integration
@@ -48,7 +47,7 @@ async def test_threads_over_rest(redis_server, pod_factory):
         ws = await open_socket(pod.ws, "rest0", "alice")
         await recv_event(ws)
         await send(ws, {"type": "prompt", "content": "bump"})
-        await collect_until(ws)
+        await until_done(ws)
         await ws.close()
         top = (await alice.get("/v1/threads", params={"limit": 1})).json()["threads"][0]
         assert top["id"] == "rest0" and top["updated_at"] > top["created_at"]
@@ -151,5 +150,5 @@ async def test_delete_under_a_running_turn_leaves_nothing(redis_server, pod_fact
     fresh = await open_socket(pod_a.ws, "after-delete", "alice")
     await recv_event(fresh)
     await send(fresh, {"type": "prompt", "content": "still here?"})
-    assert (await collect_until(fresh, timeout=20))[-1]["status"] == "complete"
+    assert (await until_done(fresh, timeout=20))[-1]["status"] == "complete"
     await fresh.close()

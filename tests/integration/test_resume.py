@@ -12,16 +12,17 @@ from typing import Any
 import pytest
 
 from app.client import ChatClient
-from tests.integration.contract_helpers import open_ready, unique
-from tests.integration.failure_helpers import (
+from tests.integration.helpers import (
     assert_matches_log,
-    event_log,
     expect_quiet,
+    open_ready,
     read_until,
+    recv_event,
+    stored_events,
+    unique,
     until_deltas,
     until_done,
 )
-from tests.integration.helpers import recv_event
 
 pytestmark = pytest.mark.integration
 
@@ -129,9 +130,9 @@ async def test_resume_beyond_the_retention_window_is_refused_loudly(redis_server
         for i in range(6):  # until the first turn is trimmed away (two turns, here)
             await ws.send(f'{{"type":"prompt","content":"more {i}"}}')
             await until_done(ws)
-            if _key(event_log(redis_server, thread)[0]["id"]) > _key(old):
+            if _key(stored_events(redis_server, thread)[0]["id"]) > _key(old):
                 break
-        log = event_log(redis_server, thread)
+        log = stored_events(redis_server, thread)
         assert _key(log[0]["id"]) > _key(old), "nothing was trimmed"
         newest = log[-1]["id"]
 

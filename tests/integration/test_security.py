@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.integration.conftest import wait_until
-from tests.integration.helpers import collect_until, recv_event, send
+from tests.integration.helpers import close_code, expect, recv_event, send, until_done
 from tests.integration.tokens import (
     AUDIENCE,
     AUTH_ENV,
@@ -34,27 +33,11 @@ from tests.integration.tokens import (
     open_socket,
     token,
 )
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
 FAST = {"CHAT_FAKE_REPLY_TOKENS": 3, "CHAT_FAKE_TOKEN_DELAY_MS": 0}
-
-
-async def _ready(ws: Any) -> dict[str, Any]:
-    event = await recv_event(ws)
-    assert event["type"] == "ready", event
-    return event
-
-
-async def _closed_with(ws: Any) -> tuple[int | None, list[dict[str, Any]]]:
-    """Read until the server closes the socket: its close code, and what came before."""
-    seen: list[dict[str, Any]] = []
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                seen.append(await recv_event(ws))
-    except ConnectionClosed as exc:
-        return (exc.rcvd.code if exc.rcvd else None), seen
 
 
 def _pem(private_key: Any) -> bytes:
@@ -106,7 +89,7 @@ async def test_bad_tokens_are_refused_before_the_upgrade(redis_server, pod_facto
     by_query = await websockets.connect(f"{pod.ws}/v1/threads/tok1/ws?token={good}")
     try:
         for ws in (by_header, by_subprotocol, by_query):
-            await _ready(ws)
+            await expect(ws, "ready")
         # The server answers with the protocol's name, never with the token.
         assert by_subprotocol.subprotocol == "durable-chat.v1"
         assert good not in str(by_subprotocol.response.headers)
@@ -140,7 +123,7 @@ async def test_public_key_and_jwks_pods(redis_server, pod_factory, tmp_path: Pat
         ws = await websockets.connect(
             f"{pod.ws}/v1/threads/pk{i}/ws", additional_headers={"Authorization": f"Bearer {good}"}
         )
-        await _ready(ws)
+        await expect(ws, "ready")
         await ws.close()
     impostor_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     impostor_ec = ec.generate_private_key(ec.SECP256R1())
@@ -166,13 +149,13 @@ async def test_public_key_and_jwks_pods(redis_server, pod_factory, tmp_path: Pat
 async def test_a_member_and_a_stranger_on_the_same_thread(redis_server, pod_factory):
     pod = pod_factory(redis_server, **AUTH_ENV)
     alice = await open_socket(pod.ws, "shared1", "alice")
-    await _ready(alice)
+    await expect(alice, "ready")
     await send(alice, {"type": "prompt", "content": "our secret plans"})
-    await collect_until(alice)
+    await until_done(alice)
 
     # Bob, a stranger, reads and writes nothing, by any door.
     bob = await open_socket(pod.ws, "shared1", "bob")
-    code, seen = await _closed_with(bob)
+    seen, code = await close_code(bob)
     assert code == 1008 and not any(e["type"] in ("ready", "message") for e in seen)
     seed_headers = bearer("bob")
     seed = await websockets.connect(
@@ -199,12 +182,12 @@ async def test_a_member_and_a_stranger_on_the_same_thread(redis_server, pod_fact
     async with httpx.AsyncClient(base_url=pod.http, headers=bearer("alice")) as http:
         assert (await http.put("/v1/threads/shared1/members/bob")).status_code == 204
     bob = await open_socket(pod.ws, "shared1", "bob")
-    await _ready(bob)
+    await expect(bob, "ready")
     await send(bob, {"type": "get_history"})
     history = await recv_event(bob)
     assert history["messages"][0]["content"] == "our secret plans"
     await send(bob, {"type": "prompt", "content": "count me in"})
-    _, seen_by_alice = await asyncio.gather(collect_until(bob), collect_until(alice))
+    _, seen_by_alice = await asyncio.gather(until_done(bob), until_done(alice))
     assert seen_by_alice[0]["message"]["user_id"] == "bob"
     async with httpx.AsyncClient(base_url=pod.http, headers=bearer("bob")) as http:
         mine = (await http.get("/v1/threads")).json()["threads"]
@@ -213,10 +196,10 @@ async def test_a_member_and_a_stranger_on_the_same_thread(redis_server, pod_fact
     # Alice removes Bob: his open socket closes (1008) and he cannot come back.
     async with httpx.AsyncClient(base_url=pod.http, headers=bearer("alice")) as http:
         assert (await http.delete("/v1/threads/shared1/members/bob")).status_code == 204
-    code, _ = await _closed_with(bob)
+    _, code = await close_code(bob)
     assert code == 1008
     again = await open_socket(pod.ws, "shared1", "bob")
-    assert (await _closed_with(again))[0] == 1008
+    assert (await close_code(again))[1] == 1008
     await send(alice, {"type": "ping"})
     assert (await recv_event(alice))["type"] == "pong"  # Alice's socket is untouched
     await alice.close()
@@ -232,13 +215,13 @@ async def test_rate_limits_hold_across_two_pods(redis_server, pod_factory):
     pod_b = pod_factory(redis_server, **env)
     on_a = await open_socket(pod_a.ws, "rl1", "carol")
     on_b = await open_socket(pod_b.ws, "rl2", "carol")
-    await _ready(on_a)
-    await _ready(on_b)
+    await expect(on_a, "ready")
+    await expect(on_b, "ready")
     try:
         # Prompts: a burst of two, wherever they land; the third waits.
         for ws, text in ((on_a, "one"), (on_b, "two")):
             await send(ws, {"type": "prompt", "content": text})
-            assert (await collect_until(ws))[-1]["status"] == "complete"
+            assert (await until_done(ws))[-1]["status"] == "complete"
         await send(on_a, {"type": "prompt", "content": "three"})
         refused = await recv_event(on_a)
         assert (refused["type"], refused["code"], refused["retryable"]) == (
@@ -251,22 +234,22 @@ async def test_rate_limits_hold_across_two_pods(redis_server, pod_factory):
             over = await http.post("/v1/threads", json={"id": "rl4"})
             assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limited"
         fourth = await open_socket(pod_a.ws, "rl4", "carol")
-        code, seen = await _closed_with(fourth)
+        seen, code = await close_code(fourth)
         assert code == 1008 and seen[0]["code"] == "rate_limited"
         # Sockets: two open, a third fits, a fourth (on either pod) does not.
         third = await open_socket(pod_b.ws, "rl1", "carol")
-        await _ready(third)
+        await expect(third, "ready")
         extra = await open_socket(pod_a.ws, "rl2", "carol")
-        code, seen = await _closed_with(extra)
+        seen, code = await close_code(extra)
         assert code == 1013
         assert seen[0]["code"] == "rate_limited" and seen[0]["retry_after_ms"] >= 1000
         # Other users are not affected; a closed socket frees its place.
         dave = await open_socket(pod_a.ws, "dave1", "dave")
-        await _ready(dave)
+        await expect(dave, "ready")
         await dave.close()
         await third.close()
         retry = await open_socket(pod_a.ws, "rl2", "carol")
-        await _ready(retry)
+        await expect(retry, "ready")
         await retry.close()
     finally:
         await on_a.close()
@@ -277,9 +260,9 @@ async def test_a_full_pod_refuses_sockets_with_1013(redis_server, pod_factory):
     pod = pod_factory(redis_server, CHAT_MAX_SOCKETS_PER_POD=2)
     held = [await open_socket(pod.ws, f"full{i}", None) for i in range(2)]
     for ws in held:
-        await _ready(ws)
+        await expect(ws, "ready")
     overflow = await open_socket(pod.ws, "full2", None)
-    code, seen = await _closed_with(overflow)
+    seen, code = await close_code(overflow)
     assert code == 1013 and seen[0]["code"] == "rate_limited" and seen[0]["retry_after_ms"]
     await held[0].close()
 
@@ -304,7 +287,7 @@ async def test_cross_site_sockets_are_refused(redis_server, pod_factory):
     own_origin = f"http://127.0.0.1:{pod.port}"
     for origin in (own_origin, None):  # the demo page itself, and non-browser clients
         ws = await websockets.connect(f"{pod.ws}/v1/threads/orig1/ws", origin=origin)  # type: ignore[arg-type]
-        await _ready(ws)
+        await expect(ws, "ready")
         await ws.close()
     for evil in ("https://evil.example", "http://127.0.0.1:1", "null"):
         for path in ("/v1/threads/orig1/ws", "/websocket?threadID=orig1"):
@@ -317,7 +300,7 @@ async def test_cross_site_sockets_are_refused(redis_server, pod_factory):
         f"{listed.ws}/v1/threads/orig1/ws",
         origin="https://app.example.test",  # type: ignore[arg-type]
     )
-    await _ready(ws)
+    await expect(ws, "ready")
     await ws.close()
     with pytest.raises(InvalidStatus):
         await websockets.connect(f"{listed.ws}/v1/threads/orig1/ws", origin="https://evil.example")  # type: ignore[arg-type]

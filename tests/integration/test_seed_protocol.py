@@ -10,8 +10,7 @@ import orjson
 import websockets
 
 from app.llm.fake import expected_reply, reply_tokens
-from tests.integration.contract_helpers import history, open_ready, unique
-from tests.integration.helpers import collect_until
+from tests.integration.helpers import get_history, open_ready, unique, until_done
 
 TOKENS = 8
 
@@ -39,7 +38,7 @@ async def test_seed_protocol_speaks_the_same_threads(redis_server, pod_factory):
         assert orjson.loads(await asyncio.wait_for(seed.recv(), 10)) == []
 
         await seed.send(prompt)
-        frames, v1_events = await asyncio.gather(_seed_until_done(seed), collect_until(v1))
+        frames, v1_events = await asyncio.gather(_seed_until_done(seed), until_done(v1))
         assert frames[0] == "[LOADING]" and frames[-1] == "[DONE]"
         pieces = frames[1:-1]
         assert "".join(pieces) == expected_reply(prompt, TOKENS)
@@ -54,7 +53,7 @@ async def test_seed_protocol_speaks_the_same_threads(redis_server, pod_factory):
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": expected_reply(prompt, TOKENS)},
         ]
-        page = await history(v1)
+        page = await get_history(v1)
         assert [{"role": m["role"], "content": m["content"]} for m in page["messages"]] == (
             seed_history
         )

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from app.llm.fake import expected_reply
-from tests.integration.contract_helpers import open_ready, turn, unique
-from tests.integration.helpers import collect_until, send
+from tests.integration.helpers import open_ready, send, turn, unique, until_done
 
 TOKENS = 12  # 12 tokens x 20 ms: the turn outlasts the race by far
 ROUNDS = 5
@@ -29,7 +28,7 @@ async def test_racing_prompts_on_two_pods_give_exactly_one_turn(redis_server, po
                     for ws, p in zip(sockets, prompts, strict=True)
                 )
             )
-            seen = await asyncio.gather(*(collect_until(ws) for ws in sockets))
+            seen = await asyncio.gather(*(until_done(ws) for ws in sockets))
 
             errors = [[e for e in events if e["type"] == "error"] for events in seen]
             losers = [i for i, errs in enumerate(errors) if errs]

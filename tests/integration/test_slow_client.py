@@ -32,13 +32,8 @@ import pytest
 import websockets
 
 from app.llm.fake import expected_reply
-from tests.integration.conftest import wait_until
-from tests.integration.contract_helpers import unique
-from tests.integration.failure_helpers import (
-    assert_matches_log,
-    deltas_text,
-    until_done,
-)
+from tests.integration.helpers import assert_matches_log, deltas_text, unique, until_done
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 

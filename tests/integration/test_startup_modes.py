@@ -9,7 +9,7 @@ import sys
 import time
 
 from app.llm.fake import expected_reply
-from tests.integration.contract_helpers import open_ready, turn, unique
+from tests.integration.helpers import open_ready, turn, unique
 
 
 async def test_embedded_default_serves_a_full_turn(pod_factory):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.integration.helpers import collect_until, connect, recv_event, send
+from tests.integration.helpers import connect, recv_event, send, until_done
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ async def test_standalone_worker_closes_a_dead_pods_turn(redis_server, pod_facto
             pass
         doomed.kill()
         killed_at = time.monotonic()
-        seen = await collect_until(watcher, timeout=15)
+        seen = await until_done(watcher, timeout=15)
         assert seen[-1]["status"] == "interrupted"
         assert time.monotonic() - killed_at < 1.5 + 0.3 + 2.0
         holder = redis_server.client().get("chat:reaper:leader")

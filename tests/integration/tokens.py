@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 import jwt
-import websockets
+
+from tests.integration.helpers import connect
 
 SECRET = "integration-test-secret-" + "x" * 40
 ISSUER = "https://id.example.test/"
@@ -55,9 +56,5 @@ def bearer(sub: str, **claims: Any) -> dict[str, str]:
 
 
 async def open_socket(base: str, thread: str, sub: str | None, query: str = "", **kw: Any) -> Any:
-    """A protocol socket as ``sub`` (token in the Authorization header)."""
-    headers = bearer(sub) if sub else {}
-    return await websockets.connect(
-        f"{base}/v1/threads/{thread}/ws{query}",
-        additional_headers=headers, open_timeout=10, max_queue=None, **kw,
-    )  # fmt: skip
+    """A raw protocol socket as ``sub`` (token in the Authorization header)."""
+    return await connect(base, thread, query, additional_headers=bearer(sub) if sub else {}, **kw)

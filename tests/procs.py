@@ -1,9 +1,11 @@
-"""Processes of a benchmark run: a private redis-server, the servers under
-test (durable-chat pods and the peers), and what the kernel says they used.
+"""Real processes for the integration tests and the benchmarks: a private
+redis-server, durable-chat pods and other servers, and what the kernel says
+they used.
 
-Like tests/integration/conftest.py: every redis-server and server listens on
-a free loopback port (never 6379, never a Redis you already run), every wait
-is bounded, and everything started is stopped, by its own pid.
+Every redis-server and server listens on a free loopback port (never 6379,
+never a Redis you already run), every wait is bounded, and everything started
+is stopped by its own pid. This module needs no pytest: tests/integration's
+conftest wraps it in fixtures, and bench/ imports it as it is.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+REDIS_SERVER = shutil.which("redis-server")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -35,12 +40,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), or
+    fail with an AssertionError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        result = predicate()
+        if result:
+            return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,10 +70,14 @@ def rss_kb(pid: int) -> int:
 
 @dataclass
 class RedisServer:
-    """A private redis-server on a free loopback port, no persistence."""
+    """One redis-server on a free loopback port, its files in ``workdir``.
+    stop() and start() again keep the port (and, when ``persistent``, the
+    data: append-only file, fsync always)."""
 
     workdir: Path
     port: int = field(default_factory=free_port)
+    persistent: bool = False
+    maxclients: int = 10000  # redis-server's own default
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,22 +90,24 @@ class RedisServer:
         return self.proc.pid
 
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.workdir),
-            "--logfile", str(self.workdir / f"redis-{self.port}.log"), "--maxclients", "20000",
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"),
+            "--maxclients", str(self.maxclients),
+        ]  # fmt: skip
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._pings, 10, f"redis-server on port {self.port}")
+        wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
         return self
 
     def _pings(self) -> bool:
         try:
-            return bool(self.client().ping())
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
         except redis.RedisError:
             return False
 
@@ -99,43 +117,56 @@ class RedisServer:
     def version(self) -> str:
         return str(self.client().info("server")["redis_version"])
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Kill it (SIGKILL unless ``sig`` says otherwise) and wait for it."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(sig)
             self.proc.wait(timeout=10)
         self.proc = None
 
 
 @dataclass
 class Server:
-    """One server process under test, listening on ``port``."""
+    """One server process (a pod, a peer) listening on ``port``, its output
+    in ``log_path``. Ready when ``ready_path`` answers 200 over HTTP, or,
+    without one, when the port accepts a connection."""
 
     name: str
     argv: list[str]
     env: dict[str, str]
     port: int
     log_path: Path
-    ready_path: str | None = None  # HTTP path answering 200 once ready; else TCP accept
+    ready_path: str | None = None
     proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> Server:
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> Server:
+        """Start (or start again, same port, log appended) and wait until ready."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._close_log()
         self._log = open(self.log_path, "ab")  # closed in stop()
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
         )
-        wait_until(self._ready, 30, f"{self.name} on port {self.port}")
+        wait_until(self.ready, timeout, what=f"{self.name} on port {self.port} to be ready")
         return self
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
+            raise AssertionError(f"{self.name} exited early:\n{self.logs()}")
         try:
             if self.ready_path is None:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
@@ -149,7 +180,20 @@ class Server:
         except OSError:
             return False
 
+    def kill(self) -> None:
+        """kill -9: no drain, no goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, as Kubernetes does; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it is still there after 15 s."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -157,10 +201,15 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-        self.proc = None
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def base_env() -> dict[str, str]:
@@ -173,41 +222,18 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def durable_pod(
-    name: str, redis_url: str, logdir: Path, overrides: dict[str, str] | None = None
-) -> Server:
-    """A real durable-chat pod (``python -m app serve``) with the fake model
-    stamping its tokens, authentication off and per-user limits off."""
+def pod(name: str, redis_url: str | None, log_path: Path, **settings: str | int | float) -> Server:
+    """A real durable-chat pod (``python -m app serve``, not yet started):
+    the fake model, authentication off, ``REDIS_URL`` unless None (embedded),
+    then ``settings`` (the app's environment names: CHAT_LOCK_TTL_MS=...)."""
     port = free_port()
     env = base_env()
-    env.update(
-        REDIS_URL=redis_url,
-        CHAT_AUTH="off",
-        CHAT_LLM="fake",
-        CHAT_FAKE_STAMP="1",
-        CHAT_FAKE_TOKEN_DELAY_MS="0",
-        CHAT_RATE_PROMPTS_PER_MIN="0",
-        CHAT_MAX_THREADS_PER_USER="0",
-        CHAT_MAX_SOCKETS_PER_POD="50000",
-        CHAT_LOG_LEVEL="WARNING",
-        CHAT_POD_ID=name,
-    )
-    env.update(overrides or {})
+    env.update(CHAT_AUTH="off", CHAT_LLM="fake", CHAT_POD_ID=name)
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    env.update({k: str(v) for k, v in settings.items()})
     argv = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return Server(name, argv, env, port, logdir / f"{name}.log", ready_path="/readyz")
-
-
-def peer_server(
-    module: str, name: str, redis_url: str | None, logdir: Path, turn_env: dict[str, str]
-) -> Server:
-    """A peer server (bench.peers.*) under uvicorn, with the same token stream."""
-    port = free_port()
-    env = base_env()
-    env.update(turn_env)
-    argv = [sys.executable, "-m", module, "--port", str(port)]
-    if redis_url:
-        argv += ["--redis", redis_url]
-    return Server(name, argv, env, port, logdir / f"{name}.log")
+    return Server(name, argv, env, port, log_path, ready_path="/readyz")
 
 
 @contextlib.contextmanager
