@@ -25,22 +25,14 @@ from pydantic import (
 )
 
 from app.chat import keys
+from app.chat.errors import DomainCode
 from app.chat.records import Joined, Message
+from app.chat.timeline import message_json
 
 PROTOCOL_VERSION = 1
 
-ErrorCode = Literal[
-    "bad_request",
-    "too_large",
-    "thread_busy",
-    "rate_limited",
-    "forbidden",
-    "not_found",
-    "resume_gap",
-    "llm_error",
-    "unavailable",
-    "internal",
-]
+# The domain's codes (app.chat.errors), and those only the wire itself raises.
+ErrorCode = DomainCode | Literal["too_large", "resume_gap", "llm_error"]
 
 
 def _stream_id(raw: str) -> str:
@@ -174,8 +166,14 @@ class Ready(BaseModel):
 class History(BaseModel):
     type: Literal["history"] = "history"
     thread_id: str
-    messages: list[Message]
+    messages: list[dict[str, str | int]]
     has_more: bool
+
+    @classmethod
+    def of(cls, thread_id: str, messages: list[Message], has_more: bool) -> History:
+        return cls(
+            thread_id=thread_id, messages=[message_json(m) for m in messages], has_more=has_more
+        )
 
 
 class ErrorEvent(BaseModel):

@@ -239,9 +239,8 @@ class ThreadSession:
             if isinstance(exc, ThreadBusy):
                 metrics.THREAD_BUSY.inc()
             await self._error(
-                exc.code,  # type: ignore[arg-type]
-                str(exc), retryable=exc.retryable, retry_after_ms=exc.retry_after_ms,
-            )  # fmt: skip
+                exc.code, str(exc), retryable=exc.retryable, retry_after_ms=exc.retry_after_ms
+            )
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("socket").inc()
             log.warning(
@@ -286,7 +285,7 @@ class ThreadSession:
         messages, has_more = await self.service.history_page(
             self.thread, frame.before, frame.limit, self.user
         )
-        reply = History(thread_id=self.thread, messages=messages, has_more=has_more)
+        reply = History.of(self.thread, messages, has_more)
         await self.send_text(encode(reply))
 
     async def _cancel(self, frame: Cancel) -> None:

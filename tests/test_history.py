@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
 from app.chat import keys
-from app.chat.history import HistoryReader
+from app.chat.history import HistoryReader, entry_fields, message_from_entry
 from app.chat.records import Message
 
 T = keys.thread_id("hist")
@@ -17,8 +18,39 @@ async def add(redis: Any, entry_id: str, content: str, role: str = "user") -> No
     message = Message(
         id="", role=role, content=content, user_id="u", created_at=1, status="complete"
     )  # type: ignore[arg-type]
-    flat = message.history_fields()
+    flat = entry_fields(message)
     await redis.xadd(keys.history(T), dict(zip(flat[::2], flat[1::2], strict=True)), entry_id)
+
+
+def test_history_entry_fields_round_trip() -> None:
+    message = Message(
+        id="",
+        role="user",
+        content="hello",
+        user_id="alice",
+        created_at=123,
+        status="complete",
+        client_msg_id="c1",
+    )
+    flat = entry_fields(message)
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    assert fields == {
+        "role": "user",
+        "content": "hello",
+        "user_id": "alice",
+        "status": "complete",
+        "created_at": "123",
+        "client_msg_id": "c1",
+    }
+    assert message_from_entry("5-1", fields) == dataclasses.replace(message, id="5-1")
+
+
+def test_history_entry_fields_omit_missing_client_msg_id() -> None:
+    message = Message(
+        id="", role="assistant", content="", user_id="assistant", created_at=1, status="error"
+    )
+    assert "client_msg_id" not in entry_fields(message)
+    assert message_from_entry("1-0", {"role": "assistant"}).created_at == 1
 
 
 @pytest.fixture

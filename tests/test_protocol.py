@@ -5,12 +5,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from app.chat.records import Done, Message
+from app.chat.errors import ChatError, Conflict, ThreadBusy
+from app.chat.records import Message
 from app.protocol import (
     BadFrame,
     Cancel,
     ErrorEvent,
     GetHistory,
+    History,
     Ping,
     Prompt,
     Ready,
@@ -191,41 +193,7 @@ def test_bad_frame_carries_code_and_message() -> None:
 # --- server side ----------------------------------------------------------------
 
 
-def test_message_history_fields_round_trip() -> None:
-    message = Message(
-        id="",
-        role="user",
-        content="hello",
-        user_id="alice",
-        created_at=123,
-        status="complete",
-        client_msg_id="c1",
-    )
-    flat = message.history_fields()
-    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    assert fields == {
-        "role": "user",
-        "content": "hello",
-        "user_id": "alice",
-        "status": "complete",
-        "created_at": "123",
-        "client_msg_id": "c1",
-    }
-    back = Message.from_history_entry("5-1", fields)
-    assert back == message.model_copy(update={"id": "5-1"})
-
-
-def test_message_history_fields_omit_missing_client_msg_id() -> None:
-    message = Message(
-        id="", role="assistant", content="", user_id="assistant", created_at=1, status="error"
-    )
-    assert "client_msg_id" not in message.history_fields()
-    assert Message.from_history_entry("1-0", {"role": "assistant"}).created_at == 1
-
-
 def test_encode_drops_none_except_in_ready() -> None:
-    done = orjson.loads(encode(Done(thread_id="t", generation_id="g", status="complete")))
-    assert done == {"type": "done", "thread_id": "t", "generation_id": "g", "status": "complete"}
     ready = orjson.loads(
         encode(
             Ready(
@@ -286,3 +254,38 @@ def test_moderate_nesting_is_refused_before_validation() -> None:
     frame = {"type": "prompt", "content": "x", "client_msg_id": [[[[["deep"]]]]]}
     error = bad(frame)
     assert error.code == "bad_request" and "nested" in error.message
+
+
+def test_history_frame_carries_messages_as_clients_see_them() -> None:
+    messages = [
+        Message(id="1-0", role="user", content="q", user_id="u", created_at=1, status="complete"),
+        Message(
+            id="2-0", role="assistant", content="42", user_id="assistant", created_at=2,
+            status="complete", client_msg_id="c",
+        ),
+    ]  # fmt: skip
+    frame = orjson.loads(encode(History.of("t", messages, has_more=True)))
+    assert frame == {
+        "type": "history",
+        "thread_id": "t",
+        "messages": [
+            {"id": "1-0", "role": "user", "content": "q", "user_id": "u", "created_at": 1,
+             "status": "complete"},
+            {"id": "2-0", "role": "assistant", "content": "42", "user_id": "assistant",
+             "created_at": 2, "status": "complete", "client_msg_id": "c"},
+        ],
+        "has_more": True,
+    }  # fmt: skip
+
+
+def test_every_domain_error_becomes_an_error_event() -> None:
+    """Each domain error's code is one the socket's error event can carry."""
+
+    def subclasses(kind: type[ChatError]) -> list[type[ChatError]]:
+        return [kind] + [s for sub in kind.__subclasses__() for s in subclasses(sub)]
+
+    kinds = subclasses(ChatError)
+    assert Conflict in kinds and ThreadBusy in kinds
+    for kind in kinds:
+        event = ErrorEvent(thread_id="t", code=kind.code, message="m")
+        assert orjson.loads(encode(event))["code"] == kind.code

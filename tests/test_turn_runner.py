@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -72,7 +73,7 @@ async def begin_turn(
     )  # fmt: skip
     assert isinstance(begun, Begun)
     await store.index_add(thread)
-    context = [message.model_copy(update={"id": begun.message_id})]
+    context = [dataclasses.replace(message, id=begun.message_id)]
     return TurnContext(thread, lease, generation_id, context)
 
 

@@ -1,12 +1,30 @@
-"""The domain's errors: each names the protocol error code it becomes at the edge."""
+"""The domain's errors: each names the protocol error code it becomes at the edge.
+
+``DomainCode`` is every code a domain error may carry; app.protocol's error
+codes are built from it, so an error whose code the protocol cannot carry
+does not type-check.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+DomainCode = Literal[
+    "bad_request",
+    "thread_busy",
+    "rate_limited",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "unavailable",
+    "internal",
+]
 
 
 class ChatError(Exception):
     """Base of every error the chat domain raises on purpose."""
 
-    code = "internal"
+    code: ClassVar[DomainCode] = "internal"
     retryable = False
     # When the caller may usefully try again, if the domain knows (rate limits).
     retry_after_ms: int | None = None

@@ -6,11 +6,38 @@ message's id is its history entry id, so paging is a plain XREVRANGE.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from app.chat import keys
 from app.chat.keys import ThreadId
-from app.chat.records import Message
+from app.chat.records import Message, MessageStatus, Role
+
+
+def message_from_entry(entry_id: str, fields: dict[str, str]) -> Message:
+    """A message as read back from its history stream entry."""
+    return Message(
+        id=entry_id,
+        role=cast(Role, fields["role"]),
+        content=fields.get("content", ""),
+        user_id=fields.get("user_id", ""),
+        created_at=int(fields.get("created_at", entry_id.split("-")[0])),
+        status=cast(MessageStatus, fields.get("status", "complete")),
+        client_msg_id=fields.get("client_msg_id") or None,
+    )
+
+
+def entry_fields(message: Message) -> list[str]:
+    """A message's history stream entry, as flat (name, value) pairs for XADD."""
+    pairs = [
+        "role", message.role,
+        "content", message.content,
+        "user_id", message.user_id,
+        "status", message.status,
+        "created_at", str(message.created_at),
+    ]  # fmt: skip
+    if message.client_msg_id:
+        pairs += ["client_msg_id", message.client_msg_id]
+    return pairs
 
 
 class HistoryReader:
@@ -29,13 +56,13 @@ class HistoryReader:
         newest = f"({before}" if before else "+"
         entries = await self._redis.xrevrange(keys.history(thread), newest, "-", count=limit + 1)
         has_more = len(entries) > limit
-        messages = [Message.from_history_entry(i, f) for i, f in reversed(entries[:limit])]
+        messages = [message_from_entry(i, f) for i, f in reversed(entries[:limit])]
         return messages, has_more
 
     async def all(self, thread: ThreadId) -> list[Message]:
         """The whole history, oldest first (the seed protocol's GET_HISTORY)."""
         entries = await self._redis.xrange(keys.history(thread), "-", "+")
-        return [Message.from_history_entry(i, f) for i, f in entries]
+        return [message_from_entry(i, f) for i, f in entries]
 
     async def latest(self, thread: ThreadId, max_chars: int) -> list[Message]:
         """The newest messages whose contents fit in ``max_chars``, oldest first:
@@ -53,7 +80,7 @@ class HistoryReader:
             if not entries:
                 return picked[::-1]
             for entry_id, fields in entries:
-                message = Message.from_history_entry(entry_id, fields)
+                message = message_from_entry(entry_id, fields)
                 used += len(message.content)
                 if used > max_chars and picked:
                     return picked[::-1]

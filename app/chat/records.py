@@ -1,8 +1,8 @@
 """The chat domain's records: committed messages and the events of a turn.
 
-They are plain domain types; what a client sees of them is the wire format
-(app.protocol for frames sent one by one, app.chat.timeline for the events
-stored and published once).
+They are plain domain types: how they are stored is the stores' business
+(app.chat.history for messages, app.chat.timeline for the events stored and
+published once), how a client sees them app.protocol's.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel
-
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "interrupted", "error"]
 
 
-class Message(BaseModel):
-    """A committed message of a thread's history."""
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A committed message of a thread's history (``id`` is its history entry
+    id, empty until the commit script writes it)."""
 
     id: str
     role: Role
@@ -27,51 +27,31 @@ class Message(BaseModel):
     status: MessageStatus
     client_msg_id: str | None = None
 
-    @classmethod
-    def from_history_entry(cls, entry_id: str, fields: dict[str, str]) -> Message:
-        return cls(
-            id=entry_id,
-            role=fields["role"],
-            content=fields.get("content", ""),
-            user_id=fields.get("user_id", ""),
-            created_at=int(fields.get("created_at", entry_id.split("-")[0])),
-            status=fields.get("status", "complete"),
-            client_msg_id=fields.get("client_msg_id") or None,
-        )
 
-    def history_fields(self) -> list[str]:
-        """The history stream entry, as flat (name, value) pairs for XADD."""
-        pairs = [
-            "role", self.role,
-            "content", self.content,
-            "user_id", self.user_id,
-            "status", self.status,
-            "created_at", str(self.created_at),
-        ]  # fmt: skip
-        if self.client_msg_id:
-            pairs += ["client_msg_id", self.client_msg_id]
-        return pairs
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """A turn began: ``model`` is generating the reply ``generation_id``."""
 
-
-class Loading(BaseModel):
-    type: Literal["loading"] = "loading"
     thread_id: str
     generation_id: str
     model: str
 
 
-class Delta(BaseModel):
-    type: Literal["delta"] = "delta"
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """The next piece (number ``seq``) of a reply's text."""
+
     thread_id: str
     generation_id: str
     seq: int
     text: str
 
 
-class Done(BaseModel):
-    """``message_id`` is filled in by the commit script (see app.chat.scripts)."""
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A turn ended with ``status``; its message id is given by the commit
+    script that stores it (see app.chat.scripts)."""
 
-    type: Literal["done"] = "done"
     thread_id: str
     generation_id: str
     status: MessageStatus

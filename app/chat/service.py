@@ -9,6 +9,7 @@ results and errors into events.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -22,7 +23,7 @@ from app.chat import keys
 from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.fanout import FanoutHub
 from app.chat.follower import Follower
-from app.chat.history import HistoryReader
+from app.chat.history import HistoryReader, message_from_entry
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
@@ -261,7 +262,7 @@ class ChatService:
             context = await self.history.latest(thread, self.settings.chat_context_chars)
         except RedisError as exc:
             log.warning("turn %s sees only its prompt: %s", generation_id, exc)
-            context = [message.model_copy(update={"id": begun.message_id})]
+            context = [dataclasses.replace(message, id=begun.message_id)]
         self.manager.start(TurnContext(thread, lease, generation_id, context))
 
     async def message_frame(self, thread: ThreadId, client_msg_id: str) -> str | None:
@@ -276,7 +277,7 @@ class ChatService:
         entries = await self.redis.xrange(keys.history(thread), message_id, message_id)
         if not entries:
             raise NotFound("the original message is gone")
-        message = Message.from_history_entry(entries[0][0], entries[0][1])
+        message = message_from_entry(entries[0][0], entries[0][1])
         data = message_event_data(thread, message).replace(MESSAGE_ID_PLACEHOLDER, message_id)
         return f'{{"id":"{message_id}",{data[1:]}'
 

@@ -16,7 +16,7 @@ import orjson
 
 from app.chat import keys
 from app.chat.keys import ThreadId
-from app.chat.records import Done, Message
+from app.chat.records import Delta, Done, Loading, Message
 
 # Stands where the commit script writes the id of the message it commits
 # (see app.chat.scripts: orjson never emits a raw control byte).
@@ -35,9 +35,26 @@ class TimelineEvent:
     frame: str
 
 
+def message_json(message: Message) -> dict[str, str | int]:
+    """A message as clients see it, in ``message`` events and ``history`` pages."""
+    data: dict[str, str | int] = {
+        "id": message.id,
+        "role": message.role,
+        "content": message.content,
+        "user_id": message.user_id,
+        "created_at": message.created_at,
+        "status": message.status,
+    }
+    if message.client_msg_id is not None:
+        data["client_msg_id"] = message.client_msg_id
+    return data
+
+
 def message_event_data(thread_id: ThreadId, message: Message) -> str:
     """The ``message`` event for a message about to be committed (id filled by Lua)."""
-    body = orjson.dumps(message.model_dump(exclude={"id"}, exclude_none=True)).decode()
+    fields = message_json(message)
+    del fields["id"]
+    body = orjson.dumps(fields).decode()
     return (
         '{"type":"message","thread_id":'
         + orjson.dumps(thread_id).decode()
@@ -49,13 +66,38 @@ def message_event_data(thread_id: ThreadId, message: Message) -> str:
 
 def done_event_data(done: Done) -> str:
     """The ``done`` event, whose ``message_id`` the commit script fills in."""
-    body = orjson.dumps(done.model_dump(exclude_none=True)).decode()
+    data: dict[str, object] = {
+        "type": "done",
+        "thread_id": done.thread_id,
+        "generation_id": done.generation_id,
+        "status": done.status,
+    }
+    if done.usage is not None:
+        data["usage"] = done.usage
+    body = orjson.dumps(data).decode()
     return body[:-1] + f',"message_id":"{MESSAGE_ID_PLACEHOLDER}"}}'
 
 
-def event_data(event: Any) -> str:
+def event_data(event: Loading | Delta) -> str:
     """Any other timeline event (``loading``, ``delta``) as stored JSON."""
-    return orjson.dumps(event.model_dump(exclude_none=True)).decode()
+    if isinstance(event, Delta):
+        return orjson.dumps(
+            {
+                "type": "delta",
+                "thread_id": event.thread_id,
+                "generation_id": event.generation_id,
+                "seq": event.seq,
+                "text": event.text,
+            }
+        ).decode()
+    return orjson.dumps(
+        {
+            "type": "loading",
+            "thread_id": event.thread_id,
+            "generation_id": event.generation_id,
+            "model": event.model,
+        }
+    ).decode()
 
 
 def frame_from_entry(entry_id: str, fields: dict[str, str]) -> TimelineEvent:

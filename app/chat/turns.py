@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from app.chat import keys
 from app.chat.errors import LockLost, NotFound
+from app.chat.history import entry_fields
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
 from app.chat.records import Delta, Done, Loading, Message
@@ -92,7 +93,7 @@ class TurnStore:
                     lease.fence, self._publish, self._retention,
                     message_event_data(thread, user_message), event_data(loading),
                     user_message.client_msg_id or "", self._dedup_ttl_s,
-                    loading.generation_id, pod, *user_message.history_fields(),
+                    loading.generation_id, pod, *entry_fields(user_message),
                 ],
             )  # fmt: skip
         except ResponseError as exc:
@@ -135,7 +136,7 @@ class TurnStore:
                 args=[
                     lease.fence, self._publish, self._retention,
                     message_event_data(thread, assistant), done_event_data(done),
-                    lease.token, done.generation_id, *assistant.history_fields(),
+                    lease.token, done.generation_id, *entry_fields(assistant),
                 ],
             )  # fmt: skip
         except ResponseError as exc:
