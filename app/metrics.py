@@ -36,7 +36,11 @@ TIME_TO_FIRST_TOKEN = Histogram(
     "From a turn's start to the model's first text",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
 )
-LLM_TOKENS = Counter(f"{_PREFIX}_llm_tokens", "Model tokens, by kind", ["kind"])
+LLM_TOKENS = Counter(
+    f"{_PREFIX}_llm_tokens",
+    "Model tokens, by provider, model and kind (input, output, cache_read, cache_write)",
+    ["provider", "model", "kind"],
+)
 REDIS_ERRORS = Counter(
     f"{_PREFIX}_redis_errors", "Redis errors seen while serving, by where", ["where"]
 )
@@ -46,6 +50,12 @@ SUBSCRIBER_CONNECTS = Counter(
 SLOW_CLIENT_DROPS = Counter(
     f"{_PREFIX}_slow_client_drops", "Sockets closed 1013 for being too slow"
 )
+
+
+def count_tokens(provider: str, model: str, usage: dict[str, int]) -> None:
+    """Add one turn's tokens (``done.usage``) to LLM_TOKENS."""
+    for kind, count in usage.items():
+        LLM_TOKENS.labels(provider, model, kind.removesuffix("_tokens")).inc(count)
 
 
 def bind_live_gauges(followed: Callable[[], int], running: Callable[[], int]) -> None:

@@ -27,13 +27,24 @@ class Settings(BaseSettings):
     redis_cluster: bool = False
 
     # Model provider.
-    chat_llm: Literal["anthropic", "fake"] | None = None
-    chat_model: str = DEFAULT_ANTHROPIC_MODEL
+    chat_llm: Literal["anthropic", "openai", "fake"] | None = None
+    # Unset: DEFAULT_ANTHROPIC_MODEL for anthropic; openai needs it named.
+    chat_model: str | None = None
+    # Asked for instead when the primary answers "overloaded" (529, 503).
+    chat_fallback_model: str | None = None
     anthropic_api_key: str | None = Field(default=None, repr=False)
+    openai_api_key: str | None = Field(default=None, repr=False)
+    # Any OpenAI-compatible server (vLLM, Ollama, llama.cpp): ``http://host:port/v1``.
+    openai_base_url: str | None = None
     chat_system_prompt: str = "You are a helpful assistant."
     chat_max_tokens: int = Field(default=1024, ge=1, le=64000)
-    chat_context_chars: int = Field(default=60000, ge=1000)
+    # The model's context budget: history, system prompt and tool schemas,
+    # in estimated tokens (app.llm.context.estimate_tokens errs high).
+    chat_context_tokens: int = Field(default=32000, ge=500)
+    # Per request (the SDK's read timeout: a stream silent this long fails),
+    # and the SDK's own retries of a failed request before any text streamed.
     chat_llm_timeout_s: float = Field(default=120.0, gt=0)
+    chat_llm_max_retries: int = Field(default=2, ge=0, le=10)
     chat_fake_reply_tokens: int = Field(default=40, ge=1, le=100000)
     chat_fake_token_delay_ms: float = Field(default=20.0, ge=0)
     # Benchmarks: each fake token carries its emission time (app.llm.fake).
@@ -104,7 +115,14 @@ class Settings(BaseSettings):
     def _choose_provider(self) -> Settings:
         if self.chat_llm is None:
             self.chat_llm = "anthropic" if self.anthropic_api_key else "fake"
+        if self.chat_model is None and self.chat_llm == "anthropic":
+            self.chat_model = DEFAULT_ANTHROPIC_MODEL
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The primary model's id (CHAT_MODEL, or the provider's default)."""
+        return self.chat_model or DEFAULT_ANTHROPIC_MODEL
 
     @property
     def embedded(self) -> bool:
@@ -147,5 +165,16 @@ class Settings(BaseSettings):
             )
         if self.chat_llm == "anthropic" and not self.anthropic_api_key:
             raise ConfigError("CHAT_LLM=anthropic needs ANTHROPIC_API_KEY.")
+        if self.chat_llm == "openai":
+            if not self.chat_model:
+                raise ConfigError(
+                    "CHAT_LLM=openai needs CHAT_MODEL: the model id the server serves "
+                    "(for example gpt-4.1-mini, or the name vLLM or Ollama was started with)."
+                )
+            if not (self.openai_api_key or self.openai_base_url):
+                raise ConfigError(
+                    "CHAT_LLM=openai needs OPENAI_API_KEY, or OPENAI_BASE_URL for a "
+                    "self-hosted OpenAI-compatible server."
+                )
         if self.redis_cluster and not self.redis_url:
             raise ConfigError("REDIS_CLUSTER=1 needs REDIS_URL (a seed node of the cluster).")

@@ -97,13 +97,18 @@ async def test_all_is_oldest_first(redis: Any, seven: list[str]) -> None:
     assert [m.id for m in await HistoryReader(redis).all(T)] == seven
 
 
-async def test_latest_respects_the_char_budget(redis: Any, seven: list[str]) -> None:
+def chars(message: Message) -> int:
+    """A cost the tests can count by eye (the service uses estimated tokens)."""
+    return len(message.content)
+
+
+async def test_latest_respects_the_budget(redis: Any, seven: list[str]) -> None:
     reader = HistoryReader(redis)
-    # Each message is 2 chars: 7 fit in 14, 3 in 7.
-    assert [m.content for m in await reader.latest(T, 14)] == [f"m{i}" for i in range(1, 8)]
-    assert [m.content for m in await reader.latest(T, 7)] == ["m5", "m6", "m7"]
-    assert [m.content for m in await reader.latest(T, 6)] == ["m5", "m6", "m7"]
-    assert [m.content for m in await reader.latest(T, 5)] == ["m6", "m7"]
+    # Each message costs 2: 7 fit in 14, 3 in 7.
+    assert [m.content for m in await reader.latest(T, 14, chars)] == [f"m{i}" for i in range(1, 8)]
+    assert [m.content for m in await reader.latest(T, 7, chars)] == ["m5", "m6", "m7"]
+    assert [m.content for m in await reader.latest(T, 6, chars)] == ["m5", "m6", "m7"]
+    assert [m.content for m in await reader.latest(T, 5, chars)] == ["m6", "m7"]
 
 
 async def test_latest_reads_across_pages_without_gap_or_repeat(redis: Any) -> None:
@@ -111,14 +116,16 @@ async def test_latest_reads_across_pages_without_gap_or_repeat(redis: Any) -> No
     for i in range(1, 101):
         await add(redis, f"{i}-0", f"{i:03d}")
     reader = HistoryReader(redis)
-    assert [m.content for m in await reader.latest(T, 300)] == [f"{i:03d}" for i in range(1, 101)]
-    assert [m.content for m in await reader.latest(T, 90)] == [f"{i:03d}" for i in range(71, 101)]
+    everything = await reader.latest(T, 300, chars)
+    assert [m.content for m in everything] == [f"{i:03d}" for i in range(1, 101)]
+    some = await reader.latest(T, 90, chars)
+    assert [m.content for m in some] == [f"{i:03d}" for i in range(71, 101)]
 
 
 async def test_latest_always_includes_the_newest_message(redis: Any) -> None:
     await add(redis, "1-0", "short")
     await add(redis, "2-0", "x" * 1000)
-    latest = await HistoryReader(redis).latest(T, 10)
+    latest = await HistoryReader(redis).latest(T, 10, chars)
     assert [m.content for m in latest] == ["x" * 1000]
 
 
@@ -126,14 +133,14 @@ async def test_latest_reads_beyond_one_batch(redis: Any) -> None:
     for i in range(1, 121):
         await add(redis, f"{i}-0", "ab")
     reader = HistoryReader(redis)
-    everything = await reader.latest(T, 10_000)
+    everything = await reader.latest(T, 10_000, chars)
     assert [m.id for m in everything] == [f"{i}-0" for i in range(1, 121)]
-    some = await reader.latest(T, 150)
+    some = await reader.latest(T, 150, chars)
     assert [m.id for m in some] == [f"{i}-0" for i in range(46, 121)]
 
 
 async def test_latest_of_an_empty_thread(redis: Any) -> None:
-    assert await HistoryReader(redis).latest(T, 100) == []
+    assert await HistoryReader(redis).latest(T, 100, chars) == []
 
 
 async def test_page_before_the_first_possible_id_is_empty(redis: Any, seven: list[str]) -> None:

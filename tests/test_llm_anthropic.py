@@ -17,7 +17,7 @@ import pytest
 
 from app.chat.records import Message, Role
 from app.llm.anthropic import AnthropicModel, to_anthropic_messages
-from app.llm.base import LLMError
+from app.llm.base import LLMError, ToolCall, ToolSpec, Usage
 from app.settings import Settings
 
 API_KEY = "sk-test-4f9c2a7e1b8d-do-not-leak"
@@ -26,8 +26,11 @@ SYSTEM = "You are a terse test assistant."
 MAX_TOKENS = 321
 TIMEOUT_S = 7.5
 
+FALLBACK = "claude-test-fallback"
 PIECES = ["Hello", ",", " durable", " world", "!"]
-INPUT_TOKENS = 31
+INPUT_TOKENS = 31  # not from the cache
+CACHE_READ = 900
+CACHE_WRITE = 120
 OUTPUT_TOKENS = 17  # message_delta's count; message_start says 1
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
@@ -52,7 +55,12 @@ MESSAGE_START = sse(
             "model": MODEL,
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1},
+            "usage": {
+                "input_tokens": INPUT_TOKENS,
+                "cache_creation_input_tokens": CACHE_WRITE,
+                "cache_read_input_tokens": CACHE_READ,
+                "output_tokens": 1,
+            },
         },
     },
 )
@@ -120,29 +128,37 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "anthropic_api_key": API_KEY,
+        "chat_llm": "anthropic",
+        "chat_model": MODEL,
+        "chat_system_prompt": SYSTEM,
+        "chat_max_tokens": MAX_TOKENS,
+        "chat_llm_timeout_s": TIMEOUT_S,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(
-        anthropic_api_key=API_KEY,
-        chat_llm="anthropic",
-        chat_model=MODEL,
-        chat_system_prompt=SYSTEM,
-        chat_max_tokens=MAX_TOKENS,
-        chat_llm_timeout_s=TIMEOUT_S,
-    )
+    return make_settings()
 
 
 MakeModel = Callable[..., AnthropicModel]
 
 
 @pytest.fixture
-async def make_model(settings: Settings) -> AsyncIterator[MakeModel]:
+async def make_model() -> AsyncIterator[MakeModel]:
     """Builds models served by a handler; closes them after the test."""
     made: list[AnthropicModel] = []
 
-    def make(handler: Handler, max_retries: int = 0) -> AnthropicModel:
+    def make(handler: Handler, max_retries: int = 0, **overrides: Any) -> AnthropicModel:
         client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
-        model = AnthropicModel(settings, http_client=client, max_retries=max_retries)
+        model = AnthropicModel(
+            make_settings(**overrides), http_client=client, max_retries=max_retries
+        )
         made.append(model)
         return model
 
@@ -166,13 +182,13 @@ HELLO = [msg("user", "hi there")]
 
 
 async def collect(
-    model: AnthropicModel, messages: Sequence[Message] = HELLO
-) -> tuple[list[str], dict[str, int], LLMError | None]:
-    """The pieces streamed before the end or the failure, the usage, the error."""
-    pieces: list[str] = []
-    usage: dict[str, int] = {}
+    model: AnthropicModel, messages: Sequence[Message] = HELLO, tools: Sequence[ToolSpec] = ()
+) -> tuple[list[str | ToolCall], Usage, LLMError | None]:
+    """What streamed before the end or the failure, the usage, the error."""
+    pieces: list[str | ToolCall] = []
+    usage = Usage()
     try:
-        async for piece in model.stream(messages, usage):
+        async for piece in model.stream(messages, usage, tools):
             pieces.append(piece)
     except LLMError as exc:
         return pieces, usage, exc
@@ -195,8 +211,15 @@ async def test_streams_pieces_in_order_and_fills_usage(make_model: MakeModel) ->
 
     assert err is None
     assert pieces == PIECES
-    assert "".join(pieces) == "Hello, durable world!"
-    assert usage == {"input_tokens": INPUT_TOKENS, "output_tokens": OUTPUT_TOKENS}
+    assert "".join(str(p) for p in pieces) == "Hello, durable world!"
+    # input_tokens counts every token read, from the cache or not.
+    assert usage.wire() == {
+        "input_tokens": INPUT_TOKENS + CACHE_READ + CACHE_WRITE,
+        "output_tokens": OUTPUT_TOKENS,
+        "cache_read_tokens": CACHE_READ,
+        "cache_write_tokens": CACHE_WRITE,
+    }
+    assert usage.model == MODEL
 
 
 async def test_name_is_the_configured_model(make_model: MakeModel) -> None:
@@ -236,13 +259,20 @@ async def test_request_carries_settings_and_converted_history(make_model: MakeMo
     body = json.loads(request.content)
     assert body["model"] == MODEL
     assert body["max_tokens"] == MAX_TOKENS
-    assert body["system"] == SYSTEM
+    # Prompt caching: breakpoints on the system prompt and the last block.
+    assert body["system"] == [
+        {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}
+    ]
     assert body["stream"] is True
     assert body["messages"] == [
         {"role": "user", "content": "first\n\nsecond"},
         {"role": "assistant", "content": "reply one\n\nreply two"},
-        {"role": "user", "content": "third"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "third", "cache_control": {"type": "ephemeral"}}],
+        },
     ]
+    assert "tools" not in body
     # The SDK 2.x sends the key as a bearer token; older ones used x-api-key.
     assert request.headers.get("x-api-key") == API_KEY or (
         request.headers.get("authorization") == f"Bearer {API_KEY}"
@@ -329,7 +359,7 @@ async def test_http_errors_become_llm_errors(
     assert isinstance(err, LLMError)
     assert err.retryable is retryable
     assert err.message and len(err.message) <= 300
-    assert pieces == [] and usage == {}
+    assert pieces == [] and usage.total == 0
     assert_key_hidden(err)
 
 
@@ -378,7 +408,8 @@ async def test_connection_dropped_mid_stream(make_model: MakeModel, exc: Excepti
     assert pieces == ["Hel", "lo"]
     assert isinstance(err, LLMError)
     assert err.retryable is True
-    assert usage == {}
+    # What the model read is counted even though the reply was lost.
+    assert usage.input_tokens == INPUT_TOKENS + CACHE_READ + CACHE_WRITE
     assert_key_hidden(err)
 
 
@@ -397,12 +428,11 @@ async def test_connection_dropped_mid_stream(make_model: MakeModel, exc: Excepti
 async def test_body_that_ends_early(make_model: MakeModel, body: bytes) -> None:
     model = make_model(lambda request: event_stream(body))
 
-    pieces, usage, err = await collect(model)
+    pieces, _, err = await collect(model)
 
     assert isinstance(err, LLMError)
     assert err.retryable is True
     assert pieces == (["Hel", "lo"] if body else [])
-    assert usage == {}
 
 
 async def test_unreadable_event_becomes_llm_error(make_model: MakeModel) -> None:
@@ -455,10 +485,10 @@ async def test_cancellation_is_not_swallowed(make_model: MakeModel) -> None:
         yield full_body()
 
     model = make_model(lambda request: event_stream(body()))
-    pieces: list[str] = []
+    pieces: list[str | ToolCall] = []
 
     async def consume() -> None:
-        async for piece in model.stream(HELLO, {}):
+        async for piece in model.stream(HELLO, Usage()):
             pieces.append(piece)
             first_piece.set()
 
@@ -477,3 +507,91 @@ async def test_aclose_closes_the_http_client(settings: Settings) -> None:
     await model.aclose()
 
     assert client.is_closed
+
+
+# --- fallback and tools ---------------------------------------------------------
+
+
+async def test_overloaded_primary_falls_back(make_model: MakeModel) -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        model = json.loads(request.content)["model"]
+        asked.append(model)
+        if model == MODEL:
+            return api_error(529, "overloaded_error", "Overloaded")
+        return event_stream(full_body())
+
+    pieces, usage, err = await collect(make_model(handler, chat_fallback_model=FALLBACK))
+
+    assert err is None and pieces == PIECES
+    assert asked == [MODEL, FALLBACK]
+    assert usage.model == FALLBACK
+
+
+async def test_other_errors_do_not_fall_back(make_model: MakeModel) -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        asked.append(json.loads(request.content)["model"])
+        return api_error(500, "api_error", "boom")
+
+    _, _, err = await collect(make_model(handler, chat_fallback_model=FALLBACK))
+
+    assert isinstance(err, LLMError) and err.retryable is True
+    assert asked == [MODEL]
+
+
+def tool_use(index: int, call_id: str, name: str, parts: Sequence[str]) -> bytes:
+    start = sse(
+        "content_block_start",
+        {
+            "type": "content_block_start",
+            "index": index,
+            "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}},
+        },
+    )
+    deltas = b"".join(
+        sse(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": part},
+            },
+        )
+        for part in parts
+    )
+    return (
+        start + deltas + sse("content_block_stop", {"type": "content_block_stop", "index": index})
+    )
+
+
+async def test_tool_use_blocks_become_tool_calls(make_model: MakeModel) -> None:
+    seen: list[httpx2.Request] = []
+    body = (
+        opening()
+        + text_delta("Checking.")
+        + BLOCK_STOP
+        + tool_use(1, "toolu_01A", "clock", ['{"tz":', ' "UTC"}'])
+        + tool_use(2, "toolu_01B", "clock", [])
+        + MESSAGE_DELTA
+        + MESSAGE_STOP
+    )
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return event_stream(body)
+
+    clock = ToolSpec("clock", "The time.", {"type": "object"})
+    pieces, _, err = await collect(make_model(handler), tools=[clock])
+
+    assert err is None
+    assert pieces == [
+        "Checking.",
+        ToolCall("toolu_01A", "clock", '{"tz": "UTC"}'),
+        ToolCall("toolu_01B", "clock", "{}"),
+    ]
+    assert json.loads(seen[0].content)["tools"] == [
+        {"name": "clock", "description": "The time.", "input_schema": {"type": "object"}}
+    ]

@@ -28,7 +28,7 @@ def test_exposition_is_prometheus_text() -> None:
 
 def test_every_dashboard_query_names_a_metric_the_pod_exposes() -> None:
     metrics.TURNS_FINISHED.labels("complete")  # labelled series appear once used
-    metrics.LLM_TOKENS.labels("input")
+    metrics.LLM_TOKENS.labels("fake", "fake", "input")
     metrics.REDIS_ERRORS.labels("socket")
     exposed = _exposed_names()
     dashboard = json.loads(DASHBOARD.read_text())

@@ -117,7 +117,7 @@ def test_variables_are_read_case_insensitively_and_typed(env: pytest.MonkeyPatch
         ("CHAT_EVENT_RETENTION", "99"),
         ("CHAT_LOCK_TTL_MS", "999"),
         ("CHAT_DELTA_MAX_BYTES", "0"),
-        ("CHAT_LLM", "openai"),
+        ("CHAT_LLM", "gemini"),
         ("CHAT_AUTH", "maybe"),
         ("CHAT_SEND_QUEUE", "many"),
     ],

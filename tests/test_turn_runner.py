@@ -19,7 +19,7 @@ from app.chat.records import Loading, Message
 from app.chat.runner import TurnContext, TurnManager, TurnRunner
 from app.chat.scripts import Scripts
 from app.chat.turns import Begun, TurnStore
-from app.llm import LLMError
+from app.llm import LLMError, ToolCall, ToolSpec, Usage
 from app.llm.fake import FakeModel, expected_reply, reply_tokens
 from tests.conftest import USER, wait_until
 
@@ -40,9 +40,13 @@ class ScriptedModel:
     def name(self) -> str:
         return "scripted"
 
+    @property
+    def provider(self) -> str:
+        return "scripted"
+
     async def stream(
-        self, messages: Sequence[Message], usage: dict[str, int]
-    ) -> AsyncIterator[str]:
+        self, messages: Sequence[Message], usage: Usage, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[str | ToolCall]:
         for piece in self._pieces:
             await asyncio.sleep(self._delay_s)
             yield piece

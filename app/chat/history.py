@@ -6,6 +6,7 @@ message's id is its history entry id, so paging is a plain XREVRANGE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from app.chat import keys
@@ -64,9 +65,12 @@ class HistoryReader:
         entries = await self._redis.xrange(keys.history(thread), "-", "+")
         return [message_from_entry(i, f) for i, f in entries]
 
-    async def latest(self, thread: ThreadId, max_chars: int) -> list[Message]:
-        """The newest messages whose contents fit in ``max_chars``, oldest first:
-        the context a model sees."""
+    async def latest(
+        self, thread: ThreadId, budget: int, cost: Callable[[Message], int]
+    ) -> list[Message]:
+        """The newest messages whose ``cost`` (estimated tokens) fits in
+        ``budget``, oldest first, and always the newest one: the context a
+        model sees."""
         picked: list[Message] = []
         used = 0
         cursor = "+"
@@ -81,8 +85,8 @@ class HistoryReader:
                 return picked[::-1]
             for entry_id, fields in entries:
                 message = message_from_entry(entry_id, fields)
-                used += len(message.content)
-                if used > max_chars and picked:
+                used += cost(message)
+                if used > budget and picked:
                     return picked[::-1]
                 picked.append(message)
             cursor = f"({entries[-1][0]}"

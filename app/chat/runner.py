@@ -32,7 +32,7 @@ from app.chat.lock import Lease, TurnLock
 from app.chat.records import Delta, Done, Message, MessageStatus
 from app.chat.timeline import TimelineEvent
 from app.chat.turns import TurnStore
-from app.llm import ChatModel, LLMError
+from app.llm import ChatModel, LLMError, Usage
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class TurnContext:
     lease: Lease
     generation_id: str
     messages: Sequence[Message]
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
 
 
 class TurnRunner:
@@ -134,7 +134,7 @@ class TurnRunner:
         first = True
         try:
             async for piece in self._model.stream(self.ctx.messages, self.ctx.usage):
-                if piece:
+                if isinstance(piece, str) and piece:
                     if first:
                         metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
                         first = False
@@ -229,7 +229,7 @@ class TurnRunner:
         )  # fmt: skip
         done = Done(
             thread_id=ctx.thread, generation_id=ctx.generation_id, status=status,
-            usage=dict(ctx.usage) or None,
+            usage=ctx.usage.wire(),
         )  # fmt: skip
         if error:
             log.warning(
@@ -242,8 +242,9 @@ class TurnRunner:
             extra=self.log_context,
         )  # fmt: skip
         metrics.TURNS_FINISHED.labels(status).inc()
-        for kind in ("input_tokens", "output_tokens"):
-            metrics.LLM_TOKENS.labels(kind.removesuffix("_tokens")).inc(ctx.usage.get(kind, 0))
+        metrics.count_tokens(
+            self._model.provider, ctx.usage.model or self._model.name, ctx.usage.wire()
+        )
         await self._store.index_remove(ctx.thread)
 
     async def _retrying(self, write: Any) -> None:

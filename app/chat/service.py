@@ -41,6 +41,7 @@ from app.chat.timeline import (
 )
 from app.chat.turns import Begun, Duplicate, TurnStore
 from app.llm import ChatModel
+from app.llm.context import estimate_tokens, message_tokens
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class ChatService:
             settings.chat_delta_window_ms, settings.chat_delta_max_bytes,
         )  # fmt: skip
         self.draining = False
+        # What the history may fill of the model's context: the system
+        # prompt and the reply's room are spoken for.
+        self._context_budget = max(
+            settings.chat_context_tokens - estimate_tokens(settings.chat_system_prompt), 100
+        )
 
     def reaper(self, holder: str) -> Reaper:
         """The reaper a pod runs beside this service, sweeping as ``holder``."""
@@ -259,7 +265,7 @@ class ChatService:
         be reaped) whatever fails: a failed history read only narrows the
         model's context to the prompt itself."""
         try:
-            context = await self.history.latest(thread, self.settings.chat_context_chars)
+            context = await self.history.latest(thread, self._context_budget, message_tokens)
         except RedisError as exc:
             log.warning("turn %s sees only its prompt: %s", generation_id, exc)
             context = [dataclasses.replace(message, id=begun.message_id)]

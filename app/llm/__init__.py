@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from app.llm.base import ChatModel, LLMError
+from app.llm.base import ChatModel, LLMError, ToolCall, ToolSpec, Usage
 from app.llm.fake import FakeModel
 from app.settings import Settings
 
-__all__ = ["ChatModel", "LLMError", "make_model"]
+__all__ = ["ChatModel", "LLMError", "ToolCall", "ToolSpec", "Usage", "make_model"]
 
 
 def make_model(settings: Settings) -> ChatModel:
@@ -15,6 +15,10 @@ def make_model(settings: Settings) -> ChatModel:
         from app.llm.anthropic import AnthropicModel
 
         return AnthropicModel(settings)
+    if settings.chat_llm == "openai":
+        from app.llm.openai import OpenAIModel
+
+        return OpenAIModel(settings)
     return FakeModel(
         settings.chat_fake_reply_tokens, settings.chat_fake_token_delay_ms, settings.chat_fake_stamp
     )

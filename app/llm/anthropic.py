@@ -1,10 +1,12 @@
 """The Anthropic provider: streams a reply from the Messages API.
 
-This module owns everything specific to Anthropic: turning a thread's history
-into a valid ``messages`` list (alternating roles, starting with the user),
-streaming the reply's text, reading token usage, and translating every SDK or
-transport failure into an ``LLMError`` whose message is safe to show a user
-(it never contains the API key) and says whether a retry may succeed.
+This module owns everything specific to Anthropic: a thread's history as a
+``messages`` list with prompt-cache breakpoints, streaming the reply's text
+and tool calls, reading token usage (cache reads and writes included), the
+fallback model (CHAT_FALLBACK_MODEL) when the primary is overloaded, and
+translating every SDK or transport failure into an ``LLMError`` whose
+message is safe to show a user (it never contains the API key) and says
+whether a retry may succeed.
 
 The SDK (``anthropic``) is built on ``httpx2``: HTTP errors surface as
 ``anthropic.APIError`` when the stream is opened, but a connection that drops
@@ -16,13 +18,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import anthropic
 import httpx2
-from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
+from anthropic.types import (
+    AssistantMessageParam,
+    CacheControlEphemeralParam,
+    MessageParam,
+    RawMessageStreamEvent,
+    TextBlockParam,
+    UserMessageParam,
+)
 
-from app.chat.records import Message, Role
-from app.llm.base import LLMError
+from app.chat.records import Message
+from app.llm.base import LLMError, ToolCall, ToolSpec, Usage, clip
+from app.llm.context import turns
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,7 +43,7 @@ log = logging.getLogger(__name__)
 _RETRYABLE_ERROR_TYPES = frozenset(
     {"rate_limit_error", "overloaded_error", "api_error", "timeout_error"}
 )
-_MAX_DETAIL_CHARS = 200
+_CACHE: CacheControlEphemeralParam = {"type": "ephemeral"}
 
 
 class AnthropicModel:
@@ -42,56 +53,47 @@ class AnthropicModel:
         self,
         settings: Settings,
         http_client: httpx2.AsyncClient | None = None,
-        max_retries: int = 2,
+        max_retries: int | None = None,
     ) -> None:
         self._settings = settings
         self._api_key = settings.anthropic_api_key or ""
+        options: dict[str, Any] = {
+            "api_key": settings.anthropic_api_key,
+            "timeout": settings.chat_llm_timeout_s,
+            "max_retries": settings.chat_llm_max_retries if max_retries is None else max_retries,
+        }
         if http_client is not None:
-            self._client = anthropic.AsyncAnthropic(
-                api_key=settings.anthropic_api_key,
-                timeout=settings.chat_llm_timeout_s,
-                max_retries=max_retries,
-                http_client=http_client,
-            )
-        else:
-            self._client = anthropic.AsyncAnthropic(
-                api_key=settings.anthropic_api_key,
-                timeout=settings.chat_llm_timeout_s,
-                max_retries=max_retries,
-            )
+            options["http_client"] = http_client
+        self._client = anthropic.AsyncAnthropic(**options)
 
     @property
     def name(self) -> str:
-        return self._settings.chat_model
+        return self._settings.model_name
+
+    @property
+    def provider(self) -> str:
+        return "anthropic"
 
     async def stream(
-        self, messages: Sequence[Message], usage: dict[str, int]
-    ) -> AsyncIterator[str]:
+        self, messages: Sequence[Message], usage: Usage, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[str | ToolCall]:
         params = to_anthropic_messages(messages)
         if not params:
             raise LLMError("There is no user message to reply to.", retryable=False)
-        settings = self._settings
+        fallback = self._settings.chat_fallback_model
+        model = self.name
         try:
-            async with self._client.messages.stream(
-                model=settings.chat_model,
-                max_tokens=settings.chat_max_tokens,
-                system=settings.chat_system_prompt,
-                messages=params,
-            ) as stream:
-                finished = False
-                # The events rather than ``stream.text_stream`` (the same text):
-                # only ``message_stop`` tells a complete reply from a body that
-                # stopped early, which the SDK ends quietly.
-                async for event in stream:
-                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
-                        if event.delta.text:
-                            yield event.delta.text
-                    elif event.type == "message_stop":
-                        finished = True
-                if not finished:
-                    log.warning("anthropic stream ended before message_stop")
-                    raise LLMError("The model's reply was cut off; try again.", retryable=True)
-                final = await stream.get_final_message()
+            try:
+                events = await self._create(model, params, tools)
+            except anthropic.APIStatusError as exc:
+                if not (fallback and _overloaded(exc)):
+                    raise
+                log.warning("anthropic model %s overloaded; asking %s", model, fallback)
+                model = fallback
+                events = await self._create(model, params, tools)
+            usage.model = model
+            async for item in self._read(events, usage):
+                yield item
         except LLMError:
             raise
         except (anthropic.AnthropicError, httpx2.HTTPError, httpx2.StreamError) as exc:
@@ -101,9 +103,72 @@ class AnthropicModel:
             # still the model failing; the traceback goes to the log only.
             log.exception("anthropic stream could not be read")
             raise LLMError("The model service sent a reply that could not be read.") from None
-        if final.usage is not None:
-            usage["input_tokens"] = final.usage.input_tokens
-            usage["output_tokens"] = final.usage.output_tokens
+
+    async def _create(
+        self, model: str, params: list[MessageParam], tools: Sequence[ToolSpec]
+    ) -> anthropic.AsyncStream[RawMessageStreamEvent]:
+        # Prompt caching: a breakpoint on the system prompt (shared by every
+        # thread, with the tools before it) and one on the conversation's
+        # last block. The next turn's request starts with this one's, so it
+        # reads the whole earlier conversation from the cache (0.1x price)
+        # and only the new messages are processed afresh.
+        system: list[TextBlockParam] = [
+            {"type": "text", "text": self._settings.chat_system_prompt, "cache_control": _CACHE}
+        ]
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
+                for t in tools
+            ]
+        events: anthropic.AsyncStream[RawMessageStreamEvent] = await self._client.messages.create(
+            model=model,
+            max_tokens=self._settings.chat_max_tokens,
+            system=system,
+            messages=_with_cache_breakpoint(params),
+            stream=True,
+            **extra,
+        )
+        return events
+
+    async def _read(
+        self, events: anthropic.AsyncStream[RawMessageStreamEvent], usage: Usage
+    ) -> AsyncIterator[str | ToolCall]:
+        """Text as it streams; tool calls at the end, their input JSON kept as
+        sent (a malformed one is the runner's to report)."""
+        calls: dict[int, list[str]] = {}  # block index -> [id, name, input json]
+        finished = False
+        async with events:
+            # Only ``message_stop`` tells a complete reply from a body that
+            # stopped early, which the SDK ends quietly.
+            async for event in events:
+                if event.type == "message_start":
+                    start = event.message.usage
+                    read = start.cache_read_input_tokens or 0
+                    written = start.cache_creation_input_tokens or 0
+                    usage.input_tokens = start.input_tokens + read + written
+                    usage.cache_read_tokens = read
+                    usage.cache_write_tokens = written
+                    usage.output_tokens = start.output_tokens
+                elif event.type == "content_block_start":
+                    block = event.content_block
+                    if block.type == "tool_use":
+                        calls[event.index] = [block.id, block.name, ""]
+                elif event.type == "content_block_delta":
+                    delta = event.delta
+                    if delta.type == "text_delta" and delta.text:
+                        yield delta.text
+                    elif delta.type == "input_json_delta" and event.index in calls:
+                        calls[event.index][2] += delta.partial_json
+                elif event.type == "message_delta":
+                    usage.output_tokens = event.usage.output_tokens
+                elif event.type == "message_stop":
+                    finished = True
+        if not finished:
+            log.warning("anthropic stream ended before message_stop")
+            raise LLMError("The model's reply was cut off; try again.", retryable=True)
+        for _index, (call_id, name, arguments) in sorted(calls.items()):
+            yield ToolCall(call_id, name, arguments or "{}")
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -125,24 +190,30 @@ class AnthropicModel:
         return LLMError(message, retryable=retryable)
 
 
+def _overloaded(exc: anthropic.APIStatusError) -> bool:
+    return exc.status_code == 529 or exc.type == "overloaded_error"
+
+
 def to_anthropic_messages(messages: Sequence[Message]) -> list[MessageParam]:
-    """The history (oldest first) as the API wants it: no empty messages,
-    roles alternating (consecutive same-role messages merged) and the user
-    first (leading assistant messages dropped)."""
-    turns: list[tuple[Role, str]] = []
-    for m in messages:
-        if not m.content.strip() or (not turns and m.role != "user"):
-            continue
-        if turns and turns[-1][0] == m.role:
-            turns[-1] = (m.role, f"{turns[-1][1]}\n\n{m.content}")
-        else:
-            turns.append((m.role, m.content))
+    """The history (oldest first) as the API wants it: alternating turns,
+    the user's first (app.llm.context.turns)."""
     return [
         UserMessageParam(role="user", content=content)
         if role == "user"
         else AssistantMessageParam(role="assistant", content=content)
-        for role, content in turns
+        for role, content in turns(messages)
     ]
+
+
+def _with_cache_breakpoint(params: list[MessageParam]) -> list[MessageParam]:
+    """``params`` with ``cache_control`` on the last block of the last message."""
+    *head, last = params
+    content = last["content"]
+    blocks: list[Any] = (
+        [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+    )
+    blocks[-1] = {**blocks[-1], "cache_control": _CACHE}
+    return [*head, cast(MessageParam, {"role": last["role"], "content": blocks})]
 
 
 def describe_error(exc: BaseException) -> tuple[str, bool]:
@@ -175,9 +246,7 @@ def _describe_status(exc: anthropic.APIStatusError) -> tuple[str, bool]:
         return "The model service refused the configured credentials.", False
     # An SSE ``error`` event arrives on a 200 response: only its type tells.
     retryable = status == 408 or status >= 500 or kind in _RETRYABLE_ERROR_TYPES
-    detail = (exc.api_message or "").strip()
-    if len(detail) > _MAX_DETAIL_CHARS:
-        detail = detail[: _MAX_DETAIL_CHARS - 1] + "…"
+    detail = clip(exc.api_message or "")
     label = f"HTTP {status}" if status >= 400 else (kind or "stream error")
     text = f"The model service returned an error ({label})"
     return (f"{text}: {detail}" if detail else f"{text}.", retryable)

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from app.chat.records import Message
+from app.llm.base import ToolCall, ToolSpec, Usage
 
 _WORDS = (
     "durable", "chat", "streams", "every", "token", "to", "each", "tab", "on", "any",
@@ -50,15 +51,20 @@ class FakeModel:
     def name(self) -> str:
         return "fake"
 
+    @property
+    def provider(self) -> str:
+        return "fake"
+
     async def stream(
-        self, messages: Sequence[Message], usage: dict[str, int]
-    ) -> AsyncIterator[str]:
+        self, messages: Sequence[Message], usage: Usage, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncIterator[str | ToolCall]:
         prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
-        usage["input_tokens"] = sum(len(m.content.split()) for m in messages)
+        usage.model = "fake"
+        usage.input_tokens = sum(len(m.content.split()) for m in messages)
         for i, piece in enumerate(reply_tokens(prompt, self._tokens)):
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)
-            usage["output_tokens"] = i + 1
+            usage.output_tokens = i + 1
             yield f"{piece}[t={time.time():.6f}]" if self._stamp else piece
 
     async def aclose(self) -> None:

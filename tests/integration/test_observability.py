@@ -47,7 +47,7 @@ async def test_metrics_show_a_turn_while_it_runs(redis_server, pod_factory):
     after = _scrape(pod)
     assert after["durable_chat_turns_running"] == 0
     assert after['durable_chat_turns_finished_total{status="complete"}'] == 1
-    assert after['durable_chat_llm_tokens_total{kind="output"}'] == 60
+    assert after['durable_chat_llm_tokens_total{kind="output",model="fake",provider="fake"}'] == 60
     assert after["durable_chat_time_to_first_token_seconds_count"] == 1
 
 
