@@ -212,7 +212,7 @@ async def get_messages(
     thread = keys.thread_id(thread_id)
     await service.threads.require_member(thread, user)
     messages, has_more = await service.history_page(thread, before, limit, user)
-    return History(thread_id=thread, messages=messages, has_more=has_more)
+    return History.of(thread, messages, has_more)
 
 
 @router.post(
