@@ -46,7 +46,7 @@ def _stream_id(raw: str) -> str:
 ClientToken = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
 EventId = Annotated[
     StrictStr,
-    Field(max_length=41, pattern=r"^[0-9]{1,20}-[0-9]{1,20}$"),
+    Field(max_length=41, pattern=f"^{keys.EVENT_ID_PATTERN}$"),
     AfterValidator(_stream_id),
 ]
 

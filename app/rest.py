@@ -45,8 +45,8 @@ from app.origins import OriginPolicy
 # Request bodies here are a title at most: anything bigger is refused unread.
 MAX_BODY_BYTES = 16 * 1024
 
-THREAD_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-USER_ID_PATTERN = r"^[A-Za-z0-9_.@:|+=-]{1,128}$"
+THREAD_ID_PATTERN = f"^{keys.THREAD_ID_PATTERN}$"
+USER_ID_PATTERN = f"^{keys.USER_ID_PATTERN}$"
 
 PathThread = Annotated[str, Path(pattern=THREAD_ID_PATTERN, description="A thread id.")]
 PathUser = Annotated[str, Path(pattern=USER_ID_PATTERN, description="A user id (token sub).")]

@@ -34,13 +34,19 @@ from typing import NewType
 ThreadId = NewType("ThreadId", str)
 UserId = NewType("UserId", str)
 
-_THREAD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The id syntaxes, here and only here: the REST edge's path and body checks
+# and the tests' key layout are built from these patterns (unanchored: match
+# them whole, with fullmatch or ^...$).
+THREAD_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 # User ids come from token subjects (emails, UUIDs, provider ids); they only
 # ever sit inside a hash tag, so anything printable without braces is safe.
-_USER_ID = re.compile(r"[A-Za-z0-9_.@:|+=-]{1,128}")
+USER_ID_PATTERN = r"[A-Za-z0-9_.@:|+=-]{1,128}"
 # [0-9], not \d: \d also matches other scripts' digits, which int() accepts
 # and Redis refuses.
-_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+EVENT_ID_PATTERN = r"([0-9]{1,20})-([0-9]{1,20})"
+_THREAD_ID = re.compile(THREAD_ID_PATTERN)
+_USER_ID = re.compile(USER_ID_PATTERN)
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
 _MAX_ID_PART = 2**64 - 1
 
 PREFIX = "chat"

@@ -250,8 +250,8 @@ return {meta[1], meta[2] or '', created}
 """
 
 # DELETE_THREAD: remove a thread and everything it holds, for good.
-# KEYS[1] meta, [2] members, [3] history, [4] events, [5] lock, [6] dedup,
-#     [7] turn, [8] fence, [9] live channel
+# KEYS[1] meta, [2] members, [3] fence, [4] live channel, [5...] every key
+#     the thread holds but its fence (keys.all_thread_keys)
 # ARGV[1] caller, ARGV[2] '1' when only the owner may delete, ARGV[3] publish
 #     command, ARGV[4] control frame telling sockets the thread is gone,
 #     ARGV[5] tombstone TTL in seconds
@@ -273,10 +273,10 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 if not meta[1] then return {'not_found'} end
 if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return {'forbidden'} end
 local members = redis.call('SMEMBERS', KEYS[2])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
-redis.call('INCR', KEYS[8])
-redis.call('EXPIRE', KEYS[8], ARGV[5])
-redis.call(ARGV[3], KEYS[9], ARGV[4])
+redis.call('DEL', unpack(KEYS, 5))
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call(ARGV[3], KEYS[4], ARGV[4])
 return {'ok', meta[2] or '', unpack(members)}
 """
 

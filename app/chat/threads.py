@@ -237,14 +237,12 @@ class Threads:
     async def delete(self, thread: ThreadId, user: UserId) -> None:
         """Delete the thread and every key it holds (see DELETE_THREAD for why
         its fence stays behind a while, as a tombstone); its sockets close."""
+        fence = keys.fence(thread)
+        doomed = [key for key in keys.all_thread_keys(thread) if key != fence]
         reply = await self._scripts.delete_thread(
-            keys=[
-                keys.meta(thread), keys.members(thread), keys.history(thread),
-                keys.events(thread), keys.lock(thread), keys.dedup(thread),
-                keys.turn(thread), keys.fence(thread), keys.live(thread),
-            ],
+            keys=[keys.meta(thread), keys.members(thread), fence, keys.live(thread), *doomed],
             args=[user, self._owner_only, self._publish, DELETED_FRAME, keys.DELETED_TTL_S],
-        )  # fmt: skip
+        )
         _raise_for(reply[0], "only the owner may delete this thread")
         owner, members = reply[1], reply[2:]
         try:

@@ -22,6 +22,7 @@ import orjson
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from app.chat import keys
 from tests.procs import RedisServer
 
 TIMEOUT_S = 15.0
@@ -183,25 +184,28 @@ class Stopwatch:
 
 # -- what Redis holds --------------------------------------------------------
 
-# The documented key layout (app/chat/keys.py, README "Redis keys"): tests
-# check that Redis never holds anything else.
-_THREAD = r"[A-Za-z0-9_-]{1,64}"
-_USER = r"[A-Za-z0-9_.@:|+=-]{1,128}"
-DOCUMENTED_KEYS = re.compile(
-    rf"chat:\{{{_THREAD}\}}:(history|events|lock|fence|turn|meta|members|dedup)"
-    rf"|chat:user:\{{{_USER}\}}:(threads|owned|sockets|rate:prompts)"
-    r"|chat:turns|chat:reaper:leader"
+# The key layout (app/chat/keys.py, README "Redis keys"), built from the key
+# builders themselves: tests check that Redis never holds anything else. The
+# groups ``thread`` and ``user`` hold the id a key belongs to.
+_T, _U = keys.ThreadId("T"), keys.UserId("U")
+_USER_KEYS = (keys.user_threads, keys.user_owned, keys.user_sockets, keys.user_prompt_bucket)
+KEY_LAYOUT = re.compile(
+    rf"chat:\{{(?P<thread>{keys.THREAD_ID_PATTERN})\}}:"
+    rf"({'|'.join(re.escape(k.removeprefix('chat:{T}:')) for k in keys.all_thread_keys(_T))})"
+    rf"|chat:user:\{{(?P<user>{keys.USER_ID_PATTERN})\}}:"
+    rf"({'|'.join(re.escape(k(_U).removeprefix('chat:user:{U}:')) for k in _USER_KEYS)})"
+    rf"|{re.escape(keys.TURN_INDEX)}|{re.escape(keys.REAPER_LEADER)}"
 )
 
 
 def undocumented(found: set[str] | list[str]) -> set[str]:
     """The keys among ``found`` that the documented layout does not allow."""
-    return {key for key in found if not DOCUMENTED_KEYS.fullmatch(key)}
+    return {key for key in found if not KEY_LAYOUT.fullmatch(key)}
 
 
 def stored_events(server: RedisServer, thread: str, start: str = "-") -> list[Event]:
     """The thread's stored timeline (``chat:{T}:events``) as frames with id and n."""
-    entries = server.client().xrange(f"chat:{{{thread}}}:events", start, "+")
+    entries = server.client().xrange(keys.events(keys.thread_id(thread)), start, "+")
     return [
         {"id": entry_id, "n": int(fields["n"]), **orjson.loads(fields["data"])}
         for entry_id, fields in entries
@@ -210,7 +214,7 @@ def stored_events(server: RedisServer, thread: str, start: str = "-") -> list[Ev
 
 def stored_history(server: RedisServer, thread: str) -> list[dict[str, str]]:
     """The thread's committed messages (``chat:{T}:history``), with their ids."""
-    entries = server.client().xrange(f"chat:{{{thread}}}:history")
+    entries = server.client().xrange(keys.history(keys.thread_id(thread)))
     return [{"id": entry_id, **fields} for entry_id, fields in entries]
 
 
@@ -273,7 +277,7 @@ def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
 
 def assert_idle(server: RedisServer, thread: str) -> None:
     """No stuck turn: no lock, no turn record, not in the reaper's index."""
-    db = server.client()
-    assert not db.exists(f"chat:{{{thread}}}:lock"), "stuck lock"
-    assert not db.exists(f"chat:{{{thread}}}:turn"), "stuck turn record"
-    assert db.zscore("chat:turns", thread) is None, "still in the turn index"
+    db, t = server.client(), keys.thread_id(thread)
+    assert not db.exists(keys.lock(t)), "stuck lock"
+    assert not db.exists(keys.turn(t)), "stuck turn record"
+    assert db.zscore(keys.TURN_INDEX, t) is None, "still in the turn index"

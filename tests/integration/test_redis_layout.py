@@ -4,18 +4,8 @@ documented types, and no lock or turn left once the thread is free."""
 
 from __future__ import annotations
 
-import re
+from tests.integration.helpers import KEY_LAYOUT, open_ready, turn, undocumented, unique
 
-from tests.integration.helpers import open_ready, turn, unique
-
-# Every key name the documented layout allows (app/chat/keys.py, DESIGN.md).
-_THREAD = r"chat:\{(?P<thread>[A-Za-z0-9_-]{1,64})\}:"
-_USER = r"chat:user:\{(?P<user>[A-Za-z0-9_.@:|+=-]{1,128})\}:"
-DOCUMENTED = re.compile(
-    rf"{_THREAD}(history|events|lock|fence|meta|members|dedup|turn)"
-    rf"|{_USER}(threads|owned|sockets|rate:prompts)"
-    r"|chat:turns|chat:reaper:leader"
-)
 TYPES = {
     "history": "stream",
     "events": "stream",
@@ -38,10 +28,9 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
     db = redis_server.client()
     found = set(db.keys("*"))
 
-    undocumented = sorted(k for k in found if not DOCUMENTED.fullmatch(k))
-    assert undocumented == [], undocumented
+    assert not undocumented(found), undocumented(found)
     for key in found:
-        match = DOCUMENTED.fullmatch(key)
+        match = KEY_LAYOUT.fullmatch(key)
         assert match is not None
         if match.group("thread") is not None:
             assert match.group("thread") == thread, key  # no other thread exists
