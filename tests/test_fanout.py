@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import uuid
 from typing import Any
 
 import orjson
@@ -101,9 +101,16 @@ async def stored_frames(redis: Any, thread: ThreadId) -> list[str]:
     return [frame_from_entry(i, f).frame for i, f in entries]
 
 
-async def settle() -> None:
-    """Long enough for a stray frame to arrive (the listener polls continuously)."""
-    await asyncio.sleep(0.15)
+async def flushed(redis: Any, thread: ThreadId, *sinks: Sink) -> None:
+    """Every frame published on ``thread`` so far has been handled: the hub
+    reads a channel's messages one at a time, in order (gap fills included),
+    so once a marker published now reaches the sinks, so has any stray frame
+    before it. The marker is taken out of the sinks' controls again."""
+    marker = {"control": "marker", "id": uuid.uuid4().hex}
+    await redis.publish(keys.live(thread), orjson.dumps(marker))
+    await wait_until(lambda: all(marker in s.controls for s in sinks), what="the marker")
+    for sink in sinks:
+        sink.controls.remove(marker)
 
 
 # --- following -------------------------------------------------------------------------
@@ -117,7 +124,7 @@ async def test_frames_reach_the_sink_in_order(
     assert await numsub(redis, thread) == 1
     await run_turn(store, lock, thread, "g", deltas=5)
     await wait_until(lambda: len(sink.events) >= 9, what="9 events")
-    await settle()
+    await flushed(redis, thread, sink)
     assert sink.numbers == list(range(1, 10))
     assert [e.frame for e in sink.events] == await stored_frames(redis, thread)
     assert sink.controls == []
@@ -133,7 +140,7 @@ async def test_two_sinks_on_one_thread_see_the_same(
     assert hub.followed_threads == 1
     await run_turn(store, lock, thread, "g", deltas=3)
     await wait_until(lambda: len(a.events) >= 7 and len(b.events) >= 7, what="both sinks")
-    await settle()
+    await flushed(redis, thread, a, b)
     assert a.numbers == b.numbers == list(range(1, 8))
     assert [e.frame for e in a.events] == [e.frame for e in b.events]
 
@@ -146,7 +153,7 @@ async def test_a_follower_starts_from_the_moment_it_follows(
     await hub.follow(thread, sink)
     await run_turn(store, lock, thread, "g2", deltas=1)  # events 7..11
     await wait_until(lambda: len(sink.events) >= 5, what="the second turn")
-    await settle()
+    await flushed(redis, thread, sink)
     assert sink.numbers == [7, 8, 9, 10, 11]
 
 
@@ -186,7 +193,7 @@ async def test_follow_again_after_unfollow(
     assert await numsub(redis, thread) == 1
     await run_turn(store, lock, thread, "g2", deltas=0)
     await wait_until(lambda: len(second.events) >= 4, what="events after re-follow")
-    await settle()
+    await flushed(redis, thread, second)
     assert second.numbers == [5, 6, 7, 8]
     assert first.events == []
 
@@ -203,7 +210,8 @@ async def test_threads_are_kept_apart(
     await run_turn(store, lock, a, "ga", deltas=1)
     await run_turn(store, lock, b, "gb", deltas=2)
     await wait_until(lambda: len(sink_a.events) >= 5 and len(sink_b.events) >= 6, what="both")
-    await settle()
+    await flushed(redis, a, sink_a)
+    await flushed(redis, b, sink_b)
     assert all(orjson.loads(e.frame)["thread_id"] == "ta" for e in sink_a.events)
     assert all(orjson.loads(e.frame)["thread_id"] == "tb" for e in sink_b.events)
     assert sink_a.numbers == [1, 2, 3, 4, 5] and sink_b.numbers == [1, 2, 3, 4, 5, 6]
@@ -262,7 +270,7 @@ async def test_gap_is_filled_from_the_log(
     # The late original and a repeat of 5 change nothing.
     await redis.publish(keys.live(thread), fourth.frame)
     await redis.publish(keys.live(thread), fifth.frame)
-    await settle()
+    await flushed(redis, thread, sink)
     assert sink.numbers == [1, 2, 3, 4, 5]
     assert [e.frame for e in sink.events[3:]] == [fourth.frame, fifth.frame]
     assert sink.controls == []
@@ -278,7 +286,7 @@ async def test_duplicate_frames_are_delivered_once(
     for frame in await stored_frames(redis, thread):
         await redis.publish(keys.live(thread), frame)
         await redis.publish(keys.live(thread), frame)
-    await settle()
+    await flushed(redis, thread, sink)
     assert sink.numbers == [1, 2, 3, 4, 5]
 
 
@@ -292,7 +300,7 @@ async def test_audit_delivers_a_lost_last_event(
     lost = await write_unpublished(redis, thread, "never published")
     # The hub audits every 0.2 s: well within a second the event arrives.
     await wait_until(lambda: len(sink.events) >= 5, timeout=1.0, what="the audit")
-    await settle()
+    await flushed(redis, thread, sink)
     assert sink.numbers == [1, 2, 3, 4, 5]
     assert sink.events[-1].frame == lost.frame
 
@@ -315,7 +323,8 @@ async def test_audit_covers_every_thread_batch_by_batch(
         lambda: len(sinks[first].events) >= 5 and len(sinks[last].events) >= 5,
         timeout=1.0, what="the audit of the first and the last batch",
     )  # fmt: skip
-    await settle()
+    for thread in ids:
+        await flushed(redis, thread, sinks[thread])
     for thread in ids:
         expected = [1, 2, 3, 4, 5] if thread in lost else [1, 2, 3, 4]
         assert sinks[thread].numbers == expected
@@ -378,5 +387,5 @@ async def test_gap_at_the_very_start_of_a_thread_is_filled(
     third = await write_unpublished(redis, thread, "three")
     await redis.publish(keys.live(thread), third.frame)
     await wait_until(lambda: len(sink.events) >= 3, what="the start filled")
-    await settle()
+    await flushed(redis, thread, sink)
     assert [e.frame for e in sink.events] == [first.frame, second.frame, third.frame]

@@ -10,7 +10,15 @@ import sys
 import pytest
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import connect, open_ready, recv_event, send, turn, until_done
+from tests.integration.helpers import (
+    TIMEOUT_S,
+    connect,
+    open_ready,
+    recv_event,
+    send,
+    turn,
+    until_done,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,23 +53,33 @@ async def test_history_threads_and_tail(redis_server, pod_factory):
     threads = _cli(redis_server, "threads", "--user", "anonymous")
     assert threads.stdout.split()[0] == "ops1"
 
-    # tail: the last events first, then new ones as they are committed.
-    env = {**os.environ, "REDIS_URL": redis_server.url}
+    # tail: the last events first, then new ones as they are committed. It
+    # follows the event log from the last event it printed, so the new turn
+    # may start as soon as the past two are on screen.
+    env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1"}
     tail = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "tail", "ops1", "--last", "2",
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    assert tail.stdout is not None
+
+    async def row() -> str:
+        line = await asyncio.wait_for(tail.stdout.readline(), TIMEOUT_S)
+        assert line, "tail exited"
+        return line.decode().rstrip("\n")
+
     try:
-        await asyncio.sleep(1.5)  # let it start and print the past events
+        rows = [await row(), await row()]
         await _turn(pod, "ops1", "again")
-        await asyncio.sleep(1.0)
+        rows.append(await row())
+        while rows[-1].split()[2] != "done":
+            rows.append(await row())
     finally:
         tail.terminate()
-        raw_out, raw_err = await asyncio.wait_for(tail.communicate(), 10)
-    out, err = raw_out.decode(), raw_err.decode()
-    rows = out.strip().splitlines()
+        _, raw_err = await asyncio.wait_for(tail.communicate(), 10)
+    out = "\n".join(rows) + raw_err.decode()
     kinds = [row.split()[2] for row in rows]
-    assert kinds[:2] == ["message", "done"], out + err  # the last two of the first turn
+    assert kinds[:2] == ["message", "done"], out  # the last two of the first turn
     assert kinds[2:4] == ["message", "loading"] and kinds[-2:] == ["message", "done"]
     numbers = [int(row.split()[1].lstrip("#")) for row in rows]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # no holes
