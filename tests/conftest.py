@@ -64,6 +64,27 @@ def make_settings(clean_env: pytest.MonkeyPatch) -> Callable[..., Settings]:
     return make
 
 
+class Clock:
+    """The test's Redis clock, moved by hand: fakeredis reads ``time.time()``
+    for TIME (the Lua scripts' clock) and for key expiry, so ``advance``
+    expires a lease or refills a bucket at once, without sleeping. Nothing
+    else the unit tests run reads the wall clock for a deadline (asyncio and
+    the waits here use the monotonic clock)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._offset = 0.0
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + self._offset)
+
+    def advance(self, seconds: float) -> None:
+        self._offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    return Clock(monkeypatch)
+
+
 @pytest.fixture
 async def redis() -> AsyncIterator[Any]:
     client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)

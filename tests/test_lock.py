@@ -9,6 +9,7 @@ from app.chat import keys
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease, TurnLock
 from app.chat.scripts import Scripts
+from tests.conftest import Clock
 
 T = keys.thread_id("locked")
 
@@ -87,12 +88,15 @@ async def test_renew_after_loss_is_false(lock: TurnLock, redis: Any) -> None:
     assert await redis.exists(keys.lock(T)) == 0  # renew never recreates the lock
 
 
-async def test_expired_lease_lets_a_new_grant_in_with_a_larger_fence(scripts: Scripts) -> None:
+async def test_expired_lease_lets_a_new_grant_in_with_a_larger_fence(
+    scripts: Scripts, clock: Clock
+) -> None:
     short = TurnLock(scripts, ttl_ms=1000)
     first = await short.acquire(T)
     assert first is not None
+    clock.advance(0.9)
     assert await short.acquire(T) is None
-    await asyncio.sleep(1.1)
+    clock.advance(0.2)
     second = await short.acquire(T)
     assert second is not None and second.fence > first.fence
     # The old owner can neither renew nor release the new grant.

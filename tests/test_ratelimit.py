@@ -3,7 +3,6 @@ socket counts, shared by two Limits objects standing for two pods."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ from app.chat.errors import PodFull, RateLimited
 from app.chat.limits import Limits
 from app.chat.scripts import Scripts
 from app.settings import Settings
+from tests.conftest import Clock
 
 ALICE = keys.user_id("alice")
 BOB = keys.user_id("bob")
@@ -48,13 +48,15 @@ async def test_the_prompt_bucket_is_shared_by_pods(pods: Callable[..., Any]) -> 
     await b.take_prompt(BOB)  # another user has a bucket of their own
 
 
-async def test_the_bucket_refills_with_time(pods: Callable[..., Any], redis: Any) -> None:
+async def test_the_bucket_refills_with_time(
+    pods: Callable[..., Any], redis: Any, clock: Clock
+) -> None:
     a, _ = pods(chat_rate_prompts_per_min=600, chat_rate_prompt_burst=1)  # one per 100 ms
     await a.take_prompt(ALICE)
     with pytest.raises(RateLimited) as refused:
         await a.take_prompt(ALICE)
     assert 0 < (refused.value.retry_after_ms or 0) <= 100
-    await asyncio.sleep(0.15)
+    clock.advance(0.15)
     await a.take_prompt(ALICE)
     # An idle bucket expires: no key is left behind for long.
     assert 0 < await redis.pttl(keys.user_prompt_bucket(ALICE)) <= 1200
@@ -94,22 +96,25 @@ async def test_sockets_per_user_across_pods(pods: Callable[..., Any], redis: Any
     assert await redis.zcard(keys.user_sockets(ALICE)) == 3
 
 
-async def test_a_crashed_pods_sockets_stop_counting(pods: Callable[..., Any], redis: Any) -> None:
+async def test_a_crashed_pods_sockets_stop_counting(
+    pods: Callable[..., Any], redis: Any, clock: Clock
+) -> None:
     a, b = pods(chat_max_sockets_per_user=1, chat_socket_lease_ms=1000)
     await a.claim_socket(ALICE)  # pod a then dies: no release, no renewal
+    clock.advance(0.9)
     with pytest.raises(RateLimited):
         await b.claim_socket(ALICE)
-    await asyncio.sleep(1.1)
+    clock.advance(0.2)
     await b.claim_socket(ALICE)
 
 
 async def test_renewed_leases_keep_live_sockets_counted(
-    pods: Callable[..., Any], redis: Any
+    pods: Callable[..., Any], redis: Any, clock: Clock
 ) -> None:
     a, b = pods(chat_max_sockets_per_user=1, chat_socket_lease_ms=1000)
     await a.claim_socket(ALICE)
     for _ in range(3):
-        await asyncio.sleep(0.4)
+        clock.advance(0.9)
         await a.renew_leases()
     with pytest.raises(RateLimited):
         await b.claim_socket(ALICE)
