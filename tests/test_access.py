@@ -227,12 +227,21 @@ async def test_activity_moves_a_thread_up_for_every_member(access: Threads, redi
 
 async def test_with_auth_off_access_is_open(redis: Any, scripts: Scripts) -> None:
     open_threads = Threads(redis, scripts, open_access=True, max_threads=1)
-    thread = keys.thread_id("lobby")
+    thread, second = keys.thread_id("lobby"), keys.thread_id("lobby2")
     await open_threads.create(thread, OWNER, "")
-    await open_threads.require_member(thread, STRANGER)
+    # A stranger (not a member) reads, renames and deletes like the owner.
+    assert await open_threads.require_member(thread, STRANGER) == OWNER
+    assert not await open_threads.is_member(thread, STRANGER)
     await open_threads.rename(thread, STRANGER, "anyone may")
-    await open_threads.create(keys.thread_id("lobby2"), OWNER, "")  # no quota either
+    summary, members = await open_threads.describe(thread, STRANGER)
+    assert summary.title == "anyone may" and members == [OWNER]
+    # No quota either: a second thread with max_threads=1.
+    await open_threads.create(second, OWNER, "")
+    assert await open_threads.of_user(OWNER) == [second, thread]
     await open_threads.delete(thread, STRANGER)
+    with pytest.raises(NotFound):
+        await open_threads.require_member(thread, OWNER)
+    assert await open_threads.of_user(OWNER) == [second]
 
 
 def _message() -> Message:

@@ -3,6 +3,7 @@ socket counts, shared by two Limits objects standing for two pods."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from app.chat.errors import PodFull, RateLimited
 from app.chat.limits import Limits
 from app.chat.scripts import Scripts
 from app.settings import Settings
-from tests.conftest import Clock
+from tests.conftest import Clock, wait_until
 
 ALICE = keys.user_id("alice")
 BOB = keys.user_id("bob")
@@ -132,9 +133,18 @@ async def test_the_pod_ceiling_is_local(pods: Callable[..., Any]) -> None:
     await a.claim_socket(keys.user_id("carol"))
 
 
-async def test_the_heartbeat_task_starts_and_stops(pods: Callable[..., Any]) -> None:
-    a, _ = pods(chat_max_sockets_per_user=2)
+async def test_the_heartbeat_task_starts_and_stops(pods: Callable[..., Any], redis: Any) -> None:
+    a, _ = pods(chat_max_sockets_per_user=2, chat_socket_lease_ms=1000)  # renewed every 1/3 s
     await a.start()
+    assert "socket-leases" in {t.get_name() for t in asyncio.all_tasks()}
     await a.claim_socket(ALICE)
+    [(_, claimed)] = await redis.zrange(keys.user_sockets(ALICE), 0, -1, withscores=True)
+
+    async def renewed() -> bool:
+        [(_, expiry)] = await redis.zrange(keys.user_sockets(ALICE), 0, -1, withscores=True)
+        return bool(expiry > claimed)
+
+    await wait_until(renewed, what="the heartbeat to renew the lease")
     await a.stop()
+    assert "socket-leases" not in {t.get_name() for t in asyncio.all_tasks()}
     await a.stop()  # idempotent
