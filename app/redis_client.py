@@ -18,6 +18,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.chat.redis_types import RedisClient, Subscriber
 from app.chat.sharded import ShardedSubscriber
 from app.settings import Settings
 
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 class RedisHandles:
     """What the app needs from Redis, whichever kind it is."""
 
-    commands: Any
-    pubsub_factory: Callable[[], Any]
+    commands: RedisClient
+    pubsub_factory: Callable[[], Subscriber]
     publish_command: str
     description: str
     _extra: tuple[Any, ...] = ()

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The most specific prefix wins; docs/architecture.md draws the same table.
 LAYERS: dict[str, int] = {
     "app.chat.keys": 1,
+    "app.chat.redis_types": 1,
     "app.settings": 1,
     "app.metrics": 1,
     "app.logs": 1,

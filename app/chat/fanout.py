@@ -34,6 +34,7 @@ from app import metrics
 from app.chat import keys
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
+from app.chat.redis_types import RedisClient, Subscriber, optional_texts
 from app.chat.timeline import Timeline, TimelineEvent, parse_frame
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class FanoutHub:
 
     def __init__(
         self,
-        pubsub_factory: Callable[[], Any],
-        redis: Any,
+        pubsub_factory: Callable[[], Subscriber],
+        redis: RedisClient,
         timeline: Timeline,
         audit_interval_s: float = 5.0,
     ) -> None:
@@ -81,7 +82,7 @@ class FanoutHub:
         self._redis = redis
         self._timeline = timeline
         self._audit_interval_s = audit_interval_s
-        self._pubsub: Any = None
+        self._pubsub: Subscriber | None = None
         self._followers: dict[ThreadId, set[Sink]] = {}
         # Followers whose follow() has not returned yet (see follow()).
         self._joining: set[Sink] = set()
@@ -98,7 +99,6 @@ class FanoutHub:
         self._forwarding = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.connected = False
-        self.reconnects = 0
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -148,7 +148,7 @@ class FanoutHub:
                 # Not connected: the listener's reconnect subscribes every
                 # followed channel, this one included. On failure too it
                 # reconnects and does so: either way, just wait below.
-                if self.connected:
+                if self.connected and self._pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.subscribe(channel)
             self._has_channels.set()
@@ -161,7 +161,9 @@ class FanoutHub:
         # and the comparison below would make the stored number look older
         # than the cursor, a false "reset" that closes every local socket.
         async with self._forwarding:
-            n, last_id = await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+            n, last_id = optional_texts(
+                await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+            )
             cursor = self._cursors.get(thread)
             if cursor is None:
                 return  # unfollowed meanwhile
@@ -196,10 +198,11 @@ class FanoutHub:
         while True:
             await self._has_channels.wait()
             try:
-                if self._pubsub is None or not self.connected:
-                    await self._reconnect()
+                pubsub = self._pubsub
+                if pubsub is None or not self.connected:
+                    pubsub = await self._reconnect()
                 backoff = RECONNECT_BACKOFF_S[0]
-                await self._read_messages()
+                await self._read_messages(pubsub)
                 # No thread is followed any more: let the connection go rather
                 # than keep it idle and unread (it could die unnoticed).
                 await self._close_pubsub()
@@ -213,25 +216,25 @@ class FanoutHub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self) -> Subscriber:
         """A fresh connection, subscribed to every followed thread, then a
         resync: whatever was published while we were away is read from the log."""
         await self._close_pubsub()
         async with self._commanding:
-            self._pubsub = self._pubsub_factory()
+            self._pubsub = pubsub = self._pubsub_factory()
             # Under the lock: a follow() that came before is in this list; one
             # that comes after finds us connected and subscribes its own.
             channels = [keys.live(t) for t in self._followers]
             if channels:
-                await self._pubsub.subscribe(*channels)
+                await pubsub.subscribe(*channels)
             self.connected = True
         await self._resync(list(self._followers))
-        self.reconnects += 1
         metrics.SUBSCRIBER_CONNECTS.inc()
+        return pubsub
 
-    async def _read_messages(self) -> None:
+    async def _read_messages(self, pubsub: Subscriber) -> None:
         while self._followers or self._confirmed:
-            message = await self._pubsub.get_message(timeout=READ_TIMEOUT_S)
+            message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
             self.connected = True
             if message is None:
                 continue

@@ -7,11 +7,13 @@ message's id is its history entry id, so paging is a plain XREVRANGE.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from app.chat import keys
 from app.chat.keys import ThreadId
 from app.chat.records import Message, MessageStatus, Role
+from app.chat.redis_types import RedisClient
+from app.chat.redis_types import entries as entries_of
 
 
 def message_from_entry(entry_id: str, fields: dict[str, str]) -> Message:
@@ -44,7 +46,7 @@ def entry_fields(message: Message) -> list[str]:
 class HistoryReader:
     """Pages of a thread's messages, oldest first within a page."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
 
     async def page(
@@ -55,14 +57,16 @@ class HistoryReader:
         if before is not None and keys.event_id(before) == (0, 0):
             return [], False  # nothing is older (and Redis refuses "(0-0" as a bound)
         newest = f"({before}" if before else "+"
-        entries = await self._redis.xrevrange(keys.history(thread), newest, "-", count=limit + 1)
+        entries = entries_of(
+            await self._redis.xrevrange(keys.history(thread), newest, "-", count=limit + 1)
+        )
         has_more = len(entries) > limit
         messages = [message_from_entry(i, f) for i, f in reversed(entries[:limit])]
         return messages, has_more
 
     async def all(self, thread: ThreadId) -> list[Message]:
         """The whole history, oldest first (the seed protocol's GET_HISTORY)."""
-        entries = await self._redis.xrange(keys.history(thread), "-", "+")
+        entries = entries_of(await self._redis.xrange(keys.history(thread), "-", "+"))
         return [message_from_entry(i, f) for i, f in entries]
 
     async def latest(
@@ -79,7 +83,9 @@ class HistoryReader:
         # spent on every turn.
         count = 8
         while True:
-            entries = await self._redis.xrevrange(keys.history(thread), cursor, "-", count=count)
+            entries = entries_of(
+                await self._redis.xrevrange(keys.history(thread), cursor, "-", count=count)
+            )
             count = min(count * 2, 256)
             if not entries:
                 return picked[::-1]

@@ -16,13 +16,13 @@ import contextlib
 import logging
 import secrets
 from collections import defaultdict
-from typing import Any
 
 from redis.exceptions import RedisError
 
 from app.chat import keys
 from app.chat.errors import PodFull, RateLimited
 from app.chat.keys import UserId
+from app.chat.redis_types import RedisClient
 from app.chat.scripts import Scripts
 from app.settings import Settings
 
@@ -38,7 +38,7 @@ RENEW_BATCH = 100
 class Limits:
     """The prompt bucket and the socket counts, for every user of this pod."""
 
-    def __init__(self, redis: Any, scripts: Scripts, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, scripts: Scripts, settings: Settings) -> None:
         self._redis = redis
         self._scripts = scripts
         per_user = settings.auth_enabled

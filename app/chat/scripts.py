@@ -22,9 +22,9 @@ be a placeholder, never user text.
 
 from __future__ import annotations
 
-from typing import Any
-
 from redis.commands.core import AsyncScript
+
+from app.chat.redis_types import RedisClient
 
 # Shared Lua helpers, prepended to the timeline scripts.
 #
@@ -429,7 +429,7 @@ return 0
 class Scripts:
     """The scripts above, registered on one client (EVALSHA, loaded on demand)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self.acquire_lock: AsyncScript = redis.register_script(ACQUIRE_LOCK)
         self.renew_lock: AsyncScript = redis.register_script(RENEW_LOCK)
         self.release_lock: AsyncScript = redis.register_script(RELEASE_LOCK)

@@ -15,7 +15,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -29,6 +28,8 @@ from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
 from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message
+from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
+from app.chat.redis_types import entries as entries_of
 from app.chat.runner import TurnContext, TurnManager
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
@@ -69,8 +70,8 @@ class ChatService:
     def __init__(
         self,
         settings: Settings,
-        redis: Any,
-        pubsub_factory: Callable[[], Any],
+        redis: RedisClient,
+        pubsub_factory: Callable[[], Subscriber],
         model: ChatModel,
         publish_command: str,
     ) -> None:
@@ -188,7 +189,9 @@ class ChatService:
 
     async def resume(self, thread: ThreadId, after: str, epoch: str | None) -> Resumed:
         """The events after ``after``, or None when they are no longer all there."""
-        meta_epoch, last_id = await self.redis.hmget(keys.meta(thread), "epoch", "last_event_id")
+        meta_epoch, last_id = optional_texts(
+            await self.redis.hmget(keys.meta(thread), "epoch", "last_event_id")
+        )
         if epoch is not None and epoch != meta_epoch:
             return Resumed(None)
         if not await self.timeline.covers(thread, after, last_id):
@@ -274,13 +277,13 @@ class ChatService:
     async def message_frame(self, thread: ThreadId, client_msg_id: str) -> str | None:
         """The ``message`` frame first sent for ``client_msg_id``, if any (the
         HTTP prompt's answer, and a repeated prompt's)."""
-        message_id = await self.redis.hget(keys.dedup(thread), client_msg_id)
+        message_id = text(await self.redis.hget(keys.dedup(thread), client_msg_id))
         if message_id is None:
             return None
-        stored = await self.redis.xrange(keys.events(thread), message_id, message_id)
+        stored = entries_of(await self.redis.xrange(keys.events(thread), message_id, message_id))
         if stored:
             return frame_from_entry(stored[0][0], stored[0][1]).frame
-        entries = await self.redis.xrange(keys.history(thread), message_id, message_id)
+        entries = entries_of(await self.redis.xrange(keys.history(thread), message_id, message_id))
         if not entries:
             raise NotFound("the original message is gone")
         message = message_from_entry(entries[0][0], entries[0][1])

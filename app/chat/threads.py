@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from app.chat import keys
 from app.chat.errors import Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
 from app.chat.keys import ThreadId, UserId
+from app.chat.redis_types import RedisClient, scored, text, text_set, texts
 from app.chat.scripts import Scripts
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Threads:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         scripts: Scripts,
         publish: str = "PUBLISH",
         *,
@@ -156,7 +157,7 @@ class Threads:
         reservation whose creation never happened); how many were dropped.
         An entry reserved by a creation still in flight may be dropped too:
         the quota can then be passed by the few creations racing it."""
-        owned: list[str] = await self._redis.zrange(keys.user_owned(user), 0, -1)
+        owned = texts(await self._redis.zrange(keys.user_owned(user), 0, -1))
         async with self._redis.pipeline(transaction=False) as pipe:
             for thread in owned:
                 pipe.hget(keys.meta(ThreadId(thread)), "owner")
@@ -259,23 +260,17 @@ class Threads:
     # --- a user's list --------------------------------------------------------
 
     async def last_event_id(self, thread: ThreadId) -> str | None:
-        last: str | None = await self._redis.hget(keys.meta(thread), "last_event_id")
-        return last
-
-    async def touch(self, user: UserId, thread: ThreadId) -> None:
-        """Move the thread to the top of the user's list.
-
-        A separate command, not part of the turn's commit: the user's list is
-        hash-tagged by user, so on a Redis Cluster it lives on another shard
-        than the thread. A crash in between only leaves the list a little
-        stale; the thread's own data is already committed.
-        """
-        await self._redis.zadd(keys.user_threads(user), {thread: time.time()}, gt=True)
+        return text(await self._redis.hget(keys.meta(thread), "last_event_id"))
 
     async def touch_members(self, thread: ThreadId) -> None:
         """Move the thread to the top of every member's list (activity is
-        shared: anyone's prompt is news for all of them)."""
-        members: set[str] = await self._redis.smembers(keys.members(thread))
+        shared: anyone's prompt is news for all of them).
+
+        Separate commands, not part of the turn's commit: a user's list is
+        hash-tagged by user, so on a Redis Cluster it lives on another shard
+        than the thread. A crash in between only leaves the lists a little
+        stale; the thread's own data is already committed."""
+        members = text_set(await self._redis.smembers(keys.members(thread)))
         now = time.time()
         async with self._redis.pipeline(transaction=False) as pipe:
             for member in members:
@@ -284,8 +279,7 @@ class Threads:
 
     async def of_user(self, user: UserId, limit: int = 100) -> list[str]:
         """The user's thread ids, most recently active first."""
-        ids: list[str] = await self._redis.zrevrange(keys.user_threads(user), 0, limit - 1)
-        return ids
+        return texts(await self._redis.zrevrange(keys.user_threads(user), 0, limit - 1))
 
     async def page_of_user(
         self, user: UserId, limit: int, cursor: str | None
@@ -303,8 +297,10 @@ class Threads:
         offset = 0
         batch = limit + 1
         while len(found) <= limit:
-            rows = await self._redis.zrevrangebyscore(
-                key, high, "-inf", start=offset, num=batch, withscores=True
+            rows = scored(
+                await self._redis.zrevrangebyscore(
+                    key, high, "-inf", start=offset, num=batch, withscores=True
+                )
             )
             offset += len(rows)
             fetched = len(rows)

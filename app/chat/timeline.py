@@ -10,13 +10,14 @@ resume, and reading a frame's id and number without decoding the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from app.chat import keys
 from app.chat.keys import ThreadId
 from app.chat.records import Delta, Done, Loading, Message
+from app.chat.redis_types import RedisClient
+from app.chat.redis_types import entries as entries_of
 
 # Stands where the commit script writes the id of the message it commits
 # (see app.chat.scripts: orjson never emits a raw control byte).
@@ -121,19 +122,21 @@ def parse_frame(frame: str) -> TimelineEvent | None:
 class Timeline:
     """Reads of a thread's event log (writes go through the commit scripts)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
 
     async def read_after(
         self, thread: ThreadId, after: str, until: str = "+", count: int | None = None
     ) -> list[TimelineEvent]:
         """Events strictly after ``after`` (and up to ``until``), oldest first."""
-        entries = await self._redis.xrange(keys.events(thread), f"({after}", until, count=count)
+        entries = entries_of(
+            await self._redis.xrange(keys.events(thread), f"({after}", until, count=count)
+        )
         return [frame_from_entry(entry_id, fields) for entry_id, fields in entries]
 
     async def read_from(self, thread: ThreadId, start: str) -> list[TimelineEvent]:
         """Events from ``start`` inclusive: the running turn's replay."""
-        entries = await self._redis.xrange(keys.events(thread), start, "+")
+        entries = entries_of(await self._redis.xrange(keys.events(thread), start, "+"))
         return [frame_from_entry(entry_id, fields) for entry_id, fields in entries]
 
     async def covers(self, thread: ThreadId, after: str, last_event_id: str | None) -> bool:
@@ -148,5 +151,5 @@ class Timeline:
             return False
         if after_key == keys.event_id(last_event_id):
             return True
-        oldest = await self._redis.xrange(keys.events(thread), "-", "+", count=1)
+        oldest = entries_of(await self._redis.xrange(keys.events(thread), "-", "+", count=1))
         return bool(oldest) and keys.event_id(oldest[0][0]) <= after_key

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
@@ -24,6 +23,9 @@ from app.chat.history import entry_fields
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
 from app.chat.records import Delta, Done, Loading, Message
+from app.chat.redis_types import RedisClient, texts
+from app.chat.redis_types import entries as entries_of
+from app.chat.redis_types import fields as hash_of
 from app.chat.scripts import Scripts
 from app.chat.timeline import done_event_data, event_data, message_event_data
 
@@ -68,7 +70,7 @@ class TurnStore:
     """Fenced writes of turns and the records the reaper reads."""
 
     def __init__(
-        self, redis: Any, scripts: Scripts, publish: str, retention: int, dedup_ttl_s: int
+        self, redis: RedisClient, scripts: Scripts, publish: str, retention: int, dedup_ttl_s: int
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -154,7 +156,7 @@ class TurnStore:
 
     async def record(self, thread: ThreadId) -> TurnRecord | None:
         """The running turn of a thread, or None when it is idle."""
-        fields = await self._redis.hgetall(keys.turn(thread))
+        fields = hash_of(await self._redis.hgetall(keys.turn(thread)))
         if not fields.get("generation_id"):
             return None
         return TurnRecord(
@@ -172,7 +174,7 @@ class TurnStore:
         The log is never trimmed while a turn runs (trimming happens only at
         the start and end of turns), so every delta of the turn is there.
         """
-        entries = await self._redis.xrange(keys.events(thread), record.start_id, "+")
+        entries = entries_of(await self._redis.xrange(keys.events(thread), record.start_id, "+"))
         pieces: list[str] = []
         for _entry_id, fields in entries:
             event = orjson.loads(fields["data"])
@@ -202,7 +204,7 @@ class TurnStore:
 
     async def index_threads(self, limit: int = 1000) -> list[ThreadId]:
         """Threads that may have a running turn, oldest first."""
-        members = await self._redis.zrange(keys.TURN_INDEX, 0, limit - 1)
+        members = texts(await self._redis.zrange(keys.TURN_INDEX, 0, limit - 1))
         threads = []
         for member in members:
             try:
