@@ -1,5 +1,6 @@
 """The ``durable-chat`` command: ``serve`` runs a pod, ``worker`` the reaper, and
-the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``."""
+the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``,
+and ``schema`` (what is generated from the protocol's models)."""
 
 from __future__ import annotations
 
@@ -205,6 +206,20 @@ async def _chat(thread: str, urls: list[str], token: str | None) -> None:
                 elif kind == "error":
                     typer.echo(style(f"error {event['code']}: {event['message']}", "red"))
                     break
+
+
+@cli.command()
+def schema(
+    kind: str = typer.Argument(..., help="typescript (clients/js/src/protocol.ts)"),
+) -> None:
+    """Print what is generated from the protocol's models: the TypeScript
+    client's types."""
+    from app import schema as generated
+
+    if kind == "typescript":
+        sys.stdout.write(generated.typescript())
+    else:
+        raise typer.BadParameter("typescript", param_hint="KIND")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pydantic import (
 
 from app.chat import keys
 from app.chat.errors import DomainCode
-from app.chat.records import Joined, Message
+from app.chat.records import Delta, Done, Joined, Loading, Message
 from app.chat.timeline import message_json
 
 PROTOCOL_VERSION = 1
@@ -188,6 +188,43 @@ class ErrorEvent(BaseModel):
 class Pong(BaseModel):
     type: Literal["pong"] = "pong"
     thread_id: str
+
+
+# --- timeline events as sent --------------------------------------------------
+# A turn's records (app.chat.records) are stored and published once, as
+# finished frames with the event's ``id`` and ``n`` in front (app.chat.timeline).
+# These models are those frames' exact shapes, for the AsyncAPI document, the
+# generated client types and tests (app.schema); the server never builds them.
+
+
+class TimelineFrame(BaseModel):
+    """What every timeline event carries: its id (a Redis Stream id, the same on
+    every pod) and its contiguous per-thread number."""
+
+    id: str = Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")
+    n: int = Field(ge=0)
+
+
+class MessageEvent(TimelineFrame):
+    """A message committed to the thread's history (a user's or the assistant's)."""
+
+    type: Literal["message"] = "message"
+    thread_id: str
+    message: Message
+
+
+class LoadingEvent(Loading, TimelineFrame):
+    """A turn started: the assistant's reply follows."""
+
+
+class DeltaEvent(Delta, TimelineFrame):
+    """A piece of the reply: a generation's texts in ``seq`` order make its content."""
+
+
+class DoneEvent(Done, TimelineFrame):
+    """A turn ended; ``message_id`` is the assistant message's id."""
+
+    message_id: str
 
 
 def encode(event: BaseModel) -> str:

@@ -1,0 +1,143 @@
+// Generated from the server's pydantic models by `durable-chat schema typescript`.
+// Do not edit: tests/test_schema.py fails when this file and the models differ.
+
+export const PROTOCOL_VERSION = 1;
+
+/** A committed message of a thread's history. */
+export interface Message {
+  id: string;
+  role: "user" | "assistant";
+  content: string;
+  user_id: string;
+  created_at: number;
+  status: "complete" | "cancelled" | "interrupted" | "error";
+  client_msg_id?: string | null;
+}
+
+/** A piece of the reply: a generation's texts in ``seq`` order make its content. */
+export interface DeltaEvent {
+  id: string;
+  n: number;
+  type: "delta";
+  thread_id: string;
+  generation_id: string;
+  seq: number;
+  text: string;
+}
+
+/** A turn ended; ``message_id`` is the assistant message's id. */
+export interface DoneEvent {
+  id: string;
+  n: number;
+  type: "done";
+  thread_id: string;
+  generation_id: string;
+  status: "complete" | "cancelled" | "interrupted" | "error";
+  usage?: Record<string, number> | null;
+  message_id: string;
+}
+
+export interface ErrorEvent {
+  type: "error";
+  thread_id: string | null;
+  code: "bad_request" | "too_large" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "resume_gap" | "llm_error" | "unavailable" | "internal";
+  message: string;
+  retryable: boolean;
+  retry_after_ms?: number | null;
+}
+
+export interface HistoryEvent {
+  type: "history";
+  thread_id: string;
+  messages: Array<Message>;
+  has_more: boolean;
+}
+
+/** A turn started: the assistant's reply follows. */
+export interface LoadingEvent {
+  id: string;
+  n: number;
+  type: "loading";
+  thread_id: string;
+  generation_id: string;
+  model: string;
+}
+
+/** A message committed to the thread's history (a user's or the assistant's). */
+export interface MessageEvent {
+  id: string;
+  n: number;
+  type: "message";
+  thread_id: string;
+  message: Message;
+}
+
+export interface PongEvent {
+  type: "pong";
+  thread_id: string;
+}
+
+export interface ReadyEvent {
+  type: "ready";
+  thread_id: string;
+  protocol: number;
+  epoch: string;
+  last_event_id: string | null;
+  generating: boolean;
+  generation_id: string | null;
+  recovered?: boolean | null;
+}
+
+export interface PromptFrame {
+  type: "prompt";
+  content: string;
+  client_msg_id?: string | null;
+}
+
+export interface GetHistoryFrame {
+  type: "get_history";
+  before?: string | null;
+  limit?: number;
+}
+
+export interface CancelFrame {
+  type: "cancel";
+  generation_id?: string | null;
+}
+
+export interface ResumeFrame {
+  type: "resume";
+  after: string;
+  epoch?: string | null;
+}
+
+export interface PingFrame {
+  type: "ping";
+}
+
+export type ServerEvent =
+  | DeltaEvent
+  | DoneEvent
+  | ErrorEvent
+  | HistoryEvent
+  | LoadingEvent
+  | MessageEvent
+  | PongEvent
+  | ReadyEvent;
+
+export type TimelineEvent =
+  | DeltaEvent
+  | DoneEvent
+  | LoadingEvent
+  | MessageEvent;
+
+export type ClientFrame =
+  | PromptFrame
+  | GetHistoryFrame
+  | CancelFrame
+  | ResumeFrame
+  | PingFrame;
+
+export type ErrorCode = "bad_request" | "too_large" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "resume_gap" | "llm_error" | "unavailable" | "internal";
+
+export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["delta", "done", "loading", "message"]);
