@@ -24,9 +24,9 @@ from pydantic import (
     ValidationError,
 )
 
-from app.chat import keys
+from app.chat import keys, records
 from app.chat.errors import DomainCode
-from app.chat.records import Delta, Done, Joined, Loading, Message
+from app.chat.records import Joined, MessageStatus, Role
 from app.chat.timeline import message_json
 
 PROTOCOL_VERSION = 1
@@ -166,11 +166,11 @@ class Ready(BaseModel):
 class History(BaseModel):
     type: Literal["history"] = "history"
     thread_id: str
-    messages: list[dict[str, str | int]]
+    messages: list[Message]
     has_more: bool
 
     @classmethod
-    def of(cls, thread_id: str, messages: list[Message], has_more: bool) -> History:
+    def of(cls, thread_id: str, messages: list[records.Message], has_more: bool) -> History:
         return cls(
             thread_id=thread_id, messages=[message_json(m) for m in messages], has_more=has_more
         )
@@ -197,6 +197,18 @@ class Pong(BaseModel):
 # generated client types and tests (app.schema); the server never builds them.
 
 
+class Message(BaseModel):
+    """A committed message of a thread's history, as clients see it."""
+
+    id: str
+    role: Role
+    content: str
+    user_id: str
+    created_at: int = Field(description="ms since the epoch")
+    status: MessageStatus
+    client_msg_id: str | None = None
+
+
 class TimelineFrame(BaseModel):
     """What every timeline event carries: its id (a Redis Stream id, the same on
     every pod) and its contiguous per-thread number."""
@@ -213,18 +225,34 @@ class MessageEvent(TimelineFrame):
     message: Message
 
 
-class LoadingEvent(Loading, TimelineFrame):
-    """A turn started: the assistant's reply follows."""
+class LoadingEvent(TimelineFrame):
+    """A turn started: ``model`` is generating the reply ``generation_id``."""
+
+    type: Literal["loading"] = "loading"
+    thread_id: str
+    generation_id: str
+    model: str
 
 
-class DeltaEvent(Delta, TimelineFrame):
+class DeltaEvent(TimelineFrame):
     """A piece of the reply: a generation's texts in ``seq`` order make its content."""
 
+    type: Literal["delta"] = "delta"
+    thread_id: str
+    generation_id: str
+    seq: int
+    text: str
 
-class DoneEvent(Done, TimelineFrame):
+
+class DoneEvent(TimelineFrame):
     """A turn ended; ``message_id`` is the assistant message's id."""
 
+    type: Literal["done"] = "done"
+    thread_id: str
+    generation_id: str
+    status: MessageStatus
     message_id: str
+    usage: dict[str, int] | None = None
 
 
 def encode(event: BaseModel) -> str:

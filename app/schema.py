@@ -5,10 +5,9 @@ and what is generated from them: the TypeScript client's types
 Nothing here lists frames by hand. Client frames are the members of
 ``app.protocol.ClientFrame``; server events are the models of
 ``app.protocol`` with a literal ``type`` (timeline events are those built on
-``TimelineFrame``), and a record of ``app.chat.records`` with a literal
-``type`` but no wire model yet is published as a timeline event too. So a
-frame added to the protocol reaches the generated types and the document
-with no change here; tests compare both with what is generated.
+``TimelineFrame``). So a frame added to the protocol reaches the generated
+types and the document with no change here; tests compare both with what is
+generated.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel
 
 from app import protocol
-from app.chat import records
 
 SchemaDict = dict[str, Any]
 
@@ -52,23 +50,8 @@ def client_frames() -> dict[str, type[BaseModel]]:
 def server_events() -> dict[str, type[BaseModel]]:
     """Every event a server sends, by type (sockets and SSE alike)."""
     client = set(client_frames().values())
-    events = {
-        str(_literal_type(m)): m
-        for m in _models(protocol)
-        if _literal_type(m) and m not in client and not _is_record_twin(m)
-    }
-    for record in _models(records):
-        kind = _literal_type(record)
-        if kind and kind not in events:
-            events[kind] = create_model(
-                f"{record.__name__}Event", __base__=(record, protocol.TimelineFrame)
-            )
-    return dict(sorted(events.items()))
-
-
-def _is_record_twin(model: type[BaseModel]) -> bool:
-    """A record of app.chat.records seen again through an import."""
-    return model.__module__ != protocol.__name__
+    events = {str(_literal_type(m)): m for m in _models(protocol) if m not in client}
+    return dict(sorted((kind, m) for kind, m in events.items() if kind != "None"))
 
 
 def is_timeline(model: type[BaseModel]) -> bool:
@@ -166,11 +149,18 @@ def typescript() -> str:
     out.append(f"export type ServerEvent =\n  | {_union(_event_name(k) for k in server)};\n")
     out.append(f"export type TimelineEvent =\n  | {_union(timeline)};\n")
     out.append(f"export type ClientFrame =\n  | {_union(_frame_name(k) for k in client)};\n")
-    codes = typing.get_args(protocol.ErrorCode)
+    codes = _literals(protocol.ErrorCode)
     out.append(f"export type ErrorCode = {' | '.join(_literal(c) for c in codes)};\n")
     kinds = ", ".join(f'"{k}"' for k, m in server.items() if is_timeline(m))
     out.append(f"export const TIMELINE_TYPES: ReadonlySet<string> = new Set([{kinds}]);\n")
     return "\n".join(out)
+
+
+def _literals(annotation: Any) -> list[str]:
+    """The values of a Literal, or of a union of Literals."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    return [v for member in typing.get_args(annotation) for v in _literals(member)]
 
 
 def _union(names: Any) -> str:

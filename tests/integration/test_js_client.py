@@ -62,12 +62,11 @@ def test_js_client_against_real_pods(tmp_path):
         CHAT_LOCK_TTL_MS=1000, CHAT_REAPER_INTERVAL_MS=200,
     )  # fmt: skip
     with pods(tmp_path, count=3, **env) as (victim, a, b):
-        assert victim.proc is not None
         env = {
             **os.environ,
             "DC_PODS": f"{a.http},{b.http}",
             "DC_VICTIM": victim.http,
-            "DC_VICTIM_PID": str(victim.proc.pid),
+            "DC_VICTIM_PID": str(victim.pid),
             "DC_TOKENS": json.dumps({"alice": token("alice"), "mallory": token("mallory")}),
         }
         run = subprocess.run(

@@ -3,7 +3,7 @@
 
 export const PROTOCOL_VERSION = 1;
 
-/** A committed message of a thread's history. */
+/** A committed message of a thread's history, as clients see it. */
 export interface Message {
   id: string;
   role: "user" | "assistant";
@@ -33,14 +33,14 @@ export interface DoneEvent {
   thread_id: string;
   generation_id: string;
   status: "complete" | "cancelled" | "interrupted" | "error";
-  usage?: Record<string, number> | null;
   message_id: string;
+  usage?: Record<string, number> | null;
 }
 
 export interface ErrorEvent {
   type: "error";
   thread_id: string | null;
-  code: "bad_request" | "too_large" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "resume_gap" | "llm_error" | "unavailable" | "internal";
+  code: "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
   message: string;
   retryable: boolean;
   retry_after_ms?: number | null;
@@ -53,7 +53,7 @@ export interface HistoryEvent {
   has_more: boolean;
 }
 
-/** A turn started: the assistant's reply follows. */
+/** A turn started: ``model`` is generating the reply ``generation_id``. */
 export interface LoadingEvent {
   id: string;
   n: number;
@@ -138,6 +138,6 @@ export type ClientFrame =
   | ResumeFrame
   | PingFrame;
 
-export type ErrorCode = "bad_request" | "too_large" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "resume_gap" | "llm_error" | "unavailable" | "internal";
+export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
 
 export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["delta", "done", "loading", "message"]);
