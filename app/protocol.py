@@ -24,9 +24,9 @@ from pydantic import (
     ValidationError,
 )
 
-from app.chat import keys, records
+from app.chat import keys
 from app.chat.errors import DomainCode
-from app.chat.records import Joined, MessageStatus, Role
+from app.chat.records import Joined, Message
 from app.chat.timeline import message_json
 
 PROTOCOL_VERSION = 1
@@ -59,15 +59,36 @@ class _Frame(BaseModel):
 
 
 class Prompt(_Frame):
+    """Without ``parent_id`` the message follows the active leaf; with it (a
+    message id, or null for a new root) it starts a branch there: an edit."""
+
     type: Literal["prompt"]
     content: StrictStr = Field(min_length=1)
     client_msg_id: ClientToken | None = None
+    parent_id: EventId | None = None
+
+    @property
+    def branches(self) -> bool:
+        """Whether the client gave ``parent_id`` (null included)."""
+        return "parent_id" in self.model_fields_set
+
+
+class Regenerate(_Frame):
+    type: Literal["regenerate"]
+    message_id: EventId
+    client_msg_id: ClientToken | None = None
+
+
+class Switch(_Frame):
+    type: Literal["switch"]
+    message_id: EventId
 
 
 class GetHistory(_Frame):
     type: Literal["get_history"]
     before: EventId | None = None
     limit: StrictInt = Field(default=50, ge=1, le=200)
+    leaf: EventId | None = None
 
 
 class Cancel(_Frame):
@@ -85,8 +106,9 @@ class Ping(_Frame):
     type: Literal["ping"]
 
 
-ClientFrame = Annotated[Prompt | GetHistory | Cancel | Resume | Ping, Field(discriminator="type")]
-_client_frame: TypeAdapter[Prompt | GetHistory | Cancel | Resume | Ping] = TypeAdapter(ClientFrame)
+_Frames = Prompt | Regenerate | Switch | GetHistory | Cancel | Resume | Ping
+ClientFrame = Annotated[_Frames, Field(discriminator="type")]
+_client_frame: TypeAdapter[_Frames] = TypeAdapter(ClientFrame)
 
 
 # Client frames are flat objects; a little nesting is tolerated so the error
@@ -152,6 +174,7 @@ class Ready(BaseModel):
     last_event_id: str | None
     generating: bool
     generation_id: str | None
+    leaf_id: str | None = None
     recovered: bool | None = None
 
     @classmethod
@@ -159,18 +182,18 @@ class Ready(BaseModel):
         return cls(
             thread_id=joined.thread_id, epoch=joined.epoch, last_event_id=joined.last_event_id,
             generating=joined.generating, generation_id=joined.generation_id,
-            recovered=joined.recovered,
+            leaf_id=joined.leaf_id, recovered=joined.recovered,
         )  # fmt: skip
 
 
 class History(BaseModel):
     type: Literal["history"] = "history"
     thread_id: str
-    messages: list[Message]
+    messages: list[dict[str, object]]
     has_more: bool
 
     @classmethod
-    def of(cls, thread_id: str, messages: list[records.Message], has_more: bool) -> History:
+    def of(cls, thread_id: str, messages: list[Message], has_more: bool) -> History:
         return cls(
             thread_id=thread_id, messages=[message_json(m) for m in messages], has_more=has_more
         )
@@ -190,76 +213,14 @@ class Pong(BaseModel):
     thread_id: str
 
 
-# --- timeline events as sent --------------------------------------------------
-# A turn's records (app.chat.records) are stored and published once, as
-# finished frames with the event's ``id`` and ``n`` in front (app.chat.timeline).
-# These models are those frames' exact shapes, for the AsyncAPI document, the
-# generated client types and tests (app.schema); the server never builds them.
-
-
-class Message(BaseModel):
-    """A committed message of a thread's history, as clients see it."""
-
-    id: str
-    role: Role
-    content: str
-    user_id: str
-    created_at: int = Field(description="ms since the epoch")
-    status: MessageStatus
-    client_msg_id: str | None = None
-
-
-class TimelineFrame(BaseModel):
-    """What every timeline event carries: its id (a Redis Stream id, the same on
-    every pod) and its contiguous per-thread number."""
-
-    id: str = Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")
-    n: int = Field(ge=0)
-
-
-class MessageEvent(TimelineFrame):
-    """A message committed to the thread's history (a user's or the assistant's)."""
-
-    type: Literal["message"] = "message"
-    thread_id: str
-    message: Message
-
-
-class LoadingEvent(TimelineFrame):
-    """A turn started: ``model`` is generating the reply ``generation_id``."""
-
-    type: Literal["loading"] = "loading"
-    thread_id: str
-    generation_id: str
-    model: str
-
-
-class DeltaEvent(TimelineFrame):
-    """A piece of the reply: a generation's texts in ``seq`` order make its content."""
-
-    type: Literal["delta"] = "delta"
-    thread_id: str
-    generation_id: str
-    seq: int
-    text: str
-
-
-class DoneEvent(TimelineFrame):
-    """A turn ended; ``message_id`` is the assistant message's id."""
-
-    type: Literal["done"] = "done"
-    thread_id: str
-    generation_id: str
-    status: MessageStatus
-    message_id: str
-    usage: dict[str, int] | None = None
-
-
 def encode(event: BaseModel) -> str:
     """One server event as a text frame (None fields dropped, except in ``ready``,
-    whose ``last_event_id`` and ``generation_id`` are null when absent)."""
+    whose ``last_event_id``, ``generation_id`` and ``leaf_id`` are null when
+    absent, and in ``history``)."""
     if isinstance(event, Ready):
         data = event.model_dump(exclude={"recovered"} if event.recovered is None else set())
+    elif isinstance(event, History):
+        data = event.model_dump()  # a root message's parent_id is null, not absent
     else:
         data = event.model_dump(exclude_none=True)
     return orjson.dumps(data).decode()

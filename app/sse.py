@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -33,9 +33,10 @@ from app import metrics
 from app.chat import keys
 from app.chat.errors import NotFound
 from app.chat.follower import Follower
+from app.chat.records import Message
 from app.chat.service import ChatService, Opened
 from app.chat.timeline import TimelineEvent
-from app.protocol import ClientToken, EventId, History, MessageEvent, Ready, encode
+from app.protocol import ClientToken, EventId, History, Ready, encode
 from app.rest import Caller, Chat, HttpError, PathThread
 
 router = APIRouter(prefix="/v1/threads", tags=["threads without a WebSocket"])
@@ -62,6 +63,11 @@ class PostMessage(BaseModel):
         default=None,
         description="idempotency key: a repeat returns the original message and starts nothing",
     )
+    parent_id: EventId | None = Field(
+        default=None,
+        description="start a branch under this message (null: a new root), as an edit does; "
+        "absent: follow the active leaf",
+    )
 
 
 class PostCancel(BaseModel):
@@ -69,6 +75,16 @@ class PostCancel(BaseModel):
     generation_id: ClientToken | None = Field(
         default=None, description="stop only this generation; default: whatever runs"
     )
+
+
+class MessageEvent(BaseModel):
+    """The ``message`` timeline event of a committed prompt."""
+
+    type: Literal["message"]
+    id: str
+    n: int
+    thread_id: str
+    message: Message
 
 
 class CancelAccepted(BaseModel):
@@ -179,7 +195,10 @@ async def post_message(
     # a caller who sent none gets one, so a retried request cannot post twice
     # only if the caller sends its own.
     client_msg_id = body.client_msg_id or f"http-{secrets.token_hex(8)}"
-    frame = await service.prompt(thread, user, body.content, client_msg_id)
+    frame = await service.prompt(
+        thread, user, body.content, client_msg_id, body.parent_id,
+        "parent_id" in body.model_fields_set,
+    )  # fmt: skip
     frame = frame or await service.message_frame(thread, client_msg_id)
     if frame is None:
         raise NotFound("the message is gone")
@@ -197,10 +216,13 @@ async def get_messages(
     service: Chat,
     before: Annotated[EventId | None, Query(description="a message id")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    leaf: Annotated[
+        EventId | None, Query(description="a branch's leaf; default: the active one")
+    ] = None,
 ) -> History:
     thread = keys.thread_id(thread_id)
     await service.threads.require_member(thread, user)
-    messages, has_more = await service.history_page(thread, before, limit, user)
+    messages, has_more = await service.history_page(thread, before, limit, user, leaf)
     return History.of(thread, messages, has_more)
 
 

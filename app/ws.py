@@ -16,10 +16,9 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
-from starlette import status
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app import metrics, uvicorn_adapter
+from app import metrics
 from app.auth import Authenticator, AuthError, chosen_subprotocol
 from app.chat import keys
 from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadBusy
@@ -39,7 +38,9 @@ from app.protocol import (
     Pong,
     Prompt,
     Ready,
+    Regenerate,
     Resume,
+    Switch,
     encode,
     parse_client_frame,
 )
@@ -47,7 +48,12 @@ from app.protocol import (
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Close codes (PROTOCOL.md "Close codes") are starlette.status's WS_* names.
+# Close codes (PROTOCOL.md "Close codes"), all in one place.
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012
+CLOSE_TRY_AGAIN = 1013
 # How long a close frame may take to go out before the connection is cut.
 CLOSE_TIMEOUT_S = 1.0
 
@@ -60,16 +66,16 @@ async def admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, 
     if not ws.app.state.origins.allows(ws):
         # Cross-site WebSocket hijacking: a foreign page's socket is refused
         # before the upgrade (HTTP 403), whatever credentials it carries.
-        await ws.close(status.WS_1008_POLICY_VIOLATION, reason="origin not allowed")
+        await ws.close(CLOSE_POLICY, reason="origin not allowed")
         return None
     try:
         thread = keys.thread_id(raw_thread)
         user = authenticator.user_for(ws)
     except (keys.InvalidId, AuthError) as exc:
-        await ws.close(status.WS_1008_POLICY_VIOLATION, reason=str(exc)[:120])
+        await ws.close(CLOSE_POLICY, reason=str(exc)[:120])
         return None
     if service.draining:
-        await ws.close(status.WS_1012_SERVICE_RESTART, reason="server restarting")
+        await ws.close(CLOSE_RESTART, reason="server restarting")
         return None
     return service, thread, user
 
@@ -85,7 +91,7 @@ async def open_thread(
     try:
         return await service.open(thread, user, after, epoch)
     except (Forbidden, NotFound) as exc:
-        await ws.close(status.WS_1008_POLICY_VIOLATION, reason=str(exc))
+        await ws.close(CLOSE_POLICY, reason=str(exc))
     except RateLimited as exc:
         event = ErrorEvent(
             thread_id=thread, code="rate_limited", message=str(exc), retryable=exc.retryable,
@@ -93,15 +99,12 @@ async def open_thread(
         )  # fmt: skip
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await ws.send_text(encode(event))
-        await ws.close(
-            status.WS_1013_TRY_AGAIN_LATER if exc.retryable else status.WS_1008_POLICY_VIOLATION,
-            reason=str(exc)[:120],
-        )
+        await ws.close(CLOSE_TRY_AGAIN if exc.retryable else CLOSE_POLICY, reason=str(exc)[:120])
     except (FanoutUnavailable, RedisError, OSError) as exc:
         log.warning(
             "cannot open thread %s: %s", thread, exc, extra={"thread_id": thread, "user_id": user}
         )
-        await ws.close(status.WS_1013_TRY_AGAIN_LATER, reason="storage unavailable, retry")
+        await ws.close(CLOSE_TRY_AGAIN, reason="storage unavailable, retry")
     return None
 
 
@@ -116,7 +119,7 @@ async def thread_socket(ws: WebSocket) -> None:
         try:
             keys.event_id(after)
         except keys.InvalidId as exc:
-            await ws.close(status.WS_1008_POLICY_VIOLATION, reason=f"after: {exc}")
+            await ws.close(CLOSE_POLICY, reason=f"after: {exc}")
             return
     session = await _open_session(ws, service, thread, user, after, epoch)
     if session is None:
@@ -275,14 +278,25 @@ class ThreadSession:
         if len(frame.content) > limit:
             raise BadFrame("too_large", f"content longer than {limit} characters")
         original = await self.service.prompt(
-            self.thread, self.user, frame.content, frame.client_msg_id
+            self.thread, self.user, frame.content, frame.client_msg_id,
+            frame.parent_id, frame.branches,
+        )  # fmt: skip
+        if original is not None:
+            await self.send_text(original)
+
+    async def _regenerate(self, frame: Regenerate) -> None:
+        original = await self.service.regenerate(
+            self.thread, self.user, frame.message_id, frame.client_msg_id
         )
         if original is not None:
             await self.send_text(original)
 
+    async def _switch(self, frame: Switch) -> None:
+        await self.service.switch(self.thread, self.user, frame.message_id)
+
     async def _get_history(self, frame: GetHistory) -> None:
         messages, has_more = await self.service.history_page(
-            self.thread, frame.before, frame.limit, self.user
+            self.thread, frame.before, frame.limit, self.user, frame.leaf
         )
         reply = History.of(self.thread, messages, has_more)
         await self.send_text(encode(reply))
@@ -303,6 +317,8 @@ class ThreadSession:
 
     _handlers: dict[type, Callable[[ThreadSession, Any], Awaitable[None]]] = {
         Prompt: _prompt,
+        Regenerate: _regenerate,
+        Switch: _switch,
         GetHistory: _get_history,
         Cancel: _cancel,
         Resume: _resume,
@@ -349,12 +365,31 @@ async def _close_for_resume(ws: WebSocket, reason: str) -> None:
     log.info("closing a socket for resume: %s", reason)
     if reason == TOO_SLOW:
         metrics.SLOW_CLIENT_DROPS.inc()
-    code = (
-        status.WS_1008_POLICY_VIOLATION
-        if reason in (THREAD_DELETED, ACCESS_REVOKED)
-        else status.WS_1013_TRY_AGAIN_LATER
-    )
+    code = CLOSE_POLICY if reason in (THREAD_DELETED, ACCESS_REVOKED) else CLOSE_TRY_AGAIN
     try:
         await asyncio.wait_for(ws.close(code, reason=reason), CLOSE_TIMEOUT_S)
     except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
-        uvicorn_adapter.abort(ws)
+        _abort_connection(ws)
+
+
+def _abort_connection(ws: WebSocket) -> None:
+    """Drop the TCP connection at once. ASGI has no call for it, so this
+    reaches the server protocol behind the socket's send (uvicorn's); on a
+    server without one the connection ends when the handler returns.
+
+    Starlette hands the route a wrapper of uvicorn's bound ``send`` (its
+    exception handling), so the protocol is looked for in the wrappers'
+    closures too, a few levels deep."""
+    pending: list[Any] = [ws._send]
+    for _ in range(16):
+        if not pending:
+            return
+        send = pending.pop(0)
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            transport.abort()
+            return
+        for cell in getattr(send, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                if callable(cell.cell_contents):
+                    pending.append(cell.cell_contents)

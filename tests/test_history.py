@@ -10,8 +10,13 @@ import pytest
 from app.chat import keys
 from app.chat.history import HistoryReader, entry_fields, message_from_entry
 from app.chat.records import Message
+from app.chat.scripts import Scripts
 
 T = keys.thread_id("hist")
+
+
+def reader_of(redis: Any) -> HistoryReader:
+    return HistoryReader(redis, Scripts(redis))
 
 
 async def add(redis: Any, entry_id: str, content: str, role: str = "user") -> None:
@@ -63,7 +68,7 @@ async def seven(redis: Any) -> list[str]:
 
 
 async def test_page_walks_back_through_the_history(redis: Any, seven: list[str]) -> None:
-    reader = HistoryReader(redis)
+    reader = reader_of(redis)
     page, more = await reader.page(T, None, 3)
     assert [m.content for m in page] == ["m5", "m6", "m7"] and more is True
     page, more = await reader.page(T, page[0].id, 3)
@@ -73,7 +78,7 @@ async def test_page_walks_back_through_the_history(redis: Any, seven: list[str])
 
 
 async def test_page_exactly_filling_the_limit_has_no_more(redis: Any, seven: list[str]) -> None:
-    reader = HistoryReader(redis)
+    reader = reader_of(redis)
     page, more = await reader.page(T, None, 7)
     assert [m.id for m in page] == seven and more is False
     page, more = await reader.page(T, "4-0", 3)
@@ -83,18 +88,18 @@ async def test_page_exactly_filling_the_limit_has_no_more(redis: Any, seven: lis
 async def test_page_before_is_exclusive_and_messages_are_whole(
     redis: Any, seven: list[str]
 ) -> None:
-    page, more = await HistoryReader(redis).page(T, "3-0", 50)
+    page, more = await reader_of(redis).page(T, "3-0", 50)
     assert [m.id for m in page] == ["1-0", "2-0"] and more is False
     assert page[0].role == "user" and page[1].role == "assistant"
     assert page[0].user_id == "u" and page[0].status == "complete"
 
 
 async def test_page_of_an_empty_thread(redis: Any) -> None:
-    assert await HistoryReader(redis).page(T, None, 10) == ([], False)
+    assert await reader_of(redis).page(T, None, 10) == ([], False)
 
 
 async def test_all_is_oldest_first(redis: Any, seven: list[str]) -> None:
-    assert [m.id for m in await HistoryReader(redis).all(T)] == seven
+    assert [m.id for m in await reader_of(redis).all(T)] == seven
 
 
 def chars(message: Message) -> int:
@@ -102,48 +107,52 @@ def chars(message: Message) -> int:
     return len(message.content)
 
 
-async def test_latest_respects_the_budget(redis: Any, seven: list[str]) -> None:
-    reader = HistoryReader(redis)
-    # Each message costs 2: 7 fit in 14, 3 in 7.
-    assert [m.content for m in await reader.latest(T, 14, chars)] == [f"m{i}" for i in range(1, 8)]
-    assert [m.content for m in await reader.latest(T, 7, chars)] == ["m5", "m6", "m7"]
-    assert [m.content for m in await reader.latest(T, 6, chars)] == ["m5", "m6", "m7"]
-    assert [m.content for m in await reader.latest(T, 5, chars)] == ["m6", "m7"]
+async def test_context_respects_the_char_budget(redis: Any, seven: list[str]) -> None:
+    reader = reader_of(redis)
+    # Each message is 2 chars: 7 fit in 14, 3 in 7.
+    assert [m.content for m in await reader.context(T, "", 14, chars)] == [
+        f"m{i}" for i in range(1, 8)
+    ]
+    assert [m.content for m in await reader.context(T, "", 7, chars)] == ["m5", "m6", "m7"]
+    assert [m.content for m in await reader.context(T, "", 6, chars)] == ["m5", "m6", "m7"]
+    assert [m.content for m in await reader.context(T, "", 5, chars)] == ["m6", "m7"]
 
 
-async def test_latest_reads_across_pages_without_gap_or_repeat(redis: Any) -> None:
+async def test_context_reads_across_pages_without_gap_or_repeat(redis: Any) -> None:
     # 100 messages of 3 chars: more than the first few (growing) pages hold.
     for i in range(1, 101):
         await add(redis, f"{i}-0", f"{i:03d}")
-    reader = HistoryReader(redis)
-    everything = await reader.latest(T, 300, chars)
-    assert [m.content for m in everything] == [f"{i:03d}" for i in range(1, 101)]
-    some = await reader.latest(T, 90, chars)
-    assert [m.content for m in some] == [f"{i:03d}" for i in range(71, 101)]
+    reader = reader_of(redis)
+    assert [m.content for m in await reader.context(T, "", 300, chars)] == [
+        f"{i:03d}" for i in range(1, 101)
+    ]
+    assert [m.content for m in await reader.context(T, "", 90, chars)] == [
+        f"{i:03d}" for i in range(71, 101)
+    ]
 
 
-async def test_latest_always_includes_the_newest_message(redis: Any) -> None:
+async def test_context_always_includes_the_newest_message(redis: Any) -> None:
     await add(redis, "1-0", "short")
     await add(redis, "2-0", "x" * 1000)
-    latest = await HistoryReader(redis).latest(T, 10, chars)
+    latest = await reader_of(redis).context(T, "2-0", 10, chars)
     assert [m.content for m in latest] == ["x" * 1000]
 
 
-async def test_latest_reads_beyond_one_batch(redis: Any) -> None:
+async def test_context_reads_beyond_one_batch(redis: Any) -> None:
     for i in range(1, 121):
         await add(redis, f"{i}-0", "ab")
-    reader = HistoryReader(redis)
-    everything = await reader.latest(T, 10_000, chars)
+    reader = reader_of(redis)
+    everything = await reader.context(T, "", 10_000, chars)
     assert [m.id for m in everything] == [f"{i}-0" for i in range(1, 121)]
-    some = await reader.latest(T, 150, chars)
+    some = await reader.context(T, "", 150, chars)
     assert [m.id for m in some] == [f"{i}-0" for i in range(46, 121)]
 
 
-async def test_latest_of_an_empty_thread(redis: Any) -> None:
-    assert await HistoryReader(redis).latest(T, 100, chars) == []
+async def test_context_of_an_empty_thread(redis: Any) -> None:
+    assert await reader_of(redis).context(T, "", 100, chars) == []
 
 
 async def test_page_before_the_first_possible_id_is_empty(redis: Any, seven: list[str]) -> None:
-    assert await HistoryReader(redis).page(T, "0-0", 10) == ([], False)
-    page, more = await HistoryReader(redis).page(T, "1-0", 10)
+    assert await reader_of(redis).page(T, "0-0", 10) == ([], False)
+    page, more = await reader_of(redis).page(T, "1-0", 10)
     assert page == [] and more is False

@@ -261,7 +261,7 @@ def test_history_frame_carries_messages_as_clients_see_them() -> None:
         Message(id="1-0", role="user", content="q", user_id="u", created_at=1, status="complete"),
         Message(
             id="2-0", role="assistant", content="42", user_id="assistant", created_at=2,
-            status="complete", client_msg_id="c",
+            status="complete", client_msg_id="c", parent_id="1-0", siblings=("2-0", "3-0"),
         ),
     ]  # fmt: skip
     frame = orjson.loads(encode(History.of("t", messages, has_more=True)))
@@ -269,10 +269,11 @@ def test_history_frame_carries_messages_as_clients_see_them() -> None:
         "type": "history",
         "thread_id": "t",
         "messages": [
-            {"id": "1-0", "role": "user", "content": "q", "user_id": "u", "created_at": 1,
-             "status": "complete"},
-            {"id": "2-0", "role": "assistant", "content": "42", "user_id": "assistant",
-             "created_at": 2, "status": "complete", "client_msg_id": "c"},
+            {"id": "1-0", "parent_id": None, "role": "user", "content": "q", "user_id": "u",
+             "created_at": 1, "status": "complete"},
+            {"id": "2-0", "parent_id": "1-0", "role": "assistant", "content": "42",
+             "user_id": "assistant", "created_at": 2, "status": "complete",
+             "client_msg_id": "c", "siblings": ["2-0", "3-0"]},
         ],
         "has_more": True,
     }  # fmt: skip

@@ -12,6 +12,7 @@ from app.chat.keys import ThreadId
 from app.chat.records import Delta, Done, Message
 from app.chat.timeline import (
     MESSAGE_ID_PLACEHOLDER,
+    PARENT_ID_PLACEHOLDER,
     Timeline,
     done_event_data,
     event_data,
@@ -62,16 +63,22 @@ def test_parse_frame_of_a_control_frame_is_none() -> None:
 
 def test_message_event_data_has_the_placeholder_for_the_id() -> None:
     message = Message(
-        id="ignored", role="user", content="\x01 is escaped", user_id="u", created_at=5,
+        id="ignored", role="user", content="\x01\x02 is escaped", user_id="u", created_at=5,
         status="complete",
     )  # fmt: skip
     data = message_event_data(T, message)
-    # Exactly one raw placeholder: the user's own \x01 was escaped by orjson.
-    assert data.count(MESSAGE_ID_PLACEHOLDER) == 1
-    filled = orjson.loads(data.replace(MESSAGE_ID_PLACEHOLDER, "7-0"))
+    # Exactly one raw placeholder each: the user's own bytes were escaped by orjson.
+    assert data.count(MESSAGE_ID_PLACEHOLDER) == 1 and data.count(PARENT_ID_PLACEHOLDER) == 1
+    filled = orjson.loads(
+        data.replace(MESSAGE_ID_PLACEHOLDER, "7-0").replace(PARENT_ID_PLACEHOLDER, '"6-0"')
+    )
     assert filled["type"] == "message" and filled["thread_id"] == T
-    assert filled["message"]["id"] == "7-0"
-    assert filled["message"]["content"] == "\x01 is escaped"
+    assert filled["message"]["id"] == "7-0" and filled["message"]["parent_id"] == "6-0"
+    root = orjson.loads(
+        data.replace(MESSAGE_ID_PLACEHOLDER, "7-0").replace(PARENT_ID_PLACEHOLDER, "null")
+    )
+    assert root["message"]["parent_id"] is None
+    assert filled["message"]["content"] == "\x01\x02 is escaped"
     assert "client_msg_id" not in filled["message"]
 
 

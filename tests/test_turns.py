@@ -106,6 +106,7 @@ async def test_begin_commits_the_user_message(
     entry_id, fields = history[0]
     assert entry_id == begun.message_id
     assert fields == {
+        "parent": "",  # the thread's first message: a root
         "role": "user",
         "content": "what is durable?",
         "user_id": USER,

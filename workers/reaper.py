@@ -19,10 +19,13 @@ async def run(settings: Settings) -> None:
     """Sweep for dead pods' turns until cancelled (REDIS_URL must be set)."""
     handles = connect(settings)
     scripts = Scripts(handles.commands)
-    turns = TurnStore.configured(handles.commands, scripts, handles.publish_command, settings)
+    turns = TurnStore(
+        handles.commands, scripts, handles.publish_command,
+        settings.chat_event_retention, settings.chat_dedup_ttl_s,
+    )  # fmt: skip
     reaper = Reaper(
         scripts, TurnLock(scripts, settings.chat_lock_ttl_ms), turns,
-        interval_ms=settings.chat_reaper_interval_ms,
+        interval_s=settings.chat_reaper_interval_ms / 1000,
         holder=f"worker:{settings.chat_pod_id}",
     )  # fmt: skip
     try:

@@ -1,7 +1,12 @@
-"""Reads of a thread's committed messages (``chat:{T}:history``).
+"""Reads of a thread's committed messages (``chat:{T}:history``) as a tree.
 
-Messages are written only by the turn commit scripts (app.chat.turns); a
-message's id is its history entry id, so paging is a plain XREVRANGE.
+Messages are written only by the turn commit scripts (app.chat.turns), which
+also keep the tree's indexes (``chat:{T}:tree``); a message's id is its
+history entry id. A branch is the path of parent links from a leaf back to
+its root: pages, the model's context and the seed protocol's history all walk
+that path with the HISTORY_PATH script, one round trip per page whatever the
+size of the thread or the number of its branches. This module also owns the
+history entry format.
 """
 
 from __future__ import annotations
@@ -10,16 +15,26 @@ from collections.abc import Callable
 from typing import cast
 
 from app.chat import keys
+from app.chat.errors import NotFound
 from app.chat.keys import ThreadId
 from app.chat.records import Message, MessageStatus, Role
 from app.chat.redis_types import RedisClient
-from app.chat.redis_types import entries as entries_of
+from app.chat.scripts import Scripts
+
+# The seed protocol's whole-branch reads, a page at a time.
+_ALL_PAGE = 200
 
 
-def message_from_entry(entry_id: str, fields: dict[str, str]) -> Message:
-    """A message as read back from its history stream entry."""
+def message_from_entry(
+    entry_id: str, fields: dict[str, str], siblings: tuple[str, ...] | None = None
+) -> Message:
+    """A message as read back from its history stream entry. An entry written
+    before trees existed has no ``parent`` field (its parent is the entry
+    before it: HISTORY_PATH works that out)."""
     return Message(
         id=entry_id,
+        parent_id=fields.get("parent") or None,
+        siblings=siblings,
         role=cast(Role, fields["role"]),
         content=fields.get("content", ""),
         user_id=fields.get("user_id", ""),
@@ -30,7 +45,8 @@ def message_from_entry(entry_id: str, fields: dict[str, str]) -> Message:
 
 
 def entry_fields(message: Message) -> list[str]:
-    """A message's history stream entry, as flat (name, value) pairs for XADD."""
+    """A message's history stream entry, as flat (name, value) pairs for XADD
+    (the commit script adds ``parent``, which it decides)."""
     pairs = [
         "role", message.role,
         "content", message.content,
@@ -44,55 +60,69 @@ def entry_fields(message: Message) -> list[str]:
 
 
 class HistoryReader:
-    """Pages of a thread's messages, oldest first within a page."""
+    """Pages of a branch's messages, oldest first within a page."""
 
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: RedisClient, scripts: Scripts) -> None:
         self._redis = redis
+        self._scripts = scripts
 
     async def page(
-        self, thread: ThreadId, before: str | None, limit: int
+        self, thread: ThreadId, before: str | None, limit: int, leaf: str | None = None
     ) -> tuple[list[Message], bool]:
-        """The ``limit`` messages just before ``before`` (or the latest), and
-        whether older ones exist."""
-        if before is not None and keys.event_id(before) == (0, 0):
-            return [], False  # nothing is older (and Redis refuses "(0-0" as a bound)
-        newest = f"({before}" if before else "+"
-        entries = entries_of(
-            await self._redis.xrevrange(keys.history(thread), newest, "-", count=limit + 1)
+        """The ``limit`` messages of the branch ending at ``leaf`` (default: the
+        active leaf), or, with ``before``, the ``limit`` ancestors of that
+        message; and whether older ones exist. NotFound when ``leaf`` or
+        ``before`` is not a message of the thread."""
+        if before is not None:
+            if keys.event_id(before) == (0, 0):
+                return [], False  # nothing is older (the first possible id)
+            return await self._path(thread, "before", before, limit)
+        return await self._path(thread, "leaf", leaf or "", limit)
+
+    async def _path(
+        self, thread: ThreadId, mode: str, start: str, limit: int
+    ) -> tuple[list[Message], bool]:
+        reply = await self._scripts.history_path(
+            keys=[keys.history(thread), keys.tree(thread), keys.meta(thread)],
+            args=[mode, start, limit],
         )
-        has_more = len(entries) > limit
-        messages = [message_from_entry(i, f) for i, f in reversed(entries[:limit])]
-        return messages, has_more
+        if reply[0] == "not_found":
+            raise NotFound("no such message in this thread")
+        messages = []
+        for entry_id, parent, siblings, flat in reversed(reply[2:]):
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            fields["parent"] = parent  # written before trees: known only from the walk
+            messages.append(message_from_entry(entry_id, fields, tuple(siblings.split(","))))
+        return messages, bool(reply[1])
 
     async def all(self, thread: ThreadId) -> list[Message]:
-        """The whole history, oldest first (the seed protocol's GET_HISTORY)."""
-        entries = entries_of(await self._redis.xrange(keys.history(thread), "-", "+"))
-        return [message_from_entry(i, f) for i, f in entries]
+        """The active branch, root first (the seed protocol's GET_HISTORY)."""
+        branch, more = await self.page(thread, None, _ALL_PAGE)
+        while more:
+            older, more = await self.page(thread, branch[0].id, _ALL_PAGE)
+            branch[:0] = older
+        return branch
 
-    async def latest(
-        self, thread: ThreadId, budget: int, cost: Callable[[Message], int]
+    async def context(
+        self, thread: ThreadId, leaf: str, budget: int, cost: Callable[[Message], int]
     ) -> list[Message]:
-        """The newest messages whose ``cost`` (estimated tokens) fits in
-        ``budget``, oldest first, and always the newest one: the context a
-        model sees."""
+        """The newest messages of the branch ending at ``leaf`` whose ``cost``
+        (estimated tokens) fits in ``budget``, root side first, and always
+        ``leaf`` itself: the context a model sees, never another branch."""
         picked: list[Message] = []
         used = 0
-        cursor = "+"
         # Pages that start small and double: a budget is often met by the last
-        # few messages, and every entry read past it is Redis and pod time
+        # few messages, and every message read past it is Redis and pod time
         # spent on every turn.
         count = 8
+        page, more = await self._path(thread, "leaf", leaf, count)
         while True:
-            entries = entries_of(
-                await self._redis.xrevrange(keys.history(thread), cursor, "-", count=count)
-            )
-            count = min(count * 2, 256)
-            if not entries:
-                return picked[::-1]
-            for entry_id, fields in entries:
-                message = message_from_entry(entry_id, fields)
+            for message in reversed(page):
                 used += cost(message)
                 if used > budget and picked:
                     return picked[::-1]
                 picked.append(message)
-            cursor = f"({entries[-1][0]}"
+            if not more:
+                return picked[::-1]
+            count = min(count * 2, 256)
+            page, more = await self._path(thread, "before", page[0].id, count)

@@ -8,12 +8,16 @@ a key, and nothing here formats a key from an unchecked id: callers pass a
 
 Layout (see the README for the redis-cli view of each):
 
-    chat:{T}:history   Stream   committed messages; entry id = message id
+    chat:{T}:history   Stream   committed messages; entry id = message id,
+                                field ``parent`` the parent message's id
+    chat:{T}:tree      Hash     the message tree's indexes: children, chains,
+                                newest leaves (see _TREE in app.chat.scripts)
     chat:{T}:events    Stream   the timeline (capped), for resume and gap fill
     chat:{T}:lock      String   owner token of the running turn (PX lease)
     chat:{T}:fence     String   fencing number, INCR at each lock grant; after
                                 a delete, a tombstone with a TTL (DELETED_TTL_S)
-    chat:{T}:meta      Hash     epoch, owner, title, counts, event number
+    chat:{T}:meta      Hash     epoch, owner, title, counts, event number,
+                                the active leaf
     chat:{T}:members   Set      user ids allowed in the thread
     chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
     chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
@@ -124,6 +128,10 @@ def dedup(t: ThreadId) -> str:
     return _thread_key(t, "dedup")
 
 
+def tree(t: ThreadId) -> str:
+    return _thread_key(t, "tree")
+
+
 def turn(t: ThreadId) -> str:
     return _thread_key(t, "turn")
 
@@ -135,7 +143,10 @@ def live(t: ThreadId) -> str:
 def all_thread_keys(t: ThreadId) -> list[str]:
     """Every key a thread owns (its channel is not a key). A delete removes
     all but the fence, which stays a while as a tombstone (DELETED_TTL_S)."""
-    return [history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t)]
+    return [
+        history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t),
+        tree(t),
+    ]  # fmt: skip
 
 
 def user_threads(u: UserId) -> str:

@@ -17,7 +17,9 @@ MessageStatus = Literal["complete", "cancelled", "interrupted", "error"]
 @dataclass(frozen=True, slots=True)
 class Message:
     """A committed message of a thread's history (``id`` is its history entry
-    id, empty until the commit script writes it)."""
+    id, empty until the commit script writes it). ``parent_id`` is the message
+    it follows (None for a root); ``siblings``, in history pages only, the ids
+    of the messages sharing its parent, oldest first, itself included."""
 
     id: str
     role: Role
@@ -26,6 +28,8 @@ class Message:
     created_at: int
     status: MessageStatus
     client_msg_id: str | None = None
+    parent_id: str | None = None
+    siblings: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,4 +71,5 @@ class Joined:
     last_event_id: str | None
     generating: bool
     generation_id: str | None
+    leaf_id: str | None = None
     recovered: bool | None = None

@@ -73,6 +73,142 @@ local function fill(data, message_id)
 end
 """
 
+# Tree helpers, prepended to the scripts that write or read the message tree.
+#
+# A thread's messages form a tree by their parent links; the history stream
+# stays one append-only entry per message, its field `parent` the parent's id
+# ('' for a root). Entries written before trees existed have no `parent`
+# field: they read as one line, each following the entry before it, with no
+# migration. The indexes live in one hash, chat:{T}:tree, written in the same
+# script as the message, so they can never disagree with the history:
+#   c:<P>   ids of P's children, oldest first, comma-separated ('c:' = roots)
+#   k:<M>   the chain M belongs to (named by the chain's first message)
+#   t:<C>   chain C's tip (its newest message)
+#   N:<C>   the newest message under chain C (its own and its forks')
+#   u:<C>   the chain C forked from (absent for a root chain)
+#   f:<C>   the forks of C, 'F:D,...': chain D starts under C's message F
+#   legacy  the first message of the pre-tree line, if the thread has one
+#   v       set once the thread's first linked message was written
+# A chain is a path whose every message is its parent's first child, so its
+# ids increase along it and its tip is its newest message. The newest leaf
+# under M (a `switch`) is then: the tip of M's chain, or the newest message
+# under a fork of that chain at or after M, whichever is newer. Reads cost
+# a few HGETs, whatever the thread's size; a commit also updates N: of the
+# chains it forks from, one HSET per level of forks above it.
+_TREE = r"""
+local function field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+
+local function entry(history, id)
+  return redis.call('XRANGE', history, id, id)[1]
+end
+
+local function parent_of(history, id, fields)
+  local p = field(fields, 'parent')
+  if p then return p end
+  local prev = redis.call('XREVRANGE', history, '(' .. id, '-', 'COUNT', 1)[1]
+  if prev then return prev[1] end
+  return ''
+end
+
+-- The ids of P's children, comma-separated, or nil when it has none. A
+-- message of the pre-tree line has the entry after it as its only child.
+local function children_of(tree, history, p)
+  local listed = redis.call('HGET', tree, 'c:' .. p)
+  if listed then return listed end
+  local nxt
+  if p == '' then
+    nxt = redis.call('XRANGE', history, '-', '+', 'COUNT', 1)[1]
+  else
+    nxt = redis.call('XRANGE', history, '(' .. p, '+', 'COUNT', 1)[1]
+  end
+  if nxt and not field(nxt[2], 'parent') then return nxt[1] end
+  return nil
+end
+
+local function chain_of(tree, id)
+  return redis.call('HGET', tree, 'k:' .. id) or redis.call('HGET', tree, 'legacy')
+end
+
+local function id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+
+local function active_leaf(meta, history)
+  local leaf = redis.call('HGET', meta, 'leaf')
+  if leaf then return leaf end
+  local last = redis.call('XREVRANGE', history, '+', '-', 'COUNT', 1)[1]
+  if last then return last[1] end
+  return ''
+end
+
+-- Index message M (about to be added to history) under parent P ('' = root).
+local function link(tree, history, m, p)
+  if redis.call('HSETNX', tree, 'v', '1') == 1 then
+    local last = redis.call('XREVRANGE', history, '+', '-', 'COUNT', 1)[1]
+    if last and not field(last[2], 'parent') then
+      local head = redis.call('XRANGE', history, '-', '+', 'COUNT', 1)[1][1]
+      redis.call('HSET', tree, 'legacy', head, 't:' .. head, last[1], 'N:' .. head, last[1])
+    end
+  end
+  local siblings = children_of(tree, history, p)
+  local chain = nil
+  if siblings then
+    redis.call('HSET', tree, 'c:' .. p, siblings .. ',' .. m)
+  else
+    redis.call('HSET', tree, 'c:' .. p, m)
+    if p ~= '' then chain = chain_of(tree, p) end
+  end
+  if not chain then
+    chain = m
+    if p ~= '' then
+      local up = chain_of(tree, p)
+      local forks = redis.call('HGET', tree, 'f:' .. up)
+      redis.call('HSET', tree, 'u:' .. m, up,
+        'f:' .. up, (forks and (forks .. ',') or '') .. p .. ':' .. m)
+    end
+  end
+  redis.call('HSET', tree, 'k:' .. m, chain, 't:' .. chain, m)
+  local c = chain
+  while c do
+    redis.call('HSET', tree, 'N:' .. c, m)
+    c = redis.call('HGET', tree, 'u:' .. c)
+  end
+end
+
+-- The newest leaf under M (M itself when it has no children).
+local function newest_leaf(tree, history, m)
+  local chain = chain_of(tree, m)
+  if not chain then  -- a thread still all one line
+    return redis.call('XREVRANGE', history, '+', '-', 'COUNT', 1)[1][1]
+  end
+  local best = redis.call('HGET', tree, 't:' .. chain)
+  local forks = redis.call('HGET', tree, 'f:' .. chain) or ''
+  for at, fork in string.gmatch(forks, '([%d-]+):([%d-]+)') do
+    if not id_less(at, m) then
+      local newest = redis.call('HGET', tree, 'N:' .. fork)
+      if id_less(best, newest) then best = newest end
+    end
+  end
+  return best
+end
+
+-- A message event's parent placeholder ("\2", quotes included) filled in.
+local function fill_parent(data, p)
+  local value = 'null'
+  if p ~= '' then value = '"' .. p .. '"' end
+  return (string.gsub(data, '"\2"', value, 1))
+end
+"""
+
 # ACQUIRE_LOCK: take a thread's turn lock and a new fencing number.
 # KEYS[1] lock, KEYS[2] fence
 # ARGV[1] owner token, ARGV[2] lease in ms
@@ -106,26 +242,36 @@ end
 return 0
 """
 
-# BEGIN_TURN: commit the user's message and open the assistant's turn.
-# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] dedup, [7] turn
+# BEGIN_TURN: commit the user's message (or pick the one to answer again) and
+# open the assistant's turn.
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] dedup,
+#     [7] turn, [8] tree
 # ARGV[1] fencing number, [2] publish command (PUBLISH or SPUBLISH),
-#     [3] event retention, [4] user `message` event JSON (\1 = message id),
-#     [5] `loading` event JSON, [6] client_msg_id or '', [7] dedup TTL seconds,
-#     [8] generation id, [9] pod id, [10...] history entry fields (name, value)*
-# Returns {'ok', message_id, loading_event_id} (also for a retry of the same
-#     generation after a lost reply: nothing is written twice),
-#     {'dup', original_message_id},
-#     or {'orphan'} when a turn whose pod died is still open (its lease ran
+#     [3] event retention, [4] user `message` event JSON (\1 = message id,
+#     "\2" = parent id; '' for a regenerate), [5] `loading` event JSON,
+#     [6] client_msg_id or '', [7] dedup TTL seconds, [8] generation id,
+#     [9] pod id, [10] kind: 'prompt' or 'regenerate', [11] for a prompt its
+#     parent: '' (follow the active leaf), '-' (a new root) or a message id;
+#     for a regenerate the message to answer again, [12...] history entry
+#     fields (name, value)*
+# Returns {'ok', user_message_id, loading_event_id} (also for a retry of the
+#     same generation after a lost reply: nothing is written twice),
+#     {'dup', original_event_id} (a prompt's message, a regenerate's loading),
+#     {'orphan'} when a turn whose pod died is still open (its lease ran
 #     out before the reaper closed it: the caller closes it first),
-#     or {'gone'} when the thread no longer exists (deleted, or its data lost
-#     under an open socket): writing would resurrect a thread without owner;
-#     error STALE_FENCE when the lock was lost before the commit.
-# Atomic: the message, its dedup entry, its event, and the turn record exist
-# together or not at all, so a crash can neither lose a message the sender
-# saw nor leave a turn without its user message. The timeline is trimmed here,
-# before the turn starts, so a running turn's events are never trimmed.
+#     {'gone'} when the thread no longer exists (deleted, or its data lost
+#     under an open socket): writing would resurrect a thread without owner,
+#     {'not_found'} when the parent or the message to regenerate is not one
+#     of this thread's, {'not_user'} when a regenerated reply answers no user
+#     message; error STALE_FENCE when the lock was lost before the commit.
+# Atomic: the message, its tree links, the active leaf, its dedup entry, its
+# event, and the turn record exist together or not at all, so a crash can
+# neither lose a message the sender saw nor leave a turn without its user
+# message. A refusal writes nothing. The timeline is trimmed here, before the
+# turn starts, so a running turn's events are never trimmed.
 BEGIN_TURN = (
     _PRELUDE
+    + _TREE
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
@@ -138,21 +284,50 @@ if ARGV[6] ~= '' then
 end
 if running[1] then return {'orphan'} end
 local retention = tonumber(ARGV[3])
-local mid = next_event_id(KEYS[2])
-local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[5], mid, unpack(fields))
-emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill(ARGV[4], mid), retention)
+local answered
+local first
+if ARGV[10] == 'regenerate' then
+  local target = entry(KEYS[5], ARGV[11])
+  if not target then return {'not_found'} end
+  answered = target[1]
+  if field(target[2], 'role') ~= 'user' then
+    answered = parent_of(KEYS[5], target[1], target[2])
+    local asked = answered ~= '' and entry(KEYS[5], answered)
+    if not asked or field(asked[2], 'role') ~= 'user' then return {'not_user'} end
+  end
+  first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], retention)
+else
+  local parent = ARGV[11]
+  if parent == '' then
+    parent = active_leaf(KEYS[2], KEYS[5])
+  elseif parent == '-' then
+    parent = ''
+  elseif not entry(KEYS[5], parent) then
+    return {'not_found'}
+  end
+  answered = next_event_id(KEYS[2])
+  link(KEYS[8], KEYS[5], answered, parent)
+  local fields = {'parent', parent}
+  for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('XADD', KEYS[5], answered, unpack(fields))
+  redis.call('HSET', KEYS[2], 'leaf', answered)
+  emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], answered,
+    fill_parent(fill(ARGV[4], answered), parent), retention)
+  first = answered
+  redis.call('HINCRBY', KEYS[2], 'message_count', 1)
+  redis.call('HSET', KEYS[2], 'updated_at', string.match(answered, '^(%d+)'))
+end
 if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[6], ARGV[6], mid)
+  redis.call('HSET', KEYS[6], ARGV[6], first)
   redis.call('EXPIRE', KEYS[6], ARGV[7])
 end
-local lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], 0)
+local lid = first
+if ARGV[10] ~= 'regenerate' then
+  lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], 0)
+end
 redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
-  'start_id', lid, 'user_message_id', mid)
-redis.call('HINCRBY', KEYS[2], 'message_count', 1)
-redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
-return {'ok', mid, lid}
+  'start_id', lid, 'user_message_id', answered)
+return {'ok', answered, lid}
 """
 )
 
@@ -177,29 +352,38 @@ return redis.call('HGET', KEYS[5], 'cancel')
 )
 
 # END_TURN: commit the assistant's message, publish `done`, free the thread.
-# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] turn, [7] lock
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] turn,
+#     [7] lock, [8] tree
 # ARGV[1] fencing number, [2] publish command, [3] event retention,
-#     [4] assistant `message` event JSON (\1 = message id),
+#     [4] assistant `message` event JSON (\1 = message id, "\2" = parent id),
 #     [5] `done` event JSON (\1 = message id), [6] lock owner token,
 #     [7] generation id, [8...] history entry fields (name, value)*
 # Returns the message id, or nil when that generation's turn is already
 # closed (a retry after a lost reply: nothing is written twice);
 # error STALE_FENCE when another grant came since.
-# Atomic: the final message, `done`, the end of the turn record and the lock
-# release happen together, so no client ever sees a thread that is free but
-# whose reply is missing, or a reply committed twice (by a turn and the reaper).
+# The reply's parent is the user message the turn answers (from the turn
+# record), and it becomes the thread's active leaf.
+# Atomic: the final message, its tree links, `done`, the end of the turn
+# record and the lock release happen together, so no client ever sees a
+# thread that is free but whose reply is missing, or a reply committed twice
+# (by a turn and the reaper).
 END_TURN = (
     _PRELUDE
+    + _TREE
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
-if redis.call('HGET', KEYS[6], 'generation_id') ~= ARGV[7] then return false end
+local turn = redis.call('HMGET', KEYS[6], 'generation_id', 'user_message_id')
+if turn[1] ~= ARGV[7] then return false end
+local parent = turn[2] or ''
 local retention = tonumber(ARGV[3])
 local mid = next_event_id(KEYS[2])
-local fields = {}
+link(KEYS[8], KEYS[5], mid, parent)
+local fields = {'parent', parent}
 for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[5], mid, unpack(fields))
-emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill(ARGV[4], mid), 0)
+redis.call('HSET', KEYS[2], 'leaf', mid)
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill_parent(fill(ARGV[4], mid), parent), 0)
 emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[5], mid), 0)
 redis.call('DEL', KEYS[6])
 if redis.call('GET', KEYS[7]) == ARGV[6] then redis.call('DEL', KEYS[7]) end
@@ -207,6 +391,68 @@ redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', retention)
 redis.call('HINCRBY', KEYS[2], 'message_count', 1)
 redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
 return mid
+"""
+)
+
+# SWITCH_BRANCH: make the newest leaf under a message the active leaf.
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] tree,
+#     [7] turn
+# ARGV[1] fencing number, [2] publish command, [3] event retention,
+#     [4] `branch` event JSON (\1 = the new leaf id), [5] the message id
+# Returns {'ok', leaf_id, event_id}, {'not_found'} when the message is not
+# one of this thread's, or {'busy'} when a turn is still open (one whose pod
+# died, before the reaper closed it); error STALE_FENCE when the lock was lost.
+# Runs under the thread's lock (like a turn) so the leaf never moves under
+# a running turn, and the leaf and its `branch` event change together.
+SWITCH_BRANCH = (
+    _PRELUDE
+    + _TREE
+    + r"""
+local stale = check_fence(KEYS[1], ARGV[1])
+if stale then return stale end
+if not entry(KEYS[5], ARGV[5]) then return {'not_found'} end
+if redis.call('EXISTS', KEYS[7]) == 1 then return {'busy'} end
+local leaf = newest_leaf(KEYS[6], KEYS[5], ARGV[5])
+redis.call('HSET', KEYS[2], 'leaf', leaf)
+local id = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]),
+  fill(ARGV[4], leaf), tonumber(ARGV[3]))
+return {'ok', leaf, id}
+"""
+)
+
+# HISTORY_PATH: one page of the path from a leaf back towards the root.
+# KEYS[1] history, [2] tree, [3] meta
+# ARGV[1] where to start: 'leaf' (ARGV[2] a message id, or '' for the active
+#     leaf) or 'before' (ARGV[2] a message id: start at its parent),
+#     ARGV[3] how many messages at most
+# Returns {'ok', has_more, {id, parent, siblings, {field, value...}}...},
+# newest first, or {'not_found'} when the start is not a message of the
+# thread. Read-only; one script so a page costs one round trip and a few
+# lookups per message, however many messages and branches the thread has.
+HISTORY_PATH = (
+    _TREE
+    + r"""
+local cur = ARGV[2]
+if ARGV[1] == 'before' then
+  local from = entry(KEYS[1], cur)
+  if not from then return {'not_found'} end
+  cur = parent_of(KEYS[1], from[1], from[2])
+elseif cur == '' then
+  cur = active_leaf(KEYS[3], KEYS[1])
+elseif not entry(KEYS[1], cur) then
+  return {'not_found'}
+end
+local out = {'ok', 0}
+local limit = tonumber(ARGV[3])
+while cur ~= '' and #out - 2 < limit do
+  local e = entry(KEYS[1], cur)
+  if not e then break end
+  local p = parent_of(KEYS[1], e[1], e[2])
+  out[#out + 1] = {e[1], p, children_of(KEYS[2], KEYS[1], p) or e[1], e[2]}
+  cur = p
+end
+if cur ~= '' then out[2] = 1 end
+return out
 """
 )
 
@@ -436,6 +682,8 @@ class Scripts:
         self.begin_turn: AsyncScript = redis.register_script(BEGIN_TURN)
         self.append_delta: AsyncScript = redis.register_script(APPEND_DELTA)
         self.end_turn: AsyncScript = redis.register_script(END_TURN)
+        self.switch_branch: AsyncScript = redis.register_script(SWITCH_BRANCH)
+        self.history_path: AsyncScript = redis.register_script(HISTORY_PATH)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
         self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
 from redis.exceptions import RedisError
 
 from app.chat import keys
-from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
+from app.chat.errors import Draining, Forbidden, ThreadBusy
 from app.chat.fanout import FanoutHub
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
@@ -30,11 +31,12 @@ from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
 from app.chat.redis_types import entries as entries_of
-from app.chat.runner import TurnContext, TurnManager, TurnSetup
+from app.chat.runner import TurnContext, TurnManager
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import (
     MESSAGE_ID_PLACEHOLDER,
+    PARENT_ID_PLACEHOLDER,
     Timeline,
     TimelineEvent,
     frame_from_entry,
@@ -81,7 +83,7 @@ class ChatService:
         self.scripts = Scripts(redis)
         self.lock = TurnLock(self.scripts, settings.chat_lock_ttl_ms)
         self.timeline = Timeline(redis)
-        self.history = HistoryReader(redis)
+        self.history = HistoryReader(redis, self.scripts)
         self.threads = Threads(
             redis, self.scripts, publish_command,
             max_threads=settings.chat_max_threads_per_user,
@@ -91,15 +93,17 @@ class ChatService:
         self.limits = Limits(redis, self.scripts, settings)
         # The socket slot (app.chat.limits) each open follower holds.
         self._slots: dict[Follower, str] = {}
-        self.turns = TurnStore.configured(redis, self.scripts, publish_command, settings)
+        self.turns = TurnStore(
+            redis, self.scripts, publish_command,
+            settings.chat_event_retention, settings.chat_dedup_ttl_s,
+        )  # fmt: skip
         self.hub = FanoutHub(
             pubsub_factory, redis, self.timeline, audit_interval_s=settings.chat_fanout_audit_s
         )
-        setup = TurnSetup(
-            model, self.turns, self.lock, settings.chat_delta_window_ms,
-            settings.chat_delta_max_bytes,
+        self.manager = TurnManager(
+            model, self.turns, self.lock, self.hub,
+            settings.chat_delta_window_ms, settings.chat_delta_max_bytes,
         )  # fmt: skip
-        self.manager = TurnManager(setup, self.hub)
         self.draining = False
         # What the history may fill of the model's context: the system
         # prompt and the reply's room are spoken for.
@@ -111,7 +115,7 @@ class ChatService:
         """The reaper a pod runs beside this service, sweeping as ``holder``."""
         return Reaper(
             self.scripts, self.lock, self.turns,
-            interval_ms=self.settings.chat_reaper_interval_ms, holder=holder,
+            interval_s=self.settings.chat_reaper_interval_ms / 1000, holder=holder,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -153,7 +157,12 @@ class ChatService:
         # reaches the queue, whatever was published before is in the log.
         await self.hub.follow(thread, follower)
         try:
-            last_id = await self.threads.last_event_id(thread)
+            last_id, leaf = optional_texts(
+                await self.redis.hmget(keys.meta(thread), "last_event_id", "leaf")
+            )
+            if leaf is None:  # a thread written before trees: its last message
+                newest = entries_of(await self.redis.xrevrange(keys.history(thread), count=1))
+                leaf = newest[0][0] if newest else None
             record = await self.turns.record(thread)
             recovered: bool | None = None
             replay: list[TimelineEvent] = []
@@ -175,7 +184,8 @@ class ChatService:
         ready = Joined(
             thread_id=thread, epoch=info.epoch, last_event_id=last_id,
             generating=record is not None,
-            generation_id=record.generation_id if record else None, recovered=recovered,
+            generation_id=record.generation_id if record else None, leaf_id=leaf,
+            recovered=recovered,
         )  # fmt: skip
         return Opened(ready, replay, follower)
 
@@ -202,17 +212,44 @@ class ChatService:
     # --- prompts and turns ----------------------------------------------------
 
     async def prompt(
-        self, thread: ThreadId, user: UserId, content: str, client_msg_id: str | None
-    ) -> str | None:
+        self, thread: ThreadId, user: UserId, content: str, client_msg_id: str | None,
+        parent: str | None = None, branches: bool = False,
+    ) -> str | None:  # fmt: skip
         """Commit the user's message and start the assistant's turn.
 
-        Returns None when the message was committed (its ``message`` event
-        reaches every follower, the sender included), or the original
-        ``message`` frame when ``client_msg_id`` was seen before (nothing new
-        is written). Raises ThreadBusy while another turn runs, Forbidden
-        when ``user`` is no longer a member, RateLimited when ``user`` sent
-        too many prompts (a repeat of a seen ``client_msg_id`` costs nothing).
+        The message follows the active leaf, or with ``branches`` it starts a
+        branch under ``parent`` (None: a new root). Returns None when the
+        message was committed (its ``message`` event reaches every follower,
+        the sender included), or the original ``message`` frame when
+        ``client_msg_id`` was seen before (nothing new is written). Raises
+        ThreadBusy while another turn runs, Forbidden when ``user`` is no
+        longer a member, NotFound for a ``parent`` not of this thread,
+        RateLimited when ``user`` sent too many prompts (a repeat of a seen
+        ``client_msg_id`` costs nothing).
         """
+        message = Message(
+            id="", role="user", content=content, user_id=user,
+            created_at=int(time.time() * 1000), status="complete", client_msg_id=client_msg_id,
+        )  # fmt: skip
+        anchor = (parent or "-") if branches else ""
+        return await self._turn(thread, user, message, anchor, client_msg_id)
+
+    async def regenerate(
+        self, thread: ThreadId, user: UserId, message_id: str, client_msg_id: str | None
+    ) -> str | None:
+        """Start a new reply to the user message ``message_id`` answers (or to
+        it, if it is a user message), a sibling of the old reply. Returns None,
+        or the original ``loading`` frame for a ``client_msg_id`` seen before.
+        Raises as ``prompt``, and InvalidRequest when no user message is
+        answered."""
+        return await self._turn(thread, user, None, message_id, client_msg_id)
+
+    async def _turn(
+        self, thread: ThreadId, user: UserId, message: Message | None, anchor: str,
+        client_msg_id: str | None,
+    ) -> str | None:  # fmt: skip
+        """A prompt (``message``) or a regenerate (none) as one turn: see
+        TurnStore.begin for ``anchor``."""
         if self.draining:
             raise Draining("this server is restarting; send again in a moment")
         if not await self._may_access(thread, user):
@@ -223,10 +260,6 @@ class ChatService:
                 return original
         await self.limits.take_prompt(user)
         generation_id = secrets.token_hex(8)
-        message = Message(
-            id="", role="user", content=content, user_id=user,
-            created_at=int(time.time() * 1000), status="complete", client_msg_id=client_msg_id,
-        )  # fmt: skip
         loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
         # Twice at most: the second time after closing a turn a dead pod left open.
         for _attempt in range(2):
@@ -236,8 +269,9 @@ class ChatService:
             try:
                 await self.turns.index_add(thread)
                 result = await self.turns.begin(
-                    thread, lease, message, loading, self.settings.chat_pod_id
-                )
+                    thread, lease, message, loading, self.settings.chat_pod_id, anchor,
+                    client_msg_id,
+                )  # fmt: skip
             except BaseException:
                 await self.lock.release(thread, lease)
                 raise
@@ -260,21 +294,42 @@ class ChatService:
         raise ThreadBusy("a reply is being generated in this thread")
 
     async def _start_turn(
-        self, thread: ThreadId, lease: Lease, generation_id: str, message: Message, begun: Begun
-    ) -> None:
+        self, thread: ThreadId, lease: Lease, generation_id: str, prompt: Message | None,
+        begun: Begun,
+    ) -> None:  # fmt: skip
         """Hand the begun turn to a runner. From here on the turn must run (or
         be reaped) whatever fails: a failed history read only narrows the
-        model's context to the prompt itself."""
+        model's context to the prompt itself. The context is the branch that
+        ends at the user message answered, never another branch."""
         try:
-            context = await self.history.latest(thread, self._context_budget, message_tokens)
+            context = await self.history.context(
+                thread, begun.message_id, self._context_budget, message_tokens
+            )
         except RedisError as exc:
             log.warning("turn %s sees only its prompt: %s", generation_id, exc)
-            context = [dataclasses.replace(message, id=begun.message_id)]
+            context = [dataclasses.replace(prompt, id=begun.message_id)] if prompt else []
         self.manager.start(TurnContext(thread, lease, generation_id, context))
 
+    async def switch(self, thread: ThreadId, user: UserId, message_id: str) -> str:
+        """Make the newest leaf under ``message_id`` the active leaf; every
+        socket gets ``branch``. Under the thread's lock, like a turn: ThreadBusy
+        while one runs."""
+        if not await self._may_access(thread, user):
+            raise Forbidden("you are not a member of this thread")
+        lease = await self.lock.acquire(thread)
+        if lease is None:
+            raise ThreadBusy("a reply is being generated in this thread")
+        try:
+            return await self.turns.switch(thread, lease, message_id)
+        finally:
+            await self.lock.release(thread, lease)
+
     async def message_frame(self, thread: ThreadId, client_msg_id: str) -> str | None:
-        """The ``message`` frame first sent for ``client_msg_id``, if any (the
-        HTTP prompt's answer, and a repeated prompt's)."""
+        """The frame first sent for ``client_msg_id``, if any (the HTTP prompt's
+        answer, and a repeated prompt's or regenerate's): a prompt's
+        ``message``, a regenerate's ``loading``. A message whose event was
+        trimmed is rebuilt from history; a trimmed ``loading`` is not worth
+        a frame."""
         message_id = text(await self.redis.hget(keys.dedup(thread), client_msg_id))
         if message_id is None:
             return None
@@ -283,9 +338,11 @@ class ChatService:
             return frame_from_entry(stored[0][0], stored[0][1]).frame
         entries = entries_of(await self.redis.xrange(keys.history(thread), message_id, message_id))
         if not entries:
-            raise NotFound("the original message is gone")
+            return None
         message = message_from_entry(entries[0][0], entries[0][1])
+        parent = orjson.dumps(message.parent_id).decode()
         data = message_event_data(thread, message).replace(MESSAGE_ID_PLACEHOLDER, message_id)
+        data = data.replace(PARENT_ID_PLACEHOLDER, parent)
         return f'{{"id":"{message_id}",{data[1:]}'
 
     async def cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:
@@ -293,10 +350,12 @@ class ChatService:
         return await self.turns.request_cancel(thread, generation_id)
 
     async def history_page(
-        self, thread: ThreadId, before: str | None, limit: int, user: UserId | None = None
-    ) -> tuple[list[Message], bool]:
-        """A page of history; with ``user``, only while they are a member (a
-        removed member's socket may not have been closed yet)."""
+        self, thread: ThreadId, before: str | None, limit: int, user: UserId | None = None,
+        leaf: str | None = None,
+    ) -> tuple[list[Message], bool]:  # fmt: skip
+        """A page of the branch ending at ``leaf`` (default: the active one);
+        with ``user``, only while they are a member (a removed member's socket
+        may not have been closed yet)."""
         if user is not None and not await self._may_access(thread, user):
             raise Forbidden("you are not a member of this thread")
-        return await self.history.page(thread, before, limit)
+        return await self.history.page(thread, before, limit, leaf)

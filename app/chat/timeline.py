@@ -22,6 +22,9 @@ from app.chat.redis_types import entries as entries_of
 # Stands where the commit script writes the id of the message it commits
 # (see app.chat.scripts: orjson never emits a raw control byte).
 MESSAGE_ID_PLACEHOLDER = "\x01"
+# Likewise the message's parent id, quotes included: the script writes the
+# quoted id, or null for a root.
+PARENT_ID_PLACEHOLDER = '"\x02"'
 
 _HEAD = '{"id":"'
 
@@ -36,10 +39,12 @@ class TimelineEvent:
     frame: str
 
 
-def message_json(message: Message) -> dict[str, str | int]:
-    """A message as clients see it, in ``message`` events and ``history`` pages."""
-    data: dict[str, str | int] = {
+def message_json(message: Message) -> dict[str, object]:
+    """A message as clients see it, in ``message`` events and ``history`` pages
+    (``parent_id`` always: null marks a root)."""
+    data: dict[str, object] = {
         "id": message.id,
+        "parent_id": message.parent_id,
         "role": message.role,
         "content": message.content,
         "user_id": message.user_id,
@@ -48,20 +53,32 @@ def message_json(message: Message) -> dict[str, str | int]:
     }
     if message.client_msg_id is not None:
         data["client_msg_id"] = message.client_msg_id
+    if message.siblings is not None:
+        data["siblings"] = list(message.siblings)
     return data
 
 
 def message_event_data(thread_id: ThreadId, message: Message) -> str:
     """The ``message`` event for a message about to be committed (id filled by Lua)."""
     fields = message_json(message)
-    del fields["id"]
+    del fields["id"], fields["parent_id"]
     body = orjson.dumps(fields).decode()
     return (
         '{"type":"message","thread_id":'
         + orjson.dumps(thread_id).decode()
-        + f',"message":{{"id":"{MESSAGE_ID_PLACEHOLDER}",'
+        + f',"message":{{"id":"{MESSAGE_ID_PLACEHOLDER}","parent_id":{PARENT_ID_PLACEHOLDER},'
         + body[1:]
         + "}"
+    )
+
+
+def branch_event_data(thread_id: ThreadId) -> str:
+    """The ``branch`` event (the active leaf changed), whose ``leaf_id`` the
+    switch script fills in."""
+    return (
+        '{"type":"branch","thread_id":'
+        + orjson.dumps(thread_id).decode()
+        + f',"leaf_id":"{MESSAGE_ID_PLACEHOLDER}"}}'
     )
 
 

@@ -18,7 +18,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from app.chat import keys
-from app.chat.errors import LockLost, NotFound
+from app.chat.errors import InvalidRequest, LockLost, NotFound, ThreadBusy
 from app.chat.history import entry_fields
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
@@ -27,8 +27,12 @@ from app.chat.redis_types import RedisClient, texts
 from app.chat.redis_types import entries as entries_of
 from app.chat.redis_types import fields as hash_of
 from app.chat.scripts import Scripts
-from app.chat.timeline import done_event_data, event_data, message_event_data
-from app.settings import Settings
+from app.chat.timeline import (
+    branch_event_data,
+    done_event_data,
+    event_data,
+    message_event_data,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,8 @@ class TurnRecord:
 
 @dataclass(frozen=True, slots=True)
 class Begun:
-    """BEGIN_TURN's answer: the user's message was committed, the turn is open."""
+    """BEGIN_TURN's answer: the turn is open; ``message_id`` is the user
+    message it answers (committed just now, unless it is a regenerate)."""
 
     message_id: str
     loading_id: str
@@ -58,9 +63,11 @@ class Orphaned:
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """BEGIN_TURN's answer for a client_msg_id already seen: nothing was written."""
+    """BEGIN_TURN's answer for a client_msg_id already seen: nothing was
+    written. ``event_id`` is the first event it caused (the message, or a
+    regenerate's ``loading``)."""
 
-    message_id: str
+    event_id: str
 
 
 def _fenced(exc: ResponseError) -> Exception:
@@ -79,34 +86,33 @@ class TurnStore:
         self._retention = retention
         self._dedup_ttl_s = dedup_ttl_s
 
-    @classmethod
-    def configured(
-        cls, redis: RedisClient, scripts: Scripts, publish: str, settings: Settings
-    ) -> TurnStore:
-        """The store as pods and the standalone reaper use it (CHAT_EVENT_RETENTION,
-        CHAT_DEDUP_TTL_S)."""
-        return cls(
-            redis, scripts, publish, settings.chat_event_retention, settings.chat_dedup_ttl_s
-        )
-
     async def begin(
-        self, thread: ThreadId, lease: Lease, user_message: Message, loading: Loading, pod: str
-    ) -> Begun | Duplicate | Orphaned:
-        """Commit the user's message and open the turn, or find it was sent
-        before, or that a dead pod's turn must be closed first. NotFound when
-        the thread is gone (deleted under an open socket)."""
+        self, thread: ThreadId, lease: Lease, message: Message | None, loading: Loading,
+        pod: str, anchor: str = "", client_msg_id: str | None = None,
+    ) -> Begun | Duplicate | Orphaned:  # fmt: skip
+        """Commit the user's ``message`` under ``anchor`` ('' = the active
+        leaf, '-' = as a new root, else a message id) and open the turn; or,
+        with no ``message`` (a regenerate), open a turn that answers the
+        message ``anchor`` again. Or find it was asked for before
+        (``client_msg_id``, default the message's), or that a dead pod's turn
+        must be closed first. NotFound when the thread is gone (deleted under
+        an open socket) or ``anchor`` is not one of its messages;
+        InvalidRequest when a regenerated reply would answer no user message."""
+        if message is not None and client_msg_id is None:
+            client_msg_id = message.client_msg_id
         try:
             reply = await self._scripts.begin_turn(
                 keys=[
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.history(thread), keys.dedup(thread),
-                    keys.turn(thread),
+                    keys.turn(thread), keys.tree(thread),
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
-                    message_event_data(thread, user_message), event_data(loading),
-                    user_message.client_msg_id or "", self._dedup_ttl_s,
-                    loading.generation_id, pod, *entry_fields(user_message),
+                    message_event_data(thread, message) if message else "", event_data(loading),
+                    client_msg_id or "", self._dedup_ttl_s,
+                    loading.generation_id, pod, "prompt" if message else "regenerate",
+                    anchor, *(entry_fields(message) if message else ()),
                 ],
             )  # fmt: skip
         except ResponseError as exc:
@@ -117,7 +123,36 @@ class TurnStore:
             return Orphaned()
         if reply[0] == "gone":
             raise NotFound("this thread no longer exists")
+        if reply[0] == "not_found":
+            raise NotFound("no such message in this thread")
+        if reply[0] == "not_user":
+            raise InvalidRequest("that message answers no user message")
         return Begun(reply[1], reply[2])
+
+    async def switch(self, thread: ThreadId, lease: Lease, message_id: str) -> str:
+        """Make the newest leaf under ``message_id`` the active leaf and tell
+        every socket (``branch``); returns the leaf. NotFound for a message
+        not of this thread, ThreadBusy while a turn is open."""
+        try:
+            reply = await self._scripts.switch_branch(
+                keys=[
+                    keys.fence(thread), keys.meta(thread), keys.events(thread),
+                    keys.live(thread), keys.history(thread), keys.tree(thread),
+                    keys.turn(thread),
+                ],
+                args=[
+                    lease.fence, self._publish, self._retention, branch_event_data(thread),
+                    message_id,
+                ],
+            )  # fmt: skip
+        except ResponseError as exc:
+            raise _fenced(exc) from exc
+        if reply[0] == "not_found":
+            raise NotFound("no such message in this thread")
+        if reply[0] == "busy":
+            raise ThreadBusy("a reply is being generated in this thread")
+        leaf: str = reply[1]
+        return leaf
 
     async def append_delta(self, thread: ThreadId, lease: Lease, delta: Delta) -> bool:
         """Publish one delta; True when a cancel of the turn was asked for."""
@@ -144,7 +179,7 @@ class TurnStore:
                 keys=[
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.history(thread), keys.turn(thread),
-                    keys.lock(thread),
+                    keys.lock(thread), keys.tree(thread),
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,

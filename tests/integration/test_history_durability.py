@@ -6,7 +6,7 @@ from __future__ import annotations
 from app.llm.fake import expected_reply
 from tests.integration.helpers import get_history, open_ready, turn, unique
 
-HISTORY_FIELDS = {"role", "content", "user_id", "status", "created_at"}
+HISTORY_FIELDS = {"parent", "role", "content", "user_id", "status", "created_at"}
 
 
 def _check(messages: list[dict], user_event: dict, assistant_event: dict, prompt: str) -> None:
@@ -14,8 +14,9 @@ def _check(messages: list[dict], user_event: dict, assistant_event: dict, prompt
         (user_event["id"], "user", prompt, "complete"),
         (assistant_event["id"], "assistant", expected_reply(prompt, 30), "complete"),
     ]
-    assert messages[0] == user_event["message"]
-    assert messages[1] == assistant_event["message"]
+    # A page adds each message's siblings (here: itself alone) to the event's.
+    assert messages[0] == {**user_event["message"], "siblings": [user_event["id"]]}
+    assert messages[1] == {**assistant_event["message"], "siblings": [assistant_event["id"]]}
 
 
 async def test_history_survives_kill_9_of_the_writing_pod(redis_server, pod_factory):

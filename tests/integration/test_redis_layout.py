@@ -13,6 +13,7 @@ TYPES = {
     "meta": "hash",
     "members": "set",
     "dedup": "hash",
+    "tree": "hash",
 }
 
 

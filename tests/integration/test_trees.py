@@ -1,0 +1,256 @@
+"""Conversation trees on real pods: edit (a prompt with ``parent_id``),
+``regenerate`` and ``switch`` across two pods; every socket sees the same
+events; ``get_history`` walks exactly one branch with the right siblings; the
+model is given that branch only (the fake model's ``usage.input_tokens`` is
+the word count of its context); ``branch`` events replay on resume; repeats
+with a ``client_msg_id`` do nothing twice; and bad ids are refused with
+nothing written."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from app.chat import keys
+from tests import procs
+from tests.integration.conftest import track_pods
+from tests.integration.helpers import (
+    Event,
+    assert_matches_log,
+    expect,
+    expect_quiet,
+    get_history,
+    open_ready,
+    read_until,
+    recv_event,
+    send,
+    until_done,
+)
+from tests.integration.tokens import AUTH_ENV, bearer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def redis_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.RedisServer]:
+    if procs.REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = procs.RedisServer(tmp_path_factory.mktemp("trees-redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_pods(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    redis_db: procs.RedisServer,
+) -> Iterator[list[procs.Server]]:  # fmt: skip
+    """Two pods for the whole module: every test uses threads of its own."""
+    workdir = tmp_path_factory.mktemp("trees")
+    env = dict(
+        AUTH_ENV, CHAT_FAKE_TOKEN_DELAY_MS=2, CHAT_FAKE_REPLY_TOKENS=12, CHAT_RATE_PROMPTS_PER_MIN=0
+    )
+    started = [procs.pod(f"pod{i}", redis_db.url, workdir / f"pod{i}.log", **env) for i in range(2)]
+    track_pods(request).extend(started)
+    with procs.running(started):
+        yield started
+
+
+def new_thread() -> str:
+    return f"tree-{secrets.token_hex(5)}"
+
+
+async def join(pod: Any, thread: str, user: str = "alice", query: str = "") -> tuple[Any, Event]:
+    return await open_ready(pod.ws, thread, query, additional_headers=bearer(user))
+
+
+def words(*texts: str) -> int:
+    return sum(len(t.split()) for t in texts)
+
+
+def final(events: list[Event]) -> tuple[Event, Event]:
+    """The assistant ``message`` and ``done`` of a turn's events."""
+    done = events[-1]
+    reply = next(e for e in events if e["type"] == "message" and e["id"] == done["message_id"])
+    return reply["message"], done
+
+
+async def test_edit_and_regenerate_across_pods(two_pods, redis_db) -> None:
+    pod_a, pod_b = two_pods
+    thread = new_thread()
+    a, ready = await join(pod_a, thread)
+    b, _ = await join(pod_b, thread)
+    assert ready["leaf_id"] is None
+    seen_a: list[Event] = []
+    seen_b: list[Event] = []
+    try:
+        await send(a, {"type": "prompt", "content": "one two three"})
+        t1 = await read_until(a, "done", into=seen_a)
+        await read_until(b, "done", into=seen_b)
+        q1 = t1[0]["message"]
+        r1, done1 = final(t1)
+        assert q1["parent_id"] is None and r1["parent_id"] == q1["id"]
+        assert done1["usage"]["input_tokens"] == words("one two three")
+
+        await send(b, {"type": "prompt", "content": "four five"})
+        t2 = await read_until(b, "done", into=seen_b)
+        await read_until(a, "done", into=seen_a)
+        q2 = t2[0]["message"]
+        r2, done2 = final(t2)
+        assert q2["parent_id"] == r1["id"]
+        assert done2["usage"]["input_tokens"] == words("one two three", r1["content"], "four five")
+
+        # Edit q2 (on pod A): a branch under q2's parent; the model sees it only.
+        await send(a, {"type": "prompt", "content": "six seven eight nine", "parent_id": r1["id"]})
+        t3 = await read_until(a, "done", into=seen_a)
+        await read_until(b, "done", into=seen_b)
+        e3 = t3[0]["message"]
+        r3, done3 = final(t3)
+        assert e3["parent_id"] == r1["id"]
+        assert done3["usage"]["input_tokens"] == words(
+            "one two three", r1["content"], "six seven eight nine"
+        )
+
+        # Regenerate r3 (on pod B): no user message, a sibling reply to e3.
+        await send(b, {"type": "regenerate", "message_id": r3["id"]})
+        t4 = await read_until(b, "done", into=seen_b)
+        await read_until(a, "done", into=seen_a)
+        assert [e["type"] for e in t4 if e["type"] != "delta"] == ["loading", "message", "done"]
+        r4, done4 = final(t4)
+        assert r4["parent_id"] == e3["id"] and r4["role"] == "assistant"
+        assert done4["usage"]["input_tokens"] == done3["usage"]["input_tokens"]
+
+        # History along each branch: exactly the path, with siblings.
+        page = (await get_history(a))["messages"]
+        assert [m["id"] for m in page] == [q1["id"], r1["id"], e3["id"], r4["id"]]
+        assert [m["siblings"] for m in page] == [
+            [q1["id"]], [r1["id"]], [q2["id"], e3["id"]], [r3["id"], r4["id"]]
+        ]  # fmt: skip
+        assert page[0]["parent_id"] is None
+        old = (await get_history(b, leaf=r2["id"]))["messages"]
+        assert [m["id"] for m in old] == [q1["id"], r1["id"], q2["id"], r2["id"]]
+        paged = await get_history(b, leaf=r3["id"], limit=2)
+        assert [m["id"] for m in paged["messages"]] == [e3["id"], r3["id"]] and paged["has_more"]
+        rest = await get_history(b, leaf=r3["id"], before=e3["id"])
+        assert [m["id"] for m in rest["messages"]] == [q1["id"], r1["id"]]
+        assert not rest["has_more"]
+    finally:
+        await a.close()
+        await b.close()
+    assert [e.get("id") for e in seen_a if "id" in e] == [e.get("id") for e in seen_b if "id" in e]
+    assert_matches_log(seen_a, redis_db, thread)
+    # A new socket is told the active leaf.
+    c, ready = await join(pod_b, thread)
+    await c.close()
+    assert ready["leaf_id"] == r4["id"]
+
+
+async def test_switch_on_one_pod_reaches_another_and_replays(two_pods) -> None:
+    pod_a, pod_b = two_pods
+    thread = new_thread()
+    a, _ = await join(pod_a, thread)
+    try:
+        t1 = await _turn(a, "alpha")
+        q1, r1 = t1[0]["message"], final(t1)[0]
+        t2 = await _turn(a, "beta")
+        q2, r2 = t2[0]["message"], final(t2)[0]
+        t3 = await _turn(a, "gamma", parent_id=r1["id"])  # an edit of "beta"
+        r3 = final(t3)[0]
+        watcher, ready = await join(pod_b, thread)
+        assert ready["leaf_id"] == r3["id"]
+        await watcher.close()
+        # Pod A switches twice while the watcher is away.
+        await send(a, {"type": "switch", "message_id": q2["id"]})
+        first = await expect(a, "branch")
+        assert first["leaf_id"] == r2["id"]
+        assert (await get_history(a))["messages"][-1]["id"] == r2["id"]
+        await send(a, {"type": "switch", "message_id": q1["id"]})
+        second = await expect(a, "branch")
+        assert second["leaf_id"] == r3["id"]  # the newest leaf under q1
+        query = f"?after={ready['last_event_id']}&epoch={ready['epoch']}"
+        resumed, again = await join(pod_b, thread, query=query)
+        replay = [await recv_event(resumed), await recv_event(resumed)]
+        assert again["recovered"] is True and again["leaf_id"] == r3["id"]
+        assert replay == [first, second]
+        # And live: a switch on pod B reaches pod A.
+        await send(resumed, {"type": "switch", "message_id": r2["id"]})
+        live = await expect(a, "branch")
+        assert live == await expect(resumed, "branch") and live["leaf_id"] == r2["id"]
+        await resumed.close()
+    finally:
+        await a.close()
+
+
+async def test_repeats_with_a_client_msg_id_do_nothing_twice(two_pods, redis_db) -> None:
+    pod_a, pod_b = two_pods
+    thread = new_thread()
+    a, _ = await join(pod_a, thread)
+    try:
+        t1 = await _turn(a, "question")
+        r1 = final(t1)[0]
+        regenerate = {"type": "regenerate", "message_id": r1["id"], "client_msg_id": "again-1"}
+        await send(a, regenerate)
+        turn = await until_done(a)
+        loading = turn[0]
+        assert loading["type"] == "loading"
+    finally:
+        await a.close()
+    # After a reconnect to the other pod: the original loading frame, nothing new.
+    b, _ = await join(pod_b, thread)
+    try:
+        await send(b, regenerate)
+        assert await recv_event(b) == loading
+        await expect_quiet(b)
+    finally:
+        await b.close()
+    stored = redis_db.client().xrange(keys.history(keys.thread_id(thread)))
+    assert len(stored) == 3  # the question and two replies
+
+
+async def test_bad_ids_are_refused_and_nothing_is_written(two_pods, redis_db) -> None:
+    pod_a, _ = two_pods
+    thread, other = new_thread(), new_thread()
+    a, _ = await join(pod_a, thread)
+    o, _ = await join(pod_a, other)
+    try:
+        t1 = await _turn(a, "mine")
+        theirs = final(await _turn(o, "theirs"))[0]
+        server = redis_db.client()
+        before = (
+            server.xlen(keys.history(keys.thread_id(thread))),
+            server.hgetall(keys.tree(keys.thread_id(thread))),
+            server.xlen(keys.events(keys.thread_id(thread))),
+        )
+        for frame, code in [
+            ({"type": "prompt", "content": "x", "parent_id": "nope"}, "bad_request"),
+            ({"type": "prompt", "content": "x", "parent_id": theirs["id"]}, "not_found"),
+            ({"type": "prompt", "content": "x", "parent_id": "1-0"}, "not_found"),
+            ({"type": "regenerate", "message_id": "12"}, "bad_request"),
+            ({"type": "regenerate", "message_id": theirs["id"]}, "not_found"),
+            ({"type": "switch", "message_id": theirs["id"]}, "not_found"),
+            ({"type": "switch"}, "bad_request"),
+            ({"type": "get_history", "leaf": theirs["id"]}, "not_found"),
+        ]:
+            await send(a, frame)
+            error = await expect(a, "error")
+            assert error["code"] == code, (frame, error)
+        after = (
+            server.xlen(keys.history(keys.thread_id(thread))),
+            server.hgetall(keys.tree(keys.thread_id(thread))),
+            server.xlen(keys.events(keys.thread_id(thread))),
+        )
+        assert after == before
+        assert t1
+    finally:
+        for ws in (a, o):
+            await ws.close()
+
+
+async def _turn(ws: Any, content: str, **extra: Any) -> list[Event]:
+    await send(ws, {"type": "prompt", "content": content, **extra})
+    return await until_done(ws)
