@@ -24,7 +24,7 @@ from app.auth import Authenticator, AuthError
 from app.chat.service import ChatService
 from app.llm import make_model
 from app.origins import OriginPolicy
-from app.redis_client import connect
+from app.redis_client import connect, warn_if_evicting
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, handles.commands, handles.pubsub_factory, model, handles.publish_command
         )
         app.state.chat = service
+        if not settings.embedded:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(warn_if_evicting(handles.commands), 5.0)
         await service.start()
         metrics.bind_live_gauges(
             lambda: service.hub.followed_threads, lambda: service.manager.running
@@ -99,7 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(request: Request) -> JSONResponse:
-        """Ready for traffic: Redis answers and the pod is not draining."""
+        """Ready for traffic: Redis answers, the pod's subscriber hears its
+        probes (app.chat.fanout), and the pod is not draining."""
         service: ChatService = request.app.state.chat
         if service.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -107,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.wait_for(service.redis.ping(), 2.0)
         except Exception:
             return JSONResponse({"status": "redis unreachable"}, status_code=503)
+        if not service.hub.hearing:
+            return JSONResponse({"status": "subscriber not hearing"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)

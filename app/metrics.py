@@ -47,6 +47,10 @@ REDIS_ERRORS = Counter(
 SUBSCRIBER_CONNECTS = Counter(
     f"{_PREFIX}_subscriber_connects", "Connections of the pub/sub subscriber (1 + reconnects)"
 )
+SUBSCRIBER_DEAF = Counter(
+    f"{_PREFIX}_subscriber_deaf",
+    "Times the pub/sub subscriber missed its probe's deadline and was replaced",
+)
 SLOW_CLIENT_DROPS = Counter(
     f"{_PREFIX}_slow_client_drops", "Sockets closed 1013 for being too slow"
 )

@@ -25,6 +25,29 @@ class Settings(BaseSettings):
     # Redis: unset means the embedded in-process fake (one pod only).
     redis_url: str | None = None
     redis_cluster: bool = False
+    # Redis with Sentinel (instead of REDIS_URL): the sentinels' addresses,
+    # comma-separated ``host:port``, and the name of the primary they watch.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "mymaster"
+    # Credentials of the data nodes when found through Sentinel (a REDIS_URL
+    # carries its own), and of the sentinels themselves (Sentinel's own
+    # ``requirepass``/ACL, often different).
+    redis_username: str | None = None
+    redis_password: str | None = Field(default=None, repr=False)
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = Field(default=None, repr=False)
+    # TLS to the data nodes and sentinels found through REDIS_SENTINELS (a
+    # REDIS_URL says ``rediss://`` itself): CA bundle, and a client
+    # certificate for servers that require one (``tls-auth-clients yes``).
+    redis_tls: bool = False
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
+    # How long a command may wait for Redis before the pod counts it failed:
+    # the bound on how long a half-open connection (a blackholed network)
+    # can stall a request, a turn's write or the readiness probe.
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
+    redis_connect_timeout_s: float = Field(default=5.0, gt=0)
 
     # Model provider.
     chat_llm: Literal["anthropic", "openai", "fake"] | None = None
@@ -98,6 +121,13 @@ class Settings(BaseSettings):
     # message that no later one would reveal (a turn's last): the bound on
     # how late such an event arrives. Costs one HMGET per followed thread.
     chat_fanout_audit_s: float = Field(default=5.0, gt=0)
+    # The subscriber's proof of hearing (app.chat.fanout): every
+    # CHAT_SUBSCRIBER_PROBE_S the pod publishes a probe on its own channel and
+    # must hear it on its subscriber within CHAT_SUBSCRIBER_DEADLINE_S, or the
+    # subscriber is deaf (half-open, cut, or on a demoted primary): it is
+    # reconnected, its threads refilled, and /readyz fails until it hears.
+    chat_subscriber_probe_s: float = Field(default=5.0, gt=0)
+    chat_subscriber_deadline_s: float = Field(default=3.0, gt=0)
     # permessage-deflate, when a client offers it (browsers always do). Off by
     # default: its zlib contexts cost ~45 KiB per socket, more than the whole
     # rest of an idle socket, and the small JSON frames of a stream (deltas of
@@ -126,8 +156,23 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        """True when no REDIS_URL is set: in-process fakeredis, one pod only."""
-        return not self.redis_url
+        """True when no Redis is configured (neither REDIS_URL nor
+        REDIS_SENTINELS): in-process fakeredis, one pod only."""
+        return not self.redis_url and not self.redis_sentinels
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; ConfigError when malformed."""
+        addresses = []
+        for item in (self.redis_sentinels or "").split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    f"REDIS_SENTINELS: {item.strip()!r} is not host:port "
+                    "(give a comma-separated list, e.g. sentinel-0:26379,sentinel-1:26379)"
+                )
+            addresses.append((host.strip("[]"), int(port)))
+        return addresses
 
     @property
     def auth_enabled(self) -> bool:
@@ -156,9 +201,9 @@ class Settings(BaseSettings):
 
     def check_startable(self) -> None:
         """Refuse configurations that would run unsafely or cannot work."""
-        if self.redis_url and self.chat_auth == "jwt" and not self.auth_key_configured:
+        if not self.embedded and self.chat_auth == "jwt" and not self.auth_key_configured:
             raise ConfigError(
-                "REDIS_URL is set but CHAT_AUTH_SECRET is not: a shared deployment must "
+                "A Redis is configured but CHAT_AUTH_SECRET is not: a shared deployment must "
                 "authenticate its users. Set CHAT_AUTH_SECRET (or CHAT_AUTH_SECRET_FILE, "
                 "CHAT_AUTH_PUBLIC_KEY[_FILE], CHAT_AUTH_JWKS_FILE), or CHAT_AUTH=off to run "
                 "open on purpose."
@@ -178,3 +223,15 @@ class Settings(BaseSettings):
                 )
         if self.redis_cluster and not self.redis_url:
             raise ConfigError("REDIS_CLUSTER=1 needs REDIS_URL (a seed node of the cluster).")
+        if self.redis_sentinels:
+            if self.redis_url or self.redis_cluster:
+                raise ConfigError(
+                    "Set either REDIS_SENTINELS (Redis with Sentinel) or REDIS_URL "
+                    "(one server, or REDIS_CLUSTER=1), not both."
+                )
+            self.sentinel_addresses  # noqa: B018 - raises ConfigError when malformed
+        if self.chat_subscriber_deadline_s > self.chat_subscriber_probe_s:
+            raise ConfigError(
+                "CHAT_SUBSCRIBER_DEADLINE_S must not exceed CHAT_SUBSCRIBER_PROBE_S "
+                "(a probe is judged before the next one is sent)."
+            )

@@ -79,6 +79,8 @@ class RedisServer:
     persistent: bool = False
     maxclients: int = 10000  # redis-server's own default
     proc: subprocess.Popen[bytes] | None = None
+    # More redis-server arguments (``--replicaof``, ``--maxmemory``...).
+    args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -101,6 +103,7 @@ class RedisServer:
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
             "--appendonly", "no"
         ]  # fmt: skip
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
         return self

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from app import metrics
 from app.chat import fanout, keys
 from app.chat.fanout import FanoutHub, FanoutUnavailable
 from app.chat.keys import ThreadId
@@ -389,3 +390,54 @@ async def test_gap_at_the_very_start_of_a_thread_is_filled(
     await wait_until(lambda: len(sink.events) >= 3, what="the start filled")
     await flushed(redis, thread, sink)
     assert [e.frame for e in sink.events] == [first.frame, second.frame, third.frame]
+
+
+# --- proving the subscriber hears ---------------------------------------------------------
+
+
+class DeafPubSub:
+    """A fakeredis PubSub that, while ``deaf`` is set, loses every message
+    without an error: a half-open connection, or one to a demoted primary."""
+
+    deaf = False
+
+    def __init__(self, redis: Any) -> None:
+        self._pubsub = redis.pubsub()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pubsub, name)
+
+    async def get_message(self, timeout: float) -> Any:
+        message = await self._pubsub.get_message(timeout=timeout)
+        return None if DeafPubSub.deaf else message
+
+
+async def test_a_deaf_subscriber_is_noticed_replaced_and_refilled(
+    redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    probe = fanout.Probe(keys.probe_channel("pod-a"), interval_s=0.1, deadline_s=0.05)
+    hub = FanoutHub(lambda: DeafPubSub(redis), redis, Timeline(redis), 60, probe)
+    await hub.start()
+    deaf_before = metrics.SUBSCRIBER_DEAF._value.get()
+    try:
+        await wait_until(lambda: hub.hearing, what="the first probe heard")
+        sink = Sink()
+        await hub.follow(thread, sink)
+        DeafPubSub.deaf = True
+        await run_turn(store, lock, thread, "g", deltas=3)  # all of it lost on the wire
+        await wait_until(lambda: not hub.hearing, timeout=1.0, what="the deafness noticed")
+        assert sink.events == []
+        assert metrics.SUBSCRIBER_DEAF._value.get() > deaf_before
+        connects = metrics.SUBSCRIBER_CONNECTS._value.get()
+        DeafPubSub.deaf = False
+        # Replaced (the audit runs only every 60 s here): the turn is refilled
+        # from the log, and the hub hears again.
+        await wait_until(
+            lambda: metrics.SUBSCRIBER_CONNECTS._value.get() > connects and hub.hearing,
+            what="hearing again",
+        )
+        await wait_until(lambda: len(sink.events) == 7, what="the refill")
+        assert sink.numbers == list(range(1, 8))
+    finally:
+        DeafPubSub.deaf = False
+        await hub.stop()

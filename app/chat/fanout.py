@@ -15,6 +15,16 @@ compares each followed thread's stored event number with its own and fills
 the difference the same way. Frames at or below the last number are
 duplicates and are dropped. Followers therefore see each thread's timeline
 in order, without gaps or duplicates, from the moment they follow it.
+
+A subscriber can also go deaf without any error: a half-open connection (a
+blackholed network), or a connection to a primary that Sentinel demoted
+while writers moved on to the new one. Redis's own pings do not catch that
+(redis-py does not wait for their replies on a subscriber). So the hub
+proves it hears: every probe interval it publishes a random token on its own
+probe channel, through the command connection like any writer, and must hear
+it on its subscriber within the deadline. A probe unheard replaces the
+subscriber (and refills every thread, as after any loss); until a probe is
+heard again ``hearing`` is False, and the pod reports not ready.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +63,20 @@ class FanoutUnavailable(ChatError):
     retryable = True
 
 
+class SubscriberDeaf(Exception):
+    """The subscriber did not hear its probe in time: it must be replaced."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """How the hub proves its subscriber hears (see the module docstring)."""
+
+    channel: str
+    publish_command: str = "PUBLISH"
+    interval_s: float = 5.0
+    deadline_s: float = 3.0
+
+
 class Sink(Protocol):
     """A local follower of a thread. Both calls must return at once (no I/O)."""
 
@@ -77,18 +102,19 @@ class FanoutHub:
         redis: RedisClient,
         timeline: Timeline,
         audit_interval_s: float = 5.0,
+        probe: Probe | None = None,
     ) -> None:
         self._pubsub_factory = pubsub_factory
         self._redis = redis
         self._timeline = timeline
         self._audit_interval_s = audit_interval_s
+        self._probe = probe or Probe(keys.probe_channel(secrets.token_hex(4)))
         self._pubsub: Subscriber | None = None
         self._followers: dict[ThreadId, set[Sink]] = {}
         # Followers whose follow() has not returned yet (see follow()).
         self._joining: set[Sink] = set()
         self._cursors: dict[ThreadId, _Cursor] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
-        self._has_channels = asyncio.Event()
         # Serialises (un)subscribe commands. Two first commands on a fresh
         # redis-py PubSub would each open a connection and the first one's
         # subscription would be lost with its orphaned connection; and an
@@ -98,7 +124,16 @@ class FanoutHub:
         # forwarded in number order even when a fill awaits Redis.
         self._forwarding = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # The probe awaited (its token and the future its echo resolves), a
+        # request to probe now (after a reconnect), and a verdict of deafness
+        # for the listener to act on.
+        self._awaited: tuple[str, asyncio.Future[None]] | None = None
+        self._probe_now = asyncio.Event()
+        self._deaf = False
         self.connected = False
+        # True once the subscriber heard its latest probe; False from a loss
+        # or a missed deadline until a probe is heard again (/readyz).
+        self.hearing = False
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -106,14 +141,19 @@ class FanoutHub:
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="fanout-listener"),
             asyncio.create_task(self._audit_forever(), name="fanout-audit"),
+            asyncio.create_task(self._probe_forever(), name="fanout-probe"),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+            # Cancelled until done: Python 3.11's asyncio.wait_for (inside
+            # redis clients) can swallow a cancellation that arrives as its
+            # wait completes, and the listener would then read on forever.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                task.result()
         await self._close_pubsub()
 
     @property
@@ -151,7 +191,6 @@ class FanoutHub:
                 if self.connected and self._pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.subscribe(channel)
-            self._has_channels.set()
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
         except TimeoutError:
@@ -196,20 +235,17 @@ class FanoutHub:
     async def _listen_forever(self) -> None:
         backoff = RECONNECT_BACKOFF_S[0]
         while True:
-            await self._has_channels.wait()
             try:
-                pubsub = self._pubsub
-                if pubsub is None or not self.connected:
+                # Bounded: over a blackholed network the subscribe would wait forever.
+                async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                     pubsub = await self._reconnect()
                 backoff = RECONNECT_BACKOFF_S[0]
                 await self._read_messages(pubsub)
-                # No thread is followed any more: let the connection go rather
-                # than keep it idle and unread (it could die unnoticed).
-                await self._close_pubsub()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the connection dropped, or Redis is down
+            except Exception as exc:  # dropped, deaf, or Redis is down
                 self.connected = False
+                self.hearing = False
                 metrics.REDIS_ERRORS.labels("subscriber").inc()
                 log.warning("fan-out subscriber lost (%s); reconnecting in %.1fs", exc, backoff)
                 await self._close_pubsub()
@@ -217,35 +253,40 @@ class FanoutHub:
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
 
     async def _reconnect(self) -> Subscriber:
-        """A fresh connection, subscribed to every followed thread, then a
-        resync: whatever was published while we were away is read from the log."""
+        """A fresh connection, subscribed to the probe channel and every
+        followed thread, then a resync: whatever was published while we were
+        away is read from the log; and a probe, to hear again."""
         await self._close_pubsub()
+        self._deaf = False
         async with self._commanding:
             self._pubsub = pubsub = self._pubsub_factory()
             # Under the lock: a follow() that came before is in this list; one
             # that comes after finds us connected and subscribes its own.
             channels = [keys.live(t) for t in self._followers]
-            if channels:
-                await pubsub.subscribe(*channels)
+            await pubsub.subscribe(self._probe.channel, *channels)
             self.connected = True
+        self._probe_now.set()
         await self._resync(list(self._followers))
         metrics.SUBSCRIBER_CONNECTS.inc()
         return pubsub
 
     async def _read_messages(self, pubsub: Subscriber) -> None:
-        while self._followers or self._confirmed:
+        while not self._deaf:
             message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
-            self.connected = True
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "message":  # (app.chat.sharded names shard messages the same)
-                await self._on_frame(keys.thread_of_channel(message["channel"]), message["data"])
+            channel = message["channel"]
+            if channel == self._probe.channel:
+                if kind == "message":
+                    self._heard(message["data"])
+            elif kind == "message":  # (app.chat.sharded names shard messages the same)
+                await self._on_frame(keys.thread_of_channel(channel), message["data"])
             elif kind == "subscribe":
-                confirmed = self._confirmed.get(message["channel"])
+                confirmed = self._confirmed.get(channel)
                 if confirmed is not None and not confirmed.done():
                     confirmed.set_result(None)
-        self._has_channels.clear()
+        raise SubscriberDeaf("the subscriber missed its probe's deadline")
 
     async def _on_frame(self, thread: ThreadId, frame: str) -> None:
         sinks = self._followers.get(thread)
@@ -328,6 +369,52 @@ class FanoutHub:
                     await self._fill(thread, cursor, until=None)
                 elif int(n or 0) < cursor.n:
                     self._reset(thread, cursor, int(n or 0), last_id)
+
+    # --- proving the subscriber hears -------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        """Probe every interval, and at once after each reconnect."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._probe.interval_s):
+                    await self._probe_now.wait()
+            self._probe_now.clear()
+            if not self.connected:
+                continue  # the listener is reconnecting, and asks for a probe when done
+            try:
+                await self._send_probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the publish failed: Redis is unreachable
+                self.hearing = False
+                log.warning("subscriber probe not sent: %s", exc)
+
+    async def _send_probe(self) -> None:
+        token = secrets.token_hex(8)
+        echo = asyncio.get_running_loop().create_future()
+        self._awaited = (token, echo)
+        try:
+            async with asyncio.timeout(self._probe.deadline_s):
+                await self._redis.execute_command(
+                    self._probe.publish_command, self._probe.channel, token
+                )
+                await echo
+        except TimeoutError:
+            self.hearing = False
+            self._deaf = True  # the listener replaces the subscriber
+            metrics.SUBSCRIBER_DEAF.inc()
+            log.warning(
+                "the subscriber did not hear its probe within %.1fs: replacing it",
+                self._probe.deadline_s,
+            )
+        finally:
+            self._awaited = None
+
+    def _heard(self, token: str) -> None:
+        if self._awaited is not None and self._awaited[0] == token:
+            self.hearing = True
+            if not self._awaited[1].done():
+                self._awaited[1].set_result(None)
 
     async def _audit_forever(self) -> None:
         """Catch a lost frame that no later frame reveals (say, a turn's last)."""

@@ -165,6 +165,13 @@ def user_prompt_bucket(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:rate:prompts"
 
 
+def probe_channel(pod: str) -> str:
+    """The channel a pod publishes its subscriber's probes on (app.chat.fanout).
+    ``pod`` is the operator's CHAT_POD_ID; probes carry random tokens, so
+    two pods given the same id still never take each other's for their own."""
+    return f"{PREFIX}:probe:{pod}"
+
+
 def thread_of_channel(channel: str) -> ThreadId:
     """The thread a live channel belongs to (channels are only built above)."""
     return ThreadId(channel[len(PREFIX) + 2 : -len("}:live")])

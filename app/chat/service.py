@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from app.chat import keys
 from app.chat.errors import Draining, Forbidden, ThreadBusy
-from app.chat.fanout import FanoutHub
+from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
 from app.chat.keys import ThreadId, UserId
@@ -97,8 +97,12 @@ class ChatService:
             redis, self.scripts, publish_command,
             settings.chat_event_retention, settings.chat_dedup_ttl_s,
         )  # fmt: skip
+        probe = Probe(
+            keys.probe_channel(settings.chat_pod_id), publish_command,
+            settings.chat_subscriber_probe_s, settings.chat_subscriber_deadline_s,
+        )  # fmt: skip
         self.hub = FanoutHub(
-            pubsub_factory, redis, self.timeline, audit_interval_s=settings.chat_fanout_audit_s
+            pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe
         )
         self.manager = TurnManager(
             model, self.turns, self.lock, self.hub,

@@ -1,0 +1,168 @@
+"""Redis as operators run it on Kubernetes, for the failover tests: a primary,
+a replica and three sentinels (``redis-server --sentinel``, the same
+binary), every process on a free loopback port.
+
+The data nodes run with ``min-replicas-to-write 1``, as docs/operations.md
+asks: the primary refuses writes the moment its replica is promoted, so a
+forced failover cannot lose what pods wrote to the old primary while
+Sentinel was still reconfiguring it. The price is that the new primary
+refuses writes too until the old one is back as its replica: Sentinel waits
+four "publish periods" before it reconfigures a demoted primary (8 s by
+default). Timeouts are short here (a primary is down after 1 s, Sentinel's
+periods a quarter of a second through SENTINEL DEBUG) so that a failover
+takes a couple of seconds, not the default 10 to 30.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import redis
+
+from tests.procs import REDIS_SERVER, RedisServer, free_port, wait_until
+
+MASTER = "dc"
+DOWN_AFTER_MS = 1000
+# Both nodes, since either may be the primary.
+DATA_ARGS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+class SentinelGroup:
+    """Two data nodes and three sentinels watching them as ``MASTER``."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="dc-sentinel-"))
+        self.nodes: list[RedisServer] = []
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        primary = self._node(DATA_ARGS)
+        primary.start()
+        self._node((*DATA_ARGS, "--replicaof", "127.0.0.1", str(primary.port))).start()
+        for i, port in enumerate(self.sentinel_ports):
+            conf = self.tmp / f"sentinel{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.tmp}\n"
+                f"logfile {self.tmp}/sentinel{i}.log\n"
+                f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {MASTER} 3000\n"
+            )
+            command = [REDIS_SERVER or "redis-server", str(conf), "--sentinel"]
+            self._sentinels.append(
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        for port in self.sentinel_ports:
+            wait_until(lambda p=port: _answers(p), 10, what=f"sentinel on port {port}")
+            redis.Redis(port=port).execute_command(
+                "SENTINEL", "DEBUG", "publish-period", 250, "info-period", 250
+            )
+        self.wait_healthy()
+
+    def _node(self, args: tuple[str, ...]) -> RedisServer:
+        workdir = self.tmp / f"node{len(self.nodes)}"
+        node = RedisServer(workdir, args=args)
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for proc in self._sentinels:
+            proc.kill()
+            proc.wait(timeout=10)
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- what the pods and the checks need ------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        """A pod's settings for this group (pod_factory(None, **group.env))."""
+        return {
+            "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports),
+            "REDIS_SENTINEL_MASTER": MASTER,
+        }
+
+    def sentinel(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2)
+
+    def primary_port(self, i: int = 0) -> int:
+        """The primary's port as sentinel ``i`` names it."""
+        _host, port = self.sentinel(i).sentinel_get_master_addr_by_name(MASTER)
+        return int(port)
+
+    @property
+    def primary(self) -> RedisServer:
+        port = self.primary_port()
+        return next(node for node in self.nodes if node.port == port)
+
+    @property
+    def replica(self) -> RedisServer:
+        port = self.primary_port()
+        return next(node for node in self.nodes if node.port != port)
+
+    def client(self) -> redis.Redis:
+        """The primary's client: what failure_helpers read the truth from."""
+        return self.primary.client()
+
+    # --- faults -----------------------------------------------------------------
+
+    def failover(self) -> None:
+        """SENTINEL FAILOVER: returns once every sentinel names the new primary."""
+        old = self.primary_port()
+        self.sentinel().execute_command("SENTINEL", "FAILOVER", MASTER)
+        self._wait_switched(old)
+
+    def kill_primary(self) -> RedisServer:
+        """kill -9 of the primary; returns once every sentinel names the new
+        one. The dead node is left down: ``restart_as_replica`` brings it back."""
+        old = self.primary
+        old.stop()
+        self._wait_switched(old.port)
+        return old
+
+    def restart_as_replica(self, node: RedisServer) -> None:
+        """The killed node back as the new primary's replica, as a Kubernetes
+        pod restarts and asks the sentinels whom to follow."""
+        node.args = (*DATA_ARGS, "--replicaof", "127.0.0.1", str(self.primary_port()))
+        node.start()
+        self.wait_healthy()
+
+    def _wait_switched(self, old: int) -> None:
+        for i in range(len(self.sentinel_ports)):
+            wait_until(
+                lambda i=i: self.primary_port(i) != old,
+                15,
+                what=f"sentinel {i} to name a new primary",
+            )
+
+    def wait_healthy(self) -> None:
+        """Every sentinel names the same primary, which has its replica in
+        sync and would accept writes, and which the sentinels know replicated."""
+
+        def healthy() -> bool:
+            try:
+                ports = {self.primary_port(i) for i in range(len(self.sentinel_ports))}
+                if len(ports) != 1:
+                    return False
+                info = redis.Redis(port=ports.pop(), socket_timeout=2).info("replication")
+                return bool(
+                    info["role"] == "master"
+                    and info.get("min_slaves_good_slaves", 0) >= 1
+                    and len(self.sentinel().sentinel_slaves(MASTER)) >= 1
+                )
+            except (redis.RedisError, StopIteration):
+                return False
+
+        wait_until(healthy, 30, interval=0.1, what="the sentinel group to be healthy")

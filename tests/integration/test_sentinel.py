@@ -1,0 +1,106 @@
+"""Redis with Sentinel: pods find the primary through three sentinels, and a
+failover during streaming turns (SENTINEL FAILOVER, and kill -9 of the
+primary) loses nothing. Pods follow the new primary, resubscribe, refill
+what they missed from the event log, and every client's timeline still
+equals the Redis log; no turn is left half-committed or locked.
+
+One sentinel group serves the whole module: each test leaves it healthy
+(both data nodes up, the replica in sync), whichever node is primary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app.llm.fake import expected_reply
+from tests.integration.conftest import require_redis
+from tests.integration.contract_helpers import unique
+from tests.integration.failure_helpers import history
+from tests.integration.scenario import assert_consistent, close_all, recorders
+from tests.integration.sentinel import SentinelGroup
+
+pytestmark = pytest.mark.integration
+
+TOKENS = 150  # at 10 ms a token, a turn outlives the start of a failover
+ENV = {
+    "CHAT_FAKE_TOKEN_DELAY_MS": 10,
+    "CHAT_FAKE_REPLY_TOKENS": TOKENS,
+    "CHAT_SUBSCRIBER_PROBE_S": 1.0,
+    "CHAT_SUBSCRIBER_DEADLINE_S": 0.5,
+    "REDIS_SOCKET_TIMEOUT_S": 2,
+}
+THREADS = 3
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[SentinelGroup]:
+    require_redis()
+    made = SentinelGroup()
+    try:
+        made.start()
+        yield made
+    finally:
+        made.stop()
+
+
+@pytest.fixture
+def pods(group, pod_factory):
+    return [pod_factory(None, **group.env, **ENV) for _ in range(2)]
+
+
+async def _failover_during_turns(group: SentinelGroup, pods, fault) -> None:
+    """Turns stream on several threads, written from one pod and watched
+    from both; ``fault()`` strikes mid-turn; then each thread takes a second
+    turn on the new primary. Checks every client against the new primary's log."""
+    pod_a, pod_b = pods
+    threads = [unique("sentinel") for _ in range(THREADS)]
+    writers = await recorders([pod_a.ws, pod_b.ws], threads)
+    watchers = await recorders([pod_b.ws, pod_a.ws], threads)
+    everyone = writers + watchers
+    try:
+        for rec in writers:
+            await rec.client.prompt(f"before {rec.thread}")
+        for rec in writers:
+            await rec.wait(lambda r: r.count("delta") >= 5, 15, "the turn to stream")
+        old = group.primary_port()
+        await asyncio.to_thread(fault)  # the clients keep reading meanwhile
+        assert group.primary_port() != old
+        for rec in everyone:
+            await rec.wait(lambda r: len(r.dones()) == 1, 30, "the cut turn to end")
+        for rec in writers:
+            await rec.client.prompt(f"after {rec.thread}")
+        for rec in everyone:
+            await rec.wait(lambda r: len(r.dones()) == 2, 30, "the second turn to end")
+    finally:
+        await close_all(everyone)
+    for rec in everyone:
+        assert [d["status"] for d in rec.dones()] == ["complete", "complete"], rec.thread
+    for thread in threads:
+        assert [m["content"] for m in history(group, thread)] == [
+            f"before {thread}",
+            expected_reply(f"before {thread}", TOKENS),
+            f"after {thread}",
+            expected_reply(f"after {thread}", TOKENS),
+        ]
+    assert_consistent(everyone, group, turns=2)
+    async with httpx.AsyncClient() as http:
+        for pod in pods:
+            assert (await http.get(f"{pod.http}/readyz")).status_code == 200
+
+
+async def test_sentinel_failover_during_turns(group, pods):
+    await _failover_during_turns(group, pods, group.failover)
+
+
+async def test_primary_killed_during_turns(group, pods):
+    def kill_and_restart() -> None:
+        # With its only replica promoted, the new primary refuses writes
+        # (min-replicas-to-write 1) until the old one is back as its replica,
+        # as a Kubernetes pod restarts: the pods ride that out as an outage.
+        killed = group.kill_primary()
+        group.restart_as_replica(killed)
+
+    await _failover_during_turns(group, pods, kill_and_restart)
