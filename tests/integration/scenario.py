@@ -11,11 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from app.client import ChatClient
-from tests.integration.failure_helpers import (
-    assert_idle,
-    assert_matches_log,
-    assert_turns_well_formed,
-)
+from tests.integration.helpers import assert_idle, assert_matches_log, assert_turns_well_formed
 
 
 class Recorder:

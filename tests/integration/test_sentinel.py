@@ -17,8 +17,7 @@ import pytest
 
 from app.llm.fake import expected_reply
 from tests.integration.conftest import require_redis
-from tests.integration.contract_helpers import unique
-from tests.integration.failure_helpers import history
+from tests.integration.helpers import stored_history, unique
 from tests.integration.scenario import assert_consistent, close_all, recorders
 from tests.integration.sentinel import SentinelGroup
 
@@ -79,7 +78,7 @@ async def _failover_during_turns(group: SentinelGroup, pods, fault) -> None:
     for rec in everyone:
         assert [d["status"] for d in rec.dones()] == ["complete", "complete"], rec.thread
     for thread in threads:
-        assert [m["content"] for m in history(group, thread)] == [
+        assert [m["content"] for m in stored_history(group, thread)] == [
             f"before {thread}",
             expected_reply(f"before {thread}", TOKENS),
             f"after {thread}",
