@@ -16,10 +16,9 @@ import httpx
 import pytest
 
 from app.llm.fake import expected_reply
-from tests.integration.conftest import require_redis
 from tests.integration.helpers import stored_history, unique
 from tests.integration.scenario import assert_consistent, close_all, recorders
-from tests.integration.sentinel import SentinelGroup
+from tests.integration.sentinel import SentinelGroup, require_redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +35,7 @@ THREADS = 3
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[SentinelGroup]:
-    require_redis()
+    require_redis_server()
     made = SentinelGroup()
     try:
         made.start()
