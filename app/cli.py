@@ -1,5 +1,6 @@
 """The ``durable-chat`` command: ``serve`` runs a pod, ``worker`` the reaper, and
-the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``."""
+the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``,
+and ``schema`` (what is generated from the protocol's models)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ def serve(
         port=port,
         ws_max_size=settings.chat_max_frame_bytes,
         ws_per_message_deflate=settings.chat_ws_deflate,  # see Settings.chat_ws_deflate
+        ws_ping_interval=settings.chat_ws_ping_interval_s,
+        ws_ping_timeout=settings.chat_ws_ping_timeout_s,
+        # uvicorn would trust X-Forwarded-For from 127.0.0.1 (or its own
+        # FORWARDED_ALLOW_IPS) by default; a sidecar on the pod's loopback
+        # would then let any client choose the address logged for it.
+        proxy_headers=bool(settings.chat_forwarded_allow_ips),
+        forwarded_allow_ips=settings.chat_forwarded_allow_ips or None,
         # Sockets are closed (1012) at once on SIGTERM; this bounds how long
         # uvicorn waits for their handlers. Turns are drained by the lifespan.
         timeout_graceful_shutdown=5,
@@ -205,6 +213,20 @@ async def _chat(thread: str, urls: list[str], token: str | None) -> None:
                 elif kind == "error":
                     typer.echo(style(f"error {event['code']}: {event['message']}", "red"))
                     break
+
+
+@cli.command()
+def schema(
+    kind: str = typer.Argument(..., help="typescript (clients/js/src/protocol.ts)"),
+) -> None:
+    """Print what is generated from the protocol's models: the TypeScript
+    client's types."""
+    from app import schema as generated
+
+    if kind == "typescript":
+        sys.stdout.write(generated.typescript())
+    else:
+        raise typer.BadParameter("typescript", param_hint="KIND")
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ What it does for you, as PROTOCOL.md asks of a client:
   the socket drops (a pod restarting closes with 1012, a slow client gets
   1013, a network blip closes with nothing) reconnects, to the next URL in
   the list, with ``after`` and ``epoch``: nothing is missed, nothing repeats;
+  a 5xx answer to the handshake (a load balancer between pods) is retried
+  too, a 4xx one is final;
 - gives every prompt a ``client_msg_id`` and, if the connection drops before
   the prompt's own ``message`` event came back, sends it again with the same
   id after reconnecting (the server appends it once);
@@ -114,7 +116,11 @@ class ChatClient:
                 self._url(), open_timeout=10, max_size=2**24, additional_headers=headers
             )
         except InvalidStatus as exc:
-            raise ChatClosed(f"server refused the socket: {exc}", final=True) from exc
+            # 4xx: refused (auth, origin, bad thread id), retrying cannot help.
+            # 5xx: a load balancer with no pod to send us to right now (502,
+            # 503 while every pod restarts) or a pod going away: try again.
+            final = exc.response.status_code < 500
+            raise ChatClosed(f"server refused the socket: {exc}", final=final) from exc
         try:
             ready = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         except ConnectionClosed as exc:

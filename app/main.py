@@ -95,6 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def demo_page() -> str:
         return resources.files("app.web").joinpath("index.html").read_text()
 
+    @app.get("/durable-chat-client.js", include_in_schema=False)
+    async def client_module() -> Response:
+        """The TypeScript client, built (clients/js), for the demo page and any page."""
+        source = resources.files("app.web").joinpath("durable-chat-client.js").read_text()
+        return Response(source, media_type="text/javascript")
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """Alive: the process serves requests."""

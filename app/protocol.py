@@ -24,9 +24,9 @@ from pydantic import (
     ValidationError,
 )
 
-from app.chat import keys
+from app.chat import keys, records
 from app.chat.errors import DomainCode
-from app.chat.records import Joined, Message
+from app.chat.records import Joined, MessageStatus, Role
 from app.chat.timeline import message_json
 
 PROTOCOL_VERSION = 1
@@ -189,11 +189,11 @@ class Ready(BaseModel):
 class History(BaseModel):
     type: Literal["history"] = "history"
     thread_id: str
-    messages: list[dict[str, object]]
+    messages: list[Message]
     has_more: bool
 
     @classmethod
-    def of(cls, thread_id: str, messages: list[Message], has_more: bool) -> History:
+    def of(cls, thread_id: str, messages: list[records.Message], has_more: bool) -> History:
         return cls(
             thread_id=thread_id, messages=[message_json(m) for m in messages], has_more=has_more
         )
@@ -213,6 +213,84 @@ class Pong(BaseModel):
     thread_id: str
 
 
+# --- timeline events as sent --------------------------------------------------
+# A turn's records (app.chat.records) are stored and published once, as
+# finished frames with the event's ``id`` and ``n`` in front (app.chat.timeline).
+# These models are those frames' exact shapes, for the AsyncAPI document, the
+# generated client types and tests (app.schema); the server never builds them.
+
+
+class Message(BaseModel):
+    """A committed message of a thread's history, as clients see it."""
+
+    id: str
+    parent_id: str | None = Field(description="the message it follows; null for a root")
+    role: Role
+    content: str
+    user_id: str
+    created_at: int = Field(description="ms since the epoch")
+    status: MessageStatus
+    client_msg_id: str | None = None
+    siblings: list[str] | None = Field(
+        default=None,
+        description="history pages only: the ids sharing its parent, oldest first, itself included",
+    )
+
+
+class TimelineFrame(BaseModel):
+    """What every timeline event carries: its id (a Redis Stream id, the same on
+    every pod) and its contiguous per-thread number."""
+
+    id: str = Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")
+    n: int = Field(ge=0)
+
+
+class MessageEvent(TimelineFrame):
+    """A message committed to the thread's history (a user's or the assistant's)."""
+
+    type: Literal["message"] = "message"
+    thread_id: str
+    message: Message
+
+
+class BranchEvent(TimelineFrame):
+    """The thread's active leaf changed (a ``switch``)."""
+
+    type: Literal["branch"] = "branch"
+    thread_id: str
+    leaf_id: str
+
+
+class LoadingEvent(TimelineFrame):
+    """A turn started: ``model`` is generating the reply ``generation_id``."""
+
+    type: Literal["loading"] = "loading"
+    thread_id: str
+    generation_id: str
+    model: str
+
+
+class DeltaEvent(TimelineFrame):
+    """A piece of the reply: a generation's texts in ``seq`` order make its content."""
+
+    type: Literal["delta"] = "delta"
+    thread_id: str
+    generation_id: str
+    seq: int
+    text: str
+
+
+class DoneEvent(TimelineFrame):
+    """A turn ended; ``message_id`` is the assistant message's id."""
+
+    type: Literal["done"] = "done"
+    thread_id: str
+    generation_id: str
+    status: MessageStatus
+    message_id: str
+    usage: dict[str, int] | None = None
+
+
 def encode(event: BaseModel) -> str:
     """One server event as a text frame (None fields dropped, except in ``ready``,
     whose ``last_event_id``, ``generation_id`` and ``leaf_id`` are null when
@@ -220,7 +298,9 @@ def encode(event: BaseModel) -> str:
     if isinstance(event, Ready):
         data = event.model_dump(exclude={"recovered"} if event.recovered is None else set())
     elif isinstance(event, History):
-        data = event.model_dump()  # a root message's parent_id is null, not absent
+        data = event.model_dump(exclude_none=True)
+        for message in data["messages"]:
+            message.setdefault("parent_id", None)  # a root's is null, not absent
     else:
         data = event.model_dump(exclude_none=True)
     return orjson.dumps(data).decode()

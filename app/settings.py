@@ -136,6 +136,18 @@ class Settings(BaseSettings):
     # Seconds between keep-alive comments on an idle SSE stream (app.sse), well
     # under the idle timeouts of common proxies (60 s).
     chat_sse_keepalive_s: float = Field(default=15.0, gt=0)
+    # Server pings on every socket, every CHAT_WS_PING_INTERVAL_S: they are
+    # what keeps an idle socket open through a proxy's idle timeout (nginx's
+    # proxy_read_timeout, 60 s by default; HAProxy's timeout tunnel), so keep
+    # the interval well below it (docs/operations.md). A socket whose pong
+    # does not come within CHAT_WS_PING_TIMEOUT_S is closed: a dead peer.
+    chat_ws_ping_interval_s: float = Field(default=20.0, gt=0)
+    chat_ws_ping_timeout_s: float = Field(default=20.0, gt=0)
+    # Proxies trusted to say who the client is (X-Forwarded-For,
+    # X-Forwarded-Proto): comma-separated addresses or networks, ``*`` for
+    # any. Empty (the default): the headers are ignored and the pod logs the
+    # address that connected, since anyone can send them.
+    chat_forwarded_allow_ips: str = ""
     chat_drain_grace_s: float = Field(default=20.0, ge=0)
     chat_pod_id: str = Field(default_factory=lambda: secrets.token_hex(4))
     chat_log_level: str = "INFO"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -33,10 +33,9 @@ from app import metrics
 from app.chat import keys
 from app.chat.errors import NotFound
 from app.chat.follower import Follower
-from app.chat.records import Message
 from app.chat.service import ChatService, Opened
 from app.chat.timeline import TimelineEvent
-from app.protocol import ClientToken, EventId, History, Ready, encode
+from app.protocol import ClientToken, EventId, History, MessageEvent, Ready, encode
 from app.rest import Caller, Chat, HttpError, PathThread
 
 router = APIRouter(prefix="/v1/threads", tags=["threads without a WebSocket"])
@@ -75,16 +74,6 @@ class PostCancel(BaseModel):
     generation_id: ClientToken | None = Field(
         default=None, description="stop only this generation; default: whatever runs"
     )
-
-
-class MessageEvent(BaseModel):
-    """The ``message`` timeline event of a committed prompt."""
-
-    type: Literal["message"]
-    id: str
-    n: int
-    thread_id: str
-    message: Message
 
 
 class CancelAccepted(BaseModel):

@@ -16,9 +16,10 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
+from starlette import status
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from app import metrics
+from app import metrics, uvicorn_adapter
 from app.auth import Authenticator, AuthError, chosen_subprotocol
 from app.chat import keys
 from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadBusy
@@ -48,12 +49,7 @@ from app.protocol import (
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-# Close codes (PROTOCOL.md "Close codes"), all in one place.
-CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL = 1011
-CLOSE_RESTART = 1012
-CLOSE_TRY_AGAIN = 1013
+# Close codes (PROTOCOL.md "Close codes") are starlette.status's WS_* names.
 # How long a close frame may take to go out before the connection is cut.
 CLOSE_TIMEOUT_S = 1.0
 
@@ -66,16 +62,16 @@ async def admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, 
     if not ws.app.state.origins.allows(ws):
         # Cross-site WebSocket hijacking: a foreign page's socket is refused
         # before the upgrade (HTTP 403), whatever credentials it carries.
-        await ws.close(CLOSE_POLICY, reason="origin not allowed")
+        await ws.close(status.WS_1008_POLICY_VIOLATION, reason="origin not allowed")
         return None
     try:
         thread = keys.thread_id(raw_thread)
         user = authenticator.user_for(ws)
     except (keys.InvalidId, AuthError) as exc:
-        await ws.close(CLOSE_POLICY, reason=str(exc)[:120])
+        await ws.close(status.WS_1008_POLICY_VIOLATION, reason=str(exc)[:120])
         return None
     if service.draining:
-        await ws.close(CLOSE_RESTART, reason="server restarting")
+        await ws.close(status.WS_1012_SERVICE_RESTART, reason="server restarting")
         return None
     return service, thread, user
 
@@ -91,7 +87,7 @@ async def open_thread(
     try:
         return await service.open(thread, user, after, epoch)
     except (Forbidden, NotFound) as exc:
-        await ws.close(CLOSE_POLICY, reason=str(exc))
+        await ws.close(status.WS_1008_POLICY_VIOLATION, reason=str(exc))
     except RateLimited as exc:
         event = ErrorEvent(
             thread_id=thread, code="rate_limited", message=str(exc), retryable=exc.retryable,
@@ -99,12 +95,15 @@ async def open_thread(
         )  # fmt: skip
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await ws.send_text(encode(event))
-        await ws.close(CLOSE_TRY_AGAIN if exc.retryable else CLOSE_POLICY, reason=str(exc)[:120])
+        await ws.close(
+            status.WS_1013_TRY_AGAIN_LATER if exc.retryable else status.WS_1008_POLICY_VIOLATION,
+            reason=str(exc)[:120],
+        )
     except (FanoutUnavailable, RedisError, OSError) as exc:
         log.warning(
             "cannot open thread %s: %s", thread, exc, extra={"thread_id": thread, "user_id": user}
         )
-        await ws.close(CLOSE_TRY_AGAIN, reason="storage unavailable, retry")
+        await ws.close(status.WS_1013_TRY_AGAIN_LATER, reason="storage unavailable, retry")
     return None
 
 
@@ -119,7 +118,7 @@ async def thread_socket(ws: WebSocket) -> None:
         try:
             keys.event_id(after)
         except keys.InvalidId as exc:
-            await ws.close(CLOSE_POLICY, reason=f"after: {exc}")
+            await ws.close(status.WS_1008_POLICY_VIOLATION, reason=f"after: {exc}")
             return
     session = await _open_session(ws, service, thread, user, after, epoch)
     if session is None:
@@ -365,31 +364,12 @@ async def _close_for_resume(ws: WebSocket, reason: str) -> None:
     log.info("closing a socket for resume: %s", reason)
     if reason == TOO_SLOW:
         metrics.SLOW_CLIENT_DROPS.inc()
-    code = CLOSE_POLICY if reason in (THREAD_DELETED, ACCESS_REVOKED) else CLOSE_TRY_AGAIN
+    code = (
+        status.WS_1008_POLICY_VIOLATION
+        if reason in (THREAD_DELETED, ACCESS_REVOKED)
+        else status.WS_1013_TRY_AGAIN_LATER
+    )
     try:
         await asyncio.wait_for(ws.close(code, reason=reason), CLOSE_TIMEOUT_S)
     except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
-        _abort_connection(ws)
-
-
-def _abort_connection(ws: WebSocket) -> None:
-    """Drop the TCP connection at once. ASGI has no call for it, so this
-    reaches the server protocol behind the socket's send (uvicorn's); on a
-    server without one the connection ends when the handler returns.
-
-    Starlette hands the route a wrapper of uvicorn's bound ``send`` (its
-    exception handling), so the protocol is looked for in the wrappers'
-    closures too, a few levels deep."""
-    pending: list[Any] = [ws._send]
-    for _ in range(16):
-        if not pending:
-            return
-        send = pending.pop(0)
-        transport = getattr(getattr(send, "__self__", None), "transport", None)
-        if transport is not None and hasattr(transport, "abort"):
-            transport.abort()
-            return
-        for cell in getattr(send, "__closure__", None) or ():
-            with contextlib.suppress(ValueError):  # an empty cell
-                if callable(cell.cell_contents):
-                    pending.append(cell.cell_contents)
+        uvicorn_adapter.abort(ws)

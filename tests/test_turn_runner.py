@@ -16,7 +16,7 @@ from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
 from app.chat.records import Loading, Message
-from app.chat.runner import TurnContext, TurnManager, TurnRunner
+from app.chat.runner import TurnContext, TurnManager, TurnRunner, TurnSetup
 from app.chat.scripts import Scripts
 from app.chat.turns import Begun, TurnStore
 from app.llm import LLMError, ToolCall, ToolSpec, Usage
@@ -116,7 +116,7 @@ async def outcome(redis: Any, thread: ThreadId, generation_id: str) -> tuple[lis
 def manager_for(
     model: Any, store: TurnStore, lock: TurnLock, hub: FanoutHub, window_ms: float, max_bytes: int
 ) -> TurnManager:
-    return TurnManager(model, store, lock, hub, window_ms, max_bytes)
+    return TurnManager(TurnSetup(model, store, lock, window_ms, max_bytes), hub)
 
 
 # --- complete turns ------------------------------------------------------------------------
@@ -235,7 +235,7 @@ async def test_cancel_through_the_durable_flag_alone(
     """Without the hub's control frame, the turn still sees the cancel flag
     (returned by its next delta write) and stops."""
     ctx = await begin_turn(store, lock, thread, "g")
-    runner = TurnRunner(ctx, FakeModel(tokens=400, delay_ms=5), store, lock, 5, 2048)
+    runner = TurnRunner(ctx, TurnSetup(FakeModel(tokens=400, delay_ms=5), store, lock, 5, 2048))
     task = asyncio.create_task(runner.run())
     await asyncio.sleep(0.05)
     await store.request_cancel(thread, "g")
@@ -252,7 +252,7 @@ async def test_a_cancel_for_another_generation_is_ignored(
     redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:
     ctx = await begin_turn(store, lock, thread, "g")
-    runner = TurnRunner(ctx, FakeModel(tokens=5, delay_ms=1), store, lock, 5, 2048)
+    runner = TurnRunner(ctx, TurnSetup(FakeModel(tokens=5, delay_ms=1), store, lock, 5, 2048))
     runner.control({"control": "cancel", "generation_id": "someone-else"})
     runner.control({"control": "reset"})
     await asyncio.wait_for(runner.run(), 5)
@@ -387,7 +387,7 @@ async def test_a_lost_delta_reply_loses_no_text_from_the_timeline(
     store = LostReplyStore(redis, scripts, "PUBLISH", retention=10000, dedup_ttl_s=3600)
     ctx = await begin_turn(store, lock, thread, "g")
     model = ScriptedModel(["a", "b", "c", "d"], delay_s=0.01)
-    runner = TurnRunner(ctx, model, store, lock, window_ms=0, max_bytes=100_000)
+    runner = TurnRunner(ctx, TurnSetup(model, store, lock, window_ms=0, max_bytes=100_000))
     await asyncio.wait_for(runner.run(), 5)
     assert store.lost == 1
     texts, message, done = await outcome(redis, thread, "g")
@@ -418,7 +418,7 @@ async def test_a_refused_delta_is_sent_again_and_nothing_is_lost(
     store = RefusedOnceStore(redis, scripts, "PUBLISH", retention=10000, dedup_ttl_s=3600)
     ctx = await begin_turn(store, lock, thread, "g")
     model = ScriptedModel(["a", "b", "c", "d"], delay_s=0.01)
-    runner = TurnRunner(ctx, model, store, lock, window_ms=0, max_bytes=100_000)
+    runner = TurnRunner(ctx, TurnSetup(model, store, lock, window_ms=0, max_bytes=100_000))
     await asyncio.wait_for(runner.run(), 5)
     assert store.refused == 1
     texts, message, _ = await outcome(redis, thread, "g")

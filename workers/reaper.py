@@ -19,13 +19,10 @@ async def run(settings: Settings) -> None:
     """Sweep for dead pods' turns until cancelled (REDIS_URL must be set)."""
     handles = connect(settings)
     scripts = Scripts(handles.commands)
-    turns = TurnStore(
-        handles.commands, scripts, handles.publish_command,
-        settings.chat_event_retention, settings.chat_dedup_ttl_s,
-    )  # fmt: skip
+    turns = TurnStore.configured(handles.commands, scripts, handles.publish_command, settings)
     reaper = Reaper(
         scripts, TurnLock(scripts, settings.chat_lock_ttl_ms), turns,
-        interval_s=settings.chat_reaper_interval_ms / 1000,
+        interval_ms=settings.chat_reaper_interval_ms,
         holder=f"worker:{settings.chat_pod_id}",
     )  # fmt: skip
     try:

@@ -36,13 +36,13 @@ class Reaper:
     """Sweeps the turn index for turns whose lease expired."""
 
     def __init__(
-        self, scripts: Scripts, lock: TurnLock, turns: TurnStore, *, interval_s: float, holder: str
+        self, scripts: Scripts, lock: TurnLock, turns: TurnStore, *, interval_ms: int, holder: str
     ) -> None:
         self._scripts = scripts
         self._lock = lock
         self._turns = turns
         self._holder = holder
-        self._interval_s = interval_s
+        self._interval_s = interval_ms / 1000
 
     async def run_forever(self) -> None:
         lease_ms = int(self._interval_s * 3000)

@@ -62,24 +62,28 @@ class TurnContext:
     usage: Usage = field(default_factory=Usage)
 
 
+@dataclass(frozen=True, slots=True)
+class TurnSetup:
+    """What every turn of a pod runs with: the model, where it writes, and
+    how it coalesces tokens (CHAT_DELTA_WINDOW_MS, CHAT_DELTA_MAX_BYTES)."""
+
+    model: ChatModel
+    store: TurnStore
+    lock: TurnLock
+    window_ms: float
+    max_bytes: int
+
+
 class TurnRunner:
     """Streams one reply from the model into the thread's timeline."""
 
-    def __init__(
-        self,
-        ctx: TurnContext,
-        model: ChatModel,
-        store: TurnStore,
-        lock: TurnLock,
-        window_ms: float,
-        max_bytes: int,
-    ) -> None:
+    def __init__(self, ctx: TurnContext, setup: TurnSetup) -> None:
         self.ctx = ctx
-        self._model = model
-        self._store = store
-        self._lock = lock
-        self._window_s = window_ms / 1000
-        self._max_bytes = max_bytes
+        self._model = setup.model
+        self._store = setup.store
+        self._lock = setup.lock
+        self._window_s = setup.window_ms / 1000
+        self._max_bytes = setup.max_bytes
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._pending: list[str] = []
         self._pending_bytes = 0
@@ -290,21 +294,9 @@ class TurnRunner:
 class TurnManager:
     """The turns running on this pod: start, cancel locally, drain."""
 
-    def __init__(
-        self,
-        model: ChatModel,
-        store: TurnStore,
-        lock: TurnLock,
-        hub: FanoutHub,
-        window_ms: float,
-        max_bytes: int,
-    ) -> None:
-        self._model = model
-        self._store = store
-        self._lock = lock
+    def __init__(self, setup: TurnSetup, hub: FanoutHub) -> None:
+        self._setup = setup
         self._hub = hub
-        self._window_ms = window_ms
-        self._max_bytes = max_bytes
         self._running: dict[asyncio.Task[None], TurnRunner] = {}
 
     @property
@@ -312,9 +304,7 @@ class TurnManager:
         return len(self._running)
 
     def start(self, ctx: TurnContext) -> TurnRunner:
-        runner = TurnRunner(
-            ctx, self._model, self._store, self._lock, self._window_ms, self._max_bytes
-        )
+        runner = TurnRunner(ctx, self._setup)
         task = asyncio.create_task(self._run(runner), name=f"turn-{ctx.generation_id}")
         metrics.TURNS_STARTED.inc()
         log.info("turn %s started", ctx.generation_id, extra=runner.log_context)

@@ -31,7 +31,7 @@ from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
 from app.chat.redis_types import entries as entries_of
-from app.chat.runner import TurnContext, TurnManager
+from app.chat.runner import TurnContext, TurnManager, TurnSetup
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import (
@@ -93,10 +93,7 @@ class ChatService:
         self.limits = Limits(redis, self.scripts, settings)
         # The socket slot (app.chat.limits) each open follower holds.
         self._slots: dict[Follower, str] = {}
-        self.turns = TurnStore(
-            redis, self.scripts, publish_command,
-            settings.chat_event_retention, settings.chat_dedup_ttl_s,
-        )  # fmt: skip
+        self.turns = TurnStore.configured(redis, self.scripts, publish_command, settings)
         probe = Probe(
             keys.probe_channel(settings.chat_pod_id), publish_command,
             settings.chat_subscriber_probe_s, settings.chat_subscriber_deadline_s,
@@ -104,10 +101,11 @@ class ChatService:
         self.hub = FanoutHub(
             pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe
         )
-        self.manager = TurnManager(
-            model, self.turns, self.lock, self.hub,
-            settings.chat_delta_window_ms, settings.chat_delta_max_bytes,
+        setup = TurnSetup(
+            model, self.turns, self.lock, settings.chat_delta_window_ms,
+            settings.chat_delta_max_bytes,
         )  # fmt: skip
+        self.manager = TurnManager(setup, self.hub)
         self.draining = False
         # What the history may fill of the model's context: the system
         # prompt and the reply's room are spoken for.
@@ -119,7 +117,7 @@ class ChatService:
         """The reaper a pod runs beside this service, sweeping as ``holder``."""
         return Reaper(
             self.scripts, self.lock, self.turns,
-            interval_s=self.settings.chat_reaper_interval_ms / 1000, holder=holder,
+            interval_ms=self.settings.chat_reaper_interval_ms, holder=holder,
         )  # fmt: skip
 
     async def start(self) -> None:

@@ -33,6 +33,7 @@ from app.chat.timeline import (
     event_data,
     message_event_data,
 )
+from app.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,16 @@ class TurnStore:
         self._publish = publish
         self._retention = retention
         self._dedup_ttl_s = dedup_ttl_s
+
+    @classmethod
+    def configured(
+        cls, redis: RedisClient, scripts: Scripts, publish: str, settings: Settings
+    ) -> TurnStore:
+        """The store as pods and the standalone reaper use it (CHAT_EVENT_RETENTION,
+        CHAT_DEDUP_TTL_S)."""
+        return cls(
+            redis, scripts, publish, settings.chat_event_retention, settings.chat_dedup_ttl_s
+        )
 
     async def begin(
         self, thread: ThreadId, lease: Lease, message: Message | None, loading: Loading,

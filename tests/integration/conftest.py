@@ -7,7 +7,8 @@ process, and stop them all in teardown. When a test fails, the logs of the
 pods it started are attached to its report ("pod logs" sections).
 
 Without a ``redis-server`` binary these tests skip, except when
-DURABLE_CHAT_REQUIRE_REDIS=1 (CI sets it): then they fail.
+DURABLE_CHAT_REQUIRE_REDIS=1 (CI sets it): then they fail. ``require`` does
+the same for the other binaries tests run (nginx, haproxy).
 """
 
 from __future__ import annotations
@@ -30,14 +31,28 @@ pytestmark = pytest.mark.integration
 LOG_TAIL_LINES = 200
 
 
+def require(binary: str | None, message: str, env: str) -> str:
+    """The binary's path; without it skip the test, or fail it where ``env``
+    is 1 (CI: the binary was to be installed)."""
+    if binary is None:
+        if os.environ.get(env) == "1":
+            pytest.fail(f"{message} ({env}=1)")
+        pytest.skip(message)
+    return binary
+
+
+def require_redis() -> str:
+    return require(
+        procs.REDIS_SERVER,
+        "redis-server is not installed (apt-get install -y redis-server)",
+        "DURABLE_CHAT_REQUIRE_REDIS",
+    )
+
+
 @pytest.fixture
 def redis_factory() -> Iterator[Callable[..., RedisServer]]:
     """Start redis-servers: ``redis_factory(persistent=False) -> RedisServer``."""
-    if procs.REDIS_SERVER is None:
-        message = "redis-server is not installed (apt-get install -y redis-server)"
-        if os.environ.get("DURABLE_CHAT_REQUIRE_REDIS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_redis()
     servers: list[RedisServer] = []
     tmp = tempfile.mkdtemp(prefix="dc-redis-")
 

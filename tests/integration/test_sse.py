@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.integration.helpers import collect_until, recv_event
+from tests.integration.helpers import recv_event, until_done
 from tests.integration.shared_pods import pods
 from tests.integration.sse import open_stream
 from tests.integration.tokens import AUTH_ENV, bearer, open_socket, token
@@ -59,7 +59,7 @@ async def test_sse_listener_and_socket_on_other_pods_get_the_same_frames(two_pod
                 )
             assert posted.status_code == 202, posted.text
             over_sse = await stream.until("done")
-        over_socket = [orjson.dumps(e).decode() for e in await collect_until(ws)]
+        over_socket = [orjson.dumps(e).decode() for e in await until_done(ws)]
     finally:
         await ws.close()
     # Byte for byte the socket's frames, in the same order, with SSE ids and types.

@@ -1,0 +1,587 @@
+/**
+ * A client of one durable-chat thread that never loses an event.
+ *
+ *     const chat = new DurableChatClient({ urls: ["https://a.example", "https://b.example"],
+ *                                          threadId: "my-thread", token });
+ *     chat.on((event) => { if (event.type === "delta") render(event.text); });
+ *     await chat.connect();
+ *     await chat.prompt("Hello");
+ *
+ * What it does for you, as the protocol asks of a client (the Python client,
+ * app/client.py, does the same):
+ * - keeps the id of the last timeline event and the thread's epoch, and when
+ *   the connection drops (a pod restarting, a slow client cut off, a network
+ *   blip) reconnects, to the next URL of the list, with `after` and `epoch`,
+ *   backing off: nothing is missed, nothing repeats;
+ * - gives every prompt a `client_msg_id` and sends it again after a reconnect
+ *   until its own `message` event came back (the server appends it once);
+ * - hands you `ready` events too: `recovered: false` means the history must be
+ *   reloaded (`getHistory()`);
+ * - when a WebSocket cannot be opened (a proxy that breaks them, or a runtime
+ *   without one), uses the same thread over Server-Sent Events and HTTP posts.
+ *
+ * It needs nothing but the platform's `WebSocket` and `fetch` (browsers, Node >= 20).
+ */
+
+import type {
+  ClientFrame,
+  ErrorCode,
+  ErrorEvent,
+  HistoryEvent,
+  ReadyEvent,
+  ServerEvent,
+} from "./protocol.js";
+
+export type Transport = "websocket" | "sse";
+export type ConnectionState = "idle" | "connecting" | "live" | "reconnecting" | "closed";
+
+export interface ClientOptions {
+  /** Base URLs of the pods or of the load balancer (`https://host`, `ws://host:8000`). */
+  urls: string | string[];
+  threadId: string;
+  /** A JWT, or a function that returns a fresh one for each connection. */
+  token?: string | (() => string | Promise<string>);
+  /** `auto` (default): a WebSocket, or SSE + HTTP when one cannot be opened. */
+  transport?: "auto" | Transport;
+  /** Waits between reconnect attempts, the last one repeated. */
+  reconnectDelaysMs?: number[];
+  /** Attempts in a row before giving up (`Infinity` never gives up). */
+  maxReconnects?: number;
+  /** How long an attempt may take to reach `ready`. */
+  openTimeoutMs?: number;
+  /** Injected platform parts (tests, or Node 20 without `--experimental-websocket`). */
+  WebSocket?: typeof WebSocket | null;
+  fetch?: typeof fetch;
+}
+
+/** The connection ended for good: retrying cannot help (auth, bad thread id, deleted thread). */
+export class ChatClosedError extends Error {
+  constructor(
+    message: string,
+    readonly final: boolean,
+    readonly code?: number,
+  ) {
+    super(message);
+    this.name = "ChatClosedError";
+  }
+}
+
+/** Close codes after which reconnecting cannot help (PROTOCOL.md "Close codes"). */
+const FINAL_CLOSE = new Set([1000, 1008]);
+/** Errors that refuse the oldest waiting prompt outright: the caller's to resend. */
+const PROMPT_REFUSALS = new Set<string>([
+  "thread_busy",
+  "too_large",
+  "bad_request",
+  "rate_limited",
+  "forbidden",
+]);
+const SUBPROTOCOL = "durable-chat.v1";
+
+type Listener = (event: ServerEvent) => void;
+
+/** An event id `<ms>-<seq>` as a comparable pair. */
+export function eventKey(id: string): [bigint, bigint] {
+  const [ms, seq] = id.split("-");
+  return [BigInt(ms ?? "0"), BigInt(seq ?? "0")];
+}
+
+export function compareIds(a: string, b: string): number {
+  const [am, as] = eventKey(a);
+  const [bm, bs] = eventKey(b);
+  return am !== bm ? (am < bm ? -1 : 1) : as === bs ? 0 : as < bs ? -1 : 1;
+}
+
+function randomId(): string {
+  const bytes = new Uint8Array(8);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** A WebSocket that never opened (a proxy that breaks them, or a dead pod). */
+class NoWebSocket extends Error {}
+
+/** One open connection, whichever the transport. */
+interface Link {
+  readonly transport: Transport;
+  send(frame: ClientFrame): Promise<void>;
+  close(): void;
+}
+
+export class DurableChatClient {
+  readonly threadId: string;
+  /** The id of the last timeline event delivered, and the thread's epoch. */
+  lastEventId: string | null = null;
+  epoch: string | null = null;
+  /** Successful reconnects so far. */
+  reconnects = 0;
+  state: ConnectionState = "idle";
+
+  private readonly urls: string[];
+  private urlIndex = 0;
+  private readonly opts: Required<
+    Pick<ClientOptions, "reconnectDelaysMs" | "maxReconnects" | "openTimeoutMs">
+  >;
+  private readonly WS: typeof WebSocket | null;
+  private readonly fetchFn: typeof fetch;
+  private mode: "auto" | Transport;
+  private link: Link | null = null;
+  private readonly listeners = new Set<Listener>();
+  private readonly stateListeners = new Set<(state: ConnectionState) => void>();
+  /** Prompts sent but not yet seen back, oldest first (Map keeps insertion order). */
+  private readonly unconfirmed = new Map<string, ClientFrame>();
+  private joined = false;
+  private closed = false;
+  private failures = 0;
+  private historyWaiters: Array<(event: HistoryEvent) => void> = [];
+  private readyWaiters: Array<{ resolve: (e: ReadyEvent) => void; reject: (e: Error) => void }> =
+    [];
+  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+  private attempt = 0;
+
+  constructor(private readonly options: ClientOptions) {
+    this.urls = (typeof options.urls === "string" ? [options.urls] : options.urls).map((u) =>
+      u.replace(/\/+$/, ""),
+    );
+    if (this.urls.length === 0) throw new TypeError("urls: at least one base URL");
+    this.threadId = options.threadId;
+    this.opts = {
+      reconnectDelaysMs: options.reconnectDelaysMs ?? [50, 100, 250, 500, 1000, 2000, 5000],
+      maxReconnects: options.maxReconnects ?? 50,
+      openTimeoutMs: options.openTimeoutMs ?? 10000,
+    };
+    const platformWS = (globalThis as { WebSocket?: typeof WebSocket }).WebSocket ?? null;
+    this.WS = options.WebSocket === undefined ? platformWS : options.WebSocket;
+    const platformFetch = options.fetch ?? globalThis.fetch;
+    this.fetchFn = platformFetch.bind(globalThis);
+    this.mode = options.transport ?? "auto";
+    if (this.mode !== "sse" && this.WS === null) {
+      if (this.mode === "websocket") throw new TypeError("no WebSocket in this runtime");
+      this.mode = "sse";
+    }
+  }
+
+  /** The transport in use (or to be used next). */
+  get transport(): Transport {
+    return this.link?.transport ?? (this.mode === "sse" ? "sse" : "websocket");
+  }
+
+  /** Call `listener` with every event, in order, across reconnects; returns an unsubscribe. */
+  on(listener: Listener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  onStateChange(listener: (state: ConnectionState) => void): () => void {
+    this.stateListeners.add(listener);
+    return () => this.stateListeners.delete(listener);
+  }
+
+  /** Every event from now on, as an async iterator (ends when the client closes). */
+  async *events(): AsyncGenerator<ServerEvent> {
+    const queue: ServerEvent[] = [];
+    let wake: (() => void) | null = null;
+    const off = this.on((event) => {
+      queue.push(event);
+      wake?.();
+    });
+    const offState = this.onStateChange(() => wake?.());
+    try {
+      while (true) {
+        while (queue.length > 0) yield queue.shift() as ServerEvent;
+        if (this.closed) return;
+        await new Promise<void>((resolve) => (wake = resolve));
+        wake = null;
+      }
+    } finally {
+      off();
+      offState();
+    }
+  }
+
+  /** Join the thread; resolves with the first `ready` (rejects if it cannot be reached). */
+  connect(): Promise<ReadyEvent> {
+    if (this.closed) return Promise.reject(new ChatClosedError("client closed", true));
+    const ready = new Promise<ReadyEvent>((resolve, reject) =>
+      this.readyWaiters.push({ resolve, reject }),
+    );
+    if (this.state === "idle") void this.open();
+    return ready;
+  }
+
+  /** Send a prompt; resolves with its `client_msg_id` once sent. It is sent again after
+   * a reconnect until its `message` event is seen; refusals arrive as `error` events. */
+  async prompt(content: string, options: { clientMsgId?: string } = {}): Promise<string> {
+    const clientMsgId = options.clientMsgId ?? randomId();
+    const frame: ClientFrame = { type: "prompt", content, client_msg_id: clientMsgId };
+    this.unconfirmed.set(clientMsgId, frame);
+    await this.send(frame);
+    return clientMsgId;
+  }
+
+  /** Stop the thread's running turn (or only `generationId`), wherever it runs. */
+  async cancel(generationId?: string): Promise<void> {
+    await this.send(generationId ? { type: "cancel", generation_id: generationId } : { type: "cancel" });
+  }
+
+  /** A page of history: the `limit` messages before `before` (default: the latest). */
+  async getHistory(options: { before?: string; limit?: number } = {}): Promise<HistoryEvent> {
+    const answer = new Promise<HistoryEvent>((resolve) => this.historyWaiters.push(resolve));
+    const frame: ClientFrame = { type: "get_history", limit: options.limit ?? 50 };
+    if (options.before) frame.before = options.before;
+    await this.send(frame);
+    return answer;
+  }
+
+  async ping(): Promise<void> {
+    await this.send({ type: "ping" });
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.link?.close();
+    this.link = null;
+    this.setState("closed");
+    this.failWaiters(new ChatClosedError("client closed", true));
+  }
+
+  // --- connecting ------------------------------------------------------------
+
+  private async send(frame: ClientFrame): Promise<void> {
+    if (this.closed) throw new ChatClosedError("client closed", true);
+    if (this.state === "idle") void this.open();
+    if (this.link === null) {
+      await this.nextReady();
+      // Prompts are re-sent by the reconnect itself; other frames are sent now.
+      if (frame.type === "prompt") return;
+    }
+    try {
+      await this.link!.send(frame);
+    } catch {
+      // Lost with the connection: prompts go again after the reconnect; other
+      // frames are cheap for the caller to send again.
+    }
+  }
+
+  private nextReady(): Promise<ReadyEvent> {
+    return new Promise((resolve, reject) => this.readyWaiters.push({ resolve, reject }));
+  }
+
+  private async open(): Promise<void> {
+    if (this.closed) return;
+    this.setState(this.joined ? "reconnecting" : "connecting");
+    const base = this.urls[this.urlIndex % this.urls.length]!;
+    const attempt = ++this.attempt;
+    try {
+      let link: Link;
+      if (this.mode === "sse") {
+        link = await this.openSse(base, attempt);
+      } else {
+        try {
+          link = await this.openWebSocket(base, attempt);
+        } catch (error) {
+          if (this.mode === "websocket" || !(error instanceof NoWebSocket)) throw error;
+          // A WebSocket could not be opened here: the same thread over SSE + HTTP.
+          // If that works, stay on it (a proxy that breaks sockets breaks them all).
+          link = await this.openSse(base, attempt);
+          this.mode = "sse";
+        }
+      }
+      if (attempt !== this.attempt || this.closed) {
+        link.close();
+        return;
+      }
+      this.link = link;
+    } catch (error) {
+      if (attempt !== this.attempt) return;
+      this.dropped(error);
+    }
+  }
+
+  private async token(): Promise<string | undefined> {
+    const { token } = this.options;
+    return typeof token === "function" ? await token() : token;
+  }
+
+  private query(): string {
+    const params = new URLSearchParams();
+    if (this.lastEventId !== null) {
+      params.set("after", this.lastEventId);
+      if (this.epoch !== null) params.set("epoch", this.epoch);
+    }
+    const text = params.toString();
+    return text ? `?${text}` : "";
+  }
+
+  private threadPath(): string {
+    return `/v1/threads/${encodeURIComponent(this.threadId)}`;
+  }
+
+  private openWebSocket(base: string, attempt: number): Promise<Link> {
+    const WS = this.WS!;
+    const url = base.replace(/^http/, "ws") + `${this.threadPath()}/ws${this.query()}`;
+    return this.token().then(
+      (token) =>
+        new Promise<Link>((resolve, reject) => {
+          // Browsers cannot set headers on a WebSocket: the token rides in the
+          // subprotocol list (never echoed back, never in a URL that is logged).
+          const protocols = token ? [SUBPROTOCOL, `bearer.${token}`] : [SUBPROTOCOL];
+          const ws = new WS(url, protocols);
+          let opened = false;
+          let readySeen = false;
+          const timer = setTimeout(() => {
+            ws.close();
+            reject(opened ? new Error("no ready in time") : new NoWebSocket("WebSocket open timed out"));
+          }, this.opts.openTimeoutMs);
+          const link: Link = {
+            transport: "websocket",
+            send: async (frame) => {
+              if (ws.readyState !== WS.OPEN) throw new Error("socket not open");
+              ws.send(JSON.stringify(frame));
+            },
+            close: () => ws.close(1000),
+          };
+          ws.onopen = () => {
+            opened = true;
+          };
+          ws.onmessage = (message) => {
+            if (typeof message.data !== "string") return;
+            const event = JSON.parse(message.data) as ServerEvent;
+            if (!readySeen) {
+              readySeen = true;
+              clearTimeout(timer);
+              resolve(link);
+            }
+            if (attempt === this.attempt) this.receive(event, link);
+          };
+          ws.onclose = (close) => {
+            clearTimeout(timer);
+            if (!readySeen) {
+              const final = opened && FINAL_CLOSE.has(close.code);
+              const why = `closed with ${close.code}${close.reason ? `: ${close.reason}` : ""}`;
+              reject(opened ? new ChatClosedError(why, final, close.code) : new NoWebSocket(why));
+              return;
+            }
+            if (attempt !== this.attempt || this.closed) return;
+            const final = FINAL_CLOSE.has(close.code);
+            this.dropped(
+              new ChatClosedError(`closed by the server with ${close.code}`, final, close.code),
+            );
+          };
+        }),
+    );
+  }
+
+  private async openSse(base: string, attempt: number): Promise<Link> {
+    const http = base.replace(/^ws/, "http");
+    const token = await this.token();
+    const auth: Record<string, string> = token ? { authorization: `Bearer ${token}` } : {};
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), this.opts.openTimeoutMs);
+    let response: Response;
+    try {
+      response = await this.fetchFn(`${http}${this.threadPath()}/events${this.query()}`, {
+        headers: { accept: "text/event-stream", ...auth },
+        signal: controller.signal,
+        cache: "no-store",
+      });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!response.ok || response.body === null) {
+      const body = await response.text().catch(() => "");
+      // Over its limits or unavailable: try again later; anything else is final.
+      const final = ![429, 502, 503, 504].includes(response.status);
+      throw new ChatClosedError(`HTTP ${response.status}: ${body}`, final, response.status);
+    }
+    const link: Link = {
+      transport: "sse",
+      send: (frame) => this.post(http, auth, frame),
+      close: () => controller.abort(),
+    };
+    const reader = readSse(response.body);
+    const first = await reader.next();
+    if (first.done) throw new Error("the event stream ended before ready");
+    void (async () => {
+      this.receive(first.value, link);
+      try {
+        for (let next = await reader.next(); !next.done; next = await reader.next()) {
+          if (attempt !== this.attempt) return;
+          this.receive(next.value, link);
+        }
+        throw new Error("the event stream ended");
+      } catch (error) {
+        if (attempt === this.attempt && !this.closed) this.dropped(error);
+      }
+    })();
+    return link;
+  }
+
+  /** A frame as an HTTP request (the SSE transport); answers become events. */
+  private async post(http: string, auth: Record<string, string>, frame: ClientFrame): Promise<void> {
+    const path = `${http}${this.threadPath()}`;
+    const json = { ...auth, "content-type": "application/json" };
+    let response: Response;
+    if (frame.type === "prompt") {
+      const body = JSON.stringify({ content: frame.content, client_msg_id: frame.client_msg_id });
+      response = await this.fetchFn(`${path}/messages`, { method: "POST", headers: json, body });
+    } else if (frame.type === "cancel") {
+      const body = JSON.stringify(frame.generation_id ? { generation_id: frame.generation_id } : {});
+      response = await this.fetchFn(`${path}/cancel`, { method: "POST", headers: json, body });
+    } else if (frame.type === "get_history") {
+      const query = new URLSearchParams({ limit: String(frame.limit ?? 50) });
+      if (frame.before) query.set("before", frame.before);
+      response = await this.fetchFn(`${path}/messages?${query}`, { headers: auth });
+    } else if (frame.type === "ping") {
+      this.receive({ type: "pong", thread_id: this.threadId }, this.link);
+      return;
+    } else {
+      return; // resume: the stream itself resumes (Last-Event-ID)
+    }
+    const body = (await response.json().catch(() => ({}))) as Record<string, unknown>;
+    if (!response.ok) {
+      const error = (body.error ?? {}) as { code?: ErrorCode; message?: string; retry_after_ms?: number };
+      const event: ErrorEvent = {
+        type: "error",
+        thread_id: this.threadId,
+        code: error.code ?? "internal",
+        message: error.message ?? `HTTP ${response.status}`,
+        retryable: response.status === 409 || response.status === 429 || response.status >= 500,
+      };
+      if (error.retry_after_ms !== undefined) event.retry_after_ms = error.retry_after_ms;
+      this.receive(event, this.link);
+    } else if (frame.type === "prompt" || frame.type === "get_history") {
+      // The prompt's message event (or a history page), as a socket would get it;
+      // a message event comes on the stream too, and is delivered once.
+      this.receive(body as unknown as ServerEvent, this.link);
+    }
+  }
+
+  private dropped(error: unknown): void {
+    this.link = null;
+    if (this.closed) return;
+    if (error instanceof ChatClosedError && error.final) {
+      this.closed = true;
+      this.setState("closed");
+      this.failWaiters(error);
+      return;
+    }
+    if (this.failures >= this.opts.maxReconnects) {
+      this.closed = true;
+      this.setState("closed");
+      this.failWaiters(new ChatClosedError(`could not reconnect: ${String(error)}`, false));
+      return;
+    }
+    const delays = this.opts.reconnectDelaysMs;
+    const delay = delays[Math.min(this.failures, delays.length - 1)] ?? 1000;
+    this.failures += 1;
+    this.urlIndex += 1; // the next pod in the list
+    this.setState(this.joined ? "reconnecting" : "connecting");
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = null;
+      void this.open();
+    }, delay);
+  }
+
+  // --- events ----------------------------------------------------------------
+
+  private receive(event: ServerEvent, link: Link | null): void {
+    if (!this.observe(event)) return;
+    if (event.type === "ready") {
+      this.link = link;
+      if (this.joined) this.reconnects += this.failures > 0 ? 1 : 0;
+      this.failures = 0;
+      this.joined = true;
+      this.setState("live");
+    }
+    for (const listener of [...this.listeners]) listener(event);
+    if (event.type === "ready") {
+      const waiters = this.readyWaiters;
+      this.readyWaiters = [];
+      for (const waiter of waiters) waiter.resolve(event);
+      // Prompts not seen back yet go again, with the same client_msg_id.
+      for (const frame of this.unconfirmed.values()) void link?.send(frame).catch(() => undefined);
+    } else if (event.type === "history") {
+      this.historyWaiters.shift()?.(event);
+    }
+  }
+
+  /** Track position and prompts; false for an event already delivered. */
+  private observe(event: ServerEvent): boolean {
+    if ("id" in event && "n" in event) {
+      // A timeline event (only they carry an id and a number).
+      if (this.lastEventId !== null && compareIds(event.id, this.lastEventId) <= 0) {
+        // The original `message` of a prompt sent again after a reconnect: it
+        // confirms the prompt, but the caller has seen it already.
+        if (event.type === "message") this.unconfirmed.delete(event.message.client_msg_id ?? "");
+        return false;
+      }
+      this.lastEventId = event.id;
+    }
+    if (event.type === "ready") {
+      this.epoch = event.epoch;
+      if (this.joined && this.lastEventId === null && event.last_event_id) {
+        // Back after a drop without having seen any event (we joined a thread
+        // that had none): what happened meanwhile cannot be had. Say so.
+        event.recovered = false;
+      }
+      if (event.recovered === false || (this.lastEventId === null && !event.generating)) {
+        // Resume impossible (data trimmed or lost): restart from now. Or a first
+        // join of an idle thread: every later event reaches us, so a reconnect
+        // resumes from here.
+        this.lastEventId = event.last_event_id;
+      }
+    } else if (event.type === "message") {
+      this.unconfirmed.delete(event.message.client_msg_id ?? "");
+    } else if (
+      event.type === "error" &&
+      PROMPT_REFUSALS.has(event.code) &&
+      this.unconfirmed.size > 0
+    ) {
+      // Frames are answered in order: this refusal answers the oldest prompt waiting.
+      this.unconfirmed.delete(this.unconfirmed.keys().next().value as string);
+    }
+    return true;
+  }
+
+  private setState(state: ConnectionState): void {
+    if (this.state === state) return;
+    this.state = state;
+    for (const listener of [...this.stateListeners]) listener(state);
+  }
+
+  private failWaiters(error: Error): void {
+    const waiters = this.readyWaiters;
+    this.readyWaiters = [];
+    for (const waiter of waiters) waiter.reject(error);
+  }
+}
+
+/** The events of a `text/event-stream` body (only `data:` matters: frames carry their id). */
+export async function* readSse(body: ReadableStream<Uint8Array>): AsyncGenerator<ServerEvent> {
+  const decoder = new TextDecoder();
+  const reader = body.getReader();
+  let buffer = "";
+  let data: string[] = [];
+  try {
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let newline: number;
+      while ((newline = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, newline).replace(/\r$/, "");
+        buffer = buffer.slice(newline + 1);
+        if (line === "") {
+          if (data.length > 0) yield JSON.parse(data.join("\n")) as ServerEvent;
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(5).replace(/^ /, ""));
+        }
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}

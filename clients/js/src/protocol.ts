@@ -1,0 +1,173 @@
+// Generated from the server's pydantic models by `durable-chat schema typescript`.
+// Do not edit: tests/test_schema.py fails when this file and the models differ.
+
+export const PROTOCOL_VERSION = 1;
+
+/** A committed message of a thread's history, as clients see it. */
+export interface Message {
+  id: string;
+  parent_id: string | null;
+  role: "user" | "assistant";
+  content: string;
+  user_id: string;
+  created_at: number;
+  status: "complete" | "cancelled" | "interrupted" | "error";
+  client_msg_id?: string | null;
+  siblings?: Array<string> | null;
+}
+
+/** The thread's active leaf changed (a ``switch``). */
+export interface BranchEvent {
+  id: string;
+  n: number;
+  type: "branch";
+  thread_id: string;
+  leaf_id: string;
+}
+
+/** A piece of the reply: a generation's texts in ``seq`` order make its content. */
+export interface DeltaEvent {
+  id: string;
+  n: number;
+  type: "delta";
+  thread_id: string;
+  generation_id: string;
+  seq: number;
+  text: string;
+}
+
+/** A turn ended; ``message_id`` is the assistant message's id. */
+export interface DoneEvent {
+  id: string;
+  n: number;
+  type: "done";
+  thread_id: string;
+  generation_id: string;
+  status: "complete" | "cancelled" | "interrupted" | "error";
+  message_id: string;
+  usage?: Record<string, number> | null;
+}
+
+export interface ErrorEvent {
+  type: "error";
+  thread_id: string | null;
+  code: "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
+  message: string;
+  retryable: boolean;
+  retry_after_ms?: number | null;
+}
+
+export interface HistoryEvent {
+  type: "history";
+  thread_id: string;
+  messages: Array<Message>;
+  has_more: boolean;
+}
+
+/** A turn started: ``model`` is generating the reply ``generation_id``. */
+export interface LoadingEvent {
+  id: string;
+  n: number;
+  type: "loading";
+  thread_id: string;
+  generation_id: string;
+  model: string;
+}
+
+/** A message committed to the thread's history (a user's or the assistant's). */
+export interface MessageEvent {
+  id: string;
+  n: number;
+  type: "message";
+  thread_id: string;
+  message: Message;
+}
+
+export interface PongEvent {
+  type: "pong";
+  thread_id: string;
+}
+
+export interface ReadyEvent {
+  type: "ready";
+  thread_id: string;
+  protocol: number;
+  epoch: string;
+  last_event_id: string | null;
+  generating: boolean;
+  generation_id: string | null;
+  leaf_id: string | null;
+  recovered?: boolean | null;
+}
+
+/** Without ``parent_id`` the message follows the active leaf; with it (a message id, or null for a new root) it starts a branch there: an edit. */
+export interface PromptFrame {
+  type: "prompt";
+  content: string;
+  client_msg_id?: string | null;
+  parent_id?: string | null;
+}
+
+export interface RegenerateFrame {
+  type: "regenerate";
+  message_id: string;
+  client_msg_id?: string | null;
+}
+
+export interface SwitchFrame {
+  type: "switch";
+  message_id: string;
+}
+
+export interface GetHistoryFrame {
+  type: "get_history";
+  before?: string | null;
+  limit?: number;
+  leaf?: string | null;
+}
+
+export interface CancelFrame {
+  type: "cancel";
+  generation_id?: string | null;
+}
+
+export interface ResumeFrame {
+  type: "resume";
+  after: string;
+  epoch?: string | null;
+}
+
+export interface PingFrame {
+  type: "ping";
+}
+
+export type ServerEvent =
+  | BranchEvent
+  | DeltaEvent
+  | DoneEvent
+  | ErrorEvent
+  | HistoryEvent
+  | LoadingEvent
+  | MessageEvent
+  | PongEvent
+  | ReadyEvent;
+
+export type TimelineEvent =
+  | BranchEvent
+  | DeltaEvent
+  | DoneEvent
+  | LoadingEvent
+  | MessageEvent;
+
+export type ClientFrame =
+  | PromptFrame
+  | RegenerateFrame
+  | SwitchFrame
+  | GetHistoryFrame
+  | CancelFrame
+  | ResumeFrame
+  | PingFrame;
+
+export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
+
+export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["branch", "delta", "done", "loading", "message"]);
