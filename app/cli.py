@@ -5,6 +5,7 @@ and ``schema`` (what is generated from the protocol's models)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from typing import Any
@@ -217,16 +218,23 @@ async def _chat(thread: str, urls: list[str], token: str | None) -> None:
 
 @cli.command()
 def schema(
-    kind: str = typer.Argument(..., help="typescript (clients/js/src/protocol.ts)"),
+    kind: str = typer.Argument(
+        ..., help="typescript (clients/js/src/protocol.ts) or asyncapi (/asyncapi.json)"
+    ),
 ) -> None:
     """Print what is generated from the protocol's models: the TypeScript
-    client's types."""
+    client's types or the AsyncAPI document of the sockets and SSE stream."""
     from app import schema as generated
+    from app.main import create_app
 
     if kind == "typescript":
         sys.stdout.write(generated.typescript())
+    elif kind == "asyncapi":
+        app = create_app(Settings(chat_auth="off"))
+        document = generated.asyncapi(generated.websocket_paths(app.routes), app.version)
+        typer.echo(json.dumps(document, indent=2))
     else:
-        raise typer.BadParameter("typescript", param_hint="KIND")
+        raise typer.BadParameter("typescript or asyncapi", param_hint="KIND")
 
 
 def main() -> None:

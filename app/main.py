@@ -19,7 +19,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from app import metrics, rest, seed, sse, ws
+from app import metrics, rest, schema, seed, sse, ws
 from app.auth import Authenticator, AuthError
 from app.chat.service import ChatService
 from app.llm import make_model
@@ -100,6 +100,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The TypeScript client, built (clients/js), for the demo page and any page."""
         source = resources.files("app.web").joinpath("durable-chat-client.js").read_text()
         return Response(source, media_type="text/javascript")
+
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def asyncapi_document() -> JSONResponse:
+        """The WebSocket and SSE API (AsyncAPI 3), as /openapi.json is the REST API's."""
+        if not hasattr(app.state, "asyncapi"):
+            paths = schema.websocket_paths(app.routes)
+            app.state.asyncapi = schema.asyncapi(paths, app.version)
+        return JSONResponse(app.state.asyncapi)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

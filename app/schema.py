@@ -13,12 +13,14 @@ generated.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
+from starlette.routing import WebSocketRoute
 
 from app import protocol
 
@@ -61,19 +63,24 @@ def is_timeline(model: type[BaseModel]) -> bool:
 def wire_schema(model: type[BaseModel]) -> SchemaDict:
     """The JSON Schema of a frame as it is on the wire. A client frame's is the
     model's own (what the server accepts). In a server event ``type`` is always
-    there, and so is a field with a default unless that default is None
-    (events are serialised without None fields, see ``protocol.encode``)."""
+    there, and so is any field that cannot be None (events are serialised
+    without None fields, ``ready`` aside: see ``protocol.encode``)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)
     if model in client_frames().values():
         return schema
-    required = [
-        name
-        for name, field in model.model_fields.items()
-        if field.is_required() or field.default is not None or name == "type"
-    ]
-    if model is protocol.Ready:  # encode() keeps its nulls
-        required += [n for n in ("last_event_id", "generation_id", "leaf_id") if n not in required]
+    if model is protocol.Ready:  # encode() keeps its nulls, but for ``recovered``
+        required = [name for name in model.model_fields if name != "recovered"]
+    else:
+        required = [
+            name
+            for name, field in model.model_fields.items()
+            if name == "type"
+            or (
+                (field.is_required() or field.default is not None)
+                and type(None) not in typing.get_args(field.annotation)
+            )
+        ]
     schema["required"] = required
     return schema
 
@@ -177,3 +184,131 @@ def _event_name(kind: str) -> str:
 
 def _frame_name(kind: str) -> str:
     return f"{_camel(kind)}Frame"
+
+
+# --- AsyncAPI ----------------------------------------------------------------------
+
+ASYNCAPI_VERSION = "3.1.0"
+# The SSE stream of a thread (app.sse): the server events of a thread socket.
+SSE_PATH = "/v1/threads/{thread_id}/events"
+
+
+def websocket_paths(routes: Any) -> list[str]:
+    """The protocol's socket paths (under /v1) among an app's routes, included
+    routers too: a socket added to the pod is documented with no change here."""
+    found: list[str] = []
+    for route in routes:
+        if isinstance(route, WebSocketRoute) and route.path.startswith("/v1/"):
+            found.append(route.path)
+        inner = getattr(route, "original_router", None) or getattr(route, "router", None)
+        if inner is not None and inner is not route:
+            found += websocket_paths(inner.routes)
+    return sorted(set(found))
+
+
+def _channel_id(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_")
+
+
+def _parameters(path: str) -> SchemaDict:
+    names = re.findall(r"\{(\w+)\}", path)
+    return {n: {"description": _PARAMETERS.get(n, n)} for n in names}
+
+
+_PARAMETERS = {"thread_id": "1 to 64 characters of A-Za-z0-9_-"}
+_RESUME_QUERY = {
+    "type": "object",
+    "properties": {
+        "after": {"type": "string", "description": "resume after this event id"},
+        "epoch": {"type": "string", "description": "the thread's epoch from ready"},
+        "token": {"type": "string", "description": "a JWT (prefer a header or subprotocol)"},
+    },
+}
+
+
+def _message(kind: str, model: type[BaseModel], name: str) -> SchemaDict:
+    doc = " ".join((model.__doc__ or "").split()) or f"The `{kind}` frame."
+    return {
+        "name": kind,
+        "title": name,
+        "summary": doc,
+        "contentType": "application/json",
+        "payload": {"$ref": f"#/components/schemas/{name}"},
+    }
+
+
+def asyncapi(socket_paths: list[str], version: str = "0.1.0") -> SchemaDict:
+    """The AsyncAPI 3 document of the protocol's sockets and the SSE stream,
+    from the server's side: it receives client frames and sends events."""
+    server = server_events()
+    client = client_frames()
+    schemas: dict[str, SchemaDict] = dict(nested_schemas())
+    messages: dict[str, SchemaDict] = {}
+    for kind, model in server.items():
+        schemas[_event_name(kind)] = wire_schema(model)
+        messages[_event_name(kind)] = _message(kind, model, _event_name(kind))
+    for kind, model in client.items():
+        schemas[_frame_name(kind)] = wire_schema(model)
+        messages[_frame_name(kind)] = _message(kind, model, _frame_name(kind))
+
+    def refs(names: list[str]) -> SchemaDict:
+        return {n: {"$ref": f"#/components/messages/{n}"} for n in names}
+
+    events = [_event_name(k) for k in server]
+    frames = [_frame_name(k) for k in client]
+    channels: SchemaDict = {}
+    operations: SchemaDict = {}
+    for path in socket_paths:
+        cid = _channel_id(path)
+        channels[cid] = {
+            "address": path,
+            "title": f"WebSocket {path}",
+            "description": "Frames are UTF-8 JSON text frames, one object each, with a `type`.",
+            "servers": [{"$ref": "#/servers/websocket"}],
+            "parameters": _parameters(path),
+            "messages": refs(events + frames),
+            "bindings": {
+                "ws": {"method": "GET", "query": _RESUME_QUERY, "bindingVersion": "0.1.0"}
+            },
+        }
+        operations[f"{cid}_send"] = _operation("send", cid, events, "Events to the client.")
+        operations[f"{cid}_receive"] = _operation("receive", cid, frames, "Frames from the client.")
+    sse = _channel_id(SSE_PATH)
+    channels[sse] = {
+        "address": SSE_PATH,
+        "title": f"Server-Sent Events {SSE_PATH}",
+        "description": "`text/event-stream`: each event's `id:` is its event id, `event:` its "
+        "type, `data:` the frame a socket gets. `Last-Event-ID` or `?after=` resumes.",
+        "servers": [{"$ref": "#/servers/http"}],
+        "parameters": _parameters(SSE_PATH),
+        "messages": refs(events),
+        "bindings": {"http": {"method": "GET", "bindingVersion": "0.3.0"}},
+    }
+    operations[f"{sse}_send"] = _operation("send", sse, events, "The thread's events as SSE.")
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "durable-chat",
+            "version": version,
+            "description": f"durable-chat wire protocol, version {protocol.PROTOCOL_VERSION} "
+            "(docs/protocol.md). Generated from the server's models; the REST API is in "
+            "/openapi.json.",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "websocket": {"host": "localhost:8000", "protocol": "ws", "description": "any pod"},
+            "http": {"host": "localhost:8000", "protocol": "http", "description": "any pod"},
+        },
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def _operation(action: str, channel: str, names: list[str], summary: str) -> SchemaDict:
+    return {
+        "action": action,
+        "summary": summary,
+        "channel": {"$ref": f"#/channels/{channel}"},
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{n}"} for n in names],
+    }

@@ -5,6 +5,10 @@ the frames a real turn produces are what the generated schemas describe."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import orjson
+from jsonschema import Draft202012Validator
 
 from app import protocol, schema
 
@@ -34,3 +38,73 @@ def test_every_frame_of_the_protocol_is_found():
         if schema.is_timeline(model):
             assert {"id", "n", "thread_id"} <= set(wire["required"])
     assert protocol.TimelineFrame not in server.values()
+
+
+def document_validator(document: dict[str, Any], schema_name: str) -> Draft202012Validator:
+    """A validator of one payload schema of an AsyncAPI document (its $refs
+    point into the document's components)."""
+    root = {"$ref": f"#/components/schemas/{schema_name}", "components": document["components"]}
+    return Draft202012Validator(root, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def payload_name(document: dict[str, Any], channel: str, kind: str) -> str:
+    """The payload schema of the message of type ``kind`` on ``channel``."""
+    for ref in document["channels"][channel]["messages"].values():
+        message = document["components"]["messages"][ref["$ref"].rsplit("/", 1)[-1]]
+        if message["name"] == kind:
+            return str(message["payload"]["$ref"].rsplit("/", 1)[-1])
+    raise AssertionError(f"no {kind} message on {channel}")
+
+
+SOCKET = "/v1/threads/{thread_id}/ws"
+MINIMAL: dict[str, dict[str, Any]] = {
+    "ready": {"thread_id": "t", "epoch": "e", "last_event_id": None, "generating": False,
+              "generation_id": None},
+    "history": {"thread_id": "t", "messages": [], "has_more": False},
+    "error": {"thread_id": None, "code": "internal", "message": "m"},
+    "pong": {"thread_id": "t"},
+    "message": {"id": "1-0", "n": 1, "thread_id": "t", "message": {
+        "id": "1-0", "role": "user", "content": "hi", "user_id": "u", "created_at": 1,
+        "status": "complete"}},
+    "loading": {"id": "1-1", "n": 2, "thread_id": "t", "generation_id": "g", "model": "fake"},
+    "delta": {"id": "1-2", "n": 3, "thread_id": "t", "generation_id": "g", "seq": 0, "text": "x"},
+    "done": {"id": "1-3", "n": 4, "thread_id": "t", "generation_id": "g", "status": "complete",
+             "message_id": "1-3"},
+}  # fmt: skip
+
+
+def test_asyncapi_document_accepts_what_the_models_accept():
+    document = schema.asyncapi([SOCKET])
+    assert document["asyncapi"].startswith("3.")
+    channels = {c["address"]: cid for cid, c in document["channels"].items()}
+    assert set(channels) == {SOCKET, schema.SSE_PATH}
+    for kind, model in schema.server_events().items():
+        # A minimal frame as the server sends it, and with every field there.
+        frame = model.model_validate({"type": kind, **MINIMAL[kind]})
+        for data in (orjson.loads(protocol.encode(frame)), frame.model_dump()):
+            for address in (SOCKET, schema.SSE_PATH):
+                name = payload_name(document, channels[address], kind)
+                document_validator(document, name).validate(data)
+        # And the document is no blank cheque: a frame without its type is refused.
+        without_type = {k: v for k, v in frame.model_dump(exclude_none=True).items() if k != "type"}
+        name = payload_name(document, channels[SOCKET], kind)
+        assert not document_validator(document, name).is_valid(without_type)
+    for kind, model in schema.client_frames().items():
+        minimal = model.model_validate({"type": kind, **({"content": "x"} if kind == "prompt" else
+                                        {"after": "1-0"} if kind == "resume" else {})})  # fmt: skip
+        name = payload_name(document, channels[SOCKET], kind)
+        document_validator(document, name).validate(minimal.model_dump(exclude_none=True))
+    operations = document["operations"].values()
+    assert {(o["action"], o["channel"]["$ref"].rsplit("/", 1)[-1]) for o in operations} == {
+        ("send", channels[SOCKET]), ("receive", channels[SOCKET]),
+        ("send", channels[schema.SSE_PATH]),
+    }  # fmt: skip
+
+
+def test_every_protocol_socket_of_the_pod_is_documented():
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings(chat_auth="off"))
+    assert SOCKET in schema.websocket_paths(app.routes)
+    assert "/websocket" not in schema.websocket_paths(app.routes)  # the seed's own protocol

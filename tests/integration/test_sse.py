@@ -7,15 +7,21 @@ API's authentication, origin check and error bodies."""
 from __future__ import annotations
 
 import secrets
+from typing import Annotated, Union
 
 import httpx
 import orjson
 import pytest
+from pydantic import Field, TypeAdapter
 
-from tests.integration.helpers import recv_event, until_done
+from app import schema
+from app.main import create_app
+from app.settings import Settings
+from tests.integration.helpers import recv_event, send, until_done
 from tests.integration.shared_pods import pods
 from tests.integration.sse import open_stream
 from tests.integration.tokens import AUTH_ENV, bearer, open_socket, token
+from tests.test_schema import SOCKET, document_validator, payload_name
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +193,40 @@ async def test_http_prompts_are_idempotent_and_refused_like_frames(two_pods):
     for path in ("events", "messages", "cancel"):
         assert f"/v1/threads/{{thread_id}}/{path}" in paths
     assert "text/event-stream" in str(paths["/v1/threads/{thread_id}/events"]["get"])
+
+
+async def test_every_frame_a_pod_sends_is_in_its_asyncapi_document(two_pods):
+    """The served document is the one generated from the models, and every
+    frame of a real session (socket and SSE) is valid for the models and for
+    the document's schema of its message."""
+    pod_a, pod_b = two_pods
+    async with client(pod_a) as http:
+        document = (await http.get("/asyncapi.json")).json()
+    app = create_app(Settings(chat_auth="off"))
+    assert document == schema.asyncapi(schema.websocket_paths(app.routes), app.version)
+    channels = {c["address"]: cid for cid, c in document["channels"].items()}
+    thread = thread_id("asyncapi")
+    ws = await open_socket(pod_a.ws, thread, "alice")
+    try:
+        frames = [await recv_event(ws)]
+        for frame in ({"type": "ping"}, {"type": "get_history"}, {"type": "nope"}):
+            await send(ws, frame)
+            frames.append(await recv_event(ws))
+        await send(ws, {"type": "prompt", "content": "describe yourself"})
+        frames += await until_done(ws)
+    finally:
+        await ws.close()
+    first = next(f["id"] for f in frames if "id" in f)
+    async with client(pod_b) as http, open_stream(http, thread, params={"after": first}) as sse:
+        over_sse = [(await sse.next()).json, *[e.json for e in await sse.until("done")]]
+    assert {f["type"] for f in frames} == {
+        "ready", "pong", "history", "error", "message", "loading", "delta", "done",
+    }  # fmt: skip
+    models = TypeAdapter(
+        Annotated[Union[tuple(schema.server_events().values())], Field(discriminator="type")]  # noqa: UP007
+    )
+    for address, seen in ((SOCKET, frames), (schema.SSE_PATH, over_sse)):
+        for frame in seen:
+            models.validate_python(frame)
+            name = payload_name(document, channels[address], frame["type"])
+            document_validator(document, name).validate(frame)

@@ -50,7 +50,7 @@ export interface DoneEvent {
 
 export interface ErrorEvent {
   type: "error";
-  thread_id: string | null;
+  thread_id?: string | null;
   code: "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
   message: string;
   retryable: boolean;
