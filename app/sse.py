@@ -11,8 +11,9 @@ after the browser closed (PROTOCOL.md "Without a WebSocket"):
   on the pod's fan-out hub, the same ordering rule. ``Last-Event-ID`` (what
   ``EventSource`` sends when it reconnects) or ``?after=`` resumes, with
   ``?epoch=``; comments keep idle proxies from cutting the stream.
-- ``POST .../messages``, ``GET .../messages`` and ``POST .../cancel`` are
-  the ``prompt``, ``get_history`` and ``cancel`` frames as requests.
+- ``POST .../messages``, ``GET .../messages``, ``POST .../regenerate`` and
+  ``POST .../cancel`` are the ``prompt``, ``get_history``, ``regenerate`` and
+  ``cancel`` frames as requests.
 
 Authentication, origins, limits and error bodies are the REST API's
 (app.rest): domain errors raised here become its JSON errors.
@@ -26,16 +27,25 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from app import metrics
 from app.chat import keys
 from app.chat.errors import NotFound
 from app.chat.follower import Follower
+from app.chat.keys import ThreadId
 from app.chat.service import ChatService, Opened
 from app.chat.timeline import TimelineEvent
-from app.protocol import ClientToken, EventId, History, MessageEvent, Ready, encode
+from app.protocol import (
+    ClientToken,
+    EventId,
+    History,
+    LoadingEvent,
+    MessageEvent,
+    Ready,
+    encode,
+)
 from app.rest import Caller, Chat, HttpError, PathThread
 
 router = APIRouter(prefix="/v1/threads", tags=["threads without a WebSocket"])
@@ -66,6 +76,16 @@ class PostMessage(BaseModel):
         default=None,
         description="start a branch under this message (null: a new root), as an edit does; "
         "absent: follow the active leaf",
+    )
+
+
+class PostRegenerate(BaseModel):
+    """A new reply, as the ``regenerate`` frame."""
+
+    model_config = ConfigDict(extra="forbid")
+    message_id: EventId = Field(description="a user message, or the reply to regenerate")
+    client_msg_id: ClientToken | None = Field(
+        default=None, description="idempotency key: a repeat returns the original `loading`"
     )
 
 
@@ -169,12 +189,13 @@ def _type_of(frame: str) -> str:
 @router.post(
     "/{thread_id}/messages",
     status_code=202,
+    response_model=MessageEvent,
     summary="Send a prompt (the `prompt` frame): its `message` event",
     dependencies=[Origin],
 )
 async def post_message(
     thread_id: PathThread, body: PostMessage, user: Caller, service: Chat
-) -> MessageEvent:
+) -> Response:
     thread = keys.thread_id(thread_id)
     limit = service.settings.chat_max_prompt_chars
     if len(body.content) > limit:
@@ -188,10 +209,35 @@ async def post_message(
         thread, user, body.content, client_msg_id, body.parent_id,
         "parent_id" in body.model_fields_set,
     )  # fmt: skip
+    return await _event_of(service, thread, client_msg_id, frame)
+
+
+async def _event_of(
+    service: ChatService, thread: ThreadId, client_msg_id: str, frame: str | None
+) -> Response:
+    """The event a turn began with (the frame itself, as a socket gets it),
+    found again by the turn's idempotency key when it was new."""
     frame = frame or await service.message_frame(thread, client_msg_id)
     if frame is None:
         raise NotFound("the message is gone")
-    return MessageEvent.model_validate_json(frame)
+    return Response(frame, status_code=202, media_type="application/json")
+
+
+@router.post(
+    "/{thread_id}/regenerate",
+    status_code=202,
+    response_model=LoadingEvent,
+    summary="A new reply to a user message (the `regenerate` frame): its `loading` event",
+    dependencies=[Origin],
+)
+async def regenerate(
+    thread_id: PathThread, body: PostRegenerate, user: Caller, service: Chat
+) -> Response:
+    thread = keys.thread_id(thread_id)
+    await service.threads.require_member(thread, user)
+    client_msg_id = body.client_msg_id or f"http-{secrets.token_hex(8)}"
+    frame = await service.regenerate(thread, user, body.message_id, client_msg_id)
+    return await _event_of(service, thread, client_msg_id, frame)
 
 
 @router.get(

@@ -230,3 +230,34 @@ async def test_every_frame_a_pod_sends_is_in_its_asyncapi_document(two_pods):
             models.validate_python(frame)
             name = payload_name(document, channels[address], frame["type"])
             document_validator(document, name).validate(frame)
+
+
+async def test_regenerate_over_http_answers_with_its_loading_event(two_pods):
+    pod_a, pod_b = two_pods
+    thread = thread_id("regen")
+    async with client(pod_a) as http_a, client(pod_b) as http_b:
+        await http_a.post("/v1/threads", json={"id": thread})
+        async with open_stream(http_b, thread) as stream:
+            await stream.next()
+            posted = await http_a.post(f"/v1/threads/{thread}/messages", json={"content": "hi"})
+            first = await stream.until("done")
+            url = f"/v1/threads/{thread}/regenerate"
+            question = posted.json()["message"]["id"]
+            body = {"message_id": question, "client_msg_id": "again-1"}
+            regenerated = await http_b.post(url, json=body)
+            assert regenerated.status_code == 202, regenerated.text
+            loading = regenerated.json()
+            second = await stream.until("done")
+            repeat = await http_a.post(url, json=body)
+        assert repeat.status_code == 202 and repeat.json() == loading  # nothing new
+        # Exactly the socket's turn, less the user message: loading, deltas, reply, done.
+        assert second[0].json == loading and second[0].event == "loading"
+        reply = second[-2].json["message"]
+        assert (reply["role"], reply["parent_id"]) == ("assistant", question)
+        assert first[-2].json["message"]["parent_id"] == question  # a sibling of the first
+        for bad, status in (({"message_id": "1-1"}, 404), ({"message_id": "x"}, 422), ({}, 422)):
+            refused = await http_a.post(url, json=bad)
+            assert refused.status_code == status, refused.text
+            assert refused.json()["error"]["code"] in {"not_found", "bad_request"}
+        paths = (await http_a.get("/openapi.json")).json()["paths"]
+    assert "/v1/threads/{thread_id}/regenerate" in paths
