@@ -61,6 +61,10 @@ KUBERNETES_VERSIONS = ("1.30", "latest")
 CRD_GROUPS = ("gateway.networking.k8s.io/",)
 # Long-lived WebSockets: a proxy timeout must be at least an hour (or off).
 STREAM_TIMEOUT_S = 3600
+# And an idle timeout must outlast this many of the pods' pings
+# (CHAT_WS_PING_INTERVAL_S): what tests/integration/test_load_balancer.py
+# proves keeps an idle socket open through nginx and HAProxy.
+PINGS_PER_IDLE_TIMEOUT = 2
 # Seconds the grace period must keep beyond the drain, for the kubelet's own
 # signalling and a slow first SIGTERM handler.
 DRAIN_MARGIN_S = 5
@@ -357,6 +361,17 @@ def test_kustomizations_reference_every_file_and_only_real_ones() -> None:
 # --- routes: WebSockets live for hours -------------------------------------------
 
 
+def _ping_interval_s(overlay: str | None) -> float:
+    default = Settings.model_fields["chat_ws_ping_interval_s"].default
+    return float(_config(overlay).get("CHAT_WS_PING_INTERVAL_S", default))
+
+
+def _outlasts_pings(timeout_s: float) -> bool:
+    """An idle timeout the pods' pings keep every socket under, in every overlay."""
+    pings = max(_ping_interval_s(overlay) for overlay in (None, *OVERLAYS))
+    return timeout_s >= max(STREAM_TIMEOUT_S, PINGS_PER_IDLE_TIMEOUT * pings)
+
+
 def test_the_http_route_keeps_websockets_open() -> None:
     route = _one("HTTPRoute", "durable-chat")
     assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
@@ -366,16 +381,20 @@ def test_the_http_route_keeps_websockets_open() -> None:
         assert [(b["name"], b["port"]) for b in rule["backendRefs"]] == [
             ("durable-chat", service_port)
         ]
+        assert set(rule["timeouts"]) == {"request", "backendRequest"}
         for timeout in rule["timeouts"].values():
             seconds = _duration_s(timeout)
-            assert seconds == 0 or seconds >= STREAM_TIMEOUT_S, "0s turns the timeout off"
+            assert seconds == 0 or _outlasts_pings(seconds), "0s turns the timeout off"
+        assert "sessionPersistence" not in rule, "any pod serves any socket"
 
 
 def test_the_ingress_nginx_variant_keeps_websockets_open() -> None:
     ingress = _one("Ingress", "durable-chat")
     notes = ingress["metadata"]["annotations"]
     for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
-        assert int(notes[f"nginx.ingress.kubernetes.io/{timeout}"]) >= STREAM_TIMEOUT_S
+        assert _outlasts_pings(int(notes[f"nginx.ingress.kubernetes.io/{timeout}"]))
+    # A draining pod refuses connections: the handshake goes to the next pod.
+    assert "error" in notes["nginx.ingress.kubernetes.io/proxy-next-upstream"].split()
     backends = [
         path["backend"]["service"]
         for rule in ingress["spec"]["rules"]
@@ -383,6 +402,32 @@ def test_the_ingress_nginx_variant_keeps_websockets_open() -> None:
     ]
     assert backends and all(b["name"] == "durable-chat" for b in backends)
     assert all(b["port"] in ({"name": "http"}, {"number": 80}) for b in backends)
+
+
+def test_no_session_is_sticky() -> None:
+    # Stickiness would pile a restarted pod's clients onto one neighbour, and
+    # nothing needs it: clients resume on any pod.
+    notes = _one("Ingress", "durable-chat")["metadata"]["annotations"]
+    sticky = ("affinity", "session-cookie", "upstream-hash-by")
+    assert not [n for n in notes if any(word in n for word in sticky)]
+    assert _one("Service", "durable-chat")["spec"].get("sessionAffinity", "None") == "None"
+
+
+def test_the_public_hostnames_are_allowed_origins() -> None:
+    # Behind a proxy that rewrites Host, the same-origin rule cannot see the
+    # public site: its origin must be listed (the load balancer tests).
+    allowed = _config("prod")["CHAT_ALLOWED_ORIGINS"].split(",")
+    hosts = set(_one("HTTPRoute", "durable-chat")["spec"]["hostnames"])
+    hosts |= {rule["host"] for rule in _one("Ingress", "durable-chat")["spec"]["rules"]}
+    assert {f"https://{host}" for host in hosts} <= set(allowed)
+
+
+@pytest.mark.parametrize("overlay", [None, *OVERLAYS])
+def test_pods_do_not_believe_every_caller_about_its_address(overlay: str | None) -> None:
+    # Any pod in the cluster can reach the API pods: trusting X-Forwarded-For
+    # from everyone would let it choose the address the logs show.
+    trusted = _config(overlay).get("CHAT_FORWARDED_ALLOW_IPS", "")
+    assert "*" not in trusted.split(","), "list the ingress controller's network instead"
 
 
 # --- Redis ----------------------------------------------------------------------
