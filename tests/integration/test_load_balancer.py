@@ -11,9 +11,9 @@ docs/operations.md says (tests/integration/proxies.py reads it from there).
   seconds here) because the pods ping it, while a pod that pings less often
   than that loses its idle sockets: the control that shows the test can fail;
 - a rolling restart under load: each pod in turn gets SIGTERM while turns
-  stream, drains and comes back; the clients (app.client, through nginx
-  only) end with the Redis log's timeline, every prompt appended once, and
-  no thread left locked.
+  stream, drains and comes back; the clients (app.client and the TypeScript
+  client, through nginx only) end with the Redis log's timeline, every
+  prompt appended once, and no thread left locked.
 
 One Redis, three pods and one nginx serve the whole module. The rolling
 restart runs last: it leaves nginx briefly counting the restarted pods as
@@ -26,7 +26,7 @@ import asyncio
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from app.client import ChatClient
 from tests import procs
 from tests.integration import proxies
 from tests.integration.conftest import require_redis, track_pods
+from tests.integration.followers import Follower, JsFollower, PyFollower
 from tests.integration.helpers import (
     Stopwatch,
     assert_idle,
@@ -52,7 +52,10 @@ from tests.integration.helpers import (
     unique,
     until_done,
 )
+from tests.integration.test_js_client import JS, build_client, require_node
 from tests.procs import RedisServer, Server, wait_until
+
+JS_DIST = JS / "dist" / "index.js"
 
 pytestmark = pytest.mark.integration
 
@@ -97,46 +100,6 @@ def stack(
 def accepted(pod: Server, thread: str) -> list[str]:
     """The client addresses a pod logged accepting sockets of ``thread`` with."""
     return re.findall(rf'(\S+) - "WebSocket /v1/threads/{thread}/ws\S*" \[accepted\]', pod.logs())
-
-
-@dataclass
-class Follower:
-    """A ChatClient through nginx and every event it yields."""
-
-    client: ChatClient
-    events: list[dict[str, Any]] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self.client.connect()
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            async for event in self.client.events():
-                self.events.append(event)
-                self.changed.set()
-        finally:
-            self.changed.set()
-
-    async def until(
-        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float
-    ) -> None:
-        """Wait for ``predicate(events)``; fail at once if the client gave up."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self.events):
-                assert self.task is not None and not self.task.done(), (
-                    f"the client stopped: {self.task and self.task.exception()}"
-                )
-                self.changed.clear()
-                await self.changed.wait()
-
-    async def stop(self) -> None:
-        await self.client.close()
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def test_round_robin_spreads_one_thread_over_every_pod(stack: Stack) -> None:
@@ -259,11 +222,11 @@ async def test_a_client_waits_out_a_balancer_with_no_pod(
     pod = pod_factory(stack.redis)
     front = proxies.nginx(tmp_path / "nginx", [pod])
     thread = unique("nopod")
-    follower = Follower(ChatClient(front.ws, thread))
+    follower = PyFollower(front.ws, thread)
     with procs.running([front]):
         try:
             await follower.start()
-            await follower.client.prompt("before")
+            await follower.prompt("before")
             await follower.until(lambda events: any(e["type"] == "done" for e in events), 15)
             assert await asyncio.to_thread(pod.terminate) == 0
             # Down long enough for a few refused attempts.
@@ -271,11 +234,11 @@ async def test_a_client_waits_out_a_balancer_with_no_pod(
                 wait_until, lambda: _statuses(front).count("502") >= 2, 10, what="502 answers"
             )
             await asyncio.to_thread(pod.start)
-            await follower.client.prompt("after")
+            await follower.prompt("after")
             await follower.until(lambda ev: sum(e["type"] == "done" for e in ev) == 2, 15)
         finally:
             await follower.stop()
-    assert follower.client.reconnects == 1
+    assert follower.reconnects == 1
     assert_matches_log(follower.events, stack.redis, thread)
     assert assert_turns_well_formed(stack.redis, thread) == 2
 
@@ -312,23 +275,35 @@ def _mid_turn(events: list[dict[str, Any]]) -> bool:
 
 
 @pytest.mark.timeout(120)
-async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(stack: Stack) -> None:
-    threads = [unique("roll") for _ in range(3)]
-    writers = [Follower(ChatClient(stack.nginx.ws, t)) for t in threads]
-    readers = [Follower(ChatClient(stack.nginx.ws, t)) for t in threads]
+async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    node = require_node()
+    if _stale(JS_DIST):
+        build_client()
+    # Three threads written by Python clients, one by a TypeScript client;
+    # each followed by a reader of the other kind too.
+    py_threads = [unique("roll") for _ in range(3)]
+    js_thread = unique("rolljs")
+    url = stack.nginx.ws
+    py_writers = [PyFollower(url, t) for t in py_threads]
+    js_writer = JsFollower(node, url, js_thread, tmp_path / "js-writer.log", write=True)
+    js_reader = JsFollower(node, url, py_threads[0], tmp_path / "js-reader.log", write=False)
+    writers: list[Follower] = [*py_writers, js_writer]
+    readers: list[Follower] = [
+        *(PyFollower(url, t) for t in py_threads),
+        PyFollower(url, js_thread),
+        js_reader,
+    ]
     everyone = writers + readers
-    sent: dict[str, list[str]] = {t: [] for t in threads}
     rolled = asyncio.Event()
 
-    async def write(writer: Follower) -> None:
+    async def write(writer: PyFollower) -> None:
         """Prompt after prompt, each once its predecessor is answered, until
         the roll is over (and at least once after it)."""
         while True:
             last_round = rolled.is_set()
-            client_msg_id = await writer.client.prompt(
-                f"prompt {len(sent[writer.client.thread_id])}"
-            )
-            sent[writer.client.thread_id].append(client_msg_id)
+            client_msg_id = await writer.prompt(f"prompt {len(writer.sent)}")
             await writer.until(_answered(client_msg_id), 30)
             if last_round:
                 return
@@ -336,13 +311,13 @@ async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(stack: Sta
     try:
         for follower in everyone:
             await follower.start()
-        writing = [asyncio.create_task(write(w)) for w in writers]
+        writing = [asyncio.create_task(write(w)) for w in py_writers]
         # Every client has seen a turn (an id to resume after) before any pod goes.
         for follower in everyone:
             await follower.until(lambda events: any(e["type"] == "done" for e in events), 20)
         for pod in stack.pods:
-            reconnects = sum(f.client.reconnects for f in everyone)
-            done_before = [sum(e["type"] == "done" for e in w.events) for w in writers]
+            reconnects = sum(f.reconnects for f in everyone)
+            done_before = [_dones(w.events) for w in writers]
             # SIGTERM while turns stream.
             await asyncio.to_thread(
                 wait_until, lambda: any(_mid_turn(w.events) for w in writers), 10, what="a turn"
@@ -356,46 +331,55 @@ async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(stack: Sta
             moved = reconnects + 1
             await asyncio.to_thread(
                 wait_until,
-                lambda: sum(f.client.reconnects for f in everyone) >= moved,  # noqa: B023
+                lambda: sum(f.reconnects for f in everyone) >= moved,  # noqa: B023
                 15,
                 what="clients of the restarted pod to reconnect",
             )
             # Load went on through the restart: every thread streamed another turn.
             for writer, before in zip(writers, done_before, strict=True):
-                await writer.until(
-                    lambda ev, b=before: sum(e["type"] == "done" for e in ev) > b + 1, 20
-                )
+                await writer.until(lambda ev, b=before: _dones(ev) > b + 1, 20)
         rolled.set()
-        await asyncio.wait_for(asyncio.gather(*writing), 30)
+        await asyncio.wait_for(asyncio.gather(*writing, js_writer.finish()), 30)
         # Readers catch up with the end of their thread's log.
         for reader in readers:
-            last = stored_events(stack.redis, reader.client.thread_id)[-1]["id"]
+            last = stored_events(stack.redis, reader.thread)[-1]["id"]
             await reader.until(
                 lambda ev, last=last: bool(timeline(ev)) and timeline(ev)[-1][0] == last, 15
             )
+        await js_reader.finish()
     finally:
         for follower in everyone:
             await follower.stop()
 
-    assert sum(f.client.reconnects for f in everyone) >= len(stack.pods)
     for follower in everyone:
-        thread = follower.client.thread_id
-        assert [e.get("recovered") for e in follower.events if e["type"] == "ready"][1:] == [
-            True
-        ] * follower.client.reconnects
-        assert_matches_log(follower.events, stack.redis, thread)
-    for thread in threads:
-        log = stored_events(stack.redis, thread)
+        # Its first pod was restarted at some point: every client moved.
+        assert follower.reconnects >= 1, follower
+        readies = [e for e in follower.events if e["type"] == "ready"]
+        assert [e.get("recovered") for e in readies[1:]] == [True] * follower.reconnects, follower
+        assert_matches_log(follower.events, stack.redis, follower.thread)
+    for writer in writers:
+        log = stored_events(stack.redis, writer.thread)
         prompts = [
             e["message"].get("client_msg_id")
             for e in log
             if e["type"] == "message" and e["message"]["role"] == "user"
         ]
-        assert Counter(prompts) == Counter(sent[thread]) and len(set(prompts)) == len(prompts)
-        assert assert_turns_well_formed(stack.redis, thread) == len(sent[thread])
+        # Every prompt appended once, though some were sent again after a reconnect.
+        assert Counter(prompts) == Counter(writer.sent) == Counter(set(writer.sent)), writer
+        assert assert_turns_well_formed(stack.redis, writer.thread) == len(writer.sent)
         # Drains let running turns finish (CHAT_DRAIN_GRACE_S): none was cut.
         assert {e["status"] for e in log if e["type"] == "done"} == {"complete"}
-        assert_idle(stack.redis, thread)
+        assert_idle(stack.redis, writer.thread)
+
+
+def _dones(events: list[dict[str, Any]]) -> int:
+    return sum(e["type"] == "done" for e in events)
+
+
+def _stale(dist: Path) -> bool:
+    """Whether the compiled client is missing or older than its source."""
+    sources = [p.stat().st_mtime for p in (JS / "src").glob("*.ts")]
+    return not dist.exists() or dist.stat().st_mtime < max(sources)
 
 
 async def _routed_to(pod: Server, balancer: Server, timeout: float = 15) -> None:
