@@ -44,8 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         handles = connect(settings)
         model = make_model(settings)
         service = ChatService(
-            settings, handles.commands, handles.pubsub_factory, model, handles.publish_command
-        )
+            settings, handles.commands, handles.pubsub_factory, model, handles.publish_command,
+            turn_writes=handles.turn_writes,
+        )  # fmt: skip
         app.state.chat = service
         if not settings.embedded:
             with contextlib.suppress(TimeoutError):

@@ -34,19 +34,45 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Retries, one owner per layer (docs/architecture.md, "Retries"). redis-py
+# retries a command of the command client whose connection failed or timed
+# out, COMMAND_RETRIES times with this backoff; a command then takes at most
+# (COMMAND_RETRIES + 1) x REDIS_SOCKET_TIMEOUT_S (REDIS_CONNECT_TIMEOUT_S to
+# connect) plus the backoff. The turn runner's writes go through a client
+# redis-py does not retry, because the runner retries them itself (for at
+# most app.chat.runner.WRITE_RETRY_S in all); the subscriber is never retried
+# either: the fan-out hub reconnects it and refills what it missed.
+COMMAND_RETRIES = 3
+CLUSTER_COMMAND_RETRIES = 6
+COMMAND_BACKOFF_BASE_S = 0.05
+COMMAND_BACKOFF_CAP_S = 1.0
+
+
+def _command_retry(retries: int) -> Retry:
+    return Retry(
+        ExponentialWithJitterBackoff(COMMAND_BACKOFF_BASE_S, COMMAND_BACKOFF_CAP_S), retries
+    )
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)  # one per client: redis-py may amend a Retry it is given
+
 
 @dataclass
 class RedisHandles:
-    """What the app needs from Redis, whichever kind it is."""
+    """What the app needs from Redis, whichever kind it is: the command
+    client, the client turn runners write through (``turn_writes``: no
+    redis-py retries, the runner owns them) and the subscriber's factory."""
 
     commands: RedisClient
+    turn_writes: RedisClient
     pubsub_factory: Callable[[], Subscriber]
     publish_command: str
     description: str
     _extra: tuple[Any, ...] = ()
 
     async def aclose(self) -> None:
-        for client in (self.commands, *self._extra):
+        for client in {id(c): c for c in (self.commands, self.turn_writes, *self._extra)}.values():
             await client.aclose()
 
 
@@ -61,28 +87,36 @@ def connect(settings: Settings) -> RedisHandles:
             "REDIS_URL is not set: using an EMBEDDED in-process Redis. Data lives only in "
             "this process and only ONE pod may run. Set REDIS_URL for anything real."
         )
-        return RedisHandles(fake, fake.pubsub, "PUBLISH", "embedded (in-process, one pod only)")
+        return RedisHandles(
+            fake, fake, fake.pubsub, "PUBLISH", "embedded (in-process, one pod only)"
+        )
     if settings.redis_sentinels:
         return _connect_sentinel(settings)
     url = settings.redis_url or ""
     if settings.redis_cluster:
         return _connect_cluster(url, settings)
     commands = aioredis.Redis.from_url(url, **_command_options(settings))
+    turn_writes = aioredis.Redis.from_url(url, **_command_options(settings, retried=False))
     subscriber = aioredis.Redis.from_url(url, **_subscriber_options(settings))
     return RedisHandles(
-        commands, subscriber.pubsub, "PUBLISH", _redacted(url), _extra=(subscriber,)
-    )
+        commands, turn_writes, subscriber.pubsub, "PUBLISH", _redacted(url),
+        _extra=(subscriber,),
+    )  # fmt: skip
 
 
-def _command_options(settings: Settings) -> dict[str, Any]:
-    return {
+def _command_options(settings: Settings, retried: bool = True) -> dict[str, Any]:
+    """The command client's options; ``retried=False`` for turn writes."""
+    options: dict[str, Any] = {
         "decode_responses": True,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "socket_timeout": settings.redis_socket_timeout_s,
         "health_check_interval": 15,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "retry": _no_retry(),
     }
+    if retried:
+        options["retry"] = _command_retry(COMMAND_RETRIES)
+        options["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
+    return options
 
 
 def _subscriber_options(settings: Settings) -> dict[str, Any]:
@@ -96,7 +130,7 @@ def _subscriber_options(settings: Settings) -> dict[str, Any]:
         "decode_responses": True,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "health_check_interval": 10,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": _no_retry(),
     }
 
 
@@ -167,12 +201,16 @@ def _connect_sentinel(settings: Settings) -> RedisHandles:
     commands = sentinel.master_for(
         name, connection_class=connection_class, **_command_options(settings)
     )
+    turn_writes = sentinel.master_for(
+        name, connection_class=connection_class, **_command_options(settings, retried=False)
+    )
     subscriber = sentinel.master_for(
         name, connection_class=connection_class, **_subscriber_options(settings)
     )
     where = ",".join(f"{host}:{port}" for host, port in settings.sentinel_addresses)
     return RedisHandles(
         commands,
+        turn_writes,
         subscriber.pubsub,
         "PUBLISH",
         f"sentinel master {name!r} via {where}",
@@ -207,15 +245,20 @@ async def warn_if_evicting(commands: Any) -> None:
 def _connect_cluster(url: str, settings: Settings) -> RedisHandles:
     """A Redis Cluster from one seed node: sharded pub/sub (SPUBLISH), so a
     thread's messages stay on the shard that owns its hash slot."""
-    cluster = RedisCluster.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        socket_timeout=settings.redis_socket_timeout_s,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 6),
-    )
+
+    def client(retry: Retry) -> RedisCluster:
+        return RedisCluster.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=settings.redis_connect_timeout_s,
+            socket_timeout=settings.redis_socket_timeout_s,
+            retry=retry,
+        )
+
+    cluster = client(_command_retry(CLUSTER_COMMAND_RETRIES))
     return RedisHandles(
         cluster,
+        client(_no_retry()),
         lambda: ShardedSubscriber(cluster, url),
         "SPUBLISH",
         f"cluster via {_redacted(url)}",

@@ -10,6 +10,7 @@ import pytest
 
 from app import metrics
 from app.chat import fanout, keys
+from app.chat.backoff import Backoff
 from app.chat.fanout import FanoutHub, FanoutUnavailable
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
@@ -357,7 +358,7 @@ async def test_follow_fails_when_redis_is_unreachable(
     redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fanout, "SUBSCRIBE_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(fanout, "RECONNECT_BACKOFF_S", (0.05, 0.05))
+    monkeypatch.setattr(fanout, "RECONNECT_BACKOFF", Backoff(0.05, 0.05))
 
     def broken() -> Any:
         raise ConnectionError("redis is down")

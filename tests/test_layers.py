@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: dict[str, int] = {
     "app.chat.keys": 1,
     "app.chat.redis_types": 1,
+    "app.chat.backoff": 1,
     "app.settings": 1,
     "app.metrics": 1,
     "app.logs": 1,

@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 from redis.asyncio.sentinel import SentinelConnectionPool
 
+from app.chat.backoff import Backoff
 from app.redis_client import (
+    CLUSTER_COMMAND_RETRIES,
+    COMMAND_RETRIES,
     _PrimaryConnection,
     _PrimarySSLConnection,
     connect,
@@ -148,3 +151,42 @@ async def test_an_unreadable_policy_is_a_warning_not_a_crash(
     with caplog.at_level(logging.WARNING, logger="app.redis_client"):
         await warn_if_evicting(_Info(ResponseError("unknown command 'INFO'")))
     assert "must be noeviction" in caplog.text
+
+
+def _retries(client: Any) -> int:
+    retry = client.get_retry() if hasattr(client, "get_retry") else client.retry
+    count: int = retry.get_retries()
+    return count
+
+
+@pytest.mark.parametrize("mode", ["single", "cluster", "sentinel"])
+async def test_turn_writes_are_retried_by_the_runner_alone(
+    make_settings: Callable[..., Settings], mode: str
+) -> None:
+    """redis-py retries the command client's commands; the client turns
+    write through has its retries off (the runner owns those), so no write
+    is retried at two levels (docs/architecture.md, "Retries"). Nothing here
+    connects."""
+    where: dict[str, Any] = (
+        {"redis_sentinels": SENTINELS, "redis_sentinel_master": "chat"}
+        if mode == "sentinel"
+        else {"redis_url": "redis://127.0.0.1:1", "redis_cluster": mode == "cluster"}
+    )
+    handles = connect(make_settings(**where))
+    try:
+        expected = CLUSTER_COMMAND_RETRIES if mode == "cluster" else COMMAND_RETRIES
+        assert _retries(handles.commands) == expected
+        assert handles.turn_writes is not handles.commands
+        assert _retries(handles.turn_writes) == 0
+    finally:
+        await handles.aclose()
+
+
+def test_the_embedded_redis_is_one_client(make_settings: Callable[..., Settings]) -> None:
+    handles = connect(make_settings())
+    assert handles.turn_writes is handles.commands
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    delays = iter(Backoff(0.1, 0.5))
+    assert [next(delays) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]

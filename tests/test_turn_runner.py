@@ -12,6 +12,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.chat import keys
+from app.chat import runner as runner_module
 from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
@@ -427,3 +428,29 @@ async def test_a_refused_delta_is_sent_again_and_nothing_is_lost(
     events = await generation_events(redis, thread, "g")
     seqs = [e["seq"] for e in events if e["type"] == "delta"]
     assert seqs == list(range(len(seqs)))
+
+
+class SilentStore(TurnStore):
+    """A TurnStore whose delta writes never answer: a Redis that took the
+    connection and then said nothing (no error to retry on)."""
+
+    async def append_delta(self, thread: ThreadId, lease: Any, delta: Any) -> bool:
+        await asyncio.Event().wait()
+        return False
+
+
+async def test_final_writes_give_up_within_write_retry_s_even_when_redis_is_silent(
+    redis: Any, scripts: Scripts, lock: TurnLock, thread: ThreadId, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE_RETRY_S bounds the final writes in all, the attempt in flight
+    included; the turn is then left to the reaper, untouched."""
+    monkeypatch.setattr(runner_module, "WRITE_RETRY_S", 0.2)
+    store = SilentStore(redis, scripts, "PUBLISH", retention=10000, dedup_ttl_s=3600)
+    ctx = await begin_turn(store, lock, thread, "g")
+    # One long window: the whole reply is still buffered when the model ends.
+    setup = TurnSetup(ScriptedModel(["a", "b"]), store, lock, window_ms=60_000, max_bytes=10**6)
+    await asyncio.wait_for(TurnRunner(ctx, setup).run(), 5)
+    record = await store.record(thread)
+    assert record is not None and record.generation_id == "g"  # for the reaper to close
+    events = await generation_events(redis, thread, "g")
+    assert [e["type"] for e in events] == ["message", "loading"]  # no delta, no done

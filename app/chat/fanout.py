@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 
 from app import metrics
 from app.chat import keys
+from app.chat.backoff import Backoff
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
-RECONNECT_BACKOFF_S = (0.1, 5.0)
+RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 RESYNC_BATCH = 200  # threads read per hold of the forwarding lock
 
 
@@ -233,13 +234,13 @@ class FanoutHub:
     # --- the listener -------------------------------------------------------
 
     async def _listen_forever(self) -> None:
-        backoff = RECONNECT_BACKOFF_S[0]
+        delays = iter(RECONNECT_BACKOFF)
         while True:
             try:
                 # Bounded: over a blackholed network the subscribe would wait forever.
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                     pubsub = await self._reconnect()
-                backoff = RECONNECT_BACKOFF_S[0]
+                delays = iter(RECONNECT_BACKOFF)
                 await self._read_messages(pubsub)
             except asyncio.CancelledError:
                 raise
@@ -247,10 +248,10 @@ class FanoutHub:
                 self.connected = False
                 self.hearing = False
                 metrics.REDIS_ERRORS.labels("subscriber").inc()
+                backoff = next(delays)
                 log.warning("fan-out subscriber lost (%s); reconnecting in %.1fs", exc, backoff)
                 await self._close_pubsub()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
 
     async def _reconnect(self) -> Subscriber:
         """A fresh connection, subscribed to the probe channel and every

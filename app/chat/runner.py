@@ -25,6 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app import metrics
+from app.chat.backoff import Backoff
 from app.chat.errors import LockLost
 from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
@@ -36,9 +37,12 @@ from app.llm import ChatModel, LLMError, Usage
 
 log = logging.getLogger(__name__)
 
-# How long a turn keeps retrying a write while Redis is unreachable before it
-# gives up and leaves the turn to the reaper.
+# How long a turn's final writes (the rest of its text, then its end) may take
+# in all, retries and attempts in flight included, before the turn gives up
+# and leaves itself to the reaper. The runner is the only one retrying them:
+# the client it writes through has redis-py's retries off (app.redis_client).
 WRITE_RETRY_S = 10.0
+WRITE_BACKOFF = Backoff(0.05, 1.0)
 
 
 class _Stop:
@@ -118,8 +122,7 @@ class TurnRunner:
         try:
             status, error = await self._consume()
             self.status = status
-            await self._retrying(self._flush_all)
-            await self._retrying(lambda: self._finish(status, error))
+            await self._final_writes(status, error)
         except LockLost:
             log.warning(
                 "turn %s on thread %s lost its lock; a newer grant owns the thread",
@@ -251,25 +254,30 @@ class TurnRunner:
         )
         await self._store.index_remove(ctx.thread)
 
-    async def _retrying(self, write: Any) -> None:
-        """Retry a write through a Redis outage, up to WRITE_RETRY_S; after
-        that the turn is left for the reaper, which closes it from the log."""
-        deadline = time.monotonic() + WRITE_RETRY_S
-        delay = 0.05
-        while True:
-            try:
-                await write()
-                return
-            except RedisError as exc:
-                metrics.REDIS_ERRORS.labels("turn").inc()
-                if time.monotonic() > deadline:
-                    log.error(
-                        "turn %s left to the reaper: %s", self.ctx.generation_id, exc,
-                        extra=self.log_context,
-                    )  # fmt: skip
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+    async def _final_writes(self, status: MessageStatus, error: str | None) -> None:
+        """Publish what is still buffered, then commit the end, retrying
+        through a Redis outage for at most WRITE_RETRY_S; after that the turn
+        is left to the reaper, which closes it from the log. Starting over
+        is safe: a delta is retried as it was, and an end already committed
+        is not committed again."""
+        delays = iter(WRITE_BACKOFF)
+        failure: Exception | None = None
+        try:
+            async with asyncio.timeout(WRITE_RETRY_S):
+                while True:
+                    try:
+                        await self._flush_all()
+                        await self._finish(status, error)
+                        return
+                    except RedisError as exc:
+                        metrics.REDIS_ERRORS.labels("turn").inc()
+                        failure = exc
+                        await asyncio.sleep(next(delays))
+        except TimeoutError:
+            log.error(
+                "turn %s left to the reaper: %s", self.ctx.generation_id,
+                failure or "Redis did not answer", extra=self.log_context,
+            )  # fmt: skip
 
     async def _renew(self) -> None:
         """Keep the lease alive, and read the durable cancel flag meanwhile."""

@@ -76,7 +76,11 @@ class ChatService:
         pubsub_factory: Callable[[], Subscriber],
         model: ChatModel,
         publish_command: str,
+        turn_writes: RedisClient | None = None,
     ) -> None:
+        """``turn_writes`` is the client running turns write through, one
+        redis-py does not retry (the runner retries those writes itself:
+        app.redis_client); ``redis`` when None."""
         self.settings = settings
         self.redis = redis
         self.model = model
@@ -101,8 +105,13 @@ class ChatService:
         self.hub = FanoutHub(
             pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe
         )
+        runner_turns = self.turns
+        if turn_writes is not None and turn_writes is not redis:
+            runner_turns = TurnStore.configured(
+                turn_writes, Scripts(turn_writes), publish_command, settings
+            )
         setup = TurnSetup(
-            model, self.turns, self.lock, settings.chat_delta_window_ms,
+            model, runner_turns, self.lock, settings.chat_delta_window_ms,
             settings.chat_delta_max_bytes,
         )  # fmt: skip
         self.manager = TurnManager(setup, self.hub)
