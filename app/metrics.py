@@ -51,6 +51,10 @@ SUBSCRIBER_DEAF = Counter(
     f"{_PREFIX}_subscriber_deaf",
     "Times the pub/sub subscriber missed its probe's deadline and was replaced",
 )
+FOLLOWERS_MOVED = Counter(
+    f"{_PREFIX}_followers_moved",
+    "Sockets closed (1013) to reconnect elsewhere because this pod's subscriber stayed deaf",
+)
 SLOW_CLIENT_DROPS = Counter(
     f"{_PREFIX}_slow_client_drops", "Sockets closed 1013 for being too slow"
 )

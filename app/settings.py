@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # reconnected, its threads refilled, and /readyz fails until it hears.
     chat_subscriber_probe_s: float = Field(default=5.0, gt=0)
     chat_subscriber_deadline_s: float = Field(default=3.0, gt=0)
+    # A pod deaf that long closes its sockets (1013) so that they resume on a
+    # pod that hears; 0 keeps them (they then get events only from audits).
+    chat_subscriber_move_s: float = Field(default=15.0, ge=0)
     # permessage-deflate, when a client offers it (browsers always do). Off by
     # default: its zlib contexts cost ~45 KiB per socket, more than the whole
     # rest of an idle socket, and the small JSON frames of a stream (deltas of

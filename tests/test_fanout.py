@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -416,7 +417,9 @@ class DeafPubSub:
 async def test_a_deaf_subscriber_is_noticed_replaced_and_refilled(
     redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:
-    probe = fanout.Probe(keys.probe_channel("pod-a"), interval_s=0.1, deadline_s=0.05)
+    probe = fanout.Probe(
+        keys.probe_channel("pod-a"), interval_s=0.1, deadline_s=0.05, move_after_s=0.3
+    )
     hub = FanoutHub(lambda: DeafPubSub(redis), redis, Timeline(redis), 60, probe)
     await hub.start()
     deaf_before = metrics.SUBSCRIBER_DEAF._value.get()
@@ -429,6 +432,10 @@ async def test_a_deaf_subscriber_is_noticed_replaced_and_refilled(
         await wait_until(lambda: not hub.hearing, timeout=1.0, what="the deafness noticed")
         assert sink.events == []
         assert metrics.SUBSCRIBER_DEAF._value.get() > deaf_before
+        # Deaf for longer than move_after_s: followers are told to go elsewhere, once.
+        await wait_until(lambda: sink.controls, timeout=2.0, what="the followers moved")
+        await asyncio.sleep(0.3)
+        assert sink.controls == [{"control": "move"}]
         connects = metrics.SUBSCRIBER_CONNECTS._value.get()
         DeafPubSub.deaf = False
         # Replaced (the audit runs only every 60 s here): the turn is refilled

@@ -6,7 +6,14 @@ import asyncio
 import contextlib
 
 from app.chat import keys
-from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, THREAD_RESET, TOO_SLOW, Follower
+from app.chat.follower import (
+    ACCESS_REVOKED,
+    SERVER_DEAF,
+    THREAD_DELETED,
+    THREAD_RESET,
+    TOO_SLOW,
+    Follower,
+)
 from app.chat.timeline import TimelineEvent
 
 T = keys.thread_id("f")
@@ -76,6 +83,12 @@ async def test_reset_control_closes_and_cancel_does_not() -> None:
     assert follower.closing is None
     follower.control({"control": "reset"})
     assert follower.closing == THREAD_RESET and follower.must_close.done()
+
+
+async def test_a_deaf_pod_moves_its_followers() -> None:
+    follower = Follower(T, max_queue=8)
+    follower.control({"control": "move"})
+    assert follower.closing == SERVER_DEAF and follower.must_close.done()
 
 
 def test_first_close_reason_wins() -> None:

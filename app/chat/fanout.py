@@ -24,7 +24,10 @@ proves it hears: every probe interval it publishes a random token on its own
 probe channel, through the command connection like any writer, and must hear
 it on its subscriber within the deadline. A probe unheard replaces the
 subscriber (and refills every thread, as after any loss); until a probe is
-heard again ``hearing`` is False, and the pod reports not ready.
+heard again ``hearing`` is False, and the pod reports not ready. A pod that
+stays deaf for the probe's ``move_after_s`` tells its followers to move: its
+sockets close (1013) and reconnect, through the load balancer, to a pod that
+hears.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class Probe:
     publish_command: str = "PUBLISH"
     interval_s: float = 5.0
     deadline_s: float = 3.0
+    move_after_s: float = 15.0  # 0: never
 
 
 class Sink(Protocol):
@@ -135,6 +139,10 @@ class FanoutHub:
         # True once the subscriber heard its latest probe; False from a loss
         # or a missed deadline until a probe is heard again (/readyz).
         self.hearing = False
+        # Since when it has not heard (monotonic), and whether its followers
+        # were told to move in this spell.
+        self._unheard_since: float | None = time.monotonic()
+        self._moved = False
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -246,7 +254,7 @@ class FanoutHub:
                 raise
             except Exception as exc:  # dropped, deaf, or Redis is down
                 self.connected = False
-                self.hearing = False
+                self._not_hearing()
                 metrics.REDIS_ERRORS.labels("subscriber").inc()
                 backoff = next(delays)
                 log.warning("fan-out subscriber lost (%s); reconnecting in %.1fs", exc, backoff)
@@ -374,21 +382,22 @@ class FanoutHub:
     # --- proving the subscriber hears -------------------------------------------
 
     async def _probe_forever(self) -> None:
-        """Probe every interval, and at once after each reconnect."""
+        """Probe every interval, and at once after each reconnect (while the
+        listener reconnects, it asks for a probe when done)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._probe.interval_s):
                     await self._probe_now.wait()
             self._probe_now.clear()
-            if not self.connected:
-                continue  # the listener is reconnecting, and asks for a probe when done
             try:
-                await self._send_probe()
+                if self.connected:
+                    await self._send_probe()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the publish failed: Redis is unreachable
-                self.hearing = False
+                self._not_hearing()
                 log.warning("subscriber probe not sent: %s", exc)
+            self._move_if_long_deaf()
 
     async def _send_probe(self) -> None:
         token = secrets.token_hex(8)
@@ -401,7 +410,7 @@ class FanoutHub:
                 )
                 await echo
         except TimeoutError:
-            self.hearing = False
+            self._not_hearing()
             self._deaf = True  # the listener replaces the subscriber
             metrics.SUBSCRIBER_DEAF.inc()
             log.warning(
@@ -414,8 +423,34 @@ class FanoutHub:
     def _heard(self, token: str) -> None:
         if self._awaited is not None and self._awaited[0] == token:
             self.hearing = True
+            self._unheard_since = None
+            self._moved = False
             if not self._awaited[1].done():
                 self._awaited[1].set_result(None)
+
+    def _not_hearing(self) -> None:
+        self.hearing = False
+        if self._unheard_since is None:
+            self._unheard_since = time.monotonic()
+
+    def _move_if_long_deaf(self) -> None:
+        """Deaf for ``move_after_s``: whatever is published, this pod's
+        sockets get it late (audits) or not at all. Tell every follower to
+        move; sockets close 1013 and their clients resume on a pod that
+        hears (this one fails /readyz, so the load balancer avoids it)."""
+        since, limit = self._unheard_since, self._probe.move_after_s
+        if since is None or self._moved or not limit or time.monotonic() - since < limit:
+            return
+        self._moved = True
+        sinks = [sink for followers in self._followers.values() for sink in followers]
+        if sinks:
+            log.warning(
+                "the subscriber has not heard for %.0fs: moving %d follower(s) to other pods",
+                time.monotonic() - since, len(sinks),
+            )  # fmt: skip
+            metrics.FOLLOWERS_MOVED.inc(len(sinks))
+        for sink in sinks:
+            sink.control({"control": "move"})
 
     async def _audit_forever(self) -> None:
         """Catch a lost frame that no later frame reveals (say, a turn's last)."""

@@ -23,6 +23,7 @@ from app.chat.timeline import TimelineEvent
 
 TOO_SLOW = "too slow: resume with after"
 THREAD_RESET = "thread data was reset: resume to learn the new epoch"
+SERVER_DEAF = "this server cannot hear Redis: resume on another"
 # A deleted thread or a removed member: reconnecting is then refused (1008).
 THREAD_DELETED = "thread deleted"
 ACCESS_REVOKED = "removed from the thread"
@@ -94,11 +95,14 @@ class Follower:
             self._wakeup.set_result(None)
 
     def control(self, message: dict[str, Any]) -> None:
-        """A thread reset, its deletion, or its user's removal (from the hub)
-        closes the socket; cancels are for turns."""
+        """A thread reset, its deletion, its user's removal, or a pod that
+        cannot hear Redis (all from the hub) closes the socket; cancels are
+        for turns."""
         kind = message.get("control")
         if kind == "reset":
             self.close_for(THREAD_RESET)
+        elif kind == "move":
+            self.close_for(SERVER_DEAF)
         elif kind == "deleted":
             self.close_for(THREAD_DELETED)
         elif kind == "revoke" and message.get("user_id") == self.user:

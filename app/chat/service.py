@@ -101,6 +101,7 @@ class ChatService:
         probe = Probe(
             keys.probe_channel(settings.chat_pod_id), publish_command,
             settings.chat_subscriber_probe_s, settings.chat_subscriber_deadline_s,
+            settings.chat_subscriber_move_s,
         )  # fmt: skip
         self.hub = FanoutHub(
             pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe

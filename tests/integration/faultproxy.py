@@ -5,7 +5,8 @@ network slow, silent or cut while every connection stays what it was.
 It runs its own event loop in a background thread, so a module's tests can
 share one proxy whatever event loop each test runs in. Faults:
 
-- ``latency(s)``: every chunk, both ways, is held ``s`` seconds (order kept);
+- ``latency(s)``: every round trip takes ``s`` seconds longer (each chunk is
+  held ``s/2`` each way, order kept);
 - ``blackhole()``: bytes are read and dropped, both ways, and connections
   stay open: a half-open network that only timeouts and probes detect; new
   connections are accepted and go nowhere too;
@@ -65,7 +66,7 @@ class FaultProxy:
     # --- faults (called from the test's thread) ------------------------------
 
     def latency(self, seconds: float) -> None:
-        self.delay_s = seconds
+        self.delay_s = seconds / 2
 
     def blackhole(self, subscribers: bool = False) -> None:
         if subscribers:

@@ -10,6 +10,8 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import httpx
+
 from app.client import ChatClient
 from tests.integration.helpers import assert_idle, assert_matches_log, assert_turns_well_formed
 
@@ -76,3 +78,35 @@ def assert_consistent(recs: Sequence[Recorder], truth: Any, turns: int | None = 
         if turns is not None:
             assert whole == turns, (rec.thread, whole)
         assert_idle(truth, rec.thread)
+
+
+def metric(pod: Any, name: str) -> float:
+    """A pod's counter or gauge, from its /metrics (0 when not exported yet)."""
+    text = httpx.get(f"{pod.http}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(f"{name} ") or line.startswith(f"{name}_total "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def readyz(pod: Any, timeout: float = 5.0) -> int:
+    """The pod's /readyz status (0 when it does not answer at all)."""
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(f"{pod.http}/readyz", timeout=timeout)).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+async def until_status(
+    pod: Any, wanted: Callable[[int], bool], timeout: float, what: str, each_s: float = 5.0
+) -> float:
+    """Seconds until the pod's /readyz status satisfies ``wanted``; each
+    request may take ``each_s`` (0 when it does not answer in time)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < timeout:
+        if wanted(await readyz(pod, each_s)):
+            return loop.time() - start
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
