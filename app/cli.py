@@ -51,15 +51,20 @@ def serve(
     except ConfigError as exc:  # a bad key, key file or origin list
         typer.echo(f"durable-chat: configuration error: {exc}", err=True)
         raise typer.Exit(2) from None
+    from app.process import SOCKETS_CLOSE_S, PodServer, PortInUse, bind
+
+    try:
+        sock = bind(host, port)
+    except PortInUse as exc:
+        typer.echo(f"durable-chat: {exc} (is another pod running? pick another --port)", err=True)
+        raise typer.Exit(1) from None
     # uvicorn drains on SIGTERM and then raises the signal again, so the
     # process would end "killed by SIGTERM". A finished drain is a clean exit:
     # with a handler of our own installed first, that re-raise lands here and
     # the process exits 0, as orchestrators expect of a graceful stop.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         ws_max_size=settings.chat_max_frame_bytes,
         ws_per_message_deflate=settings.chat_ws_deflate,  # see Settings.chat_ws_deflate
         ws_ping_interval=settings.chat_ws_ping_interval_s,
@@ -71,10 +76,14 @@ def serve(
         forwarded_allow_ips=settings.chat_forwarded_allow_ips or None,
         # Sockets are closed (1012) at once on SIGTERM; this bounds how long
         # uvicorn waits for their handlers. Turns are drained by the lifespan.
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SOCKETS_CLOSE_S,
         log_level=settings.chat_log_level.lower(),
         log_config=None,  # keep ours (app.logs): JSON lines, tokens redacted
     )
+    try:
+        PodServer(config, settings.chat_drain_grace_s).run(sockets=[sock])
+    except KeyboardInterrupt:  # SIGINT, re-raised by uvicorn after a finished drain
+        pass
 
 
 @cli.command()

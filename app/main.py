@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from app import metrics, rest, schema, seed, sse, ws
 from app.auth import Authenticator, AuthError
+from app.chat import tasks
 from app.chat.service import ChatService
 from app.llm import make_model
 from app.origins import OriginPolicy
@@ -73,14 +74,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Every step is bounded (app.chat.tasks), so the pod exits even
+            # when Redis answers nothing: app.process adds up the bounds.
             log.info("pod %s draining", settings.chat_pod_id)
-            await service.drain()
-            if reaper_task is not None:
-                reaper_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reaper_task
-            await model.aclose()
-            await handles.aclose()
+            reaper_stopped = (
+                tasks.stop(reaper_task, tasks.RELEASE_S) if reaper_task else asyncio.sleep(0)
+            )
+            await asyncio.gather(service.drain(), reaper_stopped)
+            await tasks.within(model.aclose(), tasks.RELEASE_S, "closing the model client")
+            await tasks.within(handles.aclose(), tasks.RELEASE_S, "closing the Redis clients")
             log.info("pod %s stopped", settings.chat_pod_id)
 
     app = FastAPI(title="durable-chat", version="0.1.0", lifespan=lifespan)

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import app.cli
+from app.process import EXIT_MARGIN_S
 from app.settings import Settings
 
 try:
@@ -68,10 +69,6 @@ PINGS_PER_IDLE_TIMEOUT = 2
 # Seconds the grace period must keep beyond the drain, for the kubelet's own
 # signalling and a slow first SIGTERM handler.
 DRAIN_MARGIN_S = 5
-# uvicorn's graceful-shutdown bound, read from the code that sets it.
-UVICORN_SHUTDOWN_S = int(
-    re.findall(r"timeout_graceful_shutdown=(\d+)", inspect.getsource(app.cli))[0]
-)
 # The port `durable-chat serve` listens on by default.
 APP_PORT: int = inspect.signature(app.cli.serve).parameters["port"].default.default
 
@@ -194,13 +191,14 @@ def _pre_stop_sleep_s() -> int:
 @pytest.mark.parametrize("overlay", [None, *OVERLAYS])
 def test_the_drain_fits_in_the_grace_period(overlay: str | None) -> None:
     # SIGTERM comes only after preStop; then uvicorn closes sockets (1012)
-    # and the lifespan lets running turns finish for CHAT_DRAIN_GRACE_S. A
-    # grace period shorter than that SIGKILLs turns mid-stream.
+    # and the lifespan lets running turns finish for CHAT_DRAIN_GRACE_S; the
+    # pod has exited at most EXIT_MARGIN_S later (app.process). A grace
+    # period shorter than that SIGKILLs turns mid-stream.
     pre_stop = _pre_stop_sleep_s()
     assert pre_stop >= 3, "endpoints need a few seconds to drop a terminating pod"
     default = Settings.model_fields["chat_drain_grace_s"].default
     drain = float(_config(overlay).get("CHAT_DRAIN_GRACE_S", default))
-    needed = pre_stop + drain + UVICORN_SHUTDOWN_S + DRAIN_MARGIN_S
+    needed = pre_stop + drain + EXIT_MARGIN_S + DRAIN_MARGIN_S
     assert _pod_spec(DEPLOYMENT)["terminationGracePeriodSeconds"] >= needed
     strategy = DEPLOYMENT["spec"]["strategy"]
     assert strategy["type"] == "RollingUpdate"

@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "app.settings": 1,
     "app.metrics": 1,
     "app.logs": 1,
+    "app.chat.tasks": 1,
     "app.chat.records": 2,
     "app.chat.errors": 2,
     "app.chat": 3,  # stores: scripts, lock, timeline, history, turns, threads, limits, sharded
@@ -32,6 +33,7 @@ LAYERS: dict[str, int] = {
     "app": 5,  # edges: protocol, ws, seed, rest, auth, origins, ops, client
     "app.web": 5,
     "app.main": 6,
+    "app.process": 6,
     "workers": 6,
     "app.cli": 7,
     "app.__main__": 7,

@@ -45,7 +45,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from app import metrics
-from app.chat import keys
+from app.chat import keys, tasks
 from app.chat.backoff import Backoff
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
@@ -154,16 +154,9 @@ class FanoutHub:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            # Cancelled until done: Python 3.11's asyncio.wait_for (inside
-            # redis clients) can swallow a cancellation that arrives as its
-            # wait completes, and the listener would then read on forever.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait([task], timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                task.result()
-        await self._close_pubsub()
+        """Stop listening (bounded: see app.chat.tasks)."""
+        await tasks.stop_all(self._tasks, tasks.RELEASE_S)
+        await tasks.within(self._close_pubsub(), tasks.RELEASE_S, "closing the subscriber")
 
     @property
     def followed_threads(self) -> int:

@@ -12,14 +12,13 @@ app.chat.threads.) With auth off every caller is the same user,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections import defaultdict
 
 from redis.exceptions import RedisError
 
-from app.chat import keys
+from app.chat import keys, tasks
 from app.chat.errors import PodFull, RateLimited
 from app.chat.keys import UserId
 from app.chat.redis_types import RedisClient
@@ -62,9 +61,7 @@ class Limits:
 
     async def stop(self) -> None:
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+            await tasks.stop(self._heartbeat, tasks.RELEASE_S)
             self._heartbeat = None
 
     # --- prompts --------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app import metrics
+from app.chat import tasks
 from app.chat.backoff import Backoff
 from app.chat.errors import LockLost
 from app.chat.fanout import FanoutHub
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 # the client it writes through has redis-py's retries off (app.redis_client).
 WRITE_RETRY_S = 10.0
 WRITE_BACKOFF = Backoff(0.05, 1.0)
+# On drain, how long turns cut at the grace have to commit `interrupted`.
+DRAIN_COMMIT_S = 5.0
 
 
 class _Stop:
@@ -336,15 +339,23 @@ class TurnManager:
         finally:
             await self._hub.unfollow(thread, runner)
 
-    async def drain(self, grace_s: float) -> None:
+    async def drain(
+        self, grace_s: float, commit_s: float = DRAIN_COMMIT_S, release_s: float = tasks.RELEASE_S
+    ) -> None:
         """Let running turns finish within ``grace_s``, then end the rest as
-        interrupted (their text so far is committed)."""
-        tasks = list(self._running)
-        if not tasks:
+        interrupted (their text so far is committed) within ``commit_s``.
+        A turn whose commit cannot reach Redis by then is cancelled (within
+        ``release_s``): its lease runs out and a reaper closes it, as if this
+        pod had died."""
+        running = list(self._running)
+        if not running:
             return
-        log.info("draining: waiting up to %.1fs for %d turn(s)", grace_s, len(tasks))
-        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        log.info("draining: waiting up to %.1fs for %d turn(s)", grace_s, len(running))
+        _, pending = await asyncio.wait(running, timeout=grace_s)
         for task in pending:
             self._running[task].stop("interrupted")
         if pending:
-            await asyncio.wait(pending, timeout=WRITE_RETRY_S)
+            _, stuck = await asyncio.wait(pending, timeout=commit_s)
+            if stuck:
+                log.warning("%d turn(s) did not end while draining: left to the reaper", len(stuck))
+                await tasks.stop_all(list(stuck), release_s)

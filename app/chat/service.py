@@ -9,6 +9,7 @@ results and errors into events.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
@@ -135,11 +136,12 @@ class ChatService:
         await self.limits.start()
 
     async def drain(self) -> None:
-        """Stop starting turns, let running ones finish (bounded), stop the hub."""
+        """Stop starting turns, let running ones finish, stop the hub: within
+        CHAT_DRAIN_GRACE_S + DRAIN_COMMIT_S + 3 RELEASE_S (app.process),
+        whatever Redis does."""
         self.draining = True
         await self.manager.drain(self.settings.chat_drain_grace_s)
-        await self.hub.stop()
-        await self.limits.stop()
+        await asyncio.gather(self.hub.stop(), self.limits.stop())
 
     # --- opening a thread -----------------------------------------------------
 

@@ -6,12 +6,17 @@ reaper needed), and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import signal
+import socket
 from typing import Any
 
 import pytest
 
 from app.client import ChatClient
 from app.llm.fake import expected_reply
+from app.process import EXIT_MARGIN_S
 from tests.integration.helpers import (
     Stopwatch,
     assert_idle,
@@ -123,3 +128,61 @@ async def test_a_turn_longer_than_the_grace_is_committed_interrupted(redis_serve
         ]
         assert stored[1]["content"] == streamed
         assert assert_turns_well_formed(redis_server, thread) == 1
+
+
+def _stalled_reader(port: int, thread: str) -> socket.socket:
+    """A socket of ``thread`` that completed its upgrade and then never reads
+    again (a 4 KB window): the pod's writes to it block, its close handshake
+    never completes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /v1/threads/{thread}/ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+async def test_a_drained_pod_exits_within_its_bound_whatever_hangs(redis_server, pod_factory):
+    # Turns that stream for minutes, sockets that never read, and a Redis
+    # that stops answering (SIGSTOP: connections stay open, nothing comes
+    # back). A pod once waited for ever on such things; now it must exit
+    # within CHAT_DRAIN_GRACE_S + EXIT_MARGIN_S of SIGTERM, and cleanly: every
+    # step of its drain gives up in time, so the watchdog is not needed.
+    grace = 1.0
+    pod = pod_factory(
+        redis_server, CHAT_DRAIN_GRACE_S=grace,
+        CHAT_FAKE_TOKEN_DELAY_MS=20, CHAT_FAKE_REPLY_TOKENS=100_000,
+    )  # fmt: skip
+    threads = [unique("hang") for _ in range(3)]
+    sockets = []
+    stalled = []
+    try:
+        for thread in threads:
+            ws, _ = await open_ready(pod.ws, thread)
+            sockets.append(ws)
+            await ws.send('{"type":"prompt","content":"talk for ever"}')
+            await until_deltas(ws, 2)
+            stalled.append(await asyncio.to_thread(_stalled_reader, pod.port, thread))
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        clock = Stopwatch()
+        code = await asyncio.to_thread(pod.terminate, grace + EXIT_MARGIN_S + 10)
+        took = clock.elapsed
+    finally:
+        if redis_server.proc is not None:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        for sock in stalled:
+            sock.close()
+        for ws in sockets:
+            ws.transport.abort()
+    logs = pod.logs()
+    assert took <= grace + EXIT_MARGIN_S, f"exited after {took:.1f}s\n{logs[-3000:]}"
+    assert code == 0, logs[-3000:]
+    assert "did not stop within" not in logs
+    assert "left to the reaper" in logs  # the turns could not commit: a reaper will

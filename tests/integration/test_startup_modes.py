@@ -4,6 +4,7 @@ a pod on a real Redis without an auth secret refuses to start."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -32,14 +33,16 @@ async def test_embedded_default_serves_a_full_turn(pod_factory):
     assert "EMBEDDED" in pod.logs()
 
 
-def _serve(env_overrides: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+def _serve(
+    env_overrides: dict[str, str], port: int = 0
+) -> tuple[subprocess.CompletedProcess[str], float]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "REDIS_", "ANTHROPIC_"))
     }
     env.update(env_overrides)
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     return result, time.monotonic() - started
@@ -62,3 +65,17 @@ def test_a_too_short_auth_secret_refuses_to_start(redis_server):
     assert result.returncode != 0, result
     assert "secret" in result.stderr and "32" in result.stderr, result.stderr
     assert secret not in result.stdout + result.stderr  # secrets are never printed
+
+
+def test_a_pod_whose_port_is_taken_exits_non_zero_at_once():
+    # It used to start, fail to bind, then hang in its drain for ever: no
+    # signal but SIGKILL ended it.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result, took = _serve({"CHAT_LLM": "fake", "CHAT_AUTH": "off"}, port)
+    assert result.returncode == 1, result
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert took < 10
