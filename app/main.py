@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from app import metrics, rest, schema, seed, sse, ws
 from app.auth import Authenticator, AuthError
@@ -29,6 +30,9 @@ from app.redis_client import connect, warn_if_evicting
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Where the documentation pages' scripts, styles and icon are served.
+DOCS_ASSETS = "/docs/assets"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -85,7 +89,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await tasks.within(handles.aclose(), tasks.RELEASE_S, "closing the Redis clients")
             log.info("pod %s stopped", settings.chat_pod_id)
 
-    app = FastAPI(title="durable-chat", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc with their scripts and styles served by the pod itself
+    # (from the fastapi-offline package), not a CDN: they work air-gapped.
+    app = FastAPIOffline(
+        title="durable-chat", version="0.1.0", lifespan=lifespan,
+        static_url=DOCS_ASSETS, favicon_url="/favicon.ico",
+    )  # fmt: skip
     app.state.settings = settings
     app.state.auth = authenticator
     app.state.origins = origins
@@ -111,6 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             paths = schema.websocket_paths(app.routes)
             app.state.asyncapi = schema.asyncapi(paths, app.version)
         return JSONResponse(app.state.asyncapi)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> RedirectResponse:
+        return RedirectResponse(f"{DOCS_ASSETS}/favicon.png", status_code=308)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
