@@ -10,7 +10,7 @@ app.chat.timeline), never re-encoded per socket.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -220,6 +220,27 @@ class Pong(BaseModel):
 # generated client types and tests (app.schema); the server never builds them.
 
 
+class Usage(BaseModel):
+    """Tokens a turn used: every input token read (cached ones included) and
+    the output; the cache counts when the provider reported any."""
+
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    cache_read_tokens: int | None = Field(default=None, ge=0)
+    cache_write_tokens: int | None = Field(default=None, ge=0)
+
+
+class ToolUse(BaseModel):
+    """A tool the model called during a reply, with its result."""
+
+    call_id: str
+    name: str
+    input: Any = Field(description="the JSON the model sent (its raw text if it did not parse)")
+    output: str
+    is_error: bool
+    offset: int = Field(ge=0, description="how much of the reply's content came before the call")
+
+
 class Message(BaseModel):
     """A committed message of a thread's history, as clients see it."""
 
@@ -235,6 +256,10 @@ class Message(BaseModel):
         default=None,
         description="history pages only: the ids sharing its parent, oldest first, itself included",
     )
+    tool_calls: list[ToolUse] | None = Field(
+        default=None, description="assistant messages: the tools called, in the order answered"
+    )
+    usage: Usage | None = Field(default=None, description="assistant messages: the turn's tokens")
 
 
 class TimelineFrame(BaseModel):
@@ -280,6 +305,28 @@ class DeltaEvent(TimelineFrame):
     text: str
 
 
+class ToolCallEvent(TimelineFrame):
+    """The model asked for a tool; it runs on the turn's pod after this event."""
+
+    type: Literal["tool_call"] = "tool_call"
+    thread_id: str
+    generation_id: str
+    call_id: str
+    name: str
+    input: Any
+
+
+class ToolResultEvent(TimelineFrame):
+    """What the tool of ``call_id`` answered (``is_error``: a failure the model reads)."""
+
+    type: Literal["tool_result"] = "tool_result"
+    thread_id: str
+    generation_id: str
+    call_id: str
+    output: str
+    is_error: bool
+
+
 class DoneEvent(TimelineFrame):
     """A turn ended; ``message_id`` is the assistant message's id."""
 
@@ -288,7 +335,7 @@ class DoneEvent(TimelineFrame):
     generation_id: str
     status: MessageStatus
     message_id: str
-    usage: dict[str, int] | None = None
+    usage: Usage
 
 
 def encode(event: BaseModel) -> str:

@@ -1,11 +1,13 @@
-"""The REST edge: threads and their members under ``/v1/threads``.
+"""The REST edge: threads and their members under ``/v1/threads``, the
+caller's token usage at ``/v1/usage``.
 
 The one place where HTTP requests become domain calls (app.chat.threads) and
 domain errors become HTTP statuses, each with a JSON body
 ``{"error": {"code", "message", "retry_after_ms"?}}`` whose ``code`` is the
 protocol's: 401 unauthorized (no or bad token), 403 forbidden (not a member,
 or not the owner), 404 not_found (no such thread), 409 conflict or thread_busy, 413
-too_large, 422 bad_request, 429 rate_limited (with ``Retry-After``), 503
+too_large, 422 bad_request, 429 rate_limited or budget_exceeded (with
+``Retry-After``), 503
 unavailable. A stranger gets 403, not 404, for a thread that exists: thread
 ids are not secret (opening a socket on an unused id creates the thread, so
 existence is observable anyway); what a stranger never gets is its content.
@@ -14,6 +16,7 @@ Path and body values are validated before any Redis key is built from them.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import secrets
 from typing import Annotated, Any, Literal
@@ -29,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.auth import AuthError
 from app.chat import keys
 from app.chat.errors import (
+    BudgetExceeded,
     ChatError,
     Conflict,
     Forbidden,
@@ -40,6 +44,7 @@ from app.chat.errors import (
 from app.chat.keys import ThreadId, UserId
 from app.chat.service import ChatService
 from app.chat.threads import MAX_TITLE_CHARS, ThreadSummary
+from app.chat.usage import until_next_day_ms
 from app.origins import OriginPolicy
 
 # Request bodies here are a title at most: anything bigger is refused unread.
@@ -76,8 +81,26 @@ class ThreadOut(BaseModel):
     active_at: int = Field(description="last activity in the caller's list, ms since the epoch")
 
 
+class TokenCounts(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
 class ThreadDetail(ThreadOut):
     members: list[str]
+    usage: TokenCounts = Field(description="tokens used by every turn of the thread")
+
+
+class UsageOut(BaseModel):
+    user_id: str
+    day: str = Field(description="the UTC day counted, YYYY-MM-DD")
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    turns: int
+    limit: int | None = Field(description="CHAT_USER_TOKENS_PER_DAY; null: no limit")
+    remaining: int | None
+    resets_in_ms: int = Field(description="until the next UTC day")
 
 
 class ThreadPage(BaseModel):
@@ -190,7 +213,24 @@ async def remove_member(
 
 async def _detail(service: ChatService, thread: ThreadId, user: UserId) -> ThreadDetail:
     summary, members = await service.threads.describe(thread, user)
-    return ThreadDetail(**_out(summary, user).model_dump(), members=members)
+    usage = TokenCounts(**await service.usage.thread_totals(thread))
+    return ThreadDetail(**_out(summary, user).model_dump(), members=members, usage=usage)
+
+
+usage_router = APIRouter(prefix="/v1", tags=["usage"], responses=_ERRORS)
+
+
+@usage_router.get("/usage", summary="The caller's tokens today (UTC) and their daily limit")
+async def get_usage(user: Caller, service: Chat) -> UsageOut:
+    today = await service.usage.today(user)
+    limit = today.limit or None
+    return UsageOut(
+        user_id=user, day=(dt.date(1970, 1, 1) + dt.timedelta(days=today.day)).isoformat(),
+        input_tokens=today.input_tokens, output_tokens=today.output_tokens,
+        total_tokens=today.total, turns=today.turns, limit=limit,
+        remaining=None if limit is None else max(0, limit - today.total),
+        resets_in_ms=until_next_day_ms(),
+    )  # fmt: skip
 
 
 def _out(summary: ThreadSummary, user: UserId) -> ThreadOut:
@@ -211,6 +251,7 @@ _STATUS: list[tuple[type[ChatError], int]] = [
     (ThreadBusy, 409),  # a prompt over HTTP (app.sse) while a turn runs
     (InvalidRequest, 422),
     (RateLimited, 429),
+    (BudgetExceeded, 429),
 ]
 
 
@@ -289,6 +330,7 @@ class BodyLimit:
 def install(app: FastAPI, origins: OriginPolicy) -> None:
     """Mount the REST API on ``app``: routes, error mapping, body limit, CORS."""
     app.include_router(router)
+    app.include_router(usage_router)
     app.add_exception_handler(HttpError, _on_http_error)
     app.add_exception_handler(ChatError, _on_chat_error)
     app.add_exception_handler(RequestValidationError, _on_invalid)

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     # and the SDK's own retries of a failed request before any text streamed.
     chat_llm_timeout_s: float = Field(default=120.0, gt=0)
     chat_llm_max_retries: int = Field(default=2, ge=0, le=10)
+    # Tools (app.llm.tools): module paths (or ``clock``) besides the
+    # ``durable_chat.tools`` entry points; limits on running them.
+    chat_tools: str | None = None
+    chat_tool_timeout_s: float = Field(default=30.0, gt=0)
+    chat_tool_concurrency: int = Field(default=8, ge=1)
+    chat_tool_max_output_chars: int = Field(default=16000, ge=100)
+    chat_max_tool_rounds: int = Field(default=8, ge=1, le=100)
+    # Tokens (input + output) a user may spend per UTC day, across pods; 0: no limit.
+    chat_user_tokens_per_day: int = Field(default=0, ge=0)
     chat_fake_reply_tokens: int = Field(default=40, ge=1, le=100000)
     chat_fake_token_delay_ms: float = Field(default=20.0, ge=0)
     # Benchmarks: each fake token carries its emission time (app.llm.fake).

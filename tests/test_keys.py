@@ -70,6 +70,7 @@ THREAD_KEY_BUILDERS = [
     keys.members,
     keys.dedup,
     keys.turn,
+    keys.usage_outbox,
     keys.live,
 ]
 
@@ -102,9 +103,13 @@ def test_thread_keys_of_different_threads_never_collide() -> None:
 
 def test_user_keys_carry_the_user_hash_tag() -> None:
     u = keys.user_id("bob@example.com")
-    for key in (keys.user_threads(u), keys.user_owned(u), keys.user_sockets(u)):
+    built = [
+        keys.user_threads(u), keys.user_owned(u), keys.user_sockets(u),
+        keys.user_usage(u, 20000), keys.user_usage(u, 20001), keys.user_inflight(u),
+    ]  # fmt: skip
+    for key in built:
         assert "{bob@example.com}" in key
-    assert len({keys.user_threads(u), keys.user_owned(u), keys.user_sockets(u)}) == 3
+    assert len(set(built)) == len(built)
 
 
 @pytest.mark.parametrize("raw", ["a", "thread-1", "x" * 64, "live", "_-_"])

@@ -14,11 +14,12 @@ from app.chat import keys
 from app.chat.errors import LockLost, NotFound
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease, TurnLock
-from app.chat.records import Delta, Done, Loading, Message
+from app.chat.records import Delta, Done, Loading, Message, ToolCallEvent, ToolResultEvent, ToolUse
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import frame_from_entry, parse_frame
-from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore
+from app.chat.turns import Begun, Duplicate, Orphaned, Partial, TurnStore
+from app.chat.usage import utc_day
 from tests.conftest import USER, Listener, open_thread
 
 POD = "pod-a"
@@ -356,7 +357,7 @@ async def test_partial_text_is_the_generations_deltas(
         await store.append_delta(thread, lease, delta(thread, "g2", seq, text))
     record = await store.record(thread)
     assert record is not None
-    assert await store.partial_text(thread, record) == ("Once upon a time", 3)
+    assert await store.partial(thread, record) == Partial("Once upon a time", 3, ())
 
 
 # --- end ------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ async def test_events_are_trimmed_at_turn_boundaries_only(
     assert await redis.xlen(keys.events(thread)) == 252
     record = await store.record(thread)
     assert record is not None
-    assert await store.partial_text(thread, record) == ("y" * 250, 250)
+    assert await store.partial(thread, record) == Partial("y" * 250, 250, ())
     await store.end(thread, lease, assistant_message("y" * 250), done(thread, "long"))
     after_end = await redis.xlen(keys.events(thread))
     assert retention <= after_end < 2 * retention
@@ -581,7 +582,8 @@ async def test_close_orphan_commits_the_published_text_as_interrupted(
     assert last["type"] == "done" and last["status"] == "interrupted"
     assert last["message_id"] == message_id and last["generation_id"] == "dead"
     assert await store.record(thread) is None
-    assert await store.index_threads() == []
+    # The thread stays in the index until its caller settled its usage.
+    assert await store.index_threads() == [thread]
     # The dead turn can never write again.
     with pytest.raises(LockLost):
         await store.append_delta(thread, dead, delta(thread, "dead", 2, "zombie"))
@@ -596,3 +598,85 @@ async def test_index_lists_threads_and_drops_foreign_members(store: TurnStore, r
     assert await redis.zscore(keys.TURN_INDEX, "not a thread id!") is None
     await store.index_remove(a)
     assert await store.index_threads() == ["b"]
+
+
+# --- tool events, and usage in the final commit -----------------------------------
+
+
+def tool_call(thread: ThreadId, generation_id: str, call_id: str) -> ToolCallEvent:
+    return ToolCallEvent(
+        thread_id=thread, generation_id=generation_id, call_id=call_id, name="clock",
+        input={"timezone": "UTC"},
+    )  # fmt: skip
+
+
+def tool_result(thread: ThreadId, generation_id: str, call_id: str, output: str) -> ToolResultEvent:
+    return ToolResultEvent(
+        thread_id=thread, generation_id=generation_id, call_id=call_id, output=output,
+        is_error=False,
+    )  # fmt: skip
+
+
+async def test_tool_events_are_appended_once_per_call(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    lease, _ = await begin(store, lock, thread, generation_id="g")
+    for _ in range(2):  # a retry after a lost reply appends nothing twice
+        assert await store.append_once(thread, lease, tool_call(thread, "g", "c1")) is False
+        result = tool_result(thread, "g", "c1", "12:00")
+        assert await store.append_once(thread, lease, result) is False
+    kinds = [(e["type"], e.get("call_id")) for _, e in await events(redis, thread)]
+    assert kinds[-2:] == [("tool_call", "c1"), ("tool_result", "c1")]
+    assert len(kinds) == 4  # message, loading, tool_call, tool_result
+    call = (await events(redis, thread))[-2][1]
+    assert call["name"] == "clock" and call["input"] == {"timezone": "UTC"}
+    assert await store.request_cancel(thread, "g") == "g"
+    assert await store.append_once(thread, lease, tool_call(thread, "g", "c2")) is True
+
+
+async def test_tool_events_are_fenced(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    lease, _ = await begin(store, lock, thread, generation_id="g")
+    await redis.incr(keys.fence(thread))  # a newer grant
+    with pytest.raises(LockLost):
+        await store.append_once(thread, lease, tool_call(thread, "g", "c1"))
+
+
+async def test_partial_keeps_finished_tool_calls_at_their_offsets(
+    store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    lease, _ = await begin(store, lock, thread, generation_id="g")
+    await store.append_delta(thread, lease, delta(thread, "g", 0, "Let me see. "))
+    await store.append_once(thread, lease, tool_call(thread, "g", "done-call"))
+    await store.append_once(thread, lease, tool_call(thread, "g", "cut-call"))
+    await store.append_once(thread, lease, tool_result(thread, "g", "done-call", "12:00"))
+    record = await store.record(thread)
+    assert record is not None
+    partial = await store.partial(thread, record)
+    assert partial.text == "Let me see. "
+    # Only the call that finished: the other was cut by the pod's death.
+    assert partial.tool_calls == (
+        ToolUse("done-call", "clock", {"timezone": "UTC"}, "12:00", False, len("Let me see. ")),
+    )
+    assert record.user_id == USER
+
+
+async def test_end_adds_usage_to_the_thread_and_the_outbox(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    for generation_id, tokens in (("g1", (10, 5)), ("g2", (7, 3))):
+        lease, _ = await begin(store, lock, thread, generation_id=generation_id)
+        usage = {"input_tokens": tokens[0], "output_tokens": tokens[1]}
+        finished = Done(
+            thread_id=thread, generation_id=generation_id, status="complete", usage=usage
+        )
+        message_id = await store.end(thread, lease, assistant_message("hi"), finished)
+        assert message_id is not None
+        # A retry of the same end changes nothing.
+        assert await store.end(thread, lease, assistant_message("hi"), finished) is None
+    meta = await redis.hgetall(keys.meta(thread))
+    assert (int(meta["input_tokens"]), int(meta["output_tokens"])) == (17, 8)
+    outbox = await redis.hgetall(keys.usage_outbox(thread))
+    day = utc_day()
+    assert outbox == {"g1": f"{USER} {day} 10 5", "g2": f"{USER} {day} 7 3"}

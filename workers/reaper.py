@@ -11,6 +11,7 @@ from app.chat.lock import TurnLock
 from app.chat.reaper import Reaper
 from app.chat.scripts import Scripts
 from app.chat.turns import TurnStore
+from app.chat.usage import UsageStore
 from app.redis_client import connect
 from app.settings import Settings
 
@@ -20,8 +21,9 @@ async def run(settings: Settings) -> None:
     handles = connect(settings)
     scripts = Scripts(handles.commands)
     turns = TurnStore.configured(handles.commands, scripts, handles.publish_command, settings)
+    usage = UsageStore(handles.commands, scripts, settings.chat_user_tokens_per_day)
     reaper = Reaper(
-        scripts, TurnLock(scripts, settings.chat_lock_ttl_ms), turns,
+        scripts, TurnLock(scripts, settings.chat_lock_ttl_ms), turns, usage,
         interval_ms=settings.chat_reaper_interval_ms,
         holder=f"worker:{settings.chat_pod_id}",
     )  # fmt: skip

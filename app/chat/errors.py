@@ -13,6 +13,7 @@ DomainCode = Literal[
     "bad_request",
     "thread_busy",
     "rate_limited",
+    "budget_exceeded",
     "forbidden",
     "not_found",
     "conflict",
@@ -75,6 +76,18 @@ class RateLimited(ChatError):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
         self.retryable = retryable
+
+
+class BudgetExceeded(ChatError):
+    """The user spent CHAT_USER_TOKENS_PER_DAY today (or their turns still
+    running may spend what is left); ``retry_after_ms`` says when to retry."""
+
+    code = "budget_exceeded"
+    retryable = True
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class PodFull(RateLimited):

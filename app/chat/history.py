@@ -12,17 +12,35 @@ history entry format.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
+
+import orjson
 
 from app.chat import keys
 from app.chat.errors import NotFound
 from app.chat.keys import ThreadId
-from app.chat.records import Message, MessageStatus, Role
+from app.chat.records import Message, MessageStatus, Role, ToolUse
 from app.chat.redis_types import RedisClient
 from app.chat.scripts import Scripts
 
 # The seed protocol's whole-branch reads, a page at a time.
 _ALL_PAGE = 200
+
+
+def tool_use_json(use: ToolUse) -> dict[str, object]:
+    """A tool call as stored and as clients see it in an assistant message."""
+    return {
+        "call_id": use.call_id, "name": use.name, "input": use.input,
+        "output": use.output, "is_error": use.is_error, "offset": use.offset,
+    }  # fmt: skip
+
+
+def tool_use_from_json(data: dict[str, Any]) -> ToolUse:
+    return ToolUse(
+        call_id=str(data["call_id"]), name=str(data["name"]), input=data.get("input"),
+        output=str(data.get("output", "")), is_error=bool(data.get("is_error")),
+        offset=int(data.get("offset", 0)),
+    )  # fmt: skip
 
 
 def message_from_entry(
@@ -31,6 +49,7 @@ def message_from_entry(
     """A message as read back from its history stream entry. An entry written
     before trees existed has no ``parent`` field (its parent is the entry
     before it: HISTORY_PATH works that out)."""
+    tool_calls = orjson.loads(fields["tool_calls"]) if fields.get("tool_calls") else []
     return Message(
         id=entry_id,
         parent_id=fields.get("parent") or None,
@@ -41,6 +60,8 @@ def message_from_entry(
         created_at=int(fields.get("created_at", entry_id.split("-")[0])),
         status=cast(MessageStatus, fields.get("status", "complete")),
         client_msg_id=fields.get("client_msg_id") or None,
+        tool_calls=tuple(tool_use_from_json(c) for c in tool_calls),
+        usage=orjson.loads(fields["usage"]) if fields.get("usage") else None,
     )
 
 
@@ -56,6 +77,11 @@ def entry_fields(message: Message) -> list[str]:
     ]  # fmt: skip
     if message.client_msg_id:
         pairs += ["client_msg_id", message.client_msg_id]
+    if message.tool_calls:
+        calls = [tool_use_json(c) for c in message.tool_calls]
+        pairs += ["tool_calls", orjson.dumps(calls).decode()]
+    if message.usage is not None:
+        pairs += ["usage", orjson.dumps(dict(message.usage)).decode()]
     return pairs
 
 

@@ -136,6 +136,11 @@ def turn(t: ThreadId) -> str:
     return _thread_key(t, "turn")
 
 
+def usage_outbox(t: ThreadId) -> str:
+    """Charges of the thread's ended turns not yet added to their users' days."""
+    return _thread_key(t, "usage")
+
+
 def live(t: ThreadId) -> str:
     return _thread_key(t, "live")
 
@@ -145,7 +150,7 @@ def all_thread_keys(t: ThreadId) -> list[str]:
     all but the fence, which stays a while as a tombstone (DELETED_TTL_S)."""
     return [
         history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t),
-        tree(t),
+        tree(t), usage_outbox(t),
     ]  # fmt: skip
 
 
@@ -163,6 +168,16 @@ def user_sockets(u: UserId) -> str:
 
 def user_prompt_bucket(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:rate:prompts"
+
+
+def user_usage(u: UserId, day: int) -> str:
+    """A user's token counts of one UTC day (days since the epoch)."""
+    return f"{PREFIX}:user:{{{u}}}:usage:{day}"
+
+
+def user_inflight(u: UserId) -> str:
+    """Room held in a user's daily budget by their turns still running."""
+    return f"{PREFIX}:user:{{{u}}}:inflight"
 
 
 def probe_channel(pod: str) -> str:

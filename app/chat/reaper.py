@@ -3,8 +3,10 @@
 A turn whose pod is gone stops renewing its lease; once the lease has run
 out (CHAT_LOCK_TTL_MS) the reaper takes the thread's lock itself, with a new
 fencing number (so the dead turn, should it wake up, can never write again),
-commits the text the turn had published as an ``interrupted`` assistant
-message, publishes ``done`` and frees the thread. It runs every
+commits the text and the finished tool calls the turn had published as an
+``interrupted`` assistant message, publishes ``done`` and frees the thread,
+then moves the thread's pending token charges to their users (app.chat.usage:
+also those of a turn that ended but whose pod died before moving them). It runs every
 CHAT_REAPER_INTERVAL_MS, so a thread is free again within the lease plus one
 interval.
 
@@ -28,6 +30,7 @@ from app.chat.errors import LockLost
 from app.chat.lock import TurnLock
 from app.chat.scripts import Scripts
 from app.chat.turns import TurnStore
+from app.chat.usage import UsageStore
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,19 @@ class Reaper:
     """Sweeps the turn index for turns whose lease expired."""
 
     def __init__(
-        self, scripts: Scripts, lock: TurnLock, turns: TurnStore, *, interval_ms: int, holder: str
+        self,
+        scripts: Scripts,
+        lock: TurnLock,
+        turns: TurnStore,
+        usage: UsageStore,
+        *,
+        interval_ms: int,
+        holder: str,
     ) -> None:
         self._scripts = scripts
         self._lock = lock
         self._turns = turns
+        self._usage = usage
         self._holder = holder
         self._interval_s = interval_ms / 1000
 
@@ -71,16 +82,17 @@ class Reaper:
             try:
                 # Read under the lock: no turn can begin or end meanwhile.
                 record = await self._turns.record(thread)
-                if record is None:
-                    await self._turns.index_remove(thread)
-                    continue
-                log.info(
-                    "closing turn %s left open by pod %s", record.generation_id, record.pod,
-                    extra={"thread_id": thread, "generation_id": record.generation_id},
-                )  # fmt: skip
-                await self._turns.close_orphan(thread, lease, record)
-                metrics.TURNS_REAPED.inc()
-                closed += 1
+                if record is not None:
+                    log.info(
+                        "closing turn %s left open by pod %s", record.generation_id, record.pod,
+                        extra={"thread_id": thread, "generation_id": record.generation_id},
+                    )  # fmt: skip
+                    await self._turns.close_orphan(thread, lease, record)
+                    metrics.TURNS_REAPED.inc()
+                    closed += 1
+                # A turn leaves the index only once its charges are settled.
+                await self._usage.settle(thread)
+                await self._turns.index_remove(thread)
             except (LockLost, RedisError) as exc:
                 log.warning(
                     "could not close the turn of thread %s: %s", thread, exc,

@@ -7,11 +7,30 @@ published once), how a client sees them app.protocol's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "cancelled", "interrupted", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool the model called during a reply, and what it answered.
+
+    ``input`` is the JSON value the model sent (its raw text when that did not
+    parse); ``offset`` is how much of the reply's ``content`` had been written
+    when the model asked, so the reply can be given back to the model as the
+    rounds it was (text, calls, results, more text).
+    """
+
+    call_id: str
+    name: str
+    input: Any
+    output: str
+    is_error: bool
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +38,8 @@ class Message:
     """A committed message of a thread's history (``id`` is its history entry
     id, empty until the commit script writes it). ``parent_id`` is the message
     it follows (None for a root); ``siblings``, in history pages only, the ids
-    of the messages sharing its parent, oldest first, itself included."""
+    of the messages sharing its parent, oldest first, itself included. An
+    assistant message keeps the tools it called and the tokens its turn used."""
 
     id: str
     role: Role
@@ -30,6 +50,8 @@ class Message:
     client_msg_id: str | None = None
     parent_id: str | None = None
     siblings: tuple[str, ...] | None = None
+    tool_calls: tuple[ToolUse, ...] = ()
+    usage: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +71,28 @@ class Delta:
     generation_id: str
     seq: int
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEvent:
+    """The model asked for tool ``name`` (a timeline event, before it runs)."""
+
+    thread_id: str
+    generation_id: str
+    call_id: str
+    name: str
+    input: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultEvent:
+    """What the tool of ``call_id`` answered (a timeline event)."""
+
+    thread_id: str
+    generation_id: str
+    call_id: str
+    output: str
+    is_error: bool
 
 
 @dataclass(frozen=True, slots=True)

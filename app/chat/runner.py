@@ -10,17 +10,25 @@ interrupted (this pod is draining). If the pod dies instead, the reaper
 Tokens are coalesced into deltas: the buffer is flushed when it reaches
 CHAT_DELTA_MAX_BYTES or when its oldest piece is CHAT_DELTA_WINDOW_MS old,
 so a fast model costs one Redis round trip per window, not one per token.
+
+Tools: when a model call ends asking for tools, the text so far is flushed,
+each call is announced (``tool_call``, once per call id, fenced like every
+write) and only then run, on this pod, within the same lock; each result is
+published (``tool_result``) as it finishes, and the model is called again
+with the reply so far, its calls and their results. A cancel or a drain
+stops the running tools; the calls that finished stay in the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -31,12 +39,24 @@ from app.chat.errors import LockLost
 from app.chat.fanout import FanoutHub
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease, TurnLock
-from app.chat.records import Delta, Done, Message, MessageStatus
+from app.chat.records import (
+    Delta,
+    Done,
+    Message,
+    MessageStatus,
+    ToolCallEvent,
+    ToolResultEvent,
+    ToolUse,
+)
 from app.chat.timeline import TimelineEvent
 from app.chat.turns import TurnStore
-from app.llm import ChatModel, LLMError, Usage
+from app.chat.usage import UsageStore
+from app.llm import ChatModel, LLMError, ToolCall, Usage
+from app.llm.tools import Outcome, ToolBox
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How long a turn's final writes (the rest of its text, then its end) may take
 # in all, retries and attempts in flight included, before the turn gives up
@@ -56,6 +76,18 @@ class _Stop:
 
 
 _END = object()
+
+
+@dataclass
+class _ToolRound:
+    """The model asked for tools: the consumer runs them, then resolves ``done``."""
+
+    calls: list[ToolCall]
+    done: asyncio.Future[None]
+
+
+class _LeftToReaper(Exception):
+    """Redis stayed unreachable past WRITE_RETRY_S: the reaper will close the turn."""
 
 
 @dataclass
@@ -79,6 +111,11 @@ class TurnSetup:
     lock: TurnLock
     window_ms: float
     max_bytes: int
+    # Tools the model may call, the most rounds of them in one turn, and
+    # where a turn's tokens are charged once it ended (app.chat.usage).
+    tools: ToolBox = field(default_factory=ToolBox)
+    max_tool_rounds: int = 8
+    usage: UsageStore | None = None
 
 
 class TurnRunner:
@@ -91,6 +128,14 @@ class TurnRunner:
         self._lock = setup.lock
         self._window_s = setup.window_ms / 1000
         self._max_bytes = setup.max_bytes
+        self._tools = setup.tools
+        self._usage_store = setup.usage
+        self._max_tool_rounds = setup.max_tool_rounds
+        # One Usage per model call; the turn's is their sum (ctx.usage).
+        self._calls: list[Usage] = []
+        self._text: list[str] = []  # every piece the model sent, for its next call
+        self._uses: list[ToolUse] = []  # finished tool calls, in the order they finished
+        self._announced: set[str] = set()  # call ids announced (and so run) once
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._pending: list[str] = []
         self._pending_bytes = 0
@@ -132,6 +177,8 @@ class TurnRunner:
                 self.ctx.generation_id, self.ctx.thread,
                 extra=self.log_context,
             )  # fmt: skip
+        except _LeftToReaper:
+            pass  # logged where the writes gave up
         finally:
             for task in (producer, renewer):
                 task.cancel()
@@ -143,18 +190,44 @@ class TurnRunner:
         started = time.monotonic()
         first = True
         try:
-            async for piece in self._model.stream(self.ctx.messages, self.ctx.usage):
-                if isinstance(piece, str) and piece:
-                    if first:
-                        metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
-                        first = False
-                    self._inbox.put_nowait(piece)
-            self._inbox.put_nowait(_END)
+            for rounds in itertools.count():
+                usage = Usage()
+                self._calls.append(usage)
+                calls: list[ToolCall] = []
+                stream = self._model.stream(self._context(), usage, self._tools.specs)
+                async for item in stream:
+                    if isinstance(item, ToolCall):
+                        calls.append(item)
+                    elif item:
+                        if first:
+                            metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
+                            first = False
+                        self._text.append(item)
+                        self._inbox.put_nowait(item)
+                if not calls:
+                    self._inbox.put_nowait(_END)
+                    return
+                if rounds == self._max_tool_rounds:
+                    raise LLMError(f"The model kept calling tools; stopped after {rounds} rounds.")
+                done = asyncio.get_running_loop().create_future()
+                self._inbox.put_nowait(_ToolRound(calls, done))
+                await done
         except LLMError as exc:
             self._inbox.put_nowait(exc)
         except Exception:
             log.exception("model %s failed unexpectedly", self._model.name, extra=self.log_context)
             self._inbox.put_nowait(LLMError("the model failed unexpectedly"))
+
+    def _context(self) -> Sequence[Message]:
+        """What the model reads: the thread's history, then (after a tool
+        round) the reply so far with its calls and their results."""
+        if not self._uses:
+            return self.ctx.messages
+        so_far = Message(
+            id="", role="assistant", content="".join(self._text), user_id="assistant",
+            created_at=0, status="complete", tool_calls=tuple(self._uses),
+        )  # fmt: skip
+        return [*self.ctx.messages, so_far]
 
     async def _consume(self) -> tuple[MessageStatus, str | None]:
         """Coalesce the model's pieces into deltas until the turn ends."""
@@ -190,6 +263,81 @@ class TurnRunner:
                 return item.status, None
             elif isinstance(item, LLMError):
                 return "error", item.message
+            elif isinstance(item, _ToolRound):
+                deadline = None
+                stopped = await self._tool_round(item)
+                if stopped is not None:
+                    return stopped, None
+
+    async def _tool_round(self, round_: _ToolRound) -> MessageStatus | None:
+        """Announce and run one round of tool calls, publishing each result as
+        it comes; a status when the turn must end instead (a cancel, a drain)."""
+        await self._must(self._flush_all)
+        offset = len("".join(self._published))
+        running: dict[asyncio.Task[Outcome], ToolCall] = {}
+        getter: asyncio.Task[object] | None = None
+        stop: MessageStatus | None = None
+        try:
+            for call in round_.calls:
+                if call.call_id in self._announced:
+                    continue  # never run twice for one call id
+                if await self._announce(call):
+                    stop = "cancelled"
+                    break
+                running[asyncio.create_task(self._tools.run(call))] = call
+            while running and stop is None:
+                getter = getter or asyncio.create_task(self._inbox.get())
+                finished, _ = await asyncio.wait(
+                    {*running, getter}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in finished:
+                    item, getter = getter.result(), None
+                    if isinstance(item, _Stop):
+                        stop = item.status
+                for task in [t for t in running if t in finished]:
+                    if await self._publish_result(running.pop(task), task.result(), offset):
+                        stop = "cancelled"
+        finally:
+            if getter is not None:
+                getter.cancel()  # nothing taken yet: no item is lost
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)
+            if not round_.done.done():
+                round_.done.set_result(None)
+        return stop
+
+    async def _announce(self, call: ToolCall) -> bool:
+        """Publish a call before it runs (the reaper and every client learn of
+        it first); True when a cancel was asked for."""
+        value, _ = self._tools.parse(call)
+        event = ToolCallEvent(
+            thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
+            call_id=call.call_id, name=call.name, input=value,
+        )  # fmt: skip
+        cancel = await self._must(
+            lambda: self._store.append_once(self.ctx.thread, self.ctx.lease, event)
+        )
+        self._announced.add(call.call_id)
+        return bool(cancel)
+
+    async def _publish_result(self, call: ToolCall, outcome: Outcome, offset: int) -> bool:
+        """Publish a finished call's result and keep it for the reply; True
+        when a cancel was asked for."""
+        event = ToolResultEvent(
+            thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
+            call_id=call.call_id, output=outcome.output, is_error=outcome.is_error,
+        )  # fmt: skip
+        cancel = await self._must(
+            lambda: self._store.append_once(self.ctx.thread, self.ctx.lease, event)
+        )
+        self._uses.append(
+            ToolUse(
+                call.call_id, call.name, outcome.input, outcome.output, outcome.is_error, offset
+            )
+        )
+        return bool(cancel)
 
     async def _try_flush(self) -> bool:
         """Flush now; a Redis outage keeps the text buffered for the next try.
@@ -233,14 +381,18 @@ class TurnRunner:
 
     async def _finish(self, status: MessageStatus, error: str | None) -> None:
         ctx = self.ctx
+        ctx.usage = Usage()
+        for call_usage in self._calls:
+            ctx.usage.add(call_usage)
+        usage = ctx.usage.wire()
         assistant = Message(
             id="", role="assistant", content="".join(self._published), user_id="assistant",
             created_at=int(time.time() * 1000), status=status,
+            tool_calls=tuple(self._uses), usage=usage,
         )  # fmt: skip
         done = Done(
-            thread_id=ctx.thread, generation_id=ctx.generation_id, status=status,
-            usage=ctx.usage.wire(),
-        )  # fmt: skip
+            thread_id=ctx.thread, generation_id=ctx.generation_id, status=status, usage=usage
+        )
         if error:
             log.warning(
                 "turn %s ended with a model error: %s", ctx.generation_id, error,
@@ -252,26 +404,37 @@ class TurnRunner:
             extra=self.log_context,
         )  # fmt: skip
         metrics.TURNS_FINISHED.labels(status).inc()
-        metrics.count_tokens(
-            self._model.provider, ctx.usage.model or self._model.name, ctx.usage.wire()
-        )
+        metrics.count_tokens(self._model.provider, ctx.usage.model or self._model.name, usage)
+        if self._usage_store is not None:
+            # Before leaving the turn index: until then the reaper would
+            # settle it, should this pod die now (app.chat.usage).
+            await self._usage_store.settle(ctx.thread)
         await self._store.index_remove(ctx.thread)
 
     async def _final_writes(self, status: MessageStatus, error: str | None) -> None:
-        """Publish what is still buffered, then commit the end, retrying
-        through a Redis outage for at most WRITE_RETRY_S; after that the turn
-        is left to the reaper, which closes it from the log. Starting over
-        is safe: a delta is retried as it was, and an end already committed
-        is not committed again."""
+        """Publish what is still buffered, then commit the end (see _must);
+        starting over is safe: a delta is retried as it was, and an end
+        already committed is not committed again."""
+
+        async def both() -> None:
+            await self._flush_all()
+            await self._finish(status, error)
+
+        await self._must(both)
+
+    async def _must(self, write: Callable[[], Awaitable[T]]) -> T:
+        """A write the turn cannot go on without (its end; a tool announced
+        before it runs, its result before the model reads it), retried
+        through a Redis outage for at most WRITE_RETRY_S in all; after that
+        the turn is left to the reaper (_LeftToReaper), which closes it from
+        the log."""
         delays = iter(WRITE_BACKOFF)
         failure: Exception | None = None
         try:
             async with asyncio.timeout(WRITE_RETRY_S):
                 while True:
                     try:
-                        await self._flush_all()
-                        await self._finish(status, error)
-                        return
+                        return await write()
                     except RedisError as exc:
                         metrics.REDIS_ERRORS.labels("turn").inc()
                         failure = exc
@@ -281,6 +444,7 @@ class TurnRunner:
                 "turn %s left to the reaper: %s", self.ctx.generation_id,
                 failure or "Redis did not answer", extra=self.log_context,
             )  # fmt: skip
+            raise _LeftToReaper from None
 
     async def _renew(self) -> None:
         """Keep the lease alive, and read the durable cancel flag meanwhile."""

@@ -254,6 +254,9 @@ return 0
 #     parent: '' (follow the active leaf), '-' (a new root) or a message id;
 #     for a regenerate the message to answer again, [12...] history entry
 #     fields (name, value)*
+# The turn record also keeps the user its tokens are charged to (the
+# `user_id` among the entry fields; a regenerate passes just that field):
+# whoever ends the turn, the reaper included, charges them.
 # Returns {'ok', user_message_id, loading_event_id} (also for a retry of the
 #     same generation after a lost reply: nothing is written twice),
 #     {'dup', original_event_id} (a prompt's message, a regenerate's loading),
@@ -327,6 +330,9 @@ if ARGV[10] ~= 'regenerate' then
 end
 redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
   'start_id', lid, 'user_message_id', answered)
+for i = 12, #ARGV, 2 do
+  if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
+end
 return {'ok', answered, lid}
 """
 )
@@ -351,13 +357,34 @@ return redis.call('HGET', KEYS[5], 'cancel')
 """
 )
 
+# APPEND_ONCE: one timeline event of the running turn that must appear once
+# (a tool_call, a tool_result).
+# KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] turn
+# ARGV[1] fencing number, [2] publish command, [3] event JSON, [4] its once-key
+# Returns the turn's `cancel` field or nil, like APPEND_DELTA; error
+# STALE_FENCE when the lock was lost. The once-key (say `tc:<call_id>`) is
+# remembered in the turn record, so a retry after a lost reply appends
+# nothing twice, and a call is never announced (nor run) twice.
+APPEND_ONCE = (
+    _PRELUDE
+    + r"""
+local stale = check_fence(KEYS[1], ARGV[1])
+if stale then return stale end
+if redis.call('HSETNX', KEYS[5], ARGV[4], '1') == 1 then
+  emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[3], 0)
+end
+return redis.call('HGET', KEYS[5], 'cancel')
+"""
+)
+
 # END_TURN: commit the assistant's message, publish `done`, free the thread.
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] turn,
-#     [7] lock, [8] tree
+#     [7] lock, [8] tree, [9] usage outbox
 # ARGV[1] fencing number, [2] publish command, [3] event retention,
 #     [4] assistant `message` event JSON (\1 = message id, "\2" = parent id),
 #     [5] `done` event JSON (\1 = message id), [6] lock owner token,
-#     [7] generation id, [8...] history entry fields (name, value)*
+#     [7] generation id, [8] input tokens, [9] output tokens, [10] UTC day
+#     number, [11...] history entry fields (name, value)*
 # Returns the message id, or nil when that generation's turn is already
 # closed (a retry after a lost reply: nothing is written twice);
 # error STALE_FENCE when another grant came since.
@@ -367,20 +394,32 @@ return redis.call('HGET', KEYS[5], 'cancel')
 # record and the lock release happen together, so no client ever sees a
 # thread that is free but whose reply is missing, or a reply committed twice
 # (by a turn and the reaper).
+# Usage: the thread's totals (in meta) are added here, with the reply. The
+# user's daily counter lives on another Cluster slot, so it cannot be
+# written in this script: the charge goes into the thread's usage outbox
+# (generation -> "user day input output") in the same step, and is moved to
+# the user's counter afterwards by an idempotent script (APPLY_USAGE); a
+# charge whose pod died before moving it is moved by the reaper.
 END_TURN = (
     _PRELUDE
     + _TREE
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
-local turn = redis.call('HMGET', KEYS[6], 'generation_id', 'user_message_id')
+local turn = redis.call('HMGET', KEYS[6], 'generation_id', 'user_message_id', 'user_id')
 if turn[1] ~= ARGV[7] then return false end
 local parent = turn[2] or ''
 local retention = tonumber(ARGV[3])
 local mid = next_event_id(KEYS[2])
 link(KEYS[8], KEYS[5], mid, parent)
 local fields = {'parent', parent}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[8])
+redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[9])
+if turn[3] then
+  local charge = turn[3] .. ' ' .. ARGV[10] .. ' ' .. ARGV[8] .. ' ' .. ARGV[9]
+  redis.call('HSET', KEYS[9], ARGV[7], charge)
+end
 redis.call('XADD', KEYS[5], mid, unpack(fields))
 redis.call('HSET', KEYS[2], 'leaf', mid)
 emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill_parent(fill(ARGV[4], mid), parent), 0)
@@ -655,6 +694,61 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 return 1
 """
 
+# RESERVE_BUDGET: may a user start one more turn today? If so, hold room for it.
+# KEYS[1] the user's usage of the day (Hash: input_tokens, output_tokens,
+#     g:<generation> markers), KEYS[2] the user's turns in flight (Hash:
+#     generation -> "expiry_ms reserved_tokens")
+# ARGV[1] daily limit, ARGV[2] generation id, ARGV[3] tokens to reserve,
+#     ARGV[4] reservation lifetime in ms
+# Returns {1, 0} (admitted, room held), {0, 0} (over the limit), or {0, 1}
+#     (under it, but turns in flight may use what is left).
+# Atomic across pods: the check and the reservation are one step, so
+# concurrent prompts on several pods cannot all pass on the same remaining
+# room. A turn is admitted while the user is under the limit and either no
+# other of their turns runs or the room held for those and this one fits;
+# so only one turn can ever carry a user over the line. Reservations expire
+# (a pod that died holding one) and are dropped when the turn's usage is applied.
+RESERVE_BUDGET = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local counts = redis.call('HMGET', KEYS[1], 'input_tokens', 'output_tokens')
+local used = (tonumber(counts[1]) or 0) + (tonumber(counts[2]) or 0)
+local limit = tonumber(ARGV[1])
+if used >= limit then return {0, 0} end
+local held = 0
+local flights = redis.call('HGETALL', KEYS[2])
+for i = 1, #flights, 2 do
+  local expiry, tokens = string.match(flights[i + 1], '^(%d+) (%d+)$')
+  if tonumber(expiry) <= ms then
+    redis.call('HDEL', KEYS[2], flights[i])
+  else
+    held = held + tonumber(tokens)
+  end
+end
+if held > 0 and used + held + tonumber(ARGV[3]) > limit then return {0, 1} end
+local hold = string.format('%d %d', ms + tonumber(ARGV[4]), tonumber(ARGV[3]))
+redis.call('HSET', KEYS[2], ARGV[2], hold)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {1, 0}
+"""
+
+# APPLY_USAGE: add one turn's tokens to its user's day, once.
+# KEYS[1] the user's usage of that day, KEYS[2] the user's turns in flight
+# ARGV[1] generation id, [2] input tokens, [3] output tokens, [4] TTL seconds
+# Returns 1 when applied now, 0 when it had been already.
+# Idempotent (the g:<generation> marker), because it runs after END_TURN in
+# a separate step and may run again: by the reaper for a pod that died
+# between the two, or on a retry after a lost reply.
+APPLY_USAGE = r"""
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('HSETNX', KEYS[1], 'g:' .. ARGV[1], '1') == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'turns', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
 # LEADER_LEASE: take or keep a lease (the in-pod reaper's leadership).
 # KEYS[1] lease key; ARGV[1] holder id, ARGV[2] lease in ms
 # Returns 1 if the caller holds the lease now, else 0.
@@ -681,6 +775,7 @@ class Scripts:
         self.release_lock: AsyncScript = redis.register_script(RELEASE_LOCK)
         self.begin_turn: AsyncScript = redis.register_script(BEGIN_TURN)
         self.append_delta: AsyncScript = redis.register_script(APPEND_DELTA)
+        self.append_once: AsyncScript = redis.register_script(APPEND_ONCE)
         self.end_turn: AsyncScript = redis.register_script(END_TURN)
         self.switch_branch: AsyncScript = redis.register_script(SWITCH_BRANCH)
         self.history_path: AsyncScript = redis.register_script(HISTORY_PATH)
@@ -694,3 +789,5 @@ class Scripts:
         self.renew_sockets: AsyncScript = redis.register_script(RENEW_SOCKETS)
         self.reserve_thread: AsyncScript = redis.register_script(RESERVE_THREAD)
         self.leader_lease: AsyncScript = redis.register_script(LEADER_LEASE)
+        self.reserve_budget: AsyncScript = redis.register_script(RESERVE_BUDGET)
+        self.apply_usage: AsyncScript = redis.register_script(APPLY_USAGE)

@@ -44,8 +44,10 @@ from app.chat.timeline import (
     message_event_data,
 )
 from app.chat.turns import Begun, Duplicate, TurnStore
+from app.chat.usage import UsageStore
 from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
+from app.llm.tools import load_tools
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,27 +109,32 @@ class ChatService:
         self.hub = FanoutHub(
             pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe
         )
-        runner_turns = self.turns
+        self.usage = UsageStore(redis, self.scripts, settings.chat_user_tokens_per_day)
+        self.tools = load_tools(settings)
+        runner_turns, runner_usage = self.turns, self.usage
         if turn_writes is not None and turn_writes is not redis:
-            runner_turns = TurnStore.configured(
-                turn_writes, Scripts(turn_writes), publish_command, settings
-            )
+            writes = Scripts(turn_writes)
+            runner_turns = TurnStore.configured(turn_writes, writes, publish_command, settings)
+            runner_usage = UsageStore(turn_writes, writes, settings.chat_user_tokens_per_day)
         setup = TurnSetup(
             model, runner_turns, self.lock, settings.chat_delta_window_ms,
-            settings.chat_delta_max_bytes,
+            settings.chat_delta_max_bytes, tools=self.tools,
+            max_tool_rounds=settings.chat_max_tool_rounds, usage=runner_usage,
         )  # fmt: skip
         self.manager = TurnManager(setup, self.hub)
         self.draining = False
         # What the history may fill of the model's context: the system
-        # prompt and the reply's room are spoken for.
-        self._context_budget = max(
-            settings.chat_context_tokens - estimate_tokens(settings.chat_system_prompt), 100
+        # prompt and the tools' schemas are spoken for.
+        fixed = estimate_tokens(settings.chat_system_prompt) + sum(
+            estimate_tokens(orjson.dumps(dataclasses.asdict(spec)).decode())
+            for spec in self.tools.specs
         )
+        self._context_budget = max(settings.chat_context_tokens - fixed, 100)
 
     def reaper(self, holder: str) -> Reaper:
         """The reaper a pod runs beside this service, sweeping as ``holder``."""
         return Reaper(
-            self.scripts, self.lock, self.turns,
+            self.scripts, self.lock, self.turns, self.usage,
             interval_ms=self.settings.chat_reaper_interval_ms, holder=holder,
         )  # fmt: skip
 
@@ -239,7 +246,8 @@ class ChatService:
         ThreadBusy while another turn runs, Forbidden when ``user`` is no
         longer a member, NotFound for a ``parent`` not of this thread,
         RateLimited when ``user`` sent too many prompts (a repeat of a seen
-        ``client_msg_id`` costs nothing).
+        ``client_msg_id`` costs nothing), BudgetExceeded when ``user`` spent
+        their tokens of the day.
         """
         message = Message(
             id="", role="user", content=content, user_id=user,
@@ -274,6 +282,22 @@ class ChatService:
                 return original
         await self.limits.take_prompt(user)
         generation_id = secrets.token_hex(8)
+        # Room held in the user's daily budget: the prompt, the context it
+        # may bring (at most the budget) and the longest reply.
+        await self.usage.reserve(
+            user, generation_id, self._context_budget + self.settings.chat_max_tokens
+        )
+        try:
+            return await self._open(thread, user, message, anchor, client_msg_id, generation_id)
+        except BaseException:
+            await self.usage.release(user, generation_id)
+            raise
+
+    async def _open(
+        self, thread: ThreadId, user: UserId, message: Message | None, anchor: str,
+        client_msg_id: str | None, generation_id: str,
+    ) -> str | None:  # fmt: skip
+        """_turn() once the user may: commit the message, start the turn."""
         loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
         # Twice at most: the second time after closing a turn a dead pod left open.
         for _attempt in range(2):
@@ -284,7 +308,7 @@ class ChatService:
                 await self.turns.index_add(thread)
                 result = await self.turns.begin(
                     thread, lease, message, loading, self.settings.chat_pod_id, anchor,
-                    client_msg_id,
+                    client_msg_id, charge_to=user,
                 )  # fmt: skip
             except BaseException:
                 await self.lock.release(thread, lease)
@@ -298,6 +322,7 @@ class ChatService:
                 return None
             if isinstance(result, Duplicate):
                 await self.lock.release(thread, lease)
+                await self.usage.release(user, generation_id)
                 return await self.message_frame(thread, client_msg_id or "")
             record = await self.turns.record(thread)
             if record is None:  # closed meanwhile by the reaper
@@ -305,6 +330,8 @@ class ChatService:
                 continue
             log.info("closing turn %s left open by pod %s", record.generation_id, record.pod)
             await self.turns.close_orphan(thread, lease, record)
+            await self.usage.settle(thread)
+            await self.turns.index_remove(thread)
         raise ThreadBusy("a reply is being generated in this thread")
 
     async def _start_turn(

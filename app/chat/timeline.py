@@ -9,13 +9,15 @@ resume, and reading a frame's id and number without decoding the rest.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import orjson
 
 from app.chat import keys
+from app.chat.history import tool_use_json
 from app.chat.keys import ThreadId
-from app.chat.records import Delta, Done, Loading, Message
+from app.chat.records import Delta, Done, Loading, Message, ToolCallEvent, ToolResultEvent
 from app.chat.redis_types import RedisClient
 from app.chat.redis_types import entries as entries_of
 
@@ -55,6 +57,10 @@ def message_json(message: Message) -> dict[str, object]:
         data["client_msg_id"] = message.client_msg_id
     if message.siblings is not None:
         data["siblings"] = list(message.siblings)
+    if message.tool_calls:
+        data["tool_calls"] = [tool_use_json(c) for c in message.tool_calls]
+    if message.usage is not None:
+        data["usage"] = dict(message.usage)
     return data
 
 
@@ -96,8 +102,13 @@ def done_event_data(done: Done) -> str:
     return body[:-1] + f',"message_id":"{MESSAGE_ID_PLACEHOLDER}"}}'
 
 
-def event_data(event: Loading | Delta) -> str:
-    """Any other timeline event (``loading``, ``delta``) as stored JSON."""
+def event_data(event: Loading | Delta | ToolCallEvent | ToolResultEvent) -> str:
+    """Any other timeline event (``loading``, ``delta``, ``tool_call``,
+    ``tool_result``) as stored JSON."""
+    if isinstance(event, ToolCallEvent | ToolResultEvent):
+        body = dataclasses.asdict(event)
+        kind = "tool_call" if isinstance(event, ToolCallEvent) else "tool_result"
+        return orjson.dumps({"type": kind, **body}).decode()
     if isinstance(event, Delta):
         return orjson.dumps(
             {

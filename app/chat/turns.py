@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
@@ -22,7 +23,15 @@ from app.chat.errors import InvalidRequest, LockLost, NotFound, ThreadBusy
 from app.chat.history import entry_fields
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
-from app.chat.records import Delta, Done, Loading, Message
+from app.chat.records import (
+    Delta,
+    Done,
+    Loading,
+    Message,
+    ToolCallEvent,
+    ToolResultEvent,
+    ToolUse,
+)
 from app.chat.redis_types import RedisClient, texts
 from app.chat.redis_types import entries as entries_of
 from app.chat.redis_types import fields as hash_of
@@ -33,7 +42,11 @@ from app.chat.timeline import (
     event_data,
     message_event_data,
 )
+from app.chat.usage import utc_day
 from app.settings import Settings
+
+# A turn closed for a dead pod: what it cost died with the pod.
+UNKNOWN_USAGE = {"input_tokens": 0, "output_tokens": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +59,17 @@ class TurnRecord:
     start_id: str
     user_message_id: str
     cancel_requested: bool
+    user_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """What a turn had published, rebuilt from the timeline: its text, how
+    many deltas carried it, and the tool calls that finished."""
+
+    text: str
+    deltas: int
+    tool_calls: tuple[ToolUse, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +123,7 @@ class TurnStore:
 
     async def begin(
         self, thread: ThreadId, lease: Lease, message: Message | None, loading: Loading,
-        pod: str, anchor: str = "", client_msg_id: str | None = None,
+        pod: str, anchor: str = "", client_msg_id: str | None = None, charge_to: str = "",
     ) -> Begun | Duplicate | Orphaned:  # fmt: skip
         """Commit the user's ``message`` under ``anchor`` ('' = the active
         leaf, '-' = as a new root, else a message id) and open the turn; or,
@@ -108,7 +132,8 @@ class TurnStore:
         (``client_msg_id``, default the message's), or that a dead pod's turn
         must be closed first. NotFound when the thread is gone (deleted under
         an open socket) or ``anchor`` is not one of its messages;
-        InvalidRequest when a regenerated reply would answer no user message."""
+        InvalidRequest when a regenerated reply would answer no user message.
+        The turn's tokens are charged to the message's user, or ``charge_to``."""
         if message is not None and client_msg_id is None:
             client_msg_id = message.client_msg_id
         try:
@@ -123,7 +148,8 @@ class TurnStore:
                     message_event_data(thread, message) if message else "", event_data(loading),
                     client_msg_id or "", self._dedup_ttl_s,
                     loading.generation_id, pod, "prompt" if message else "regenerate",
-                    anchor, *(entry_fields(message) if message else ()),
+                    anchor,
+                    *(entry_fields(message) if message else ("user_id", charge_to)),
                 ],
             )  # fmt: skip
         except ResponseError as exc:
@@ -179,23 +205,46 @@ class TurnStore:
             raise _fenced(exc) from exc
         return cancel is not None
 
+    async def append_once(
+        self, thread: ThreadId, lease: Lease, event: ToolCallEvent | ToolResultEvent
+    ) -> bool:
+        """Publish a tool event once per call (a retry appends nothing); True
+        when a cancel of the turn was asked for."""
+        once = f"{'tc' if isinstance(event, ToolCallEvent) else 'tr'}:{event.call_id}"
+        try:
+            cancel = await self._scripts.append_once(
+                keys=[
+                    keys.fence(thread), keys.meta(thread), keys.events(thread),
+                    keys.live(thread), keys.turn(thread),
+                ],
+                args=[lease.fence, self._publish, event_data(event), once],
+            )  # fmt: skip
+        except ResponseError as exc:
+            raise _fenced(exc) from exc
+        return cancel is not None
+
     async def end(
         self, thread: ThreadId, lease: Lease, assistant: Message, done: Done
     ) -> str | None:
-        """Commit the assistant's message, publish ``done``, free the thread.
+        """Commit the assistant's message, publish ``done``, free the thread,
+        add the turn's tokens (``done.usage``) to the thread's totals and put
+        the user's charge in the thread's usage outbox (app.chat.usage).
 
         None when this generation was already closed (a retried call)."""
+        usage = done.usage or {}
         try:
             message_id: str | None = await self._scripts.end_turn(
                 keys=[
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.history(thread), keys.turn(thread),
-                    keys.lock(thread), keys.tree(thread),
+                    keys.lock(thread), keys.tree(thread), keys.usage_outbox(thread),
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
                     message_event_data(thread, assistant), done_event_data(done),
-                    lease.token, done.generation_id, *entry_fields(assistant),
+                    lease.token, done.generation_id,
+                    usage.get("input_tokens", 0), usage.get("output_tokens", 0), utc_day(),
+                    *entry_fields(assistant),
                 ],
             )  # fmt: skip
         except ResponseError as exc:
@@ -223,35 +272,60 @@ class TurnStore:
             start_id=fields.get("start_id", "0-0"),
             user_message_id=fields.get("user_message_id", ""),
             cancel_requested=bool(fields.get("cancel")),
+            user_id=fields.get("user_id", ""),
         )
 
-    async def partial_text(self, thread: ThreadId, record: TurnRecord) -> tuple[str, int]:
-        """The text a turn had published, rebuilt from its deltas, and their count.
+    async def partial(self, thread: ThreadId, record: TurnRecord) -> Partial:
+        """What a turn had published, rebuilt from its timeline events.
 
         The log is never trimmed while a turn runs (trimming happens only at
-        the start and end of turns), so every delta of the turn is there.
+        the start and end of turns), so every event of the turn is there. A
+        tool call counts as finished once its ``tool_result`` is there; its
+        offset is the text published before its ``tool_call``, as the turn
+        itself counts it (text is always flushed before a tool_call).
         """
         entries = entries_of(await self._redis.xrange(keys.events(thread), record.start_id, "+"))
         pieces: list[str] = []
+        length = 0
+        calls: dict[str, tuple[str, Any, int]] = {}
+        finished: list[ToolUse] = []
         for _entry_id, fields in entries:
             event = orjson.loads(fields["data"])
-            if event.get("type") == "delta" and event.get("generation_id") == record.generation_id:
+            if event.get("generation_id") != record.generation_id:
+                continue
+            kind = event.get("type")
+            if kind == "delta":
                 pieces.append(event["text"])
-        return "".join(pieces), len(pieces)
+                length += len(event["text"])
+            elif kind == "tool_call":
+                calls[event["call_id"]] = (event["name"], event.get("input"), length)
+            elif kind == "tool_result" and event["call_id"] in calls:
+                name, value, offset = calls[event["call_id"]]
+                finished.append(
+                    ToolUse(
+                        event["call_id"], name, value, event["output"], event["is_error"], offset
+                    )
+                )
+        return Partial("".join(pieces), len(pieces), tuple(finished))
 
     async def close_orphan(self, thread: ThreadId, lease: Lease, record: TurnRecord) -> str | None:
-        """Close a turn whose pod died: its published text becomes an
-        ``interrupted`` assistant message, then ``done``. ``lease`` is a fresh
-        grant of the thread's lock, so the dead turn can never write again."""
-        text, _ = await self.partial_text(thread, record)
+        """Close a turn whose pod died: its published text and finished tool
+        calls become an ``interrupted`` assistant message, then ``done``.
+        ``lease`` is a fresh grant of the thread's lock, so the dead turn can
+        never write again. The tokens it used died with its pod: ``done``
+        says 0. The caller settles the usage outbox, then drops the thread
+        from the turn index."""
+        partial = await self.partial(thread, record)
         assistant = Message(
-            id="", role="assistant", content=text, user_id="assistant",
+            id="", role="assistant", content=partial.text, user_id="assistant",
             created_at=int(time.time() * 1000), status="interrupted",
+            tool_calls=partial.tool_calls, usage=UNKNOWN_USAGE,
         )  # fmt: skip
-        done = Done(thread_id=thread, generation_id=record.generation_id, status="interrupted")
-        message_id = await self.end(thread, lease, assistant, done)
-        await self.index_remove(thread)
-        return message_id
+        done = Done(
+            thread_id=thread, generation_id=record.generation_id, status="interrupted",
+            usage=UNKNOWN_USAGE,
+        )  # fmt: skip
+        return await self.end(thread, lease, assistant, done)
 
     async def index_add(self, thread: ThreadId) -> None:
         await self._redis.zadd(keys.TURN_INDEX, {thread: time.time()})

@@ -195,14 +195,32 @@ def _overloaded(exc: anthropic.APIStatusError) -> bool:
 
 
 def to_anthropic_messages(messages: Sequence[Message]) -> list[MessageParam]:
-    """The history (oldest first) as the API wants it: alternating turns,
-    the user's first (app.llm.context.turns)."""
-    return [
-        UserMessageParam(role="user", content=content)
-        if role == "user"
-        else AssistantMessageParam(role="assistant", content=content)
-        for role, content in turns(messages)
-    ]
+    """The history (oldest first) as the API wants it: the turns every
+    provider gets (app.llm.context.turns), tool rounds as ``tool_use`` and
+    ``tool_result`` blocks."""
+    out: list[MessageParam] = []
+    for turn in turns(messages):
+        text: list[Any] = [{"type": "text", "text": turn.text}] if turn.text.strip() else []
+        if turn.role == "user":
+            if not turn.results:
+                out.append(UserMessageParam(role="user", content=turn.text))
+                continue
+            results: list[Any] = [
+                {"type": "tool_result", "tool_use_id": use.call_id, "content": use.output,
+                 "is_error": use.is_error}
+                for use in turn.results
+            ]  # fmt: skip
+            out.append(UserMessageParam(role="user", content=results + text))
+        elif not turn.calls:
+            out.append(AssistantMessageParam(role="assistant", content=turn.text))
+        else:
+            uses: list[Any] = [
+                {"type": "tool_use", "id": use.call_id, "name": use.name,
+                 "input": use.input if isinstance(use.input, dict) else {}}
+                for use in turn.calls
+            ]  # fmt: skip
+            out.append(AssistantMessageParam(role="assistant", content=text + uses))
+    return out
 
 
 def _with_cache_breakpoint(params: list[MessageParam]) -> list[MessageParam]:

@@ -34,8 +34,26 @@ def reply_tokens(prompt: str, tokens: int) -> list[str]:
     return [words[0].capitalize()] + [" " + w for w in words[1:]]
 
 
+def tool_request(prompt: str) -> tuple[str, str] | None:
+    """``/tool NAME [JSON]``: the tool the fake model calls, and its arguments
+    as given (not checked: tests send malformed ones on purpose)."""
+    if not prompt.startswith("/tool "):
+        return None
+    name, _, arguments = prompt[len("/tool ") :].strip().partition(" ")
+    return name, arguments.strip() or "{}"
+
+
+def _words(message: Message) -> int:
+    """The words the fake model counts as its input: the text, and the tool
+    calls' outputs (so tests can see a call carried into the next context)."""
+    return len(message.content.split()) + sum(len(u.output.split()) for u in message.tool_calls)
+
+
 class FakeModel:
     """Streams ``reply_tokens`` of the last user message, one per ``delay_ms``.
+
+    A prompt ``/tool NAME [JSON]`` makes it call tool NAME first (see
+    tool_request); once the results are in, it replies as usual.
 
     With ``stamp`` (CHAT_FAKE_STAMP, for benchmarks) each piece is followed by
     its emission time, ``[t=<unix seconds, 6 decimals>]``, so a client can
@@ -60,7 +78,14 @@ class FakeModel:
     ) -> AsyncIterator[str | ToolCall]:
         prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
         usage.model = "fake"
-        usage.input_tokens = sum(len(m.content.split()) for m in messages)
+        usage.input_tokens = sum(_words(m) for m in messages)
+        call = tool_request(prompt)
+        if call is not None and not (messages and messages[-1].role == "assistant"):
+            # Ask once; the turn's next call (after the results) replies.
+            name, arguments = call
+            seed = f"{len(messages)}:{prompt}".encode()
+            yield ToolCall(f"call_{hashlib.sha256(seed).hexdigest()[:16]}", name, arguments)
+            return
         for i, piece in enumerate(reply_tokens(prompt, self._tokens)):
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)

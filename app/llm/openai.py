@@ -26,7 +26,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from app.chat.records import Message
 from app.llm.base import LLMError, ToolCall, ToolSpec, Usage, clip
-from app.llm.context import turns
+from app.llm.context import arguments_json, turns
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,34 @@ class OpenAIModel:
 def to_openai_messages(
     system: str, messages: Sequence[Message]
 ) -> list[ChatCompletionMessageParam]:
-    """The system prompt, then the history as alternating turns (as every
-    provider gets it: app.llm.context.turns)."""
+    """The system prompt, then the turns every provider gets
+    (app.llm.context.turns): tool calls on the assistant message, each
+    result a ``tool`` message."""
     out: list[ChatCompletionMessageParam] = [{"role": "system", "content": system}]
-    for role, content in turns(messages):
-        if role == "user":
-            out.append({"role": "user", "content": content})
+    for turn in turns(messages):
+        if turn.role == "user":
+            for use in turn.results:
+                output = f"Error: {use.output}" if use.is_error else use.output
+                out.append({"role": "tool", "tool_call_id": use.call_id, "content": output})
+            if turn.text.strip():
+                out.append({"role": "user", "content": turn.text})
+        elif not turn.calls:
+            out.append({"role": "assistant", "content": turn.text})
         else:
-            out.append({"role": "assistant", "content": content})
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": turn.text if turn.text.strip() else None,
+                    "tool_calls": [
+                        {
+                            "id": use.call_id,
+                            "type": "function",
+                            "function": {"name": use.name, "arguments": arguments_json(use)},
+                        }
+                        for use in turn.calls
+                    ],
+                }
+            )
     return out
 
 

@@ -188,12 +188,16 @@ class Stopwatch:
 # builders themselves: tests check that Redis never holds anything else. The
 # groups ``thread`` and ``user`` hold the id a key belongs to.
 _T, _U = keys.ThreadId("T"), keys.UserId("U")
-_USER_KEYS = (keys.user_threads, keys.user_owned, keys.user_sockets, keys.user_prompt_bucket)
+_USER_KEYS = (
+    keys.user_threads, keys.user_owned, keys.user_sockets, keys.user_prompt_bucket,
+    keys.user_inflight,
+)  # fmt: skip
 KEY_LAYOUT = re.compile(
     rf"chat:\{{(?P<thread>{keys.THREAD_ID_PATTERN})\}}:"
     rf"({'|'.join(re.escape(k.removeprefix('chat:{T}:')) for k in keys.all_thread_keys(_T))})"
     rf"|chat:user:\{{(?P<user>{keys.USER_ID_PATTERN})\}}:"
-    rf"({'|'.join(re.escape(k(_U).removeprefix('chat:user:{U}:')) for k in _USER_KEYS)})"
+    rf"({'|'.join(re.escape(k(_U).removeprefix('chat:user:{U}:')) for k in _USER_KEYS)}"
+    rf"|usage:[0-9]+)"
     rf"|{re.escape(keys.TURN_INDEX)}|{re.escape(keys.REAPER_LEADER)}"
 )
 

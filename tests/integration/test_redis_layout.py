@@ -4,6 +4,7 @@ documented types, and no lock or turn left once the thread is free."""
 
 from __future__ import annotations
 
+from app.chat.usage import utc_day
 from tests.integration.helpers import KEY_LAYOUT, open_ready, turn, undocumented, unique
 
 TYPES = {
@@ -41,8 +42,10 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
     t = f"chat:{{{thread}}}:"
     required = {t + suffix for suffix in TYPES} | {"chat:user:{anonymous}:threads"}
     assert required <= found, sorted(required - found)
-    # With auth off nothing else: no quota or socket counters for ``anonymous``.
-    assert found - required <= {"chat:reaper:leader", "chat:turns"}, sorted(found - required)
+    # With auth off nothing else: no quota or socket counters for ``anonymous``,
+    # only the tokens of the day.
+    day = f"chat:user:{{anonymous}}:usage:{utc_day()}"
+    assert found - required <= {"chat:reaper:leader", "chat:turns", day}, sorted(found - required)
     for suffix, kind in TYPES.items():
         assert db.type(t + suffix) == kind, suffix
 
@@ -63,6 +66,15 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
     assert meta["last_event_id"] == second[-1]["id"]
     assert int(meta["event_n"]) == second[-1]["n"]
     assert int(meta["message_count"]) == 4
+    # Usage: the thread's totals and the user's day agree with the turns'
+    # done.usage, and no charge is left in the outbox.
+    spent = [e["usage"] for e in (first[-1], second[-1])]
+    assert int(meta["input_tokens"]) == sum(u["input_tokens"] for u in spent)
+    assert int(meta["output_tokens"]) == sum(u["output_tokens"] for u in spent) == 8
+    today = db.hgetall(day)
+    assert int(today["input_tokens"]) == int(meta["input_tokens"])
+    assert int(today["output_tokens"]) == 8 and int(today["turns"]) == 2
+    assert t + "usage" not in found
 
     events = db.xrange(t + "events")
     seen = [e for e in first + second if "id" in e]

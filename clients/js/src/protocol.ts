@@ -14,6 +14,26 @@ export interface Message {
   status: "complete" | "cancelled" | "interrupted" | "error";
   client_msg_id?: string | null;
   siblings?: Array<string> | null;
+  tool_calls?: Array<ToolUse> | null;
+  usage?: Usage | null;
+}
+
+/** A tool the model called during a reply, with its result. */
+export interface ToolUse {
+  call_id: string;
+  name: string;
+  input: unknown;
+  output: string;
+  is_error: boolean;
+  offset: number;
+}
+
+/** Tokens a turn used: every input token read (cached ones included) and the output; the cache counts when the provider reported any. */
+export interface Usage {
+  input_tokens: number;
+  output_tokens: number;
+  cache_read_tokens?: number | null;
+  cache_write_tokens?: number | null;
 }
 
 /** The thread's active leaf changed (a ``switch``). */
@@ -45,13 +65,13 @@ export interface DoneEvent {
   generation_id: string;
   status: "complete" | "cancelled" | "interrupted" | "error";
   message_id: string;
-  usage?: Record<string, number> | null;
+  usage: Usage;
 }
 
 export interface ErrorEvent {
   type: "error";
   thread_id?: string | null;
-  code: "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
+  code: "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
   message: string;
   retryable: boolean;
   retry_after_ms?: number | null;
@@ -98,6 +118,30 @@ export interface ReadyEvent {
   generation_id: string | null;
   leaf_id: string | null;
   recovered?: boolean | null;
+}
+
+/** The model asked for a tool; it runs on the turn's pod after this event. */
+export interface ToolCallEvent {
+  id: string;
+  n: number;
+  type: "tool_call";
+  thread_id: string;
+  generation_id: string;
+  call_id: string;
+  name: string;
+  input: unknown;
+}
+
+/** What the tool of ``call_id`` answered (``is_error``: a failure the model reads). */
+export interface ToolResultEvent {
+  id: string;
+  n: number;
+  type: "tool_result";
+  thread_id: string;
+  generation_id: string;
+  call_id: string;
+  output: string;
+  is_error: boolean;
 }
 
 /** Without ``parent_id`` the message follows the active leaf; with it (a message id, or null for a new root) it starts a branch there: an edit. */
@@ -150,14 +194,18 @@ export type ServerEvent =
   | LoadingEvent
   | MessageEvent
   | PongEvent
-  | ReadyEvent;
+  | ReadyEvent
+  | ToolCallEvent
+  | ToolResultEvent;
 
 export type TimelineEvent =
   | BranchEvent
   | DeltaEvent
   | DoneEvent
   | LoadingEvent
-  | MessageEvent;
+  | MessageEvent
+  | ToolCallEvent
+  | ToolResultEvent;
 
 export type ClientFrame =
   | PromptFrame
@@ -168,6 +216,6 @@ export type ClientFrame =
   | ResumeFrame
   | PingFrame;
 
-export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
+export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
 
-export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["branch", "delta", "done", "loading", "message"]);
+export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["branch", "delta", "done", "loading", "message", "tool_call", "tool_result"]);
