@@ -76,6 +76,8 @@ def example(node: dict[str, Any], defs: dict[str, Any]) -> Any:
         return {name: example(props[name], defs) for name in node.get("required", [])}
     if kind == "string":
         return "1-0" if "pattern" in node else "x"
+    if kind is None:
+        return {}  # a schema with no type takes any JSON value (a tool's input)
     return {"integer": 1, "number": 1.0, "boolean": False, "array": [], "null": None}[kind]
 
 
