@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import sys
-from typing import Any
 
 import redis
 import redis.cluster
@@ -18,6 +17,7 @@ import uvicorn
 from app import ops
 from app.chat import keys
 from app.chat.keys import ThreadId
+from app.chat.redis_types import SyncRedisClient
 from app.logs import configure as configure_logging
 from app.settings import ConfigError, Settings
 
@@ -102,7 +102,7 @@ def worker() -> None:
     asyncio.run(run(settings))
 
 
-def _redis_for_ops() -> Any:
+def _redis_for_ops() -> SyncRedisClient:
     """A synchronous client for the operator's commands (they need REDIS_URL)."""
     settings = Settings()
     if not settings.redis_url:

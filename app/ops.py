@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from app.chat import keys
 from app.chat.keys import ThreadId, UserId
+from app.chat.redis_types import SyncRedisClient, entries, scored, stream_reads
+from app.chat.redis_types import fields as hash_of
+from app.chat.redis_types import text as text_reply
 
 Styler = Callable[[str, str], str]
 
@@ -53,7 +55,7 @@ def render_event(entry_id: str, fields: dict[str, str], style: Styler = plain) -
 
 
 def follow_events(
-    redis: Any, thread: ThreadId, history: int, block_ms: int = 1000
+    redis: SyncRedisClient, thread: ThreadId, history: int, block_ms: int = 1000
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """The thread's last ``history`` events, then every new one as it is
     committed. Reads the event log (XREAD BLOCK), not pub/sub, so an
@@ -61,24 +63,27 @@ def follow_events(
     stream = keys.events(thread)
     last = "$"
     if history:
-        recent = redis.xrevrange(stream, "+", "-", count=history)
+        recent = entries(redis.xrevrange(stream, "+", "-", count=history))
         yield from reversed(recent)
         if recent:
             last = recent[0][0]
     if last == "$":
-        newest = redis.xrevrange(stream, "+", "-", count=1)
+        newest = entries(redis.xrevrange(stream, "+", "-", count=1))
         last = newest[0][0] if newest else "0-0"
     while True:
-        reply = redis.xread({stream: last}, block=block_ms, count=100)
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
+        reply = stream_reads(redis.xread({stream: last}, block=block_ms, count=100))
+        for _stream, read in reply:
+            for entry_id, fields in read:
                 last = entry_id
                 yield entry_id, fields
 
 
-def render_history(redis: Any, thread: ThreadId, limit: int, style: Styler = plain) -> list[str]:
+def render_history(
+    redis: SyncRedisClient, thread: ThreadId, limit: int, style: Styler = plain
+) -> list[str]:
     lines = []
-    for entry_id, fields in reversed(redis.xrevrange(keys.history(thread), "+", "-", count=limit)):
+    newest = entries(redis.xrevrange(keys.history(thread), "+", "-", count=limit))
+    for entry_id, fields in reversed(newest):
         status = fields.get("status", "")
         marker = "" if status == "complete" else style(f" [{status}]", "red")
         who = style(f"{fields.get('role', '?')} ({fields.get('user_id', '?')})", "cyan")
@@ -86,8 +91,8 @@ def render_history(redis: Any, thread: ThreadId, limit: int, style: Styler = pla
     return lines
 
 
-def render_threads(redis: Any, user: UserId, limit: int) -> list[str]:
-    rows = redis.zrevrange(keys.user_threads(user), 0, limit - 1, withscores=True)
+def render_threads(redis: SyncRedisClient, user: UserId, limit: int) -> list[str]:
+    rows = scored(redis.zrevrange(keys.user_threads(user), 0, limit - 1, withscores=True))
     return [
         f"{thread}  last active {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(score))}"
         for thread, score in rows
@@ -112,15 +117,15 @@ class RunningTurn:
         return self.lock_owner is None
 
 
-def running_turns(redis: Any) -> list[RunningTurn]:
+def running_turns(redis: SyncRedisClient) -> list[RunningTurn]:
     turns = []
     now = time.time()
-    for raw, started in redis.zrange(keys.TURN_INDEX, 0, -1, withscores=True):
+    for raw, started in scored(redis.zrange(keys.TURN_INDEX, 0, -1, withscores=True)):
         try:
             thread = keys.thread_id(raw)
         except keys.InvalidId:
             continue
-        record = redis.hgetall(keys.turn(thread))
+        record = hash_of(redis.hgetall(keys.turn(thread)))
         if not record:
             continue
         turns.append(
@@ -129,7 +134,7 @@ def running_turns(redis: Any) -> list[RunningTurn]:
                 generation_id=record.get("generation_id", "?"),
                 pod=record.get("pod", "?"),
                 fence=record.get("fence", "?"),
-                lock_owner=redis.get(keys.lock(thread)),
+                lock_owner=text_reply(redis.get(keys.lock(thread))),
                 lock_ttl_ms=int(redis.pttl(keys.lock(thread))),
                 age_s=now - started,
             )

@@ -4,7 +4,7 @@
 and the embedded fakeredis, which subclasses it) or a Redis Cluster. Clients
 are always made with ``decode_responses=True`` (app.redis_client), so replies
 are ``str``; redis-py's annotations say ``bytes | str``, and the helpers
-below narrow them in one place.
+below narrow them in one place. The casts check nothing at run time.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol, cast
 
+import redis
+import redis.cluster
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 RedisClient = Redis | RedisCluster
+# The operator's commands (app.ops) read with a synchronous client.
+SyncRedisClient = redis.Redis | redis.cluster.RedisCluster
 
 
 class Subscriber(Protocol):
@@ -39,6 +43,11 @@ _StreamReply = list[tuple[bytes | str | None, dict[bytes | str, bytes | str] | N
 def entries(reply: _StreamReply) -> list[Entry]:
     """A stream read's entries (redis-py types an empty reply as maybe None)."""
     return cast("list[Entry]", reply or [])
+
+
+def stream_reads(reply: object) -> list[tuple[str, list[Entry]]]:
+    """XREAD: (stream, entries) pairs (None when the block timed out)."""
+    return cast("list[tuple[str, list[Entry]]]", reply or [])
 
 
 def text(reply: bytes | str | None) -> str | None:
