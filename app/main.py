@@ -105,7 +105,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo_page() -> str:
-        return resources.files("app.web").joinpath("index.html").read_text()
+        # The page learns the model's provider from its <body>, so that it can
+        # say at once that a fake model is answering (a `loading` event says
+        # so too, but only once a turn starts).
+        page = resources.files("app.web").joinpath("index.html").read_text()
+        return page.replace("<body>", f'<body data-model="{settings.chat_llm}">', 1)
 
     @app.get("/durable-chat-client.js", include_in_schema=False)
     async def client_module() -> Response:

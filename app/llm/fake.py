@@ -2,24 +2,30 @@
 
 The reply to a conversation depends only on its last user message and the
 configured length, so tests can compute exactly what they must receive
-(``expected_reply``). It is the default when no Anthropic key is set, and the
-model of tests and benchmarks.
+(``expected_reply``). It is the default when no model key is set (the pod
+then warns at start and the demo page shows a banner), and the model of
+tests and benchmarks. Its reply says that it is fake.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from app.chat.records import Message
 from app.llm.base import ToolCall, ToolSpec, Usage
 
-_WORDS = (
-    "durable", "chat", "streams", "every", "token", "to", "each", "tab", "on", "any",
-    "pod", "and", "keeps", "the", "thread", "history", "safe", "in", "redis", "always",
-)  # fmt: skip
+# What the fake model says: it echoes the prompt's first words, says what it
+# is, then counts, so that a person trying the demo reads it for what it is
+# and sees the stream go on for CHAT_FAKE_REPLY_TOKENS words.
+_ECHO_WORDS = 8
+_ECHO_CHARS = 24
+_INTRO = (
+    "(fake model) You said: “{echo}”. This is durable-chat's built-in fake model, "
+    "not an AI: a canned reply, streamed word by word, the same for the same "
+    "prompt. Set ANTHROPIC_API_KEY for real answers. Counting on:"
+)
 
 
 def expected_reply(prompt: str, tokens: int) -> str:
@@ -28,10 +34,15 @@ def expected_reply(prompt: str, tokens: int) -> str:
 
 
 def reply_tokens(prompt: str, tokens: int) -> list[str]:
-    """The pieces the fake model streams, in order."""
-    seed = hashlib.sha256(prompt.encode()).digest()
-    words = [_WORDS[seed[i % len(seed)] % len(_WORDS)] for i in range(tokens)]
-    return [words[0].capitalize()] + [" " + w for w in words[1:]]
+    """The pieces the fake model streams, in order: ``tokens`` words (each
+    after the first with its leading space), a function of ``prompt`` only."""
+    said = prompt.split()
+    echo = " ".join(word[:_ECHO_CHARS] for word in said[:_ECHO_WORDS])
+    if len(said) > _ECHO_WORDS:
+        echo += " …"
+    words = _INTRO.format(echo=echo or "(nothing)").split()[:tokens]
+    words += [str(n) for n in range(1, tokens - len(words) + 1)]
+    return [words[0]] + [" " + word for word in words[1:]]
 
 
 def tool_request(prompt: str) -> tuple[str, str] | None:

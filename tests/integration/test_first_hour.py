@@ -5,13 +5,18 @@ model that says it is fake, refusals and errors that say why."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from urllib.parse import urljoin
 
 import httpx
 import pytest
 
+from app.llm.fake import expected_reply
 from tests import procs
+from tests.integration.conftest import require
+from tests.integration.helpers import open_ready, turn, unique
 from tests.procs import Server
 
 pytestmark = pytest.mark.integration
@@ -45,3 +50,42 @@ def test_the_browser_finds_a_favicon(pod: Server) -> None:
     response = httpx.get(pod.http + "/favicon.ico", timeout=10, follow_redirects=True)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
+
+
+def test_the_pod_warns_loudly_that_its_model_is_fake(pod: Server) -> None:
+    warnings = [line for line in pod.logs().splitlines() if " WARNING " in line]
+    assert any("FAKE model" in line and "ANTHROPIC_API_KEY" in line for line in warnings), warnings
+
+
+async def test_a_fake_reply_reads_as_fake_and_echoes_the_prompt(pod: Server) -> None:
+    prompt = "Why is the sky blue?"
+    ws, _ = await open_ready(pod.ws, unique("fake"))
+    try:
+        events = await turn(ws, prompt)
+    finally:
+        await ws.close()
+    reply = events[-2]["message"]["content"]
+    assert reply == expected_reply(prompt, 40)  # CHAT_FAKE_REPLY_TOKENS' default
+    assert reply.startswith("(fake model) You said: “Why is the sky blue?”")
+    assert len(reply.split()) == 40
+    assert events[1]["type"] == "loading" and events[1]["model"] == "fake"
+
+
+def test_the_demo_page_shows_a_banner_while_the_model_is_fake(pod: Server) -> None:
+    chromium = require(
+        shutil.which("chromium") or shutil.which("chromium-browser"),
+        "chromium is not installed (apt-get install -y chromium)",
+        "DURABLE_CHAT_REQUIRE_CHROMIUM",
+    )
+    served = httpx.get(pod.http + "/", timeout=10).text
+    assert '<body data-model="fake">' in served
+    assert re.search(r'<div id="fake-model"[^>]* hidden>', served), "hidden until the script runs"
+    # The page as a browser renders it, its script run.
+    dom = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+         "--dump-dom", pod.http + "/"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    banner = re.search(r'<div id="fake-model"[^>]*>', dom)
+    assert banner is not None, dom[:2000]
+    assert "hidden" not in banner.group(0)
