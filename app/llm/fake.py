@@ -10,6 +10,7 @@ tests and benchmarks. Its reply says that it is fake.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
 
