@@ -158,24 +158,45 @@ export class DurableChatClient {
         return ready;
     }
     /** Send a prompt; resolves with its `client_msg_id` once sent. It is sent again after
-     * a reconnect until its `message` event is seen; refusals arrive as `error` events. */
+     * a reconnect until its `message` event is seen; refusals arrive as `error` events.
+     * With `parentId` (a message id, or null for a new root) it starts a branch there:
+     * that is how a message is edited. */
     async prompt(content, options = {}) {
         const clientMsgId = options.clientMsgId ?? randomId();
         const frame = { type: "prompt", content, client_msg_id: clientMsgId };
+        if (options.parentId !== undefined)
+            frame.parent_id = options.parentId;
         this.unconfirmed.set(clientMsgId, frame);
         await this.send(frame);
         return clientMsgId;
+    }
+    /** Another reply to the user message `messageId` answers (or to it, if it is one),
+     * a sibling of the old reply: `loading`, `delta`*, `message`, `done` follow. */
+    async regenerate(messageId, options = {}) {
+        const clientMsgId = options.clientMsgId ?? randomId();
+        await this.send({ type: "regenerate", message_id: messageId, client_msg_id: clientMsgId });
+        return clientMsgId;
+    }
+    /** Show the branch under `messageId` (its newest leaf): every client gets `branch`.
+     * Needs a WebSocket (the HTTP API has no switch). */
+    async switchBranch(messageId) {
+        if (this.transport === "sse")
+            throw new Error("switchBranch needs a WebSocket");
+        await this.send({ type: "switch", message_id: messageId });
     }
     /** Stop the thread's running turn (or only `generationId`), wherever it runs. */
     async cancel(generationId) {
         await this.send(generationId ? { type: "cancel", generation_id: generationId } : { type: "cancel" });
     }
-    /** A page of history: the `limit` messages before `before` (default: the latest). */
+    /** A page of history: the `limit` messages before `before` (default: the latest)
+     * on the branch that ends at `leaf` (default: the active one). */
     async getHistory(options = {}) {
         const answer = new Promise((resolve) => this.historyWaiters.push(resolve));
         const frame = { type: "get_history", limit: options.limit ?? 50 };
         if (options.before)
             frame.before = options.before;
+        if (options.leaf)
+            frame.leaf = options.leaf;
         await this.send(frame);
         return answer;
     }
@@ -374,9 +395,10 @@ export class DurableChatClient {
         const path = `${http}${this.threadPath()}`;
         const json = { ...auth, "content-type": "application/json" };
         let response;
-        if (frame.type === "prompt") {
-            const body = JSON.stringify({ content: frame.content, client_msg_id: frame.client_msg_id });
-            response = await this.fetchFn(`${path}/messages`, { method: "POST", headers: json, body });
+        if (frame.type === "prompt" || frame.type === "regenerate") {
+            const { type, ...fields } = frame;
+            const url = `${path}/${type === "prompt" ? "messages" : "regenerate"}`;
+            response = await this.fetchFn(url, { method: "POST", headers: json, body: JSON.stringify(fields) });
         }
         else if (frame.type === "cancel") {
             const body = JSON.stringify(frame.generation_id ? { generation_id: frame.generation_id } : {});
@@ -386,6 +408,8 @@ export class DurableChatClient {
             const query = new URLSearchParams({ limit: String(frame.limit ?? 50) });
             if (frame.before)
                 query.set("before", frame.before);
+            if (frame.leaf)
+                query.set("leaf", frame.leaf);
             response = await this.fetchFn(`${path}/messages?${query}`, { headers: auth });
         }
         else if (frame.type === "ping") {
@@ -393,7 +417,7 @@ export class DurableChatClient {
             return;
         }
         else {
-            return; // resume: the stream itself resumes (Last-Event-ID)
+            return; // resume: the stream itself resumes; switch: no HTTP request
         }
         const body = (await response.json().catch(() => ({})));
         if (!response.ok) {
@@ -409,9 +433,10 @@ export class DurableChatClient {
                 event.retry_after_ms = error.retry_after_ms;
             this.receive(event, this.link);
         }
-        else if (frame.type === "prompt" || frame.type === "get_history") {
-            // The prompt's message event (or a history page), as a socket would get it;
-            // a message event comes on the stream too, and is delivered once.
+        else if (frame.type !== "cancel") {
+            // The prompt's message event, the regenerate's loading or a history page,
+            // as a socket would get them; a timeline event comes on the stream too,
+            // and is delivered once.
             this.receive(body, this.link);
         }
     }

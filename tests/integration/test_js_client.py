@@ -43,18 +43,21 @@ def require_node() -> str:
     return node
 
 
-def build_client() -> None:
-    """Compile the client into clients/js/dist (tsc, strict): a type error fails here."""
+@pytest.fixture(scope="module")
+def node() -> str:
+    """``node``, once the client is compiled into clients/js/dist (tsc, strict:
+    a type error fails here)."""
+    binary = require_node()
     built = subprocess.run(
         ["npx", "--no-install", "tsc", "-p", "tsconfig.json"],
         cwd=JS, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout + built.stderr
+    return binary
 
 
-def test_js_client_against_real_pods(tmp_path):
-    node = require_node()
-    build_client()
+@pytest.mark.timeout(180)  # every node test file, in one run of node
+def test_js_client_against_real_pods(node, tmp_path):
     # A short lock lease: the turn of the pod killed mid-reply is closed (as
     # interrupted) by a surviving pod's reaper within about a second.
     env = dict(
@@ -77,12 +80,40 @@ def test_js_client_against_real_pods(tmp_path):
     assert run.returncode == 0, report
     # Every test ran: none skipped for want of the pods' addresses.
     assert "\n# fail 0\n" in report and "\n# skipped 0\n" in report, report
-    assert int(re.search(r"\n# pass (\d+)\n", report)[1]) >= 8, report  # type: ignore[index]
+    assert int(re.search(r"\n# pass (\d+)\n", report)[1]) >= 11, report  # type: ignore[index]
 
 
-def test_the_page_serves_the_client_it_was_built_from():
+def test_the_page_serves_the_client_it_was_built_from(node):
     """app/web/durable-chat-client.js is the compiled client, byte for byte
     (``npm run build`` in clients/js copies it there)."""
-    require_node()
-    build_client()
     assert (WEB / "durable-chat-client.js").read_bytes() == (JS / "dist" / "client.js").read_bytes()
+
+
+def test_the_packed_package_installs_in_a_fresh_node_project(node, tmp_path):
+    """``npm pack`` then ``npm install`` of the tarball in an empty project (no
+    network: the package has no dependencies), and both entry points import."""
+    packed = subprocess.run(
+        ["npm", "pack", "--ignore-scripts", "--pack-destination", str(tmp_path), "--silent"],
+        cwd=JS, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert packed.returncode == 0, packed.stderr
+    tarball = tmp_path / packed.stdout.strip().splitlines()[-1]
+    project = tmp_path / "fresh"
+    project.mkdir()
+    (project / "package.json").write_text('{"name": "fresh", "private": true, "type": "module"}')
+    installed = subprocess.run(
+        ["npm", "install", "--offline", "--no-audit", "--no-fund", str(tarball)],
+        cwd=project, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    script = (
+        "import { DurableChatClient, compareIds } from 'durable-chat-client';"
+        "import { DurableChatTransport } from 'durable-chat-client/ai-sdk';"
+        "const t = new DurableChatTransport({ urls: ['http://127.0.0.1:1'] });"
+        "console.log(typeof DurableChatClient, compareIds('2-0', '10-0'), t.resumeStreamIsReplay);"
+    )
+    ran = subprocess.run(
+        [node, "--input-type=module", "-e", script],
+        cwd=project, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.stdout.split() == ["function", "-1", "true"], ran.stderr

@@ -210,13 +210,34 @@ export class DurableChatClient {
   }
 
   /** Send a prompt; resolves with its `client_msg_id` once sent. It is sent again after
-   * a reconnect until its `message` event is seen; refusals arrive as `error` events. */
-  async prompt(content: string, options: { clientMsgId?: string } = {}): Promise<string> {
+   * a reconnect until its `message` event is seen; refusals arrive as `error` events.
+   * With `parentId` (a message id, or null for a new root) it starts a branch there:
+   * that is how a message is edited. */
+  async prompt(
+    content: string,
+    options: { clientMsgId?: string; parentId?: string | null } = {},
+  ): Promise<string> {
     const clientMsgId = options.clientMsgId ?? randomId();
     const frame: ClientFrame = { type: "prompt", content, client_msg_id: clientMsgId };
+    if (options.parentId !== undefined) frame.parent_id = options.parentId;
     this.unconfirmed.set(clientMsgId, frame);
     await this.send(frame);
     return clientMsgId;
+  }
+
+  /** Another reply to the user message `messageId` answers (or to it, if it is one),
+   * a sibling of the old reply: `loading`, `delta`*, `message`, `done` follow. */
+  async regenerate(messageId: string, options: { clientMsgId?: string } = {}): Promise<string> {
+    const clientMsgId = options.clientMsgId ?? randomId();
+    await this.send({ type: "regenerate", message_id: messageId, client_msg_id: clientMsgId });
+    return clientMsgId;
+  }
+
+  /** Show the branch under `messageId` (its newest leaf): every client gets `branch`.
+   * Needs a WebSocket (the HTTP API has no switch). */
+  async switchBranch(messageId: string): Promise<void> {
+    if (this.transport === "sse") throw new Error("switchBranch needs a WebSocket");
+    await this.send({ type: "switch", message_id: messageId });
   }
 
   /** Stop the thread's running turn (or only `generationId`), wherever it runs. */
@@ -224,11 +245,15 @@ export class DurableChatClient {
     await this.send(generationId ? { type: "cancel", generation_id: generationId } : { type: "cancel" });
   }
 
-  /** A page of history: the `limit` messages before `before` (default: the latest). */
-  async getHistory(options: { before?: string; limit?: number } = {}): Promise<HistoryEvent> {
+  /** A page of history: the `limit` messages before `before` (default: the latest)
+   * on the branch that ends at `leaf` (default: the active one). */
+  async getHistory(
+    options: { before?: string; limit?: number; leaf?: string } = {},
+  ): Promise<HistoryEvent> {
     const answer = new Promise<HistoryEvent>((resolve) => this.historyWaiters.push(resolve));
     const frame: ClientFrame = { type: "get_history", limit: options.limit ?? 50 };
     if (options.before) frame.before = options.before;
+    if (options.leaf) frame.leaf = options.leaf;
     await this.send(frame);
     return answer;
   }
@@ -423,21 +448,23 @@ export class DurableChatClient {
     const path = `${http}${this.threadPath()}`;
     const json = { ...auth, "content-type": "application/json" };
     let response: Response;
-    if (frame.type === "prompt") {
-      const body = JSON.stringify({ content: frame.content, client_msg_id: frame.client_msg_id });
-      response = await this.fetchFn(`${path}/messages`, { method: "POST", headers: json, body });
+    if (frame.type === "prompt" || frame.type === "regenerate") {
+      const { type, ...fields } = frame;
+      const url = `${path}/${type === "prompt" ? "messages" : "regenerate"}`;
+      response = await this.fetchFn(url, { method: "POST", headers: json, body: JSON.stringify(fields) });
     } else if (frame.type === "cancel") {
       const body = JSON.stringify(frame.generation_id ? { generation_id: frame.generation_id } : {});
       response = await this.fetchFn(`${path}/cancel`, { method: "POST", headers: json, body });
     } else if (frame.type === "get_history") {
       const query = new URLSearchParams({ limit: String(frame.limit ?? 50) });
       if (frame.before) query.set("before", frame.before);
+      if (frame.leaf) query.set("leaf", frame.leaf);
       response = await this.fetchFn(`${path}/messages?${query}`, { headers: auth });
     } else if (frame.type === "ping") {
       this.receive({ type: "pong", thread_id: this.threadId }, this.link);
       return;
     } else {
-      return; // resume: the stream itself resumes (Last-Event-ID)
+      return; // resume: the stream itself resumes; switch: no HTTP request
     }
     const body = (await response.json().catch(() => ({}))) as Record<string, unknown>;
     if (!response.ok) {
@@ -451,9 +478,10 @@ export class DurableChatClient {
       };
       if (error.retry_after_ms !== undefined) event.retry_after_ms = error.retry_after_ms;
       this.receive(event, this.link);
-    } else if (frame.type === "prompt" || frame.type === "get_history") {
-      // The prompt's message event (or a history page), as a socket would get it;
-      // a message event comes on the stream too, and is delivered once.
+    } else if (frame.type !== "cancel") {
+      // The prompt's message event, the regenerate's loading or a history page,
+      // as a socket would get them; a timeline event comes on the stream too,
+      // and is delivered once.
       this.receive(body as unknown as ServerEvent, this.link);
     }
   }
