@@ -101,6 +101,45 @@ async def test_a_second_prompt_while_running_is_busy(make_service: MakeService, 
     assert await redis.xlen(keys.history(T)) == history_before == 1
 
 
+@pytest.mark.parametrize("after", ["acquire", "begin"])
+async def test_a_prompt_whose_caller_goes_away_is_seen_through(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch, after: str
+) -> None:
+    """A socket's reader is cancelled when the socket closes, at any point of
+    a prompt; here just after the lock's grant, or just after the commit of
+    the user's message. The prompt is seen through all the same: its turn
+    runs to done, and the client's re-sent copy gets the original message."""
+    service = await make_service(tokens=3, delay_ms=0)
+    await service.open(T, USER, None, None)
+    target = service.lock if after == "acquire" else service.turns
+    step = getattr(target, after)
+
+    async def then_the_socket_closes(*args: Any, **kwargs: Any) -> Any:
+        result = await step(*args, **kwargs)
+        caller.cancel()
+        await asyncio.sleep(0)  # where the cancellation would land
+        return result
+
+    monkeypatch.setattr(target, after, then_the_socket_closes)
+    caller = asyncio.create_task(service.prompt(T, USER, "bye", "cut"))
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+    async def answered() -> bool:
+        return bool(await redis.xlen(keys.history(T)) == 2)
+
+    await wait_until(answered, what="the prompt and its reply in the history")
+    await idle(service, T)
+    assert await redis.get(keys.lock(T)) is None
+    log = await stored(redis, T)
+    kinds = [event["type"] for _, event in log[:2] + log[-2:]]
+    assert kinds == ["message", "loading", "message", "done"]
+    assert log[-1][1]["status"] == "complete"
+    monkeypatch.undo()
+    resent = await service.prompt(T, USER, "bye", "cut")
+    assert resent is not None and orjson.loads(resent)["id"] == log[0][0]
+
+
 async def test_a_resent_prompt_returns_the_original_message(
     make_service: MakeService, redis: Any
 ) -> None:

@@ -271,7 +271,20 @@ class ChatService:
         client_msg_id: str | None,
     ) -> str | None:  # fmt: skip
         """A prompt (``message``) or a regenerate (none) as one turn: see
-        TurnStore.begin for ``anchor``."""
+        TurnStore.begin for ``anchor``.
+
+        Seen through once received, even when its caller goes away meanwhile
+        (its socket closed, cancelling the socket's reader): cancelled between
+        the lock's grant and the turn's start, it would leave a lock nobody
+        releases (thread_busy until its lease ends) or a begun turn nobody
+        runs (until the reaper ends it interrupted), and the client's re-sent
+        copy would meet either."""
+        return await asyncio.shield(self._take_turn(thread, user, message, anchor, client_msg_id))
+
+    async def _take_turn(
+        self, thread: ThreadId, user: UserId, message: Message | None, anchor: str,
+        client_msg_id: str | None,
+    ) -> str | None:  # fmt: skip
         if self.draining:
             raise Draining("this server is restarting; send again in a moment")
         if not await self._may_access(thread, user):

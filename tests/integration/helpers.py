@@ -23,7 +23,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.chat import keys
-from tests.procs import RedisServer
+from tests.procs import RedisServer, wait_until
 
 TIMEOUT_S = 15.0
 REFUSED = (403, 1008)  # HTTP 403 on the upgrade, or close 1008 after it
@@ -279,9 +279,20 @@ def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
     return turns
 
 
-def assert_idle(server: RedisServer, thread: str) -> None:
-    """No stuck turn: no lock, no turn record, not in the reaper's index."""
+def turn_leftovers(server: RedisServer, thread: str) -> list[str]:
+    """What a turn of the thread still holds: its lock, its turn record, its
+    place in the reaper's index (none, once the thread is idle)."""
     db, t = server.client(), keys.thread_id(thread)
-    assert not db.exists(keys.lock(t)), "stuck lock"
-    assert not db.exists(keys.turn(t)), "stuck turn record"
-    assert db.zscore(keys.TURN_INDEX, t) is None, "still in the turn index"
+    held = [("lock", db.exists(keys.lock(t))), ("turn record", db.exists(keys.turn(t)))]
+    held.append(("place in the turn index", db.zscore(keys.TURN_INDEX, t) is not None))
+    return [what for what, there in held if there]
+
+
+def assert_idle(server: RedisServer, thread: str, timeout: float = 10.0) -> None:
+    """No stuck turn: the thread's last turn lets go of everything it held.
+    A turn's ``done`` and its lock go in one step, its index entry just
+    after: so this waits (bounded) rather than catch the pod in between."""
+    try:
+        wait_until(lambda: not turn_leftovers(server, thread), timeout, what="an idle thread")
+    except AssertionError:
+        raise AssertionError(f"stuck turn: {turn_leftovers(server, thread)}") from None
