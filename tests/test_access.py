@@ -4,7 +4,6 @@ thread quota, and paging a user's thread list."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -26,7 +25,7 @@ from app.chat.records import Delta, Loading, Message
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.turns import Begun, TurnStore
-from tests.conftest import Listener
+from tests.conftest import Clock, Listener
 
 OWNER = keys.user_id("olivia")
 MEMBER = keys.user_id("max")
@@ -213,12 +212,14 @@ async def test_pages_of_a_users_threads_newest_activity_first(access: Threads, r
         await big.page_of_user(OWNER, 2, "1.0~{bad}")
 
 
-async def test_activity_moves_a_thread_up_for_every_member(access: Threads, redis: Any) -> None:
+async def test_activity_moves_a_thread_up_for_every_member(
+    access: Threads, redis: Any, clock: Clock
+) -> None:
     first = await _thread(access, "first")
     second = await _thread(access, "second")
     await access.add_member(first, OWNER, MEMBER)
     await access.add_member(second, OWNER, MEMBER)
-    await asyncio.sleep(0.01)
+    clock.advance(1)
     await access.touch_members(first)
     for user in (OWNER, MEMBER):
         page, _ = await access.page_of_user(user, 10, None)

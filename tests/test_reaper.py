@@ -18,7 +18,7 @@ from app.chat.reaper import Reaper
 from app.chat.records import Delta, Loading, Message
 from app.chat.service import ChatService
 from app.chat.turns import Begun
-from tests.conftest import USER, Listener
+from tests.conftest import USER, Listener, wait_until
 
 MakeService = Callable[..., Awaitable[ChatService]]
 
@@ -139,8 +139,8 @@ async def test_only_the_leader_sweeps(
     counting(first, "pod:a")
     counting(second, "pod:b")
     tasks = [asyncio.create_task(r.run_forever()) for r in (first, second)]
-    try:
-        await asyncio.sleep(0.55)
+    try:  # three sweeps of the leader: as many chances for the other to sweep
+        await wait_until(lambda: max(sweeps.values()) >= 3, what="three sweeps")
     finally:
         for task in tasks:
             task.cancel()

@@ -212,7 +212,11 @@ async def test_drain_interrupts_a_running_turn(make_service: MakeService, redis:
     service = await make_service(tokens=1000, delay_ms=5, chat_drain_grace_s=0)
     await service.open(T, USER, None, None)
     await service.prompt(T, USER, "long answer", None)
-    await asyncio.sleep(0.05)
+
+    async def streaming() -> bool:  # a delta after the message and the loading
+        return bool(await redis.xlen(keys.events(T)) >= 3)
+
+    await wait_until(streaming, what="the turn to stream")
     await asyncio.wait_for(service.drain(), 5)
     [(_, last)] = await redis.xrevrange(keys.history(T), count=1)
     assert last["role"] == "assistant" and last["status"] == "interrupted"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -238,7 +239,7 @@ async def test_cancel_through_the_durable_flag_alone(
     ctx = await begin_turn(store, lock, thread, "g")
     runner = TurnRunner(ctx, TurnSetup(FakeModel(tokens=400, delay_ms=5), store, lock, 5, 2048))
     task = asyncio.create_task(runner.run())
-    await asyncio.sleep(0.05)
+    await until_deltas(redis, thread, "g", 1)
     await store.request_cancel(thread, "g")
     # Within a few windows: well before the lease renewal (every 1.7 s) reads the flag.
     await asyncio.wait_for(task, 1.0)
@@ -356,8 +357,16 @@ async def test_the_lease_is_renewed_during_a_long_turn(
     )
     ctx = await begin_turn(store, short, thread, "g")
     manager.start(ctx)
-    # Well past the lease, the lock is still this turn's.
-    await asyncio.sleep(0.6)
+    # Renewed again and again, well past the first lease: the lease's time
+    # to live goes back up three times, and the lock is still this turn's.
+    ttls = [await redis.pttl(keys.lock(thread))]
+
+    async def renewed_thrice() -> bool:
+        ttls.append(await redis.pttl(keys.lock(thread)))
+        assert ttls[-1] > 0, "the lease ran out"
+        return sum(b > a for a, b in itertools.pairwise(ttls)) >= 3
+
+    await wait_until(renewed_thrice, what="three renewals")
     assert manager.running == 1
     assert await redis.get(keys.lock(thread)) == ctx.lease.token
     await run_to_end(manager)
