@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import orjson
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -152,6 +153,18 @@ async def refusal(url: str, timeout: float = 10.0, **connect_kwargs: Any) -> int
     finally:
         await ws.close()
     raise AssertionError(f"socket at {url} was served instead of refused: {frame!r}")
+
+
+# -- what a pod says -------------------------------------------------------
+
+
+def metric(pod: Any, name: str) -> float:
+    """A pod's counter or gauge, from its /metrics (0 when not exported yet)."""
+    text = httpx.get(f"{pod.http}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(f"{name} ") or line.startswith(f"{name}_total "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 # -- what a client saw -------------------------------------------------------

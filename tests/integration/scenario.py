@@ -80,15 +80,6 @@ def assert_consistent(recs: Sequence[Recorder], truth: Any, turns: int | None = 
         assert_idle(truth, rec.thread)
 
 
-def metric(pod: Any, name: str) -> float:
-    """A pod's counter or gauge, from its /metrics (0 when not exported yet)."""
-    text = httpx.get(f"{pod.http}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(f"{name} ") or line.startswith(f"{name}_total "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 async def readyz(pod: Any, timeout: float = 5.0) -> int:
     """The pod's /readyz status (0 when it does not answer at all)."""
     try:

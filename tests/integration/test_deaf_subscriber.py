@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.faultproxy import FaultProxy
-from tests.integration.helpers import unique
+from tests.integration.helpers import metric, unique
 from tests.integration.scenario import (
     assert_consistent,
     close_all,
-    metric,
     readyz,
     recorders,
     until_status,

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.integration.helpers import recv_event, send, undocumented, until_done
+from tests.integration.helpers import metric, recv_event, send, undocumented, until_done
 from tests.integration.tokens import AUTH_ENV, bearer, open_socket
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -129,8 +130,12 @@ async def test_delete_under_a_running_turn_leaves_nothing(redis_server, pod_fact
                     await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     db = redis_server.client()
-    # The turn goes on streaming from its model, but none of its writes land.
-    await asyncio.sleep(1.0)
+    # The turn's next write fails its fence check, and it stops: none of its
+    # writes land, before or after.
+    await asyncio.to_thread(
+        wait_until, lambda: metric(pod_a, "durable_chat_turns_running") == 0, 15,
+        what="the deleted thread's turn to stop",
+    )  # fmt: skip
     left = {k for k in db.keys("*") if "doomed" in k}
     assert left == {"chat:{doomed}:fence"}
     assert 0 < db.ttl("chat:{doomed}:fence") <= 86400

@@ -19,11 +19,10 @@ import pytest
 
 from app.llm.fake import expected_reply
 from tests.integration.faultproxy import FaultProxy
-from tests.integration.helpers import stored_history, unique
+from tests.integration.helpers import metric, stored_history, unique
 from tests.integration.scenario import (
     assert_consistent,
     close_all,
-    metric,
     recorders,
     until_status,
 )

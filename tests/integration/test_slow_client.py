@@ -22,17 +22,15 @@ it (and its buffers) forever.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
 import websockets
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import assert_matches_log, deltas_text, unique, until_done
+from tests.integration.helpers import assert_matches_log, deltas_text, metric, unique, until_done
 from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -117,13 +115,6 @@ def _check_prefix(frames: list[tuple[int, bytes]]) -> list[dict]:
     return events
 
 
-def _metric(pod_http: str, name: str) -> float:
-    """A pod's metric, as /metrics shows it now (0 before its first change)."""
-    text = httpx.get(f"{pod_http}/metrics").text
-    found = re.search(rf"^durable_chat_{name} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 async def test_a_reader_that_stops_reading_is_closed_1013(redis_server, pod_factory):
     pod = pod_factory(redis_server, **ENV)
     thread = unique("slow")
@@ -138,7 +129,7 @@ async def test_a_reader_that_stops_reading_is_closed_1013(redis_server, pod_fact
         # Both stalled sockets are open (counted by the pod) before the prompt.
         await asyncio.to_thread(
             wait_until,
-            lambda: _metric(pod.http, "sockets_open") == 3,
+            lambda: metric(pod, "durable_chat_sockets_open") == 3,
             10,
             what="three open sockets",
         )
@@ -146,7 +137,7 @@ async def test_a_reader_that_stops_reading_is_closed_1013(redis_server, pod_fact
         reading = asyncio.create_task(until_done(fast, timeout=30))
         await asyncio.to_thread(
             wait_until,
-            lambda: _metric(pod.http, "slow_client_drops_total") >= 2,
+            lambda: metric(pod, "durable_chat_slow_client_drops") >= 2,
             20,
             what="both stalled readers dropped",
         )
@@ -157,7 +148,10 @@ async def test_a_reader_that_stops_reading_is_closed_1013(redis_server, pod_fact
         # returned: the close frame sent, or the connection cut); reading
         # earlier would drain it in time for a graceful close.
         await asyncio.to_thread(
-            wait_until, lambda: _metric(pod.http, "sockets_open") == 1, 10, what="`dead` let go"
+            wait_until,
+            lambda: metric(pod, "durable_chat_sockets_open") == 1,
+            10,
+            what="`dead` let go",
         )
         dead_frames, dead_bytes = await asyncio.to_thread(_read_frames, dead, 5)
     finally:
