@@ -273,12 +273,22 @@ def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
         assert loading["type"] == "loading", loading
         generation = loading["generation_id"]
         j = i + 2
-        while log[j]["type"] == "delta":
+        answered: dict[str, Event] = {}  # tool calls and their results, between deltas
+        while log[j]["type"] in ("delta", "tool_call", "tool_result"):
+            if log[j]["type"] == "tool_result":
+                assert log[j]["call_id"] in answered, "a result before its call"
+                answered[log[j]["call_id"]] = log[j]
+            elif log[j]["type"] == "tool_call":
+                assert log[j]["call_id"] not in answered, "a call announced twice"
+                answered[log[j]["call_id"]] = {}
             j += 1
         text = deltas_text(log[i + 2 : j], generation)
         final, done = log[j], log[j + 1]
         assert final["type"] == "message" and final["message"]["role"] == "assistant", final
         assert final["message"]["content"] == text, (thread, generation)
+        # The reply keeps exactly the calls that were answered, with their results.
+        kept = {c["call_id"]: c["output"] for c in final["message"].get("tool_calls", [])}
+        assert kept == {k: r["output"] for k, r in answered.items() if r}, final
         assert done["type"] == "done" and done["generation_id"] == generation, done
         assert done["message_id"] == final["id"] == final["message"]["id"]
         assert done["status"] == final["message"]["status"]

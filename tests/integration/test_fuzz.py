@@ -23,11 +23,14 @@ from tests.integration.helpers import undocumented
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 MAX_FRAME_BYTES = 16384
-EVENT_TYPES = {"ready", "message", "loading", "delta", "done", "history", "error", "pong"}
+EVENT_TYPES = {
+    "ready", "message", "loading", "delta", "done", "history", "error", "pong",
+    "tool_call", "tool_result", "branch",
+}  # fmt: skip
 # What a client may be told about a frame it sent; never "internal" or "unavailable".
 CLIENT_ERRORS = {
     "bad_request", "too_large", "thread_busy", "rate_limited", "forbidden",
-    "not_found", "resume_gap", "llm_error",
+    "not_found", "resume_gap", "llm_error", "budget_exceeded",
 }  # fmt: skip
 FIELDS = ["type", "content", "client_msg_id", "before", "limit", "generation_id", "after", "epoch"]
 TYPES = ["prompt", "get_history", "cancel", "resume", "ping"]
@@ -85,6 +88,15 @@ valid_frames = st.one_of(
     st.builds(
         lambda gen: json.dumps({"type": "cancel", "generation_id": gen}),
         st.from_regex(r"[\x21-\x7e]{1,64}", fullmatch=True),
+    ),
+    # Prompts that make the fake model call a tool: the clock, unknown
+    # tools, arguments of any shape (malformed JSON, wrong types, nesting).
+    st.builds(
+        lambda name, arguments: json.dumps(
+            {"type": "prompt", "content": f"/tool {name} {arguments}".strip()}
+        ),
+        st.sampled_from(["clock", "nope", "CLOCK"]) | st.text(max_size=12),
+        st.builds(json.dumps, json_values) | st.text(max_size=60) | st.just('{"timezone":'),
     ),
 )
 
