@@ -27,9 +27,12 @@ def require_redis() -> None:
 
 
 @contextmanager
-def pods(workdir: Path, count: int = 2, **settings: str | int | float) -> Iterator[list[Server]]:
+def pods(
+    workdir: Path, count: int = 2, cross_origin: bool = False, **settings: str | int | float
+) -> Iterator[list[Server]]:
     """``count`` pods (the fake model, ``settings`` on top) on a fresh
-    redis-server under ``workdir``, stopped on exit."""
+    redis-server under ``workdir``, stopped on exit. With ``cross_origin``
+    each pod allows the others' pages (a page that resumes on another pod)."""
     require_redis()
     server = RedisServer(workdir / "redis").start()
     try:
@@ -38,6 +41,10 @@ def pods(workdir: Path, count: int = 2, **settings: str | int | float) -> Iterat
             procs.pod(f"pod{i}", server.url, workdir / f"pod{i}.log", **settings)
             for i in range(count)
         ]
+        if cross_origin:
+            origins = ",".join(pod.http for pod in made)
+            for pod in made:
+                pod.env["CHAT_ALLOWED_ORIGINS"] = origins
         with procs.running(made) as started:
             yield started
     finally:
