@@ -5,13 +5,16 @@ and ``schema`` (what is generated from the protocol's models)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import sys
+from typing import Any
 
 import redis
 import redis.cluster
 import typer
+import typer.core
 import uvicorn
 
 from app import ops
@@ -21,7 +24,61 @@ from app.chat.redis_types import SyncRedisClient
 from app.logs import configure as configure_logging
 from app.settings import ConfigError, Settings
 
-cli = typer.Typer(help="durable-chat: durable multi-user AI chat on stateless pods and Redis.")
+
+class Failed(Exception):
+    """A command failed in a way the user can act on: ``message`` says what
+    failed and what to do; exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Flags take no value: show none (typer would print ``<bool>``)."""
+    for param in params:
+        if isinstance(param, typer.core.TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Command(typer.core.TyperCommand):
+    """Help as a terminal user reads it: ``history [OPTIONS] THREAD``, not
+    ``{thread}``; flags without a ``<bool>``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+cli = typer.Typer(
+    help="durable-chat: durable multi-user AI chat on stateless pods and Redis.",
+    cls=_Group,
+    # Locals may hold tokens and secrets: a traceback (--debug) never shows them.
+    pretty_exceptions_show_locals=False,
+)
+command = functools.partial(cli.command, cls=_Command)
+_debug = False
+
+
+@cli.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
+) -> None:
+    global _debug
+    _debug = debug
 
 
 def _settings() -> Settings:
@@ -37,7 +94,7 @@ def _settings() -> Settings:
     return settings
 
 
-@cli.command()
+@command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
@@ -86,7 +143,7 @@ def serve(
         pass
 
 
-@cli.command()
+@command()
 def worker() -> None:
     """Run the reaper on its own (pods also run it unless CHAT_REAPER_IN_POD=0)."""
     settings = _settings()
@@ -127,7 +184,7 @@ def _thread_arg(raw: str) -> ThreadId:
         raise typer.BadParameter(str(exc)) from None
 
 
-@cli.command()
+@command()
 def tail(
     thread: str = typer.Argument(..., help="Thread id."),
     last: int = typer.Option(10, help="How many past events to show first."),
@@ -142,17 +199,21 @@ def tail(
         pass
 
 
-@cli.command()
+@command()
 def history(
     thread: str = typer.Argument(..., help="Thread id."),
     limit: int = typer.Option(20, help="How many of the newest messages."),
 ) -> None:
     """Print a thread's committed messages, oldest first."""
-    for line in ops.render_history(_redis_for_ops(), _thread_arg(thread), limit, _styler()):
+    thread_id = _thread_arg(thread)
+    client = _redis_for_ops()
+    if not client.exists(keys.meta(thread_id)):
+        raise Failed(f"no thread {thread_id} in this Redis (check the id, and REDIS_URL)")
+    for line in ops.render_history(client, thread_id, limit, _styler()):
         typer.echo(line)
 
 
-@cli.command()
+@command()
 def threads(
     user: str = typer.Option(..., "--user", help="User id."),
     limit: int = typer.Option(50, help="How many."),
@@ -166,7 +227,7 @@ def threads(
         typer.echo(line)
 
 
-@cli.command()
+@command()
 def turns() -> None:
     """Turns in progress: which pod runs them, their fencing numbers and lock TTLs."""
     style = _styler()
@@ -177,7 +238,7 @@ def turns() -> None:
         typer.echo(ops.render_turn(turn, style))
 
 
-@cli.command()
+@command()
 def chat(
     thread: str = typer.Argument(..., help="Thread id."),
     url: list[str] = typer.Option(
@@ -187,7 +248,18 @@ def chat(
 ) -> None:
     """Chat in a thread from the terminal: type a line, watch the reply stream."""
     _thread_arg(thread)
-    asyncio.run(_chat(thread, url, token))
+    from app.client import ChatClosed
+
+    try:
+        asyncio.run(_chat(thread, url, token))
+    except ChatClosed as exc:
+        raise Failed(f"{exc}; check the thread id and the token (--token or CHAT_TOKEN)") from exc
+    except (OSError, TimeoutError) as exc:
+        reason = "refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or "timed out"
+        raise Failed(
+            f"cannot connect to {' or '.join(url)} ({reason}); is a pod running there? "
+            "Give its address with --url"
+        ) from exc
 
 
 async def _chat(thread: str, urls: list[str], token: str | None) -> None:
@@ -225,7 +297,7 @@ async def _chat(thread: str, urls: list[str], token: str | None) -> None:
                     break
 
 
-@cli.command()
+@command()
 def schema(
     kind: str = typer.Argument(
         ..., help="typescript (clients/js/src/protocol.ts) or asyncapi (/asyncapi.json)"
@@ -246,5 +318,25 @@ def schema(
         raise typer.BadParameter("typescript or asyncapi", param_hint="KIND")
 
 
+def _explain(exc: Exception) -> Failed:
+    """One line for a failure: what failed and what to do."""
+    if isinstance(exc, Failed):
+        return exc
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return Failed(f"cannot reach Redis ({exc}); check REDIS_URL and that Redis is up")
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return Failed(f"Redis refused us ({exc}); check the password in REDIS_URL")
+    return Failed(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+
+
 def main() -> None:
-    cli()
+    """The command line: failures are one line on stderr and exit code 1
+    (2 for usage and configuration errors); tracebacks only with --debug."""
+    try:
+        cli()
+    except Exception as exc:
+        if _debug:
+            raise
+        failed = _explain(exc)
+        typer.echo(f"durable-chat: {failed}", err=True)
+        raise SystemExit(failed.code) from None

@@ -120,7 +120,11 @@ class ChatClient:
             # 5xx: a load balancer with no pod to send us to right now (502,
             # 503 while every pod restarts) or a pod going away: try again.
             final = exc.response.status_code < 500
-            raise ChatClosed(f"server refused the socket: {exc}", final=final) from exc
+            raise ChatClosed(
+                f"server refused the socket: HTTP {exc.response.status_code}"
+                f"{_refusal_reason(exc.response.body)}",
+                final=final,
+            ) from exc
         try:
             ready = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         except ConnectionClosed as exc:
@@ -246,3 +250,13 @@ class ChatClient:
                     raise
             except (TimeoutError, OSError, websockets.InvalidHandshake):
                 continue
+
+
+def _refusal_reason(body: bytes | bytearray) -> str:
+    """``: <why>`` from a refused upgrade's JSON body (``{"error": {...}}``),
+    or nothing when there is none."""
+    try:
+        error = orjson.loads(body)["error"]
+        return f": {error['message']} ({error['code']})"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""

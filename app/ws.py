@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette import status
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app import metrics, uvicorn_adapter
@@ -62,18 +63,37 @@ async def admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, 
     if not ws.app.state.origins.allows(ws):
         # Cross-site WebSocket hijacking: a foreign page's socket is refused
         # before the upgrade (HTTP 403), whatever credentials it carries.
-        await ws.close(status.WS_1008_POLICY_VIOLATION, reason="origin not allowed")
+        await refuse(ws, "forbidden", "origin not allowed")
         return None
     try:
         thread = keys.thread_id(raw_thread)
+    except keys.InvalidId as exc:
+        await refuse(ws, "bad_request", str(exc))
+        return None
+    try:
         user = authenticator.user_for(ws)
-    except (keys.InvalidId, AuthError) as exc:
-        await ws.close(status.WS_1008_POLICY_VIOLATION, reason=str(exc)[:120])
+    except AuthError as exc:
+        await refuse(ws, "unauthorized", str(exc))
         return None
     if service.draining:
         await ws.close(status.WS_1012_SERVICE_RESTART, reason="server restarting")
         return None
     return service, thread, user
+
+
+async def refuse(ws: WebSocket, code: str, reason: str) -> None:
+    """Refuse a socket before the upgrade: HTTP 403 whose JSON body (REST's
+    error shape) says why, for clients that are not browsers (a browser's
+    WebSocket API never shows it), and the reason in the pod's log. Reasons
+    come from our own checks, never a token or a secret; the logged path
+    leaves out the query string (it may hold ``?token=``)."""
+    reason = reason[:200]
+    log.info("socket refused before the upgrade (%s): %s", ws.url.path, reason)
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        body = {"error": {"code": code, "message": reason}}
+        await ws.send_denial_response(JSONResponse(body, status_code=403))
+    else:  # a server without the denial extension: a bare 403 (reason in the close)
+        await ws.close(status.WS_1008_POLICY_VIOLATION, reason=reason[:120])
 
 
 async def open_thread(
@@ -118,7 +138,7 @@ async def thread_socket(ws: WebSocket) -> None:
         try:
             keys.event_id(after)
         except keys.InvalidId as exc:
-            await ws.close(status.WS_1008_POLICY_VIOLATION, reason=f"after: {exc}")
+            await refuse(ws, "bad_request", f"after: {exc}")
             return
     session = await _open_session(ws, service, thread, user, after, epoch)
     if session is None:

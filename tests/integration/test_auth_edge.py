@@ -3,6 +3,9 @@ valid one by query or header, and a valid user who is not a member."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -87,3 +90,52 @@ async def test_tokens_at_the_socket_edge(redis_server, pod_factory):
         theirs = await http.get("/list", params={"token": bob})
     assert mine.json() == [thread]
     assert theirs.json() == [f"{thread}_bob"]
+
+
+def _refused(url: str, **kwargs) -> tuple[int, dict]:
+    """The status and JSON body of a refused upgrade (a non-browser client's view)."""
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    headers = {
+        "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": key, **kwargs.pop("headers", {}),
+    }  # fmt: skip
+    response = httpx.get(url.replace("ws://", "http://", 1), headers=headers, timeout=10)
+    return response.status_code, response.json()
+
+
+def test_a_refused_upgrade_says_why_to_the_client_the_cli_and_the_log(redis_server, pod_factory):
+    pod = pod_factory(redis_server, **AUTH)
+    thread = unique("why")
+    url = f"{pod.ws}/v1/threads/{thread}/ws"
+    expired = _token("alice", exp=int(time.time()) - 3600)
+    cases = {
+        "bad thread id": (f"{pod.ws}/v1/threads/no%7Bgood%7D/ws", {}, "bad_request", "thread_id"),
+        "no token": (url, {}, "unauthorized", "token"),
+        "expired token": (f"{url}?token={expired}", {}, "unauthorized", "expired"),
+        "foreign origin": (
+            url, {"Origin": "https://evil.example", "Authorization": f"Bearer {_token('alice')}"},
+            "forbidden", "origin",
+        ),
+    }  # fmt: skip
+    for what, (target, headers, code, word) in cases.items():
+        status, body = _refused(target, headers=headers)
+        assert status == 403, what
+        assert body["error"]["code"] == code, (what, body)
+        assert word in body["error"]["message"].lower(), (what, body)
+        assert expired not in body["error"]["message"]
+    # The terminal client says it in one line, exit code 1.
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "chat", thread, "--url", pod.ws],
+        input="hello\n", capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CHAT_")},
+    )  # fmt: skip
+    assert result.returncode == 1, result
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "HTTP 403" in result.stderr and "(unauthorized)" in result.stderr, result.stderr
+    assert "--token" in result.stderr
+    # And the pod logged each reason, never the token.
+    logs = pod.logs()
+    refusals = [line for line in logs.splitlines() if "socket refused before the upgrade" in line]
+    assert len(refusals) >= len(cases) + 1, logs[-3000:]
+    assert any("origin not allowed" in line for line in refusals)
+    assert expired not in logs

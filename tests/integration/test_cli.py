@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 
@@ -117,3 +118,36 @@ def test_bad_thread_id_is_refused_before_redis(redis_server):
     result = _cli(redis_server, "history", "no{good}")
     assert result.returncode != 0
     assert "thread_id" in result.stderr
+
+
+def test_failures_are_one_line_with_what_to_do(redis_server):
+    # A thread that was never used: said, exit 1 (it printed nothing, exit 0).
+    result = _cli(redis_server, "history", "never-used")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "durable-chat: no thread never-used in this Redis (check the id, and REDIS_URL)\n"
+    )
+    # No pod where the terminal client looks: one line, not a traceback.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"ws://127.0.0.1:{closed.getsockname()[1]}"
+    result = _cli(redis_server, "chat", "t1", "--url", nowhere, stdin="hello\n")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"durable-chat: cannot connect to {nowhere} (refused)")
+    assert result.stderr.count("\n") == 1 and "--url" in result.stderr
+    # Tracebacks on demand.
+    result = _cli(redis_server, "--debug", "chat", "t1", "--url", nowhere, stdin="hello\n")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    # Redis down.
+    redis_server.stop()
+    result = _cli(redis_server, "turns")
+    assert result.returncode == 1
+    assert result.stderr.startswith("durable-chat: cannot reach Redis")
+    assert result.stderr.count("\n") == 1
+
+
+def test_help_reads_as_a_terminal_user_expects(redis_server):
+    text = _cli(redis_server, "history", "--help").stdout
+    assert "history [OPTIONS] THREAD" in text
+    assert "{thread}" not in text and "<bool>" not in text
+    assert "<bool>" not in _cli(redis_server, "--help").stdout
