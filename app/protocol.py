@@ -27,7 +27,7 @@ from pydantic import (
 from app.chat import keys, records
 from app.chat.errors import DomainCode
 from app.chat.records import Joined, MessageStatus, Role
-from app.chat.timeline import message_json
+from app.chat.timeline import message_json, queued_json
 
 PROTOCOL_VERSION = 1
 
@@ -92,8 +92,12 @@ class GetHistory(_Frame):
 
 
 class Cancel(_Frame):
+    """Stops the running turn (``generation_id``: only that one), or with
+    ``queue_id`` takes a waiting prompt out of the queue."""
+
     type: Literal["cancel"]
     generation_id: ClientToken | None = None
+    queue_id: EventId | None = None
 
 
 class Resume(_Frame):
@@ -166,6 +170,15 @@ def _deeper_than(value: object, limit: int) -> bool:
 # --- server -> client -------------------------------------------------------
 
 
+class QueuedPrompt(BaseModel):
+    """A prompt waiting for the running turn (prompt_policy ``queue``)."""
+
+    queue_id: str
+    user_id: str
+    content: str
+    client_msg_id: str | None = None
+
+
 class Ready(BaseModel):
     type: Literal["ready"] = "ready"
     thread_id: str
@@ -175,6 +188,9 @@ class Ready(BaseModel):
     generating: bool
     generation_id: str | None
     leaf_id: str | None = None
+    queue: list[QueuedPrompt] = Field(
+        default_factory=list, description="the prompts waiting to run, first to run first"
+    )
     recovered: bool | None = None
 
     @classmethod
@@ -182,7 +198,9 @@ class Ready(BaseModel):
         return cls(
             thread_id=joined.thread_id, epoch=joined.epoch, last_event_id=joined.last_event_id,
             generating=joined.generating, generation_id=joined.generation_id,
-            leaf_id=joined.leaf_id, recovered=joined.recovered,
+            leaf_id=joined.leaf_id,
+            queue=[QueuedPrompt.model_validate(queued_json(q)) for q in joined.queue],
+            recovered=joined.recovered,
         )  # fmt: skip
 
 
@@ -252,6 +270,7 @@ class Message(BaseModel):
     created_at: int = Field(description="ms since the epoch")
     status: MessageStatus
     client_msg_id: str | None = None
+    queue_id: str | None = Field(default=None, description="the queued prompt it was")
     siblings: list[str] | None = Field(
         default=None,
         description="history pages only: the ids sharing its parent, oldest first, itself included",
@@ -284,6 +303,28 @@ class BranchEvent(TimelineFrame):
     type: Literal["branch"] = "branch"
     thread_id: str
     leaf_id: str
+
+
+class QueuedEvent(TimelineFrame):
+    """A prompt sent while a turn runs waits in the thread's queue; its
+    ``queue_id`` is this event's id, and its ``message`` carries it once it
+    runs."""
+
+    type: Literal["queued"] = "queued"
+    thread_id: str
+    queue_id: str
+    user_id: str
+    content: str
+    client_msg_id: str | None = None
+
+
+class UnqueuedEvent(TimelineFrame):
+    """A waiting prompt left the queue without running (``reason``: cancelled)."""
+
+    type: Literal["unqueued"] = "unqueued"
+    thread_id: str
+    queue_id: str
+    reason: str
 
 
 class LoadingEvent(TimelineFrame):

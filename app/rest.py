@@ -42,6 +42,7 @@ from app.chat.errors import (
     ThreadBusy,
 )
 from app.chat.keys import ThreadId, UserId
+from app.chat.records import PromptPolicy
 from app.chat.service import ChatService
 from app.chat.threads import MAX_TITLE_CHARS, ThreadSummary
 from app.chat.usage import until_next_day_ms
@@ -66,9 +67,14 @@ class CreateThread(BaseModel):
     title: Title | None = None
 
 
-class RenameThread(BaseModel):
+class UpdateThread(BaseModel):
+    """The owner's changes: a new title, what prompts sent while a turn runs
+    get (``reject``: thread_busy, ``queue``: wait their turn, ``interrupt``:
+    stop the turn and run next), or both."""
+
     model_config = ConfigDict(extra="forbid")
-    title: Title
+    title: Title | None = None
+    prompt_policy: PromptPolicy | None = None
 
 
 class ThreadOut(BaseModel):
@@ -79,6 +85,7 @@ class ThreadOut(BaseModel):
     created_at: int = Field(description="ms since the epoch")
     updated_at: int = Field(description="last committed message, ms since the epoch")
     active_at: int = Field(description="last activity in the caller's list, ms since the epoch")
+    prompt_policy: PromptPolicy = Field(description="what a prompt sent while a turn runs gets")
 
 
 class TokenCounts(BaseModel):
@@ -174,12 +181,15 @@ async def get_thread(thread_id: PathThread, user: Caller, service: Chat) -> Thre
     return await _detail(service, keys.thread_id(thread_id), user)
 
 
-@router.patch("/{thread_id}", summary="Rename a thread (owner only)")
-async def rename_thread(
-    thread_id: PathThread, body: RenameThread, user: Caller, service: Chat
+@router.patch("/{thread_id}", summary="Rename a thread or set its prompt_policy (owner only)")
+async def update_thread(
+    thread_id: PathThread, body: UpdateThread, user: Caller, service: Chat
 ) -> ThreadDetail:
     thread = keys.thread_id(thread_id)
-    await service.threads.rename(thread, user, body.title)
+    if body.title is not None:
+        await service.threads.rename(thread, user, body.title)
+    if body.prompt_policy is not None:
+        await service.threads.set_prompt_policy(thread, user, body.prompt_policy)
     return await _detail(service, thread, user)
 
 
@@ -238,7 +248,7 @@ def _out(summary: ThreadSummary, user: UserId) -> ThreadOut:
         id=summary.id, title=summary.title, owner=summary.owner,
         role="owner" if summary.owner == user else "member",
         created_at=summary.created_at, updated_at=summary.updated_at,
-        active_at=int(summary.active_at * 1000),
+        active_at=int(summary.active_at * 1000), prompt_policy=summary.prompt_policy,
     )  # fmt: skip
 
 

@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     chat_delta_window_ms: float = Field(default=25.0, ge=0)
     chat_delta_max_bytes: int = Field(default=2048, ge=1)
     chat_dedup_ttl_s: int = Field(default=86400, ge=60)
+    # What a prompt sent while a turn runs gets, for threads whose owner did
+    # not choose (PATCH /v1/threads/{id} {prompt_policy}): thread_busy
+    # (reject), a place in the thread's queue (queue), or it stops the turn
+    # and runs next (interrupt). At most CHAT_MAX_QUEUED wait per thread.
+    chat_prompt_policy: Literal["reject", "queue", "interrupt"] = "reject"
+    chat_max_queued: int = Field(default=10, ge=1, le=1000)
 
     # Input limits.
     chat_max_prompt_chars: int = Field(default=32000, ge=1)

@@ -94,10 +94,14 @@ class PostCancel(BaseModel):
     generation_id: ClientToken | None = Field(
         default=None, description="stop only this generation; default: whatever runs"
     )
+    queue_id: EventId | None = Field(
+        default=None, description="instead, take this waiting prompt out of the queue"
+    )
 
 
 class CancelAccepted(BaseModel):
-    generation_id: str
+    generation_id: str | None = None
+    queue_id: str | None = None
 
 
 _STREAM = {
@@ -272,6 +276,9 @@ async def cancel(
 ) -> CancelAccepted:
     thread = keys.thread_id(thread_id)
     await service.threads.require_member(thread, user)
+    if body is not None and body.queue_id is not None:
+        await service.cancel_queued(thread, user, body.queue_id)
+        return CancelAccepted(queue_id=body.queue_id)
     generation_id = body.generation_id if body else None
     cancelled = await service.cancel(thread, generation_id)
     if cancelled is None:

@@ -321,7 +321,9 @@ class ThreadSession:
         await self.send_text(encode(reply))
 
     async def _cancel(self, frame: Cancel) -> None:
-        if await self.service.cancel(self.thread, frame.generation_id) is None:
+        if frame.queue_id is not None:
+            await self.service.cancel_queued(self.thread, self.user, frame.queue_id)
+        elif await self.service.cancel(self.thread, frame.generation_id) is None:
             await self._error("not_found", "no matching turn is running")
 
     async def _resume(self, frame: Resume) -> None:

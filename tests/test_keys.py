@@ -63,6 +63,7 @@ def test_user_id_rejects_unsafe_ids(raw: object) -> None:
 THREAD_KEY_BUILDERS = [
     keys.history,
     keys.tree,
+    keys.queue,
     keys.events,
     keys.lock,
     keys.fence,

@@ -16,6 +16,7 @@ DomainCode = Literal[
     "budget_exceeded",
     "forbidden",
     "not_found",
+    "queue_full",
     "conflict",
     "unavailable",
     "internal",
@@ -35,6 +36,13 @@ class ThreadBusy(ChatError):
     """A turn is already running on this thread (on some pod)."""
 
     code = "thread_busy"
+    retryable = True
+
+
+class QueueFull(ChatError):
+    """CHAT_MAX_QUEUED prompts already wait for this thread's running turn."""
+
+    code = "queue_full"
     retryable = True
 
 

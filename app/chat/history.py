@@ -62,6 +62,7 @@ def message_from_entry(
         client_msg_id=fields.get("client_msg_id") or None,
         tool_calls=tuple(tool_use_from_json(c) for c in tool_calls),
         usage=orjson.loads(fields["usage"]) if fields.get("usage") else None,
+        queue_id=fields.get("queue_id") or None,
     )
 
 
@@ -82,6 +83,8 @@ def entry_fields(message: Message) -> list[str]:
         pairs += ["tool_calls", orjson.dumps(calls).decode()]
     if message.usage is not None:
         pairs += ["usage", orjson.dumps(dict(message.usage)).decode()]
+    if message.queue_id:
+        pairs += ["queue_id", message.queue_id]
     return pairs
 
 

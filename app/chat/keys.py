@@ -17,7 +17,9 @@ Layout (see the README for the redis-cli view of each):
     chat:{T}:fence     String   fencing number, INCR at each lock grant; after
                                 a delete, a tombstone with a TTL (DELETED_TTL_S)
     chat:{T}:meta      Hash     epoch, owner, title, counts, event number,
-                                the active leaf
+                                the active leaf, prompt_policy
+    chat:{T}:queue     Stream   prompts waiting for the running turn; entry
+                                id = queue id = its `queued` event's id
     chat:{T}:members   Set      user ids allowed in the thread
     chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
     chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
@@ -132,6 +134,10 @@ def tree(t: ThreadId) -> str:
     return _thread_key(t, "tree")
 
 
+def queue(t: ThreadId) -> str:
+    return _thread_key(t, "queue")
+
+
 def turn(t: ThreadId) -> str:
     return _thread_key(t, "turn")
 
@@ -150,7 +156,7 @@ def all_thread_keys(t: ThreadId) -> list[str]:
     all but the fence, which stays a while as a tombstone (DELETED_TTL_S)."""
     return [
         history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t),
-        tree(t), usage_outbox(t),
+        tree(t), usage_outbox(t), queue(t),
     ]  # fmt: skip
 
 

@@ -8,7 +8,9 @@ commits the text and the finished tool calls the turn had published as an
 then moves the thread's pending token charges to their users (app.chat.usage:
 also those of a turn that ended but whose pod died before moving them). It runs every
 CHAT_REAPER_INTERVAL_MS, so a thread is free again within the lease plus one
-interval.
+interval. In a pod it then starts the thread's next queued prompt, if any
+(and does the same for a thread whose pod drained with prompts waiting):
+threads with waiting prompts stay in the turn index for that.
 
 It runs inside every pod (app.main) or on its own as ``durable-chat worker``
 (workers.reaper); either way only the holder of a short leader lease in Redis
@@ -21,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
 from app import metrics
 from app.chat import keys
 from app.chat.errors import LockLost
-from app.chat.lock import TurnLock
+from app.chat.keys import ThreadId
+from app.chat.lock import Lease, TurnLock
 from app.chat.scripts import Scripts
 from app.chat.turns import TurnStore
 from app.chat.usage import UsageStore
@@ -47,8 +51,13 @@ class Reaper:
         *,
         interval_ms: int,
         holder: str,
+        start_next: Callable[[ThreadId, Lease | None], Awaitable[bool]] | None = None,
     ) -> None:
         self._scripts = scripts
+        # In a pod: starts a thread's next queued prompt (taking over the
+        # lease it is given), for threads whose pod died or drained with
+        # prompts waiting. The standalone worker has no model, so none.
+        self._start_next = start_next
         self._lock = lock
         self._turns = turns
         self._usage = usage
@@ -79,6 +88,7 @@ class Reaper:
             lease = await self._lock.acquire(thread)
             if lease is None:
                 continue
+            held: Lease | None = lease
             try:
                 # Read under the lock: no turn can begin or end meanwhile.
                 record = await self._turns.record(thread)
@@ -88,16 +98,23 @@ class Reaper:
                         extra={"thread_id": thread, "generation_id": record.generation_id},
                     )  # fmt: skip
                     await self._turns.close_orphan(thread, lease, record)
+                    held = None  # released by the close
                     metrics.TURNS_REAPED.inc()
                     closed += 1
                 # A turn leaves the index only once its charges are settled.
                 await self._usage.settle(thread)
-                await self._turns.index_remove(thread)
+                started = False
+                if self._start_next is not None:
+                    held, taken = None, held  # start_next takes the lease over
+                    started = await self._start_next(thread, taken)
+                if not started:
+                    await self._turns.index_remove(thread)
             except (LockLost, RedisError) as exc:
                 log.warning(
                     "could not close the turn of thread %s: %s", thread, exc,
                     extra={"thread_id": thread},
                 )  # fmt: skip
             finally:
-                await self._lock.release(thread, lease)
+                if held is not None:
+                    await self._lock.release(thread, held)
         return closed

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Role = Literal["user", "assistant"]
+PromptPolicy = Literal["reject", "queue", "interrupt"]
 MessageStatus = Literal["complete", "cancelled", "interrupted", "error"]
 
 
@@ -38,8 +39,9 @@ class Message:
     """A committed message of a thread's history (``id`` is its history entry
     id, empty until the commit script writes it). ``parent_id`` is the message
     it follows (None for a root); ``siblings``, in history pages only, the ids
-    of the messages sharing its parent, oldest first, itself included. An
-    assistant message keeps the tools it called and the tokens its turn used."""
+    of the messages sharing its parent, oldest first, itself included;
+    ``queue_id`` the queued prompt it was. An assistant message keeps the
+    tools it called and the tokens its turn used."""
 
     id: str
     role: Role
@@ -52,6 +54,7 @@ class Message:
     siblings: tuple[str, ...] | None = None
     tool_calls: tuple[ToolUse, ...] = ()
     usage: Mapping[str, int] | None = None
+    queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,16 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """A prompt waiting in a thread's queue for the running turn to end."""
+
+    queue_id: str
+    user_id: str
+    content: str
+    client_msg_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Joined:
     """Where a thread stands for a socket that just joined it (its ``ready``)."""
 
@@ -116,4 +129,5 @@ class Joined:
     generating: bool
     generation_id: str | None
     leaf_id: str | None = None
+    queue: tuple[Queued, ...] = ()
     recovered: bool | None = None

@@ -469,9 +469,15 @@ class TurnRunner:
 class TurnManager:
     """The turns running on this pod: start, cancel locally, drain."""
 
-    def __init__(self, setup: TurnSetup, hub: FanoutHub) -> None:
+    def __init__(
+        self, setup: TurnSetup, hub: FanoutHub,
+        on_end: Callable[[ThreadId], Awaitable[None]] | None = None,
+    ) -> None:  # fmt: skip
         self._setup = setup
         self._hub = hub
+        # Called once a turn is over (however it ended) and its thread free:
+        # the service starts the thread's next queued prompt from here.
+        self._on_end = on_end
         self._running: dict[asyncio.Task[None], TurnRunner] = {}
 
     @property
@@ -502,6 +508,12 @@ class TurnManager:
             log.exception("turn %s failed", runner.ctx.generation_id, extra=runner.log_context)
         finally:
             await self._hub.unfollow(thread, runner)
+        if self._on_end is not None:
+            try:
+                await self._on_end(thread)
+            except Exception as exc:  # the reaper starts what waits, if this could not
+                log.warning("after turn %s: %s", runner.ctx.generation_id, exc,
+                            extra=runner.log_context)  # fmt: skip
 
     async def drain(
         self, grace_s: float, commit_s: float = DRAIN_COMMIT_S, release_s: float = tasks.RELEASE_S

@@ -245,15 +245,16 @@ return 0
 # BEGIN_TURN: commit the user's message (or pick the one to answer again) and
 # open the assistant's turn.
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] dedup,
-#     [7] turn, [8] tree
+#     [7] turn, [8] tree, [9] queue
 # ARGV[1] fencing number, [2] publish command (PUBLISH or SPUBLISH),
 #     [3] event retention, [4] user `message` event JSON (\1 = message id,
 #     "\2" = parent id; '' for a regenerate), [5] `loading` event JSON,
 #     [6] client_msg_id or '', [7] dedup TTL seconds, [8] generation id,
-#     [9] pod id, [10] kind: 'prompt' or 'regenerate', [11] for a prompt its
-#     parent: '' (follow the active leaf), '-' (a new root) or a message id;
-#     for a regenerate the message to answer again, [12...] history entry
-#     fields (name, value)*
+#     [9] pod id, [10] kind: 'prompt', 'queued' (a queued prompt starts) or
+#     'regenerate', [11] for a prompt its parent: '' (follow the active
+#     leaf), '-' (a new root) or a message id; for a regenerate the message
+#     to answer again, [12] the queued prompt's queue id (it must be the
+#     queue's head) or '', [13...] history entry fields (name, value)*
 # The turn record also keeps the user its tokens are charged to (the
 # `user_id` among the entry fields; a regenerate passes just that field):
 # whoever ends the turn, the reaper included, charges them.
@@ -266,12 +267,16 @@ return 0
 #     under an open socket): writing would resurrect a thread without owner,
 #     {'not_found'} when the parent or the message to regenerate is not one
 #     of this thread's, {'not_user'} when a regenerated reply answers no user
-#     message; error STALE_FENCE when the lock was lost before the commit.
+#     message, {'queue_first'} when prompts wait in the queue (a new prompt
+#     must not overtake them), {'moved'} when a queued prompt is no longer
+#     the queue's head (cancelled meanwhile); error STALE_FENCE when the lock
+#     was lost before the commit.
 # Atomic: the message, its tree links, the active leaf, its dedup entry, its
 # event, and the turn record exist together or not at all, so a crash can
 # neither lose a message the sender saw nor leave a turn without its user
-# message. A refusal writes nothing. The timeline is trimmed here, before the
-# turn starts, so a running turn's events are never trimmed.
+# message, and a queued prompt leaves the queue in the step that starts it,
+# so it runs exactly once. A refusal writes nothing. The timeline is trimmed
+# here, before the turn starts, so a running turn's events are never trimmed.
 BEGIN_TURN = (
     _PRELUDE
     + _TREE
@@ -281,11 +286,18 @@ if stale then return stale end
 if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {'gone'} end
 local running = redis.call('HMGET', KEYS[7], 'generation_id', 'user_message_id', 'start_id')
 if running[1] == ARGV[8] then return {'ok', running[2], running[3]} end
-if ARGV[6] ~= '' then
+local queued = ARGV[10] == 'queued'
+if ARGV[6] ~= '' and not queued then
   local seen = redis.call('HGET', KEYS[6], ARGV[6])
   if seen then return {'dup', seen} end
 end
 if running[1] then return {'orphan'} end
+if queued then
+  local head = redis.call('XRANGE', KEYS[9], '-', '+', 'COUNT', 1)[1]
+  if not head or head[1] ~= ARGV[12] then return {'moved'} end
+elseif ARGV[10] == 'prompt' and redis.call('XLEN', KEYS[9]) > 0 then
+  return {'queue_first'}
+end
 local retention = tonumber(ARGV[3])
 local answered
 local first
@@ -311,7 +323,12 @@ else
   answered = next_event_id(KEYS[2])
   link(KEYS[8], KEYS[5], answered, parent)
   local fields = {'parent', parent}
-  for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+  if queued then
+    redis.call('XDEL', KEYS[9], ARGV[12])
+    -- An empty stream stays a key: drop it, as an empty list would be.
+    if redis.call('XLEN', KEYS[9]) == 0 then redis.call('DEL', KEYS[9]) end
+  end
   redis.call('XADD', KEYS[5], answered, unpack(fields))
   redis.call('HSET', KEYS[2], 'leaf', answered)
   emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], answered,
@@ -320,7 +337,7 @@ else
   redis.call('HINCRBY', KEYS[2], 'message_count', 1)
   redis.call('HSET', KEYS[2], 'updated_at', string.match(answered, '^(%d+)'))
 end
-if ARGV[6] ~= '' then
+if ARGV[6] ~= '' and not queued then
   redis.call('HSET', KEYS[6], ARGV[6], first)
   redis.call('EXPIRE', KEYS[6], ARGV[7])
 end
@@ -330,10 +347,85 @@ if ARGV[10] ~= 'regenerate' then
 end
 redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
   'start_id', lid, 'user_message_id', answered)
-for i = 12, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
 end
 return {'ok', answered, lid}
+"""
+)
+
+# ENQUEUE_PROMPT: a prompt waits for the running turn (prompt_policy queue
+# or interrupt): timeline event `queued`, and an entry in the thread's queue.
+# KEYS[1] meta, [2] events, [3] live channel, [4] queue, [5] dedup, [6] lock,
+#     [7] history
+# ARGV[1] publish command, [2] event retention, [3] `queued` event JSON
+#     (\1 = queue id), [4] client_msg_id or '', [5] dedup TTL seconds,
+#     [6] most prompts queued, [7] parent as BEGIN_TURN takes it ('', '-' or a
+#     message id), [8...] the queue entry's fields (name, value)*
+# Returns {'queued', queue_id, running}: running is 0 when the thread is free
+#     (the caller starts the queue's head); {'idle'} when the thread is free
+#     and nothing waits (the caller begins the turn itself); {'dup', event_id}
+#     for a client_msg_id seen before; {'full'}; {'not_found'} for a parent
+#     not of this thread; {'gone'} when the thread no longer exists.
+# Atomic with the lock check: a prompt is queued only while a turn holds the
+# thread, or behind prompts already waiting, and every end of a turn looks
+# at the queue after freeing it, so no queued prompt is left without a turn
+# to start it. The queue id is the `queued` event's id.
+ENQUEUE_PROMPT = (
+    _PRELUDE
+    + r"""
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then return {'gone'} end
+if ARGV[4] ~= '' then
+  local seen = redis.call('HGET', KEYS[5], ARGV[4])
+  if seen then return {'dup', seen} end
+end
+local parent = ARGV[7]
+if parent ~= '' and parent ~= '-' and not redis.call('XRANGE', KEYS[7], parent, parent)[1] then
+  return {'not_found'}
+end
+local running = redis.call('EXISTS', KEYS[6])
+local waiting = redis.call('XLEN', KEYS[4])
+if running == 0 and waiting == 0 then return {'idle'} end
+if waiting >= tonumber(ARGV[6]) then return {'full'} end
+local qid = next_event_id(KEYS[1])
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[4], qid, 'parent', parent, unpack(fields))
+emit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], qid, fill(ARGV[3], qid), tonumber(ARGV[2]))
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[4], qid)
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
+end
+return {'queued', qid, running}
+"""
+)
+
+# UNQUEUE_PROMPT: take a waiting prompt out of the queue (a cancel).
+# KEYS[1] meta, [2] events, [3] live channel, [4] queue
+# ARGV[1] publish command, [2] event retention, [3] `unqueued` event JSON,
+#     [4] queue id, [5] caller, [6] '1' when only its sender or the owner may
+# Returns 'ok', 'not_found' (not waiting: started, cancelled, or never
+#     queued) or 'forbidden'.
+# Atomic with BEGIN_TURN's take of the head: a prompt is either cancelled or
+# started, never both.
+UNQUEUE_PROMPT = (
+    _PRELUDE
+    + r"""
+local entry = redis.call('XRANGE', KEYS[4], ARGV[4], ARGV[4])[1]
+if not entry then return 'not_found' end
+if ARGV[6] == '1' then
+  local sender
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == 'user_id' then sender = entry[2][i + 1] end
+  end
+  if ARGV[5] ~= sender and ARGV[5] ~= redis.call('HGET', KEYS[1], 'owner') then
+    return 'forbidden'
+  end
+end
+redis.call('XDEL', KEYS[4], ARGV[4])
+if redis.call('XLEN', KEYS[4]) == 0 then redis.call('DEL', KEYS[4]) end
+emit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], next_event_id(KEYS[1]), ARGV[3], tonumber(ARGV[2]))
+return 'ok'
 """
 )
 
@@ -565,16 +657,19 @@ redis.call(ARGV[3], KEYS[4], ARGV[4])
 return {'ok', meta[2] or '', unpack(members)}
 """
 
-# RENAME_THREAD: set a thread's title.
-# KEYS[1] meta; ARGV[1] caller, ARGV[2] '1' when only the owner may, ARGV[3] title
+# UPDATE_THREAD: the owner sets thread settings (title, prompt_policy).
+# KEYS[1] meta; ARGV[1] caller, ARGV[2] '1' when only the owner may,
+#     ARGV[3...] (field, value)*
 # Returns 'ok', 'not_found' or 'forbidden'.
-# In Lua so that a rename racing a delete cannot recreate a meta hash
+# In Lua so that an update racing a delete cannot recreate a meta hash
 # without epoch or owner (a plain HSET would).
-RENAME_THREAD = r"""
+UPDATE_THREAD = r"""
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 if not meta[1] then return 'not_found' end
 if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return 'forbidden' end
-redis.call('HSET', KEYS[1], 'title', ARGV[3])
+local values = {}
+for i = 3, #ARGV do values[#values + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(values))
 return 'ok'
 """
 
@@ -585,7 +680,7 @@ return 'ok'
 #     command, ARGV[7] control frame for a removal (closes the member's sockets)
 # Returns 'ok', 'not_found', 'forbidden', 'full', or 'owner' (the owner
 #     cannot be removed: delete the thread instead).
-# In Lua for the same reason as RENAME_THREAD (no SADD on a deleted thread),
+# In Lua for the same reason as UPDATE_THREAD (no SADD on a deleted thread),
 # and so that the member limit holds under concurrent adds.
 CHANGE_MEMBER = r"""
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
@@ -778,11 +873,13 @@ class Scripts:
         self.append_once: AsyncScript = redis.register_script(APPEND_ONCE)
         self.end_turn: AsyncScript = redis.register_script(END_TURN)
         self.switch_branch: AsyncScript = redis.register_script(SWITCH_BRANCH)
+        self.enqueue_prompt: AsyncScript = redis.register_script(ENQUEUE_PROMPT)
+        self.unqueue_prompt: AsyncScript = redis.register_script(UNQUEUE_PROMPT)
         self.history_path: AsyncScript = redis.register_script(HISTORY_PATH)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
         self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)
-        self.rename_thread: AsyncScript = redis.register_script(RENAME_THREAD)
+        self.update_thread: AsyncScript = redis.register_script(UPDATE_THREAD)
         self.change_member: AsyncScript = redis.register_script(CHANGE_MEMBER)
         self.take_token: AsyncScript = redis.register_script(TAKE_TOKEN)
         self.admit_socket: AsyncScript = redis.register_script(ADMIT_SOCKET)

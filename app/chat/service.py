@@ -28,8 +28,9 @@ from app.chat.history import HistoryReader, message_from_entry
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
+from app.chat.queue import Enqueued, Idle, PromptQueue, Seen
 from app.chat.reaper import Reaper
-from app.chat.records import Joined, Loading, Message
+from app.chat.records import Joined, Loading, Message, PromptPolicy
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
 from app.chat.redis_types import entries as entries_of
 from app.chat.runner import TurnContext, TurnManager, TurnSetup
@@ -43,7 +44,7 @@ from app.chat.timeline import (
     frame_from_entry,
     message_event_data,
 )
-from app.chat.turns import Begun, Duplicate, TurnStore
+from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits
 from app.chat.usage import UsageStore
 from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
@@ -95,7 +96,7 @@ class ChatService:
             redis, self.scripts, publish_command,
             max_threads=settings.chat_max_threads_per_user,
             max_members=settings.chat_max_members_per_thread,
-            open_access=not settings.auth_enabled,
+            open_access=not settings.auth_enabled, default_policy=settings.chat_prompt_policy,
         )  # fmt: skip
         self.limits = Limits(redis, self.scripts, settings)
         # The socket slot (app.chat.limits) each open follower holds.
@@ -121,7 +122,11 @@ class ChatService:
             settings.chat_delta_max_bytes, tools=self.tools,
             max_tool_rounds=settings.chat_max_tool_rounds, usage=runner_usage,
         )  # fmt: skip
-        self.manager = TurnManager(setup, self.hub)
+        self.manager = TurnManager(setup, self.hub, self._after_turn)
+        self.queue = PromptQueue(
+            redis, self.scripts, publish_command, settings.chat_event_retention,
+            settings.chat_dedup_ttl_s, settings.chat_max_queued,
+        )  # fmt: skip
         self.draining = False
         # What the history may fill of the model's context: the system
         # prompt and the tools' schemas are spoken for.
@@ -136,6 +141,7 @@ class ChatService:
         return Reaper(
             self.scripts, self.lock, self.turns, self.usage,
             interval_ms=self.settings.chat_reaper_interval_ms, holder=holder,
+            start_next=self.start_next,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -185,6 +191,7 @@ class ChatService:
                 newest = entries_of(await self.redis.xrevrange(keys.history(thread), count=1))
                 leaf = newest[0][0] if newest else None
             record = await self.turns.record(thread)
+            waiting = await self.queue.waiting(thread)
             recovered: bool | None = None
             replay: list[TimelineEvent] = []
             if after is not None:
@@ -206,7 +213,7 @@ class ChatService:
             thread_id=thread, epoch=info.epoch, last_event_id=last_id,
             generating=record is not None,
             generation_id=record.generation_id if record else None, leaf_id=leaf,
-            recovered=recovered,
+            queue=tuple(waiting), recovered=recovered,
         )  # fmt: skip
         return Opened(ready, replay, follower)
 
@@ -271,7 +278,8 @@ class ChatService:
         client_msg_id: str | None,
     ) -> str | None:  # fmt: skip
         """A prompt (``message``) or a regenerate (none) as one turn: see
-        TurnStore.begin for ``anchor``.
+        TurnStore.begin for ``anchor``. While a turn runs, a prompt is refused,
+        queued or interrupts, as the thread's prompt_policy says.
 
         Seen through once received, even when its caller goes away meanwhile
         (its socket closed, cancelling the socket's reader): cancelled between
@@ -310,42 +318,122 @@ class ChatService:
         self, thread: ThreadId, user: UserId, message: Message | None, anchor: str,
         client_msg_id: str | None, generation_id: str,
     ) -> str | None:  # fmt: skip
-        """_turn() once the user may: commit the message, start the turn."""
+        """_turn() once the user may: commit the message and start the turn,
+        or, while a turn runs, refuse, queue or interrupt as the thread's
+        prompt_policy says."""
         loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
-        # Twice at most: the second time after closing a turn a dead pod left open.
-        for _attempt in range(2):
+        policy = "reject" if message is None else await self.threads.prompt_policy(thread)
+        # A few times at most: after closing a turn a dead pod left open, or
+        # when the thread freed itself between a refused lock and the queue.
+        for _attempt in range(3):
             lease = await self.lock.acquire(thread)
-            if lease is None:
-                raise ThreadBusy("a reply is being generated in this thread")
-            try:
-                await self.turns.index_add(thread)
-                result = await self.turns.begin(
-                    thread, lease, message, loading, self.settings.chat_pod_id, anchor,
-                    client_msg_id, charge_to=user,
-                )  # fmt: skip
-            except BaseException:
-                await self.lock.release(thread, lease)
-                raise
-            if isinstance(result, Begun):
+            result: Begun | Duplicate | Orphaned | Waits | None = None
+            if lease is not None:
+                try:
+                    await self.turns.index_add(thread)
+                    result = await self.turns.begin(
+                        thread, lease, message, loading, self.settings.chat_pod_id, anchor,
+                        client_msg_id, charge_to=user,
+                    )  # fmt: skip
+                except BaseException:
+                    await self._release(thread, lease)
+                    raise
+            if isinstance(result, Begun) and lease is not None:
                 await self._start_turn(thread, lease, generation_id, message, result)
                 try:
                     await self.threads.touch_members(thread)
                 except RedisError as exc:  # only the members' lists go stale
                     log.warning("thread lists of %s's members not updated: %s", thread, exc)
                 return None
-            if isinstance(result, Duplicate):
-                await self.lock.release(thread, lease)
+            if isinstance(result, Duplicate) and lease is not None:
+                await self._release(thread, lease)
                 await self.usage.release(user, generation_id)
                 return await self.message_frame(thread, client_msg_id or "")
-            record = await self.turns.record(thread)
-            if record is None:  # closed meanwhile by the reaper
-                await self.lock.release(thread, lease)
+            if isinstance(result, Orphaned) and lease is not None:
+                record = await self.turns.record(thread)
+                if record is None:  # closed meanwhile by the reaper
+                    await self._release(thread, lease)
+                else:
+                    log.info(
+                        "closing turn %s left open by pod %s", record.generation_id, record.pod
+                    )
+                    await self.turns.close_orphan(thread, lease, record)
+                    await self.usage.settle(thread)
                 continue
-            log.info("closing turn %s left open by pod %s", record.generation_id, record.pod)
-            await self.turns.close_orphan(thread, lease, record)
-            await self.usage.settle(thread)
-            await self.turns.index_remove(thread)
+            # Busy, or prompts wait in the queue (result: Waits).
+            if lease is not None:
+                await self._release(thread, lease)
+            if message is None or policy == "reject":
+                raise ThreadBusy("a reply is being generated in this thread")
+            queued = await self.queue.enqueue(thread, message, anchor)
+            if not isinstance(queued, Idle):  # Idle: the thread freed itself meanwhile
+                # Its budget was checked now; its turn is charged when it runs.
+                await self.usage.release(user, generation_id)
+                return await self._queued(thread, message, queued, policy)
         raise ThreadBusy("a reply is being generated in this thread")
+
+    async def _queued(
+        self, thread: ThreadId, message: Message, result: Enqueued | Seen, policy: PromptPolicy
+    ) -> str | None:
+        """After ENQUEUE_PROMPT: None once queued (its ``queued`` event
+        reaches every socket), or the original frame of a client_msg_id seen
+        before. An ``interrupt`` prompt stops the running turn; a thread found
+        free (prompts already waiting) starts its queue's head."""
+        if isinstance(result, Seen):
+            return await self.message_frame(thread, message.client_msg_id or "")
+        # The reaper starts it should no pod do so (this one dying, say).
+        await self.turns.index_add(thread)
+        if policy == "interrupt":
+            await self.turns.request_cancel(thread, None)
+        if not result.running:
+            await self.start_next(thread)
+        return None
+
+    async def start_next(self, thread: ThreadId, lease: Lease | None = None) -> bool:
+        """Start the thread's next queued prompt, if one waits and the thread
+        is free (or ``lease``, which this takes over, holds it). Whoever holds
+        the thread otherwise starts it when done. True when one started."""
+        for _attempt in range(3):
+            head = await self.queue.head(thread)
+            if head is None or self.draining:  # a draining pod leaves it to the others
+                break
+            if lease is None:
+                lease = await self.lock.acquire(thread)
+                if lease is None:
+                    return False
+            generation_id = secrets.token_hex(8)
+            loading = Loading(thread, generation_id, self.model.name)
+            try:
+                await self.turns.index_add(thread)
+                result = await self.turns.begin(
+                    thread, lease, head.message, loading, self.settings.chat_pod_id, head.anchor
+                )
+            except BaseException:
+                await self.lock.release(thread, lease)
+                raise
+            if isinstance(result, Begun):
+                await self._start_turn(thread, lease, generation_id, head.message, result)
+                return True
+            if isinstance(result, Orphaned):
+                record = await self.turns.record(thread)
+                if record is not None:
+                    await self.turns.close_orphan(thread, lease, record)
+                    await self.usage.settle(thread)
+                    lease = None
+            # Waits ("moved": cancelled meanwhile): the next head, same lease.
+        if lease is not None:
+            await self.lock.release(thread, lease)
+        return False
+
+    async def _release(self, thread: ThreadId, lease: Lease) -> None:
+        """Free the thread, and start what waits in its queue: a prompt may
+        have been queued while this lease held the thread."""
+        await self.lock.release(thread, lease)
+        if await self.queue.size(thread):
+            await self.start_next(thread)
+
+    async def _after_turn(self, thread: ThreadId) -> None:
+        await self.start_next(thread)
 
     async def _start_turn(
         self, thread: ThreadId, lease: Lease, generation_id: str, prompt: Message | None,
@@ -376,7 +464,7 @@ class ChatService:
         try:
             return await self.turns.switch(thread, lease, message_id)
         finally:
-            await self.lock.release(thread, lease)
+            await self._release(thread, lease)
 
     async def message_frame(self, thread: ThreadId, client_msg_id: str) -> str | None:
         """The frame first sent for ``client_msg_id``, if any (the HTTP prompt's
@@ -402,6 +490,13 @@ class ChatService:
     async def cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:
         """Ask the thread's running turn to stop, wherever it runs."""
         return await self.turns.request_cancel(thread, generation_id)
+
+    async def cancel_queued(self, thread: ThreadId, user: UserId, queue_id: str) -> None:
+        """Take a waiting prompt out of the queue: its sender or the owner
+        (anyone, with authentication off). NotFound when it no longer waits."""
+        if not await self._may_access(thread, user):
+            raise Forbidden("you are not a member of this thread")
+        await self.queue.cancel(thread, queue_id, user, self.settings.auth_enabled)
 
     async def history_page(
         self, thread: ThreadId, before: str | None, limit: int, user: UserId | None = None,

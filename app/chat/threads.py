@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from app.chat import keys
 from app.chat.errors import Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
 from app.chat.keys import ThreadId, UserId
+from app.chat.records import PromptPolicy
 from app.chat.redis_types import RedisClient, scored, text, text_set, texts
 from app.chat.scripts import Scripts
 
@@ -58,6 +59,7 @@ class ThreadSummary:
     created_at: int
     updated_at: int
     active_at: float
+    prompt_policy: PromptPolicy
 
 
 class Threads:
@@ -72,6 +74,7 @@ class Threads:
         max_threads: int = 0,
         max_members: int = 100,
         open_access: bool = False,
+        default_policy: PromptPolicy = "reject",
     ) -> None:
         self._redis = redis
         self._scripts = scripts
@@ -80,6 +83,7 @@ class Threads:
         self._max_members = max_members
         self._open = open_access
         self._owner_only = "0" if open_access else "1"
+        self._default_policy: PromptPolicy = default_policy
 
     # --- creating -------------------------------------------------------------
 
@@ -189,11 +193,11 @@ class Threads:
         """A member's view of a thread: its summary and its members."""
         await self.require_member(thread, user)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.meta(thread), "owner", "title", "created_at", "updated_at")
+            pipe.hmget(keys.meta(thread), *_SUMMARY_FIELDS)
             pipe.smembers(keys.members(thread))
             pipe.zscore(keys.user_threads(user), thread)
             meta, members, active_at = await pipe.execute()
-        summary = _summary(thread, meta, active_at)
+        summary = _summary(thread, meta, active_at, self._default_policy)
         if summary is None:
             raise NotFound("no such thread")
         return summary, sorted(members)
@@ -201,10 +205,21 @@ class Threads:
     # --- owner's changes ------------------------------------------------------
 
     async def rename(self, thread: ThreadId, user: UserId, title: str) -> None:
-        result = await self._scripts.rename_thread(
-            keys=[keys.meta(thread)], args=[user, self._owner_only, _checked_title(title)]
+        await self._update(thread, user, "title", _checked_title(title))
+
+    async def set_prompt_policy(self, thread: ThreadId, user: UserId, policy: PromptPolicy) -> None:
+        """What a prompt sent while a turn runs gets (owner only)."""
+        await self._update(thread, user, "prompt_policy", policy)
+
+    async def _update(self, thread: ThreadId, user: UserId, name: str, value: str) -> None:
+        result = await self._scripts.update_thread(
+            keys=[keys.meta(thread)], args=[user, self._owner_only, name, value]
         )
-        _raise_for(result, "only the owner may rename this thread")
+        _raise_for(result, "only the owner may change this thread")
+
+    async def prompt_policy(self, thread: ThreadId) -> PromptPolicy:
+        stored = text(await self._redis.hget(keys.meta(thread), "prompt_policy"))
+        return _policy(stored, self._default_policy)
 
     async def add_member(self, thread: ThreadId, user: UserId, member: UserId) -> None:
         result = await self._change_member(thread, user, "add", member)
@@ -307,13 +322,11 @@ class Threads:
             rows = [(t, s) for t, s in rows if not (after and s == after[0] and t >= after[1])]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for thread, _score in rows:
-                    pipe.hmget(
-                        keys.meta(ThreadId(thread)), "owner", "title", "created_at", "updated_at"
-                    )
+                    pipe.hmget(keys.meta(ThreadId(thread)), *_SUMMARY_FIELDS)
                     pipe.sismember(keys.members(ThreadId(thread)), user)
                 replies = await pipe.execute()
             for i, (thread, score) in enumerate(rows):
-                summary = _summary(ThreadId(thread), replies[2 * i], score)
+                summary = _summary(ThreadId(thread), replies[2 * i], score, self._default_policy)
                 if summary is None or not (replies[2 * i + 1] or self._open):
                     stale.append(thread)
                 elif len(found) <= limit:
@@ -347,8 +360,24 @@ def _checked_title(title: str) -> str:
     return title
 
 
-def _summary(thread: ThreadId, meta: list[str | None], active_at: Any) -> ThreadSummary | None:
-    owner, title, created_at, updated_at = meta
+_SUMMARY_FIELDS = ("owner", "title", "created_at", "updated_at", "prompt_policy")
+
+
+_POLICIES: dict[str, PromptPolicy] = {
+    "reject": "reject",
+    "queue": "queue",
+    "interrupt": "interrupt",
+}
+
+
+def _policy(stored: str | None, default: PromptPolicy) -> PromptPolicy:
+    return _POLICIES.get(stored or "", default)
+
+
+def _summary(
+    thread: ThreadId, meta: list[str | None], active_at: Any, default_policy: PromptPolicy
+) -> ThreadSummary | None:
+    owner, title, created_at, updated_at, policy = meta
     if owner is None:
         return None
     created = int(created_at or 0)
@@ -356,6 +385,7 @@ def _summary(thread: ThreadId, meta: list[str | None], active_at: Any) -> Thread
         id=thread, title=title or "", owner=owner, created_at=created,
         updated_at=int(updated_at or created),
         active_at=float(active_at) if active_at is not None else created / 1000,
+        prompt_policy=_policy(policy, default_policy),
     )  # fmt: skip
 
 

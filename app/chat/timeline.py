@@ -17,7 +17,15 @@ import orjson
 from app.chat import keys
 from app.chat.history import tool_use_json
 from app.chat.keys import ThreadId
-from app.chat.records import Delta, Done, Loading, Message, ToolCallEvent, ToolResultEvent
+from app.chat.records import (
+    Delta,
+    Done,
+    Loading,
+    Message,
+    Queued,
+    ToolCallEvent,
+    ToolResultEvent,
+)
 from app.chat.redis_types import RedisClient
 from app.chat.redis_types import entries as entries_of
 
@@ -55,6 +63,8 @@ def message_json(message: Message) -> dict[str, object]:
     }
     if message.client_msg_id is not None:
         data["client_msg_id"] = message.client_msg_id
+    if message.queue_id is not None:
+        data["queue_id"] = message.queue_id
     if message.siblings is not None:
         data["siblings"] = list(message.siblings)
     if message.tool_calls:
@@ -76,6 +86,34 @@ def message_event_data(thread_id: ThreadId, message: Message) -> str:
         + body[1:]
         + "}"
     )
+
+
+def queued_json(queued: Queued) -> dict[str, str]:
+    """A waiting prompt as clients see it, in ``queued`` events and ``ready.queue``."""
+    data = {"queue_id": queued.queue_id, "user_id": queued.user_id, "content": queued.content}
+    if queued.client_msg_id is not None:
+        data["client_msg_id"] = queued.client_msg_id
+    return data
+
+
+def queued_event_data(thread_id: ThreadId, queued: Queued) -> str:
+    """The ``queued`` event, whose ``queue_id`` (its own event id) the enqueue
+    script fills in."""
+    fields = queued_json(queued)
+    del fields["queue_id"]
+    return (
+        '{"type":"queued","thread_id":'
+        + orjson.dumps(thread_id).decode()
+        + f',"queue_id":"{MESSAGE_ID_PLACEHOLDER}",'
+        + orjson.dumps(fields).decode()[1:]
+    )
+
+
+def unqueued_event_data(thread_id: ThreadId, queue_id: str, reason: str) -> str:
+    """The ``unqueued`` event: a waiting prompt left the queue without running."""
+    return orjson.dumps(
+        {"type": "unqueued", "thread_id": thread_id, "queue_id": queue_id, "reason": reason}
+    ).decode()
 
 
 def branch_event_data(thread_id: ThreadId) -> str:

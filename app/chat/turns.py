@@ -95,6 +95,15 @@ class Duplicate:
     event_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Waits:
+    """BEGIN_TURN's answer when a prompt must queue instead: prompts wait in
+    the queue (``queue_first``), or the queued prompt to start is no longer
+    the head (``moved``: cancelled meanwhile). Nothing was written."""
+
+    reason: str
+
+
 def _fenced(exc: ResponseError) -> Exception:
     return LockLost("a newer turn owns this thread") if "STALE_FENCE" in str(exc) else exc
 
@@ -124,7 +133,7 @@ class TurnStore:
     async def begin(
         self, thread: ThreadId, lease: Lease, message: Message | None, loading: Loading,
         pod: str, anchor: str = "", client_msg_id: str | None = None, charge_to: str = "",
-    ) -> Begun | Duplicate | Orphaned:  # fmt: skip
+    ) -> Begun | Duplicate | Orphaned | Waits:  # fmt: skip
         """Commit the user's ``message`` under ``anchor`` ('' = the active
         leaf, '-' = as a new root, else a message id) and open the turn; or,
         with no ``message`` (a regenerate), open a turn that answers the
@@ -133,22 +142,24 @@ class TurnStore:
         must be closed first. NotFound when the thread is gone (deleted under
         an open socket) or ``anchor`` is not one of its messages;
         InvalidRequest when a regenerated reply would answer no user message.
-        The turn's tokens are charged to the message's user, or ``charge_to``."""
+        The turn's tokens are charged to the message's user, or ``charge_to``.
+        A ``message`` with a ``queue_id`` is a queued prompt: the queue's head,
+        taken from the queue in the same step."""
         if message is not None and client_msg_id is None:
             client_msg_id = message.client_msg_id
+        kind = "regenerate" if message is None else "queued" if message.queue_id else "prompt"
         try:
             reply = await self._scripts.begin_turn(
                 keys=[
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.history(thread), keys.dedup(thread),
-                    keys.turn(thread), keys.tree(thread),
+                    keys.turn(thread), keys.tree(thread), keys.queue(thread),
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
                     message_event_data(thread, message) if message else "", event_data(loading),
-                    client_msg_id or "", self._dedup_ttl_s,
-                    loading.generation_id, pod, "prompt" if message else "regenerate",
-                    anchor,
+                    client_msg_id or "", self._dedup_ttl_s, loading.generation_id, pod, kind,
+                    anchor, (message.queue_id or "") if message else "",
                     *(entry_fields(message) if message else ("user_id", charge_to)),
                 ],
             )  # fmt: skip
@@ -164,6 +175,8 @@ class TurnStore:
             raise NotFound("no such message in this thread")
         if reply[0] == "not_user":
             raise InvalidRequest("that message answers no user message")
+        if reply[0] in ("queue_first", "moved"):
+            return Waits(reply[0])
         return Begun(reply[1], reply[2])
 
     async def switch(self, thread: ThreadId, lease: Lease, message_id: str) -> str:
@@ -331,7 +344,11 @@ class TurnStore:
         await self._redis.zadd(keys.TURN_INDEX, {thread: time.time()})
 
     async def index_remove(self, thread: ThreadId) -> None:
-        await self._redis.zrem(keys.TURN_INDEX, thread)
+        """Drop the thread from the reaper's index, unless prompts wait in its
+        queue: the reaper also starts those when no pod does (a drained or
+        dead pod's thread)."""
+        if not await self._redis.xlen(keys.queue(thread)):
+            await self._redis.zrem(keys.TURN_INDEX, thread)
 
     async def index_threads(self, limit: int = 1000) -> list[ThreadId]:
         """Threads that may have a running turn, oldest first."""

@@ -13,9 +13,18 @@ export interface Message {
   created_at: number;
   status: "complete" | "cancelled" | "interrupted" | "error";
   client_msg_id?: string | null;
+  queue_id?: string | null;
   siblings?: Array<string> | null;
   tool_calls?: Array<ToolUse> | null;
   usage?: Usage | null;
+}
+
+/** A prompt waiting for the running turn (prompt_policy ``queue``). */
+export interface QueuedPrompt {
+  queue_id: string;
+  user_id: string;
+  content: string;
+  client_msg_id?: string | null;
 }
 
 /** A tool the model called during a reply, with its result. */
@@ -71,7 +80,7 @@ export interface DoneEvent {
 export interface ErrorEvent {
   type: "error";
   thread_id?: string | null;
-  code: "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
+  code: "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "queue_full" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
   message: string;
   retryable: boolean;
   retry_after_ms?: number | null;
@@ -108,6 +117,18 @@ export interface PongEvent {
   thread_id: string;
 }
 
+/** A prompt sent while a turn runs waits in the thread's queue; its ``queue_id`` is this event's id, and its ``message`` carries it once it runs. */
+export interface QueuedEvent {
+  id: string;
+  n: number;
+  type: "queued";
+  thread_id: string;
+  queue_id: string;
+  user_id: string;
+  content: string;
+  client_msg_id?: string | null;
+}
+
 export interface ReadyEvent {
   type: "ready";
   thread_id: string;
@@ -117,6 +138,7 @@ export interface ReadyEvent {
   generating: boolean;
   generation_id: string | null;
   leaf_id: string | null;
+  queue: Array<QueuedPrompt>;
   recovered?: boolean | null;
 }
 
@@ -142,6 +164,16 @@ export interface ToolResultEvent {
   call_id: string;
   output: string;
   is_error: boolean;
+}
+
+/** A waiting prompt left the queue without running (``reason``: cancelled). */
+export interface UnqueuedEvent {
+  id: string;
+  n: number;
+  type: "unqueued";
+  thread_id: string;
+  queue_id: string;
+  reason: string;
 }
 
 /** Without ``parent_id`` the message follows the active leaf; with it (a message id, or null for a new root) it starts a branch there: an edit. */
@@ -170,9 +202,11 @@ export interface GetHistoryFrame {
   leaf?: string | null;
 }
 
+/** Stops the running turn (``generation_id``: only that one), or with ``queue_id`` takes a waiting prompt out of the queue. */
 export interface CancelFrame {
   type: "cancel";
   generation_id?: string | null;
+  queue_id?: string | null;
 }
 
 export interface ResumeFrame {
@@ -194,9 +228,11 @@ export type ServerEvent =
   | LoadingEvent
   | MessageEvent
   | PongEvent
+  | QueuedEvent
   | ReadyEvent
   | ToolCallEvent
-  | ToolResultEvent;
+  | ToolResultEvent
+  | UnqueuedEvent;
 
 export type TimelineEvent =
   | BranchEvent
@@ -204,8 +240,10 @@ export type TimelineEvent =
   | DoneEvent
   | LoadingEvent
   | MessageEvent
+  | QueuedEvent
   | ToolCallEvent
-  | ToolResultEvent;
+  | ToolResultEvent
+  | UnqueuedEvent;
 
 export type ClientFrame =
   | PromptFrame
@@ -216,6 +254,6 @@ export type ClientFrame =
   | ResumeFrame
   | PingFrame;
 
-export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
+export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "queue_full" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
 
-export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["branch", "delta", "done", "loading", "message", "tool_call", "tool_result"]);
+export const TIMELINE_TYPES: ReadonlySet<string> = new Set(["branch", "delta", "done", "loading", "message", "queued", "tool_call", "tool_result", "unqueued"]);
