@@ -40,7 +40,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 # Close codes after which reconnecting cannot help.
 _FINAL = {1000, 1008}
 # Errors that refuse a prompt outright.
-_PROMPT_REFUSALS = {"thread_busy", "too_large", "bad_request", "rate_limited", "forbidden"}
+_PROMPT_REFUSALS = {
+    "thread_busy", "queue_full", "too_large", "bad_request", "rate_limited", "forbidden",
+}  # fmt: skip
 
 
 def _key(event_id: str) -> tuple[int, int]:
@@ -148,14 +150,28 @@ class ChatClient:
             # Lost with the connection? Then events() reconnects and connect() re-sends
             # prompts; other frames are cheap for the caller to send again.
 
-    async def prompt(self, content: str, client_msg_id: str | None = None) -> str:
-        """Send a prompt; returns its client_msg_id. Re-sent after a reconnect
-        until its ``message`` event is seen, appended once by the server."""
+    async def prompt(
+        self, content: str, client_msg_id: str | None = None, parent_id: str | None = None
+    ) -> str:
+        """Send a prompt (with ``parent_id``: an edit, a branch under that
+        message); returns its client_msg_id. Re-sent after a reconnect until
+        its ``message`` (or ``queued``) event is seen, appended once by the
+        server."""
         client_msg_id = client_msg_id or secrets.token_hex(8)
         frame = {"type": "prompt", "content": content, "client_msg_id": client_msg_id}
+        if parent_id is not None:
+            frame["parent_id"] = parent_id
         self._unconfirmed[client_msg_id] = frame
         await self._send(frame)
         return client_msg_id
+
+    async def regenerate(self, message_id: str) -> None:
+        """Ask for another reply to the user message ``message_id`` answers."""
+        await self._send({"type": "regenerate", "message_id": message_id})
+
+    async def switch(self, message_id: str) -> None:
+        """Show the newest branch under ``message_id`` (every socket gets ``branch``)."""
+        await self._send({"type": "switch", "message_id": message_id})
 
     async def cancel(self, generation_id: str | None = None) -> None:
         frame: dict[str, Any] = {"type": "cancel"}
@@ -203,8 +219,7 @@ class ChatClient:
             if self.last_event_id is not None and _key(event["id"]) <= _key(self.last_event_id):
                 # The original ``message`` of a prompt sent again after a
                 # reconnect: it confirms the prompt, but the caller has seen it.
-                if event["type"] == "message":
-                    self._unconfirmed.pop(event["message"].get("client_msg_id") or "", None)
+                self._confirm(event)
                 return False
             self.last_event_id = event["id"]
         if event["type"] == "ready":
@@ -223,8 +238,8 @@ class ChatClient:
                 # later event reaches us, so a reconnect resumes from here
                 # (without ``after`` it would silently skip what it missed).
                 self.last_event_id = event.get("last_event_id")
-        elif event["type"] == "message":
-            self._unconfirmed.pop(event["message"].get("client_msg_id") or "", None)
+        elif event["type"] in ("message", "queued"):
+            self._confirm(event)
         elif (
             event["type"] == "error" and event.get("code") in _PROMPT_REFUSALS and self._unconfirmed
         ):
@@ -233,6 +248,14 @@ class ChatClient:
             # to send again (say, after thread_busy), not ours.
             self._unconfirmed.pop(next(iter(self._unconfirmed)))
         return True
+
+    def _confirm(self, event: dict[str, Any]) -> None:
+        """A prompt's ``message`` (or its ``queued``, while it waits its turn)
+        confirms it: it is no longer sent again after a reconnect."""
+        if event["type"] == "message":
+            self._unconfirmed.pop(event["message"].get("client_msg_id") or "", None)
+        elif event["type"] == "queued":
+            self._unconfirmed.pop(event.get("client_msg_id") or "", None)
 
     async def _reconnect(self, failures: int) -> int:
         self._connected.clear()

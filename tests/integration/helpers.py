@@ -255,24 +255,40 @@ def assert_matches_log(events: list[Event], server: RedisServer, thread: str) ->
 
 
 def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
-    """Every turn in the event log is whole: user message, loading, deltas
-    (seq 0..k), the assistant message whose content is the deltas' text, and
-    ``done`` naming that message with the same status; and the history holds
-    exactly those messages. Returns the number of turns."""
-    log = stored_events(server, thread)
+    """Every turn in the event log is whole: the user message (none for a
+    regenerate), loading, deltas (seq 0..k), the assistant message whose
+    content is the deltas' text and whose parent is the user message it
+    answers, and ``done`` naming that message with the same status; and the
+    history holds exactly those messages, with their parents. ``branch``
+    events come only between turns; ``queued``/``unqueued`` anywhere, and
+    each queued prompt either ran once (a user message with its queue_id),
+    in queue order, or left the queue once. Returns the number of turns."""
+    full = stored_events(server, thread)
     stored = {m["id"]: m for m in stored_history(server, thread)}
-    numbers = [e["n"] for e in log]
+    numbers = [e["n"] for e in full]
     if numbers:
         assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), "n not contiguous"
-    turns = 0
+    queued = [e["queue_id"] for e in full if e["type"] == "queued"]
+    assert queued == [e["id"] for e in full if e["type"] == "queued"]
+    unqueued = [e["queue_id"] for e in full if e["type"] == "unqueued"]
+    log = [e for e in full if e["type"] not in ("queued", "unqueued")]
+    turns, committed, ran = 0, 0, []
     i = 0
     while i < len(log):
-        user = log[i]
-        assert user["type"] == "message" and user["message"]["role"] == "user", user
-        loading = log[i + 1]
+        if log[i]["type"] == "branch":
+            assert log[i]["leaf_id"] in stored, log[i]
+            i += 1
+            continue
+        user = log[i] if log[i]["type"] == "message" else None
+        if user is not None:
+            assert user["message"]["role"] == "user", user
+            if user["message"].get("queue_id"):
+                ran.append(user["message"]["queue_id"])
+            i += 1
+        loading = log[i]
         assert loading["type"] == "loading", loading
         generation = loading["generation_id"]
-        j = i + 2
+        j = i + 1
         answered: dict[str, Event] = {}  # tool calls and their results, between deltas
         while log[j]["type"] in ("delta", "tool_call", "tool_result"):
             if log[j]["type"] == "tool_result":
@@ -282,7 +298,7 @@ def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
                 assert log[j]["call_id"] not in answered, "a call announced twice"
                 answered[log[j]["call_id"]] = {}
             j += 1
-        text = deltas_text(log[i + 2 : j], generation)
+        text = deltas_text(log[i + 1 : j], generation)
         final, done = log[j], log[j + 1]
         assert final["type"] == "message" and final["message"]["role"] == "assistant", final
         assert final["message"]["content"] == text, (thread, generation)
@@ -292,13 +308,23 @@ def assert_turns_well_formed(server: RedisServer, thread: str) -> int:
         assert done["type"] == "done" and done["generation_id"] == generation, done
         assert done["message_id"] == final["id"] == final["message"]["id"]
         assert done["status"] == final["message"]["status"]
+        if user is not None:
+            assert final["message"]["parent_id"] == user["id"], (user, final)
+        else:  # a regenerate: a new reply to a user message already there
+            assert stored[final["message"]["parent_id"]]["role"] == "user", final
         for event in (user, final):
-            entry = stored[event["id"]]
-            assert entry["content"] == event["message"]["content"]
-            assert entry["status"] == event["message"]["status"]
+            if event is not None:
+                entry = stored[event["id"]]
+                assert entry["content"] == event["message"]["content"]
+                assert entry["status"] == event["message"]["status"]
+                assert (entry.get("parent") or None) == event["message"]["parent_id"]
+                committed += 1
         turns += 1
         i = j + 2
-    assert len(stored) == 2 * turns, "history holds messages the timeline does not show"
+    assert len(stored) == committed, "history holds messages the timeline does not show"
+    assert sorted(ran + unqueued) == sorted(set(ran + unqueued)), "a queued prompt ran twice"
+    assert ran == [q for q in queued if q in ran], "queued prompts ran out of order"
+    assert set(ran) | set(unqueued) == set(queued), "a queued prompt neither ran nor left"
     return turns
 
 

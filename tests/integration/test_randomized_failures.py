@@ -1,6 +1,8 @@
 """A seeded random workout of three pods that are killed (-9) and drained
 (SIGTERM) and restarted while a dozen ChatClients prompt, cancel, lose their
-connections and resume on other pods.
+connections and resume on other pods. Half the threads queue prompts sent
+while a turn runs (prompt_policy ``queue``), half refuse them; clients also
+edit earlier messages, regenerate replies and switch branches.
 
 Afterwards, for every client: the timeline events it received have strictly
 increasing ids, no duplicate, and are exactly the Redis event log from its
@@ -8,7 +10,9 @@ first received event on (no gap); it was never told ``recovered: false``
 (nothing was trimmed or lost). For every thread: every turn in the log is
 whole (one assistant message per ``loading``, whose content is its deltas'
 text, then ``done`` with the same status), the history holds exactly those
-messages, no client_msg_id was appended twice, and no lock is left.
+messages with their parent links, every queued prompt ran once and in queue
+order (or was never started because it was refused), no client_msg_id was
+appended twice, and no lock or waiting prompt is left.
 
 The random choices come from a fixed seed (the same workout each run);
 which turns a kill or a drain catches still depends on timing.
@@ -22,6 +26,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import httpx
 import pytest
 
 from app.client import ChatClient
@@ -30,6 +35,7 @@ from tests.integration.helpers import (
     assert_matches_log,
     assert_turns_well_formed,
     open_ready,
+    stored_events,
     stored_history,
     unique,
     until_done,
@@ -46,8 +52,13 @@ ENV = {
     "CHAT_LOCK_TTL_MS": 2000,
     "CHAT_REAPER_INTERVAL_MS": 500,
     "CHAT_DRAIN_GRACE_S": 0.15,  # some drained turns finish, some are interrupted
+    "CHAT_PROMPT_POLICY": "queue",  # odd threads are set to reject below
+    "CHAT_MAX_QUEUED": 3,
 }
-ACTIONS = {"prompt": 6, "cancel": 1, "cut": 2, "wait": 2, "kill": 0.35, "term": 0.35}
+ACTIONS = {
+    "prompt": 5, "edit": 1, "regenerate": 1, "switch": 0.6, "cancel": 1, "cut": 2, "wait": 2,
+    "kill": 0.35, "term": 0.35,
+}  # fmt: skip
 
 
 async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory):
@@ -86,6 +97,19 @@ async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory
         await primer.close()
 
     await asyncio.gather(*(prime(thread) for thread in threads))
+    async with httpx.AsyncClient(base_url=pods[0].http, timeout=10) as http:
+        for thread in threads[1::2]:
+            reply = await http.patch(f"/v1/threads/{thread}", json={"prompt_policy": "reject"})
+            assert reply.status_code == 200, reply.text
+
+    def seen_message(events: list[dict[str, Any]], role: str | None = None) -> str | None:
+        """A message id this client has seen (of ``role``), or None."""
+        ids = [
+            e["id"] for e in events[-200:]
+            if e["type"] == "message" and role in (None, e["message"]["role"])
+        ]  # fmt: skip
+        return rng.choice(ids) if ids else None
+
     for i in range(CLIENTS):
         first = rng.randrange(PODS)
         client = ChatClient(urls[first:] + urls[:first], threads[i % THREADS])
@@ -106,8 +130,16 @@ async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory
                     task.result()  # a client gave up: fail with its error
             client = rng.choice(clients)
             action = forced.get(step) or rng.choices(list(ACTIONS), list(ACTIONS.values()))[0]
+            mine = received[clients.index(client)]
             if action == "prompt":
                 await asyncio.wait_for(client.prompt(f"say {rng.randrange(10_000)}"), 10)
+            elif action == "edit" and (parent := seen_message(mine)) is not None:
+                edit = client.prompt(f"edit {rng.randrange(10_000)}", parent_id=parent)
+                await asyncio.wait_for(edit, 10)
+            elif action == "regenerate" and (reply := seen_message(mine, "assistant")):
+                await asyncio.wait_for(client.regenerate(reply), 10)
+            elif action == "switch" and (target := seen_message(mine)) is not None:
+                await asyncio.wait_for(client.switch(target), 10)
             elif action == "cancel":
                 await asyncio.wait_for(client.cancel(), 10)
             elif action == "cut" and client._ws is not None:
@@ -128,7 +160,10 @@ async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory
         assert done_ops["kill"] >= 1 and done_ops["term"] >= 1, done_ops
 
         def all_idle() -> bool:
-            return not any(db.exists(f"chat:{{{t}}}:lock", f"chat:{{{t}}}:turn") for t in threads)
+            return not any(
+                db.exists(f"chat:{{{t}}}:lock", f"chat:{{{t}}}:turn", f"chat:{{{t}}}:queue")
+                for t in threads
+            )
 
         # A killed turn takes the lock TTL plus a reaper interval to close.
         await asyncio.to_thread(wait_until, all_idle, 20, 0.05, "every turn to end")
@@ -169,5 +204,14 @@ async def test_random_clients_while_pods_die_and_drain(redis_server, pod_factory
         ids = [m["client_msg_id"] for m in stored if m.get("client_msg_id")]
         assert len(ids) == len(set(ids)), f"a prompt was appended twice in {thread}"
         statuses.update(m["status"] for m in stored if m["role"] == "assistant")
-    print(f"turns {turns}, statuses {dict(statuses)}, reconnects {reconnects}, ops {done_ops}")
+    kinds = Counter(e["type"] for t in threads for e in stored_events(redis_server, t))
+    print(f"turns {turns}, statuses {dict(statuses)}, reconnects {reconnects}, ops {done_ops}, "
+          f"events {dict(kinds)}")  # fmt: skip
+    # The workout did switch, queue and branch (edits, regenerates), not only prompt.
+    assert kinds["branch"] and kinds["queued"], kinds
+    forks = [
+        v for t in threads for k, v in db.hgetall(f"chat:{{{t}}}:tree").items()
+        if k.startswith("c:") and "," in v
+    ]  # fmt: skip
+    assert forks, "no message got a sibling"
     assert turns >= THREADS, "the workout ran too few turns"
