@@ -43,16 +43,20 @@ def require_node() -> str:
     return node
 
 
-@pytest.fixture(scope="module")
-def node() -> str:
-    """``node``, once the client is compiled into clients/js/dist (tsc, strict:
-    a type error fails here)."""
-    binary = require_node()
+def build_client() -> None:
+    """Compile the client into clients/js/dist (tsc, strict): a type error fails here."""
     built = subprocess.run(
         ["npx", "--no-install", "tsc", "-p", "tsconfig.json"],
         cwd=JS, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert built.returncode == 0, built.stdout + built.stderr
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """``node``, once the client is compiled (once for the module)."""
+    binary = require_node()
+    build_client()
     return binary
 
 
