@@ -155,6 +155,9 @@ DEPLOYMENT = _one("Deployment", "durable-chat")
 POD = DEPLOYMENT["spec"]["template"]
 API = _pod_spec(DEPLOYMENT)["containers"][0]
 REDIS = _one("StatefulSet", "redis")
+SENTINEL_COMPONENT = K8S / "components" / "redis-sentinel"
+REDIS_NODES = _one("StatefulSet", "redis-node")
+SENTINELS = _one("StatefulSet", "redis-sentinel")
 
 
 # --- the app: ports, probes, drain -------------------------------------------
@@ -241,7 +244,15 @@ def test_only_durable_chat_reaches_redis() -> None:
     assert redis_port == 6379
 
 
-@pytest.mark.parametrize("workload", ["Deployment/durable-chat", "StatefulSet/redis"])
+@pytest.mark.parametrize(
+    "workload",
+    [
+        "Deployment/durable-chat",
+        "StatefulSet/redis",
+        "StatefulSet/redis-node",
+        "StatefulSet/redis-sentinel",
+    ],
+)
 def test_containers_run_locked_down(workload: str) -> None:
     kind, name = workload.split("/")
     spec = _pod_spec(_one(kind, name))
@@ -295,6 +306,7 @@ def test_images_are_pinned() -> None:
 def test_every_variable_set_is_a_setting_the_app_reads() -> None:
     known = {name.upper() for name in Settings.model_fields}
     named = set(_config(None)) | set(_secret_example()) | {e["name"] for e in API["env"]}
+    named |= set(_literals(SENTINEL_COMPONENT))
     for overlay in OVERLAYS:
         named |= set(_config(overlay))
     assert named - known == set(), f"not settings of the app: {named - known}"
@@ -456,6 +468,77 @@ def test_redis_persists_and_never_evicts() -> None:
     assert service["clusterIP"] == "None", "headless: the StatefulSet's stable name"
     assert REDIS["spec"]["serviceName"] == "redis"
     assert service["selector"].items() <= REDIS["spec"]["template"]["metadata"]["labels"].items()
+
+
+def _script(workload: dict[str, Any]) -> str:
+    """A container's start script (``sh -c``), as one string."""
+    (container,) = _pod_spec(workload)["containers"]
+    assert container["command"] == ["sh", "-c"]
+    return " ".join(container["args"])
+
+
+def test_the_sentinel_component_is_a_configuration_the_app_accepts() -> None:
+    """Base config, then the component's merge, then the Secret's keys: the
+    pods find the sentinels the StatefulSet runs, under the name they watch."""
+    fields = {k.lower(): v for k, v in (_config(None) | _literals(SENTINEL_COMPONENT)).items()}
+    fields |= {k.lower(): "placeholder" for k in _secret_example()}
+    settings = Settings(**fields)
+    settings.check_startable()
+    assert settings.redis_sentinels and not settings.redis_url
+    (container,) = _pod_spec(SENTINELS)["containers"]
+    port = _container_port(container, "sentinel")
+    service = SENTINELS["spec"]["serviceName"]
+    assert settings.sentinel_addresses == [
+        (f"redis-sentinel-{i}.{service}", port) for i in range(SENTINELS["spec"]["replicas"])
+    ]
+    name = settings.redis_sentinel_master
+    assert f"sentinel monitor {name} $primary 6379 2" in _script(SENTINELS)
+    assert f"get-master-addr-by-name {name}" in _script(REDIS_NODES)
+
+
+def test_sentinels_keep_a_quorum_and_a_lone_primary_refuses_writes() -> None:
+    # Three sentinels, quorum two: one may be down and a failover still happens.
+    assert SENTINELS["spec"]["replicas"] == 3
+    assert re.search(r"sentinel monitor \S+ \S+ 6379 2\b", _script(SENTINELS))
+    assert "sentinel resolve-hostnames yes" in _script(SENTINELS)
+    assert _pod_spec(SENTINELS)["containers"][0]["volumeMounts"] == [
+        {"name": "conf", "mountPath": "/conf"}
+    ], "Sentinel rewrites its file: it must be writable"
+    nodes = _script(REDIS_NODES)
+    assert REDIS_NODES["spec"]["replicas"] >= 2, "a primary and at least one replica"
+    for setting in (
+        "--appendonly yes",
+        "--appendfsync everysec",
+        "--maxmemory-policy noeviction",
+        "--dir /data",
+        # A primary that lost its replicas (cut off, or demoted by a forced
+        # failover) refuses writes instead of taking ones the new primary
+        # never sees (app.redis_client._PrimaryConnection).
+        "--min-replicas-to-write 1",
+        '--replica-announce-ip "$self"',
+    ):
+        assert setting in nodes, setting
+    maxmemory = re.search(r"--maxmemory (\d+)gb\b", nodes)
+    (container,) = _pod_spec(REDIS_NODES)["containers"]
+    assert maxmemory and int(maxmemory[1]) * 2**30 <= (
+        _bytes(container["resources"]["limits"]["memory"]) * 0.75
+    )
+    for workload, port in ((REDIS_NODES, 6379), (SENTINELS, 26379)):
+        name = workload["metadata"]["name"]
+        service = _one("Service", workload["spec"]["serviceName"])["spec"]
+        assert service["clusterIP"] == "None", "headless: the names the nodes announce"
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert service["selector"].items() <= labels.items()
+        assert [p["port"] for p in service["ports"]] == [port]
+        policy = _one("NetworkPolicy", name)["spec"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+        (rule,) = policy["ingress"]
+        sources = [source["podSelector"]["matchLabels"] for source in rule["from"]]
+        assert POD["metadata"]["labels"].items() >= sources[0].items(), "the app gets in"
+        assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", port)]
+        budget = _one("PodDisruptionBudget", name)["spec"]
+        assert budget["maxUnavailable"] == 1
+        assert budget["selector"]["matchLabels"].items() <= labels.items()
 
 
 # --- Dockerfile -----------------------------------------------------------------
