@@ -6,6 +6,7 @@ one pod process. Gauges that mirror live state are read at scrape time.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -66,10 +67,24 @@ def count_tokens(provider: str, model: str, usage: dict[str, int]) -> None:
         LLM_TOKENS.labels(provider, model, kind.removesuffix("_tokens")).inc(count)
 
 
+ASYNCIO_TASKS = Gauge(
+    f"{_PREFIX}_asyncio_tasks",
+    "asyncio tasks alive in the pod (flat under steady load; a climb is a leak)",
+)
+
+
+def _tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped outside the pod's event loop
+        return 0
+
+
 def bind_live_gauges(followed: Callable[[], int], running: Callable[[], int]) -> None:
     """Read the live gauges from the pod's own state at scrape time."""
     THREADS_FOLLOWED.set_function(followed)
     TURNS_RUNNING.set_function(running)
+    ASYNCIO_TASKS.set_function(_tasks)
 
 
 def exposition() -> tuple[bytes, str]:

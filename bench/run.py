@@ -6,6 +6,9 @@ generator (bench.load, its own process) against them; every figure is
 measured in the same run as the baselines it is compared with. Writes
 bench/results/latest.md, latest.json and latest.png (see bench/README.md).
 
+``--soak MINUTES`` runs the soak instead (bench.soak): a steady mixed load
+on two pods, sampled every minute, then checked for leaks.
+
 Phases (``--only`` picks some):
 
 limits
@@ -39,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, soak
 from bench.peers.common import TurnConfig, run_turn
 from tests import procs
 from tests.procs import ROOT, RedisServer, Server, running
@@ -344,6 +347,11 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PHASES), help="phases, comma-separated")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="systems, comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--soak", type=float, metavar="MINUTES",
+        help="instead of the phases: a steady mixed load on two pods for MINUTES (bench.soak)",
+    )  # fmt: skip
+    parser.add_argument("--soak-sample-s", type=float, default=60.0, help="soak sample period")
     for name, value in asdict(Config()).items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)
@@ -364,6 +372,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = args.out / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
+    if args.soak is not None:
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            sys.exit(soak.run(args.soak, args.out, Path(tmp), args.soak_sample_s))
     started = time.monotonic()
     results: dict[str, Any] = {
         "config": asdict(config), "quick": args.quick, "machine": machine(),
