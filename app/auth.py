@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,29 @@ class JwksFile:
             found.setdefault(None, next(iter(found.values())))
         self._keys, self._mtime = found, mtime
         log.info("loaded %d public key(s) from %s", len(key_set.keys), self._path)
+
+
+def development_token(settings: Settings, user: str, ttl_s: int) -> str:
+    """A token for ``user`` signed with the configured HMAC secret, for trying
+    authentication locally (``durable-chat token``). Real deployments get
+    their tokens from their own backend or identity provider. ConfigError
+    without a secret, or when the pods accept public-key tokens only."""
+    if not (settings.chat_auth_secret or settings.chat_auth_secret_file):
+        raise ConfigError(
+            "no CHAT_AUTH_SECRET (or CHAT_AUTH_SECRET_FILE): set the secret your pods use"
+        )
+    algorithm = configured_algorithms(settings)[0]
+    if algorithm not in HMAC_ALGORITHMS:
+        raise ConfigError(
+            f"the pods accept {algorithm} tokens: mint them with your identity provider"
+        )
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": keys.user_id(user), "iat": now, "exp": now + ttl_s}
+    if settings.chat_auth_issuer:
+        claims["iss"] = settings.chat_auth_issuer
+    if audiences := _csv(settings.chat_auth_audience):
+        claims["aud"] = audiences[0]
+    return jwt.encode(claims, _load_secret(settings), algorithm=algorithm)
 
 
 def configured_algorithms(settings: Settings) -> list[str]:

@@ -239,6 +239,26 @@ def turns() -> None:
 
 
 @command()
+def token(
+    user: str = typer.Option(..., "--user", help="User id: the token's sub."),
+    ttl: int = typer.Option(3600, "--ttl", min=1, help="Lifetime in seconds."),
+) -> None:
+    """For development: print a token for USER, signed with CHAT_AUTH_SECRET
+    (or CHAT_AUTH_SECRET_FILE), the secret your pods use. Real users get
+    their tokens from your backend or identity provider."""
+    from app.auth import development_token
+
+    try:
+        minted = development_token(Settings(), user, ttl)
+    except keys.InvalidId as exc:
+        raise typer.BadParameter(str(exc), param_hint="--user") from None
+    except (ConfigError, ValueError) as exc:
+        raise Failed(f"configuration error: {exc}", code=2) from None
+    typer.echo(minted)
+    typer.echo(f"a development token for {user}, valid {ttl}s", err=True)
+
+
+@command()
 def chat(
     thread: str = typer.Argument(..., help="Thread id."),
     url: list[str] = typer.Option(
@@ -251,7 +271,7 @@ def chat(
     from app.client import ChatClosed
 
     try:
-        asyncio.run(_chat(thread, url, token))
+        asyncio.run(_chat(thread, url, token.strip() if token else None))
     except ChatClosed as exc:
         raise Failed(f"{exc}; check the thread id and the token (--token or CHAT_TOKEN)") from exc
     except (OSError, TimeoutError) as exc:

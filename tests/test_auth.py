@@ -25,7 +25,9 @@ from app.auth import (
     AuthError,
     bearer_token,
     chosen_subprotocol,
+    development_token,
 )
+from app.chat import keys
 from app.settings import ConfigError, Settings
 
 SECRET = "s" * 64
@@ -327,3 +329,21 @@ def _write_jwks(
         jwk["kid"] = kid
         keys.append(jwk)
     path.write_text(json.dumps({"keys": [*keys, *(extra or [])]}))
+
+
+def test_a_development_token_passes_the_pods_checks() -> None:
+    settings = Settings(
+        chat_auth="jwt", chat_auth_secret="d" * 40, chat_auth_issuer="https://dev.example/",
+        chat_auth_audience="durable-chat,other",
+    )  # fmt: skip
+    token = development_token(settings, "alice", 60)
+    assert Authenticator(settings).verify(token) == "alice"
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 60
+
+
+def test_no_development_token_without_a_secret() -> None:
+    with pytest.raises(ConfigError, match="CHAT_AUTH_SECRET"):
+        development_token(Settings(chat_auth="jwt"), "alice", 60)
+    with pytest.raises(keys.InvalidId):
+        development_token(Settings(chat_auth_secret="d" * 40), "no{good}", 60)

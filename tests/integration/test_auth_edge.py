@@ -124,15 +124,28 @@ def test_a_refused_upgrade_says_why_to_the_client_the_cli_and_the_log(redis_serv
         assert word in body["error"]["message"].lower(), (what, body)
         assert expired not in body["error"]["message"]
     # The terminal client says it in one line, exit code 1.
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     result = subprocess.run(
         [sys.executable, "-m", "app", "chat", thread, "--url", pod.ws],
         input="hello\n", capture_output=True, text=True, timeout=30,
-        env={k: v for k, v in os.environ.items() if not k.startswith("CHAT_")},
+        env=cli_env,
     )  # fmt: skip
     assert result.returncode == 1, result
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert "HTTP 403" in result.stderr and "(unauthorized)" in result.stderr, result.stderr
     assert "--token" in result.stderr
+    # `durable-chat token` mints what the pod accepts.
+    minted = subprocess.run(
+        [sys.executable, "-m", "app", "token", "--user", "alice", "--ttl", "60"],
+        capture_output=True, text=True, timeout=30, env={**cli_env, "CHAT_AUTH_SECRET": SECRET},
+    )  # fmt: skip
+    assert minted.returncode == 0 and "development token" in minted.stderr, minted
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "chat", thread, "--url", pod.ws, "--token", minted.stdout],
+        input="hello\n", capture_output=True, text=True, timeout=30, env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "(fake model) You said: “hello”" in result.stdout
     # And the pod logged each reason, never the token.
     logs = pod.logs()
     refusals = [line for line in logs.splitlines() if "socket refused before the upgrade" in line]
