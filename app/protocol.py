@@ -368,6 +368,14 @@ class ToolResultEvent(TimelineFrame):
     is_error: bool
 
 
+class TurnError(BaseModel):
+    """Why a turn ended ``error``: the model failed (``llm_error``)."""
+
+    code: Literal["llm_error"]
+    message: str
+    retryable: bool
+
+
 class DoneEvent(TimelineFrame):
     """A turn ended; ``message_id`` is the assistant message's id."""
 
@@ -377,6 +385,7 @@ class DoneEvent(TimelineFrame):
     status: MessageStatus
     message_id: str
     usage: Usage
+    error: TurnError | None = Field(default=None, description="status error: why")
 
 
 def encode(event: BaseModel) -> str:

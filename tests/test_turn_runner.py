@@ -266,12 +266,20 @@ async def test_a_cancel_for_another_generation_is_ignored(
 async def test_a_model_error_keeps_the_partial_text(
     redis: Any, store: TurnStore, lock: TurnLock, hub: FanoutHub, thread: ThreadId
 ) -> None:
-    model = ScriptedModel(["It ", "was ", "going "], fail=LLMError("overloaded"))
+    model = ScriptedModel(
+        ["It ", "was ", "going "], fail=LLMError("The model is overloaded.", retryable=True)
+    )
     manager = manager_for(model, store, lock, hub, window_ms=5, max_bytes=4)
     manager.start(await begin_turn(store, lock, thread, "g"))
     await run_to_end(manager)
     texts, message, done = await outcome(redis, thread, "g")
     assert done["status"] == "error" and message["status"] == "error"
+    # Every client learns why, from the turn's own end.
+    assert done["error"] == {
+        "code": "llm_error",
+        "message": "The model is overloaded.",
+        "retryable": True,
+    }
     assert "".join(texts) == message["content"] == "It was going "
     assert await redis.exists(keys.lock(thread)) == 0
 
@@ -285,6 +293,7 @@ async def test_an_unexpected_model_failure_is_an_error_too(
     await run_to_end(manager)
     _, message, done = await outcome(redis, thread, "g")
     assert done["status"] == "error" and message["content"] == "partial"
+    assert done["error"]["code"] == "llm_error" and "bug" not in done["error"]["message"]
 
 
 async def test_drain_with_no_grace_interrupts_and_commits_the_partial_text(

@@ -99,6 +99,15 @@ class ToolResultEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnError:
+    """Why a turn ended ``error`` (the model failed), safe to show a user."""
+
+    message: str
+    retryable: bool
+    code: Literal["llm_error"] = "llm_error"
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """A turn ended with ``status``; its message id is given by the commit
     script that stores it (see app.chat.scripts)."""
@@ -107,6 +116,7 @@ class Done:
     generation_id: str
     status: MessageStatus
     usage: dict[str, int] | None = None
+    error: TurnError | None = None
 
 
 @dataclass(frozen=True, slots=True)

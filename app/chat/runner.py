@@ -47,6 +47,7 @@ from app.chat.records import (
     ToolCallEvent,
     ToolResultEvent,
     ToolUse,
+    TurnError,
 )
 from app.chat.timeline import TimelineEvent
 from app.chat.turns import TurnStore
@@ -166,7 +167,7 @@ class TurnRunner:
     async def run(self) -> None:
         producer = asyncio.create_task(self._produce(), name=f"llm-{self.ctx.generation_id}")
         renewer = asyncio.create_task(self._renew(), name=f"lease-{self.ctx.generation_id}")
-        error: str | None = None
+        error: LLMError | None = None
         try:
             status, error = await self._consume()
             self.status = status
@@ -229,7 +230,7 @@ class TurnRunner:
         )  # fmt: skip
         return [*self.ctx.messages, so_far]
 
-    async def _consume(self) -> tuple[MessageStatus, str | None]:
+    async def _consume(self) -> tuple[MessageStatus, LLMError | None]:
         """Coalesce the model's pieces into deltas until the turn ends."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # when the buffered text must go out (loop time)
@@ -262,7 +263,7 @@ class TurnRunner:
             elif isinstance(item, _Stop):
                 return item.status, None
             elif isinstance(item, LLMError):
-                return "error", item.message
+                return "error", item
             elif isinstance(item, _ToolRound):
                 deadline = None
                 stopped = await self._tool_round(item)
@@ -379,7 +380,7 @@ class TurnRunner:
         while self._inflight is not None or self._pending:
             await self._flush()
 
-    async def _finish(self, status: MessageStatus, error: str | None) -> None:
+    async def _finish(self, status: MessageStatus, error: LLMError | None) -> None:
         ctx = self.ctx
         ctx.usage = Usage()
         for call_usage in self._calls:
@@ -391,11 +392,12 @@ class TurnRunner:
             tool_calls=tuple(self._uses), usage=usage,
         )  # fmt: skip
         done = Done(
-            thread_id=ctx.thread, generation_id=ctx.generation_id, status=status, usage=usage
-        )
+            thread_id=ctx.thread, generation_id=ctx.generation_id, status=status, usage=usage,
+            error=TurnError(error.message, error.retryable) if error else None,
+        )  # fmt: skip
         if error:
             log.warning(
-                "turn %s ended with a model error: %s", ctx.generation_id, error,
+                "turn %s ended with a model error: %s", ctx.generation_id, error.message,
                 extra=self.log_context,
             )  # fmt: skip
         await self._store.end(ctx.thread, ctx.lease, assistant, done)
@@ -411,7 +413,7 @@ class TurnRunner:
             await self._usage_store.settle(ctx.thread)
         await self._store.index_remove(ctx.thread)
 
-    async def _final_writes(self, status: MessageStatus, error: str | None) -> None:
+    async def _final_writes(self, status: MessageStatus, error: LLMError | None) -> None:
         """Publish what is still buffered, then commit the end (see _must);
         starting over is safe: a delta is retried as it was, and an end
         already committed is not committed again."""

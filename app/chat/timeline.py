@@ -136,6 +136,8 @@ def done_event_data(done: Done) -> str:
     }
     if done.usage is not None:
         data["usage"] = done.usage
+    if done.error is not None:
+        data["error"] = dataclasses.asdict(done.error)
     body = orjson.dumps(data).decode()
     return body[:-1] + f',"message_id":"{MESSAGE_ID_PLACEHOLDER}"}}'
 

@@ -37,6 +37,13 @@ export interface ToolUse {
   offset: number;
 }
 
+/** Why a turn ended ``error``: the model failed (``llm_error``). */
+export interface TurnError {
+  code: "llm_error";
+  message: string;
+  retryable: boolean;
+}
+
 /** Tokens a turn used: every input token read (cached ones included) and the output; the cache counts when the provider reported any. */
 export interface Usage {
   input_tokens: number;
@@ -75,6 +82,7 @@ export interface DoneEvent {
   status: "complete" | "cancelled" | "interrupted" | "error";
   message_id: string;
   usage: Usage;
+  error?: TurnError | null;
 }
 
 export interface ErrorEvent {
