@@ -168,3 +168,93 @@ def test_a_page_whose_pod_dies_mid_reply_resumes_on_another_pod(
     assert [b["text"] for b in seen] == [m["content"] for m in stored]
     assert seen == watched
     assert seen[1]["status"] == "\u26a0 interrupted"
+
+
+def versions(page: Any, role: str) -> list[str]:
+    """The "n/m" counters shown on the page's messages of ``role``."""
+    return page.eval_on_selector_all(
+        f"#list .msg.{role} .tools .count", "els => els.map(e => e.textContent)"
+    )
+
+
+def test_branches_on_the_page_edit_regenerate_and_switch(
+    browser: Any, three_pods: list[Server], tmp_path: Path
+) -> None:
+    """Regenerate shows "2/2" on the reply, "<" goes back to the first reply
+    (on the other page too), and an edit starts a branch of the prompt."""
+    _, pod_a, pod_b = three_pods
+    thread = f"branch-{uuid.uuid4().hex[:8]}"
+    page_a = open_page(browser, pod_a, thread)
+    page_b = open_page(browser, pod_b, thread)
+    try:
+        page_a.fill("#input", "first question")
+        page_a.press("#input", "Enter")
+        wait_for_reply(page_a)
+        first_reply = bubbles(page_a)[1]["text"]
+        page_a.click("#list .msg.assistant .tools .act")  # Regenerate
+        for page in (page_a, page_b):
+            page.wait_for_function(
+                "[...document.querySelectorAll('#list .msg.assistant .count')]"
+                ".some(e => e.textContent === '2/2')",
+                timeout=WAIT_MS,
+            )
+        page_a.screenshot(path=tmp_path / "regenerated.png")
+        assert versions(page_b, "assistant") == ["2/2"]
+        page_b.click("#list .msg.assistant .tools .prev")  # back to the first reply
+        for page in (page_a, page_b):
+            page.wait_for_function(
+                "document.querySelector('#list .msg.assistant .count')?.textContent === '1/2'",
+                timeout=WAIT_MS,
+            )
+        assert bubbles(page_a)[1]["text"] == first_reply
+        # Edit the prompt: a new branch of it, shown with its reply.
+        page_a.click("#list .msg.user .tools .act")
+        page_a.fill("#input", "first question, edited")
+        page_a.press("#input", "Enter")
+        page_a.wait_for_function(
+            "document.querySelector('#list .msg.user .count')?.textContent === '2/2'"
+            " && !document.querySelector('#list .msg.streaming')",
+            timeout=WAIT_MS,
+        )
+        page_a.screenshot(path=tmp_path / "edited.png")
+        shown = bubbles(page_a)
+    finally:
+        page_a.close()
+        page_b.close()
+    assert shown[0]["text"] == "first question, edited"
+    assert [b["id"] for b in shown] == [m["id"] for m in history(pod_a, thread)]
+
+
+def test_the_page_queues_a_prompt_sent_during_a_reply(
+    browser: Any, three_pods: list[Server]
+) -> None:
+    _, pod_a, pod_b = three_pods
+    thread = f"queue-{uuid.uuid4().hex[:8]}"
+    page_a = open_page(browser, pod_a, thread)
+    page_b = open_page(browser, pod_b, thread)
+    try:
+        page_a.select_option("#policy", "queue")
+        page_a.wait_for_function(
+            f"fetch('/v1/threads/{thread}').then(r => r.json())"
+            ".then(t => t.prompt_policy === 'queue')",
+            timeout=WAIT_MS,
+        )
+        page_a.fill("#input", "a long answer please")
+        page_a.press("#input", "Enter")
+        page_b.wait_for_selector("#list .msg.streaming", timeout=WAIT_MS)
+        page_b.fill("#input", "and then this")
+        page_b.press("#input", "Enter")
+        page_a.wait_for_selector("#queue .waiting", timeout=WAIT_MS)
+        assert "and then this" in page_a.text_content("#queue")
+        # It runs after the first reply: two replies, and the queue is empty again.
+        page_a.wait_for_function(
+            "document.querySelectorAll('#list .msg.assistant[data-id]').length === 2"
+            " && !document.querySelector('#list .msg.streaming')"
+            " && !document.querySelector('#queue .waiting')",
+            timeout=WAIT_MS,
+        )
+        texts = [b["text"] for b in bubbles(page_a) if b["role"] == "user"]
+    finally:
+        page_a.close()
+        page_b.close()
+    assert texts == ["a long answer please", "and then this"]

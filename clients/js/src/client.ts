@@ -245,6 +245,12 @@ export class DurableChatClient {
     await this.send(generationId ? { type: "cancel", generation_id: generationId } : { type: "cancel" });
   }
 
+  /** Take a waiting prompt (`queued` event's `queue_id`) out of the thread's queue:
+   * its sender or the thread's owner; every client gets `unqueued`. */
+  async cancelQueued(queueId: string): Promise<void> {
+    await this.send({ type: "cancel", queue_id: queueId });
+  }
+
   /** A page of history: the `limit` messages before `before` (default: the latest)
    * on the branch that ends at `leaf` (default: the active one). */
   async getHistory(
