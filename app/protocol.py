@@ -136,18 +136,26 @@ def parse_client_frame(raw: str | bytes, max_bytes: int) -> ClientFrame:
         raise BadFrame("too_large", f"frame larger than {max_bytes} bytes")
     try:
         data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadFrame("bad_request", "frame is not valid JSON") from None
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson stops at 1024 levels
+            raise BadFrame(
+                "bad_request", f"frame nested deeper than {MAX_JSON_DEPTH} levels"
+            ) from None
+        raise BadFrame("bad_request", f"frame is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise BadFrame("bad_request", "frame must be a JSON object with a string 'type'")
     if _deeper_than(data, MAX_JSON_DEPTH):
-        raise BadFrame("bad_request", f"frame nested deeper than {MAX_JSON_DEPTH} levels")
+        raise _too_deep()
     try:
         return _client_frame.validate_python(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "type"
         raise BadFrame("bad_request", f"{where}: {first['msg']}") from None
+
+
+def _too_deep() -> BadFrame:
+    return BadFrame("bad_request", f"frame nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 def _deeper_than(value: object, limit: int) -> bool:

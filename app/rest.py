@@ -21,12 +21,13 @@ import math
 import secrets
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import AuthError
@@ -159,7 +160,10 @@ Chat = Annotated[ChatService, Depends(chat)]
 
 
 @router.post("", status_code=201, summary="Create a thread (the caller owns it)")
-async def create_thread(body: CreateThread, user: Caller, service: Chat) -> ThreadDetail:
+async def create_thread(
+    user: Caller, service: Chat, body: Annotated[CreateThread | None, Body()] = None
+) -> ThreadDetail:
+    body = body or CreateThread()  # no body at all: as `{}`
     thread = keys.thread_id(body.id) if body.id else ThreadId(secrets.token_urlsafe(12))
     await service.threads.create(thread, user, body.title or "")
     return await _detail(service, thread, user)
@@ -294,9 +298,30 @@ async def _on_invalid(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # not "1: JSON decode error"
+            context = first.get("ctx")
+            why = context.get("error", "") if isinstance(context, dict) else ""
+            return _error(422, "bad_request", f"body is not valid JSON: {why}".rstrip(": "))
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         return _error(422, "bad_request", f"{where}: {first.get('msg', 'invalid')}")
     return _error(422, "bad_request", str(exc))
+
+
+# Starlette's own errors (no route, wrong method, an unparsable body) in the
+# same shape as ours, with codes of the protocol.
+_HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "too_large"}
+
+
+async def _on_starlette_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):
+        raise exc
+    if isinstance(exc.__cause__, RecursionError):  # the JSON parser gave up, not the JSON
+        return _error(422, "bad_request", "body is nested too deeply")
+    unrouted = exc.status_code == 404 and "endpoint" not in request.scope
+    message = f"no such path: {request.url.path}" if unrouted else exc.detail
+    response = _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "bad_request"), message)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
@@ -344,6 +369,7 @@ def install(app: FastAPI, origins: OriginPolicy) -> None:
     app.add_exception_handler(HttpError, _on_http_error)
     app.add_exception_handler(ChatError, _on_chat_error)
     app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(StarletteHTTPException, _on_starlette_error)
     app.add_exception_handler(keys.InvalidId, _on_invalid)
     app.add_exception_handler(RedisError, _on_storage_error)
     app.add_middleware(BodyLimit)

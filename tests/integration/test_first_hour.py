@@ -16,7 +16,7 @@ import pytest
 from app.llm.fake import expected_reply
 from tests import procs
 from tests.integration.conftest import require
-from tests.integration.helpers import open_ready, turn, unique
+from tests.integration.helpers import open_ready, recv_event, turn, unique
 from tests.procs import Server
 
 pytestmark = pytest.mark.integration
@@ -89,3 +89,35 @@ def test_the_demo_page_shows_a_banner_while_the_model_is_fake(pod: Server) -> No
     banner = re.search(r'<div id="fake-model"[^>]*>', dom)
     assert banner is not None, dom[:2000]
     assert "hidden" not in banner.group(0)
+
+
+def test_every_http_error_has_the_one_error_shape(pod: Server) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    as_json = {"content-type": "application/json"}
+    cases = [
+        ("GET", "/no/such/path", {}, 404, "not_found", "no such path: /no/such/path"),
+        ("DELETE", "/healthz", {}, 405, "bad_request", "Method Not Allowed"),
+        ("POST", "/v1/threads", {"content": "{bad", "headers": as_json}, 422, "bad_request",
+         "body is not valid JSON: Expecting property name enclosed in double quotes"),
+        ("POST", "/v1/threads", {"content": deep, "headers": as_json}, 422, "bad_request",
+         "body is nested too deeply"),
+    ]  # fmt: skip
+    for method, path, kwargs, status, code, message in cases:
+        response = httpx.request(method, pod.http + path, timeout=10, **kwargs)
+        assert response.status_code == status, (path, response.text)
+        assert response.json() == {"error": {"code": code, "message": message}}, path
+    # No body at all creates a thread, as `{}` does.
+    created = httpx.post(pod.http + "/v1/threads", timeout=10)
+    assert created.status_code == 201, created.text
+    assert created.json()["owner"] == "anonymous"
+
+
+async def test_a_deeply_nested_frame_is_called_that(pod: Server) -> None:
+    ws, _ = await open_ready(pod.ws, unique("deep"))
+    try:
+        await ws.send('{"type":"prompt","content":' + "[" * 5000 + "]" * 5000 + "}")
+        error = await recv_event(ws)
+    finally:
+        await ws.close()
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    assert "nested deeper than" in error["message"], error
