@@ -94,7 +94,7 @@ def render_history(
 def render_threads(redis: SyncRedisClient, user: UserId, limit: int) -> list[str]:
     rows = scored(redis.zrevrange(keys.user_threads(user), 0, limit - 1, withscores=True))
     return [
-        f"{thread}  last active {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(score))}"
+        f"{thread}  last active {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(score / 1000))}"
         for thread, score in rows
     ]
 
@@ -120,7 +120,7 @@ class RunningTurn:
 def running_turns(redis: SyncRedisClient) -> list[RunningTurn]:
     turns = []
     now = time.time()
-    for raw, started in scored(redis.zrange(keys.TURN_INDEX, 0, -1, withscores=True)):
+    for raw, started_ms in scored(redis.zrange(keys.TURN_INDEX, 0, -1, withscores=True)):
         try:
             thread = keys.thread_id(raw)
         except keys.InvalidId:
@@ -136,7 +136,7 @@ def running_turns(redis: SyncRedisClient) -> list[RunningTurn]:
                 fence=record.get("fence", "?"),
                 lock_owner=text_reply(redis.get(keys.lock(thread))),
                 lock_ttl_ms=int(redis.pttl(keys.lock(thread))),
-                age_s=now - started,
+                age_s=now - started_ms / 1000,
             )
         )
     return turns

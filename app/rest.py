@@ -252,7 +252,7 @@ def _out(summary: ThreadSummary, user: UserId) -> ThreadOut:
         id=summary.id, title=summary.title, owner=summary.owner,
         role="owner" if summary.owner == user else "member",
         created_at=summary.created_at, updated_at=summary.updated_at,
-        active_at=int(summary.active_at * 1000), prompt_policy=summary.prompt_policy,
+        active_at=summary.active_at, prompt_policy=summary.prompt_policy,
     )  # fmt: skip
 
 

@@ -680,3 +680,11 @@ async def test_end_adds_usage_to_the_thread_and_the_outbox(
     outbox = await redis.hgetall(keys.usage_outbox(thread))
     day = utc_day()
     assert outbox == {"g1": f"{USER} {day} 10 5", "g2": f"{USER} {day} 7 3"}
+
+
+async def test_the_index_scores_turns_by_start_time_in_ms(store: TurnStore, redis: Any) -> None:
+    # Like every sorted set's scores (README, "Redis keys"): `durable-chat
+    # turns` reads them as ms.
+    before = int(time.time() * 1000)
+    await store.index_add(keys.thread_id("a"))
+    assert before <= await redis.zscore(keys.TURN_INDEX, "a") <= time.time() * 1000

@@ -24,11 +24,11 @@ Layout (see the README for the redis-cli view of each):
     chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
     chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
     chat:{T}:live      channel  timeline frames as published
-    chat:user:{U}:threads  Sorted set  a user's threads by last activity
+    chat:user:{U}:threads  Sorted set  a user's threads by last activity (ms)
     chat:user:{U}:owned    Sorted set  threads the user created (the thread quota)
     chat:user:{U}:sockets  Sorted set  the user's open sockets, by lease expiry (ms)
     chat:user:{U}:rate:prompts  Hash   the user's prompt token bucket (expires)
-    chat:turns         Sorted set  threads with a running turn (reaper's index)
+    chat:turns         Sorted set  threads with a running turn, by start (ms)
     chat:reaper:leader String   the in-pod reaper's leader lease
 """
 

@@ -51,14 +51,14 @@ class ThreadInfo:
 
 @dataclass(frozen=True, slots=True)
 class ThreadSummary:
-    """A thread as listed: ``active_at`` is the last activity (seconds)."""
+    """A thread as listed: ``active_at`` is the last activity (ms since the epoch)."""
 
     id: ThreadId
     title: str
     owner: str
     created_at: int
     updated_at: int
-    active_at: float
+    active_at: int
     prompt_policy: PromptPolicy
 
 
@@ -131,7 +131,7 @@ class Threads:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if not self._open:  # with auth off there is no one to count
                     pipe.zadd(keys.user_owned(user), {thread: now_ms})
-                pipe.zadd(keys.user_threads(user), {thread: now_ms / 1000})
+                pipe.zadd(keys.user_threads(user), {thread: now_ms})
                 await pipe.execute()
         return ThreadInfo(epoch=epoch, owner=owner, created=bool(int(created)))
 
@@ -226,7 +226,8 @@ class Threads:
         if result == "full":
             raise Conflict(f"a thread has at most {self._max_members} members")
         _raise_for(result, "only the owner may add members")
-        await self._redis.zadd(keys.user_threads(member), {thread: time.time()}, nx=True)
+        now_ms = int(time.time() * 1000)
+        await self._redis.zadd(keys.user_threads(member), {thread: now_ms}, nx=True)
 
     async def remove_member(self, thread: ThreadId, user: UserId, member: UserId) -> None:
         """The owner removes ``member``, or ``member`` leaves. The member's open
@@ -286,10 +287,10 @@ class Threads:
         than the thread. A crash in between only leaves the lists a little
         stale; the thread's own data is already committed."""
         members = text_set(await self._redis.smembers(keys.members(thread)))
-        now = time.time()
+        now_ms = int(time.time() * 1000)
         async with self._redis.pipeline(transaction=False) as pipe:
             for member in members:
-                pipe.zadd(keys.user_threads(UserId(member)), {thread: now}, gt=True)
+                pipe.zadd(keys.user_threads(UserId(member)), {thread: now_ms}, gt=True)
             await pipe.execute()
 
     async def of_user(self, user: UserId, limit: int = 100) -> list[str]:
@@ -337,7 +338,7 @@ class Threads:
             await self._redis.zrem(key, *stale)
         if len(found) > limit:
             last = found[limit - 1]
-            return found[:limit], f"{last.active_at!r}~{last.id}"
+            return found[:limit], f"{last.active_at}~{last.id}"
         return found, None
 
 
@@ -384,7 +385,7 @@ def _summary(
     return ThreadSummary(
         id=thread, title=title or "", owner=owner, created_at=created,
         updated_at=int(updated_at or created),
-        active_at=float(active_at) if active_at is not None else created / 1000,
+        active_at=int(float(active_at)) if active_at is not None else created,
         prompt_policy=_policy(policy, default_policy),
     )  # fmt: skip
 

@@ -341,7 +341,7 @@ class TurnStore:
         return await self.end(thread, lease, assistant, done)
 
     async def index_add(self, thread: ThreadId) -> None:
-        await self._redis.zadd(keys.TURN_INDEX, {thread: time.time()})
+        await self._redis.zadd(keys.TURN_INDEX, {thread: int(time.time() * 1000)})
 
     async def index_remove(self, thread: ThreadId) -> None:
         """Drop the thread from the reaper's index, unless prompts wait in its

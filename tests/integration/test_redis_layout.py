@@ -4,6 +4,8 @@ documented types, and no lock or turn left once the thread is free."""
 
 from __future__ import annotations
 
+import time
+
 from app.chat.usage import utc_day
 from tests.integration.helpers import KEY_LAYOUT, open_ready, turn, undocumented, unique
 
@@ -20,6 +22,7 @@ TYPES = {
 
 async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_factory):
     pod = pod_factory(redis_server, CHAT_FAKE_REPLY_TOKENS=4, CHAT_FAKE_TOKEN_DELAY_MS=1)
+    started_ms = int(time.time() * 1000)
     thread = unique("layout")
     ws, ready = await open_ready(pod.ws, thread)
     try:
@@ -83,6 +86,7 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
 
     assert int(db.get(t + "fence")) >= 2  # one grant per turn
     assert db.smembers(t + "members") == {"anonymous"}
-    assert db.zscore("chat:user:{anonymous}:threads", thread) is not None
+    active = db.zscore("chat:user:{anonymous}:threads", thread)
+    assert active is not None and started_ms <= active <= time.time() * 1000  # ms, as all scores
     assert db.hgetall(t + "dedup") == {"cm-1": second[0]["id"]}
     assert 0 < db.ttl(t + "dedup") <= 86400  # expires (CHAT_DEDUP_TTL_S)
