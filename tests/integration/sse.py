@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 
-TIMEOUT_S = 15.0
+from tests.integration.helpers import TIMEOUT_S
 
 
 @dataclass

@@ -9,14 +9,12 @@ the next prompt after the lease ran out closes the orphan itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any
 
 import pytest
 
-from app.client import ChatClient
 from app.llm.fake import expected_reply
 from tests.integration.helpers import (
+    Recorder,
     Stopwatch,
     assert_idle,
     assert_matches_log,
@@ -42,11 +40,6 @@ QUICK = {"CHAT_FAKE_TOKEN_DELAY_MS": 1, "CHAT_FAKE_REPLY_TOKENS": 50}
 MARGIN_S = 1.5
 
 
-async def _consume(client: ChatClient, into: list[dict[str, Any]]) -> None:
-    async for event in client.events():
-        into.append(event)
-
-
 async def test_kill_9_mid_turn_is_closed_by_the_reaper_within_ttl_plus_interval(
     redis_server, pod_factory
 ):
@@ -56,10 +49,8 @@ async def test_kill_9_mid_turn_is_closed_by_the_reaper_within_ttl_plus_interval(
     sender, _ = await open_ready(doomed.ws, thread)
     watcher, _ = await open_ready(survivor.ws, thread)
     # A client of the doomed pod: it must fail over and miss nothing.
-    roaming = ChatClient([doomed.ws, survivor.ws], thread)
-    await roaming.connect()
-    roamed: list[dict[str, Any]] = []
-    consumer = asyncio.create_task(_consume(roaming, roamed))
+    roaming = await Recorder([doomed.ws, survivor.ws], thread).start()
+    roamed = roaming.events
     try:
         await sender.send('{"type":"prompt","content":"die mid-sentence"}')
         seen = await until_deltas(watcher, 5)
@@ -95,18 +86,15 @@ async def test_kill_9_mid_turn_is_closed_by_the_reaper_within_ttl_plus_interval(
 
         # The client of the dead pod resumed on the survivor: the same
         # timeline, each event once, through to the second turn's done.
-        def roamed_to_the_end() -> bool:
-            return any(e.get("id") == after[-1]["id"] for e in roamed)
-
-        await asyncio.to_thread(wait_until, roamed_to_the_end, 10, what="the roaming client")
+        await roaming.wait(
+            lambda r: any(e.get("id") == after[-1]["id"] for e in r.events), 10,
+            what="the roaming client to reach the second turn's done",
+        )  # fmt: skip
     finally:
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
         await roaming.close()
         await watcher.close()
         await sender.close()
-    assert roaming.reconnects >= 1
+    assert roaming.client.reconnects >= 1
     assert any(e["type"] == "ready" and e.get("recovered") is True for e in roamed)
     assert_matches_log(roamed, redis_server, thread)
     # One assistant message for the killed turn, committed once.

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.faultproxy import FaultProxy
-from tests.integration.helpers import metric, unique
-from tests.integration.scenario import (
+from tests.integration.helpers import (
     assert_consistent,
     close_all,
+    metric,
     readyz,
     recorders,
+    unique,
     until_status,
 )
 

@@ -11,8 +11,16 @@ import httpx
 import pytest
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import open_ready, read_until, send, stored_history, unique
-from tests.integration.scenario import assert_consistent, close_all, recorders
+from tests.integration.helpers import (
+    assert_consistent,
+    close_all,
+    open_ready,
+    read_until,
+    recorders,
+    send,
+    stored_history,
+    unique,
+)
 from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration

@@ -5,16 +5,14 @@ turn; the sender gets the original ``message`` event again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 from typing import Any
 
 import orjson
 import pytest
 
 from app.chat import keys
-from app.client import ChatClient
 from tests.integration.helpers import (
+    Recorder,
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
@@ -28,7 +26,6 @@ from tests.integration.helpers import (
     until_deltas,
     until_done,
 )
-from tests.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,18 +80,16 @@ def _mine(received: list[dict[str, Any]], cmid: str) -> list[int]:
     ]
 
 
-def _settled(
-    redis_server: Any, thread: str, cmid: str, received: list[dict[str, Any]], client: ChatClient
-) -> bool:
+def _settled(redis_server: Any, rec: Recorder, cmid: str) -> bool:
     """The client, reconnected, has seen its own prompt's message and then a
     ``done`` that is the thread's last event; the turn has let go of all."""
-    if client.reconnects < 1:
+    if rec.client.reconnects < 1:
         return False
-    mine = _mine(received, cmid)
-    dones = [e["id"] for e in received[mine[0] :] if e["type"] == "done"] if mine else []
-    last = redis_server.client().xrevrange(keys.events(keys.thread_id(thread)), count=1)
+    mine = _mine(rec.events, cmid)
+    dones = [e["id"] for e in rec.events[mine[0] :] if e["type"] == "done"] if mine else []
+    last = redis_server.client().xrevrange(keys.events(keys.thread_id(rec.thread)), count=1)
     return bool(dones and last and last[0][0] == dones[-1]) and not turn_leftovers(
-        redis_server, thread
+        redis_server, rec.thread
     )
 
 
@@ -113,33 +108,22 @@ async def test_a_client_cut_off_while_prompting_gets_its_prompt_appended_once(
         await primer.send('{"type":"prompt","content":"earlier"}')
         await until_done(primer)
         await primer.close()
-        client = ChatClient([pod_a.ws, pod_b.ws], thread)
-        await client.connect()
-        received: list[dict[str, Any]] = []
-
-        async def consume(client: ChatClient = client, into: list = received) -> None:
-            async for event in client.events():
-                into.append(event)
-
-        consumer = asyncio.create_task(consume())
+        rec = await Recorder([pod_a.ws, pod_b.ws], thread).start()
         try:
-            cmid = await client.prompt(f"round {round_}")
+            cmid = await rec.client.prompt(f"round {round_}")
             await asyncio.sleep(delay)
-            client._ws.transport.abort()  # the network drops, mid-prompt or just after
+            rec.client._ws.transport.abort()  # the network drops, mid-prompt or just after
             # Settled when the client has the done of its own prompt's turn,
             # however long the reconnect takes on a loaded machine.
-            settled = functools.partial(_settled, redis_server, thread, cmid, received, client)
-            await asyncio.to_thread(wait_until, settled, 20, what=f"round {round_} to settle")
+            await rec.wait(
+                lambda r, c=cmid: _settled(redis_server, r, c), 20, what=f"round {round_} to settle"
+            )
         finally:
-            consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consumer
-            await client.close()
-        assert client.reconnects >= 1
+            await rec.close()
         users = _users(redis_server, thread)
         assert [u.get("client_msg_id") for u in users] == [None, cmid], f"round {round_}"
-        mine = _mine(received, cmid)
+        mine = _mine(rec.events, cmid)
         assert len(mine) == 1, f"round {round_}: the client saw its message {len(mine)} times"
-        assert_matches_log(received, redis_server, thread)
+        assert_matches_log(rec.events, redis_server, thread)
         assert assert_turns_well_formed(redis_server, thread) == 2
         assert_idle(redis_server, thread)

@@ -16,8 +16,13 @@ import httpx
 import pytest
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import stored_history, unique
-from tests.integration.scenario import assert_consistent, close_all, recorders
+from tests.integration.helpers import (
+    assert_consistent,
+    close_all,
+    recorders,
+    stored_history,
+    unique,
+)
 from tests.integration.sentinel import SentinelGroup, require_redis_server
 
 pytestmark = pytest.mark.integration

@@ -19,11 +19,13 @@ import pytest
 
 from app.llm.fake import expected_reply
 from tests.integration.faultproxy import FaultProxy
-from tests.integration.helpers import metric, stored_history, unique
-from tests.integration.scenario import (
+from tests.integration.helpers import (
     assert_consistent,
     close_all,
+    metric,
     recorders,
+    stored_history,
+    unique,
     until_status,
 )
 from tests.integration.sentinel import require_redis_server
