@@ -10,55 +10,43 @@ import time
 
 import httpx
 import jwt
-import websockets
 
 from app.llm.fake import expected_reply
-from tests.integration.helpers import REFUSED, recv_event, refusal, send, unique, until_done
-
-# s3cret, long enough for HS256 (the pod refuses secrets under 32 bytes).
-SECRET = "s3cret" * 8
-AUTH = {"CHAT_AUTH": "jwt", "CHAT_AUTH_SECRET": SECRET}
-
-
-def _token(sub: str | None, key: str = SECRET, algorithm: str = "HS256", **claims) -> str:
-    body = {"sub": sub, "exp": int(time.time()) + 300} | claims
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
-
-
-async def _connect(url: str, **kwargs):
-    ws = await websockets.connect(url, open_timeout=10, max_queue=None, **kwargs)
-    ready = await recv_event(ws)
-    assert ready["type"] == "ready", ready
-    return ws, ready
+from tests.integration.helpers import REFUSED, open_ready, refusal, send, unique, until_done
+from tests.integration.tokens import AUDIENCE, AUTH_ENV, ISSUER, bearer, token
 
 
 async def test_tokens_at_the_socket_edge(redis_server, pod_factory):
-    pod = pod_factory(redis_server, **AUTH, CHAT_FAKE_REPLY_TOKENS=5, CHAT_FAKE_TOKEN_DELAY_MS=1)
+    pod = pod_factory(
+        redis_server, **AUTH_ENV, CHAT_FAKE_REPLY_TOKENS=5, CHAT_FAKE_TOKEN_DELAY_MS=1
+    )
     thread = unique("auth")
     url = f"{pod.ws}/v1/threads/{thread}/ws"
-    alice, bob = _token("alice"), _token("bob")
+    alice, bob = token("alice"), token("bob")
     now = int(time.time())
     refused_tokens = {
         "none": None,
-        "other secret": _token("alice", key="another-secret-" + "y" * 40),
-        "expired": _token("alice", exp=now - 3600),
-        "no exp": _token("alice", exp=None),
-        "no sub": _token(None),
-        "alg none": jwt.encode({"sub": "alice", "exp": now + 300}, None, algorithm="none"),
+        "other secret": token("alice", key="another-secret-" + "y" * 40),
+        "expired": token("alice", exp=now - 3600),
+        "no exp": token("alice", exp=None),
+        "no sub": token(None),
+        "alg none": jwt.encode(
+            {"sub": "alice", "exp": now + 300, "iss": ISSUER, "aud": AUDIENCE}, None, "none"
+        ),
         "garbage": "not.a.token",
     }
-    for what, token in refused_tokens.items():
-        query = f"?token={token}" if token else ""
+    for what, refused in refused_tokens.items():
+        query = f"?token={refused}" if refused else ""
         assert await refusal(url + query) in REFUSED, what
-        if token:
-            header = {"Authorization": f"Bearer {token}"}
+        if refused:
+            header = {"Authorization": f"Bearer {refused}"}
             assert await refusal(url, additional_headers=header) in REFUSED, what
     assert await refusal(f"{pod.ws}/websocket?threadID={thread}") in REFUSED
     # None of it created the thread.
     assert not [k for k in redis_server.client().keys("*") if thread in k]
 
     # alice by query parameter creates the thread and runs a turn.
-    ws, ready = await _connect(f"{url}?token={alice}")
+    ws, ready = await open_ready(pod.ws, thread, f"?token={alice}")
     try:
         assert ready["thread_id"] == thread
         await send(ws, {"type": "prompt", "content": "alice was here"})
@@ -69,7 +57,7 @@ async def test_tokens_at_the_socket_edge(redis_server, pod_factory):
     assert events[-2]["message"]["content"] == expected_reply("alice was here", 5)
 
     # alice by Authorization header, on the same thread.
-    ws, ready = await _connect(url, additional_headers={"Authorization": f"Bearer {alice}"})
+    ws, ready = await open_ready(pod.ws, thread, additional_headers=bearer("alice"))
     await ws.close()
     assert ready["last_event_id"] == events[-1]["id"]
 
@@ -82,7 +70,7 @@ async def test_tokens_at_the_socket_edge(redis_server, pod_factory):
     assert db.xlen(f"chat:{{{thread}}}:history") == 2
 
     # bob's own thread is his; lists show each user only their threads.
-    ws, _ = await _connect(f"{pod.ws}/v1/threads/{thread}_bob/ws?token={bob}")
+    ws, _ = await open_ready(pod.ws, f"{thread}_bob", f"?token={bob}")
     await ws.close()
     async with httpx.AsyncClient(base_url=pod.http, timeout=10) as http:
         assert (await http.get("/list")).status_code == 401
@@ -104,16 +92,16 @@ def _refused(url: str, **kwargs) -> tuple[int, dict]:
 
 
 def test_a_refused_upgrade_says_why_to_the_client_the_cli_and_the_log(redis_server, pod_factory):
-    pod = pod_factory(redis_server, **AUTH)
+    pod = pod_factory(redis_server, **AUTH_ENV)
     thread = unique("why")
     url = f"{pod.ws}/v1/threads/{thread}/ws"
-    expired = _token("alice", exp=int(time.time()) - 3600)
+    expired = token("alice", exp=int(time.time()) - 3600)
     cases = {
         "bad thread id": (f"{pod.ws}/v1/threads/no%7Bgood%7D/ws", {}, "bad_request", "thread_id"),
         "no token": (url, {}, "unauthorized", "token"),
         "expired token": (f"{url}?token={expired}", {}, "unauthorized", "expired"),
         "foreign origin": (
-            url, {"Origin": "https://evil.example", "Authorization": f"Bearer {_token('alice')}"},
+            url, {"Origin": "https://evil.example", "Authorization": f"Bearer {token('alice')}"},
             "forbidden", "origin",
         ),
     }  # fmt: skip
@@ -137,7 +125,7 @@ def test_a_refused_upgrade_says_why_to_the_client_the_cli_and_the_log(redis_serv
     # `durable-chat token` mints what the pod accepts.
     minted = subprocess.run(
         [sys.executable, "-m", "app", "token", "--user", "alice", "--ttl", "60"],
-        capture_output=True, text=True, timeout=30, env={**cli_env, "CHAT_AUTH_SECRET": SECRET},
+        capture_output=True, text=True, timeout=30, env={**cli_env, **AUTH_ENV},
     )  # fmt: skip
     assert minted.returncode == 0 and "development token" in minted.stderr, minted
     result = subprocess.run(
