@@ -27,6 +27,13 @@ from tests.procs import RedisServer, Server
 
 pytestmark = pytest.mark.integration
 
+# What every test pod runs with unless the test says otherwise: the fake
+# model's short reply at a quick pace, and the INFO log a failure shows.
+POD_SETTINGS: dict[str, str | int | float] = {
+    "CHAT_FAKE_REPLY_TOKENS": 30,
+    "CHAT_FAKE_TOKEN_DELAY_MS": 5,
+    "CHAT_LOG_LEVEL": "INFO",
+}
 # The last lines of each pod's log that a failing test's report shows.
 LOG_TAIL_LINES = 200
 
@@ -82,12 +89,7 @@ def pod_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
     pods = track_pods(request)
 
     def make(server: RedisServer | None, **overrides: str | int | float) -> Server:
-        settings: dict[str, str | int | float] = {
-            "CHAT_FAKE_REPLY_TOKENS": 30,
-            "CHAT_FAKE_TOKEN_DELAY_MS": 5,
-            "CHAT_LOG_LEVEL": "INFO",
-            **overrides,
-        }
+        settings = {**POD_SETTINGS, **overrides}
         name = f"pod{len(pods)}"
         pod = procs.pod(name, server.url if server else None, tmp_path / f"{name}.log", **settings)
         pods.append(pod)

@@ -15,13 +15,11 @@ takes a couple of seconds, not the default 10 to 30.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
 import redis
 
 from tests.procs import REDIS_SERVER, RedisServer, free_port, wait_until
@@ -30,15 +28,6 @@ MASTER = "dc"
 DOWN_AFTER_MS = 1000
 # Both nodes, since either may be the primary.
 DATA_ARGS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
-
-
-def require_redis_server() -> None:
-    """Skip without a redis-server binary (fail in CI), for module fixtures."""
-    if REDIS_SERVER is None:
-        message = "redis-server is not installed (apt-get install -y redis-server)"
-        if os.environ.get("DURABLE_CHAT_REQUIRE_REDIS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def _answers(port: int) -> bool:
@@ -124,7 +113,7 @@ class SentinelGroup:
         return next(node for node in self.nodes if node.port != port)
 
     def client(self) -> redis.Redis:
-        """The primary's client: what failure_helpers read the truth from."""
+        """The primary's client: what the helpers read the truth from."""
         return self.primary.client()
 
     # --- faults -----------------------------------------------------------------

@@ -7,7 +7,6 @@ pods is what costs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,32 +14,28 @@ from pathlib import Path
 import pytest
 
 from tests import procs
+from tests.integration.conftest import POD_SETTINGS, require_redis, track_pods
 from tests.procs import RedisServer, Server
-
-
-def require_redis() -> None:
-    if procs.REDIS_SERVER is None:
-        message = "redis-server is not installed (apt-get install -y redis-server)"
-        if os.environ.get("DURABLE_CHAT_REQUIRE_REDIS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @contextmanager
 def pods(
-    workdir: Path, count: int = 2, cross_origin: bool = False, **settings: str | int | float
-) -> Iterator[list[Server]]:
+    request: pytest.FixtureRequest, workdir: Path, count: int = 2, cross_origin: bool = False,
+    **settings: str | int | float,
+) -> Iterator[list[Server]]:  # fmt: skip
     """``count`` pods (the fake model, ``settings`` on top) on a fresh
-    redis-server under ``workdir``, stopped on exit. With ``cross_origin``
-    each pod allows the others' pages (a page that resumes on another pod)."""
+    redis-server under ``workdir``, stopped on exit; a failing test of the
+    fixture's scope shows their logs. With ``cross_origin`` each pod allows
+    the others' pages (a page that resumes on another pod)."""
     require_redis()
     server = RedisServer(workdir / "redis").start()
     try:
-        settings = {"CHAT_FAKE_REPLY_TOKENS": 30, "CHAT_FAKE_TOKEN_DELAY_MS": 5, **settings}
+        settings = {**POD_SETTINGS, **settings}
         made = [
             procs.pod(f"pod{i}", server.url, workdir / f"pod{i}.log", **settings)
             for i in range(count)
         ]
+        track_pods(request).extend(made)
         if cross_origin:
             origins = ",".join(pod.http for pod in made)
             for pod in made:

@@ -53,10 +53,12 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def three_pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+def three_pods(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Server]]:
     # A short lock lease: a killed pod's turn is closed (interrupted) within a second.
     with pods(
-        tmp_path_factory.mktemp("page"), count=3, cross_origin=True,
+        request, tmp_path_factory.mktemp("page"), count=3, cross_origin=True,
         CHAT_FAKE_REPLY_TOKENS=60, CHAT_FAKE_TOKEN_DELAY_MS=25,
         CHAT_LOCK_TTL_MS=1000, CHAT_REAPER_INTERVAL_MS=200,
     ) as started:  # fmt: skip

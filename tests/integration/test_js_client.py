@@ -61,14 +61,14 @@ def node() -> str:
 
 
 @pytest.mark.timeout(180)  # every node test file, in one run of node
-def test_js_client_against_real_pods(node, tmp_path):
+def test_js_client_against_real_pods(request, node, tmp_path):
     # A short lock lease: the turn of the pod killed mid-reply is closed (as
     # interrupted) by a surviving pod's reaper within about a second.
     env = dict(
         AUTH_ENV, CHAT_FAKE_REPLY_TOKENS=40, CHAT_FAKE_TOKEN_DELAY_MS=20,
         CHAT_LOCK_TTL_MS=1000, CHAT_REAPER_INTERVAL_MS=200,
     )  # fmt: skip
-    with pods(tmp_path, count=3, **env) as (victim, a, b):
+    with pods(request, tmp_path, count=3, **env) as (victim, a, b):
         env = {
             **os.environ,
             "DC_PODS": f"{a.http},{b.http}",

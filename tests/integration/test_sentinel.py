@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from app.llm.fake import expected_reply
+from tests.integration.conftest import require_redis
 from tests.integration.helpers import (
     assert_consistent,
     close_all,
@@ -23,7 +24,7 @@ from tests.integration.helpers import (
     stored_history,
     unique,
 )
-from tests.integration.sentinel import SentinelGroup, require_redis_server
+from tests.integration.sentinel import SentinelGroup
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ THREADS = 3
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[SentinelGroup]:
-    require_redis_server()
+    require_redis()
     made = SentinelGroup()
     try:
         made.start()

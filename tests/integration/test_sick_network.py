@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from app.llm.fake import expected_reply
+from tests.integration.conftest import require_redis
 from tests.integration.faultproxy import FaultProxy
 from tests.integration.helpers import (
     assert_consistent,
@@ -28,7 +29,6 @@ from tests.integration.helpers import (
     unique,
     until_status,
 )
-from tests.integration.sentinel import require_redis_server
 from tests.procs import RedisServer, wait_until
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    require_redis_server()
+    require_redis()
     tmp = Path(tempfile.mkdtemp(prefix="dc-sick-"))
     made = RedisServer(tmp).start()
     try:

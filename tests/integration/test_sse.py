@@ -27,12 +27,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def two_pods(tmp_path_factory):
+def two_pods(request, tmp_path_factory):
     env = dict(
         AUTH_ENV, CHAT_SSE_KEEPALIVE_S=0.3, CHAT_FAKE_TOKEN_DELAY_MS=15,
         CHAT_MAX_PROMPT_CHARS=200, CHAT_ALLOWED_ORIGINS="https://app.example.test",
     )  # fmt: skip
-    with pods(tmp_path_factory.mktemp("sse"), **env) as started:
+    with pods(request, tmp_path_factory.mktemp("sse"), **env) as started:
         yield started
 
 
