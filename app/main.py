@@ -25,6 +25,7 @@ from app.auth import Authenticator, AuthError
 from app.chat import tasks
 from app.chat.service import ChatService
 from app.llm import make_model
+from app.llm.tools import load_tools
 from app.origins import OriginPolicy
 from app.redis_client import connect, warn_if_evicting
 from app.settings import Settings
@@ -39,10 +40,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A durable-chat pod for ``settings`` (read from the environment if None)."""
     settings = settings or Settings()
     settings.check_startable()
-    # Keys and origins are loaded now, so a bad configuration stops the pod
+    # Keys, origins and tools are loaded now, so a bad configuration stops the pod
     # before it serves anything (ConfigError, with what to fix).
     authenticator = Authenticator(settings)
     origins = OriginPolicy(settings.chat_allowed_origins)
+    tools = load_tools(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model = make_model(settings)
         service = ChatService(
             settings, handles.commands, handles.pubsub_factory, model, handles.publish_command,
-            turn_writes=handles.turn_writes,
+            turn_writes=handles.turn_writes, tools=tools,
         )  # fmt: skip
         app.state.chat = service
         if not settings.embedded:

@@ -78,6 +78,11 @@ class UpdateThread(BaseModel):
     prompt_policy: PromptPolicy | None = None
 
 
+class TokenCounts(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
 class ThreadOut(BaseModel):
     id: str
     title: str
@@ -87,16 +92,11 @@ class ThreadOut(BaseModel):
     updated_at: int = Field(description="last committed message, ms since the epoch")
     active_at: int = Field(description="last activity in the caller's list, ms since the epoch")
     prompt_policy: PromptPolicy = Field(description="what a prompt sent while a turn runs gets")
-
-
-class TokenCounts(BaseModel):
-    input_tokens: int
-    output_tokens: int
+    usage: TokenCounts = Field(description="tokens used by every turn of the thread")
 
 
 class ThreadDetail(ThreadOut):
     members: list[str]
-    usage: TokenCounts = Field(description="tokens used by every turn of the thread")
 
 
 class UsageOut(BaseModel):
@@ -227,8 +227,7 @@ async def remove_member(
 
 async def _detail(service: ChatService, thread: ThreadId, user: UserId) -> ThreadDetail:
     summary, members = await service.threads.describe(thread, user)
-    usage = TokenCounts(**await service.usage.thread_totals(thread))
-    return ThreadDetail(**_out(summary, user).model_dump(), members=members, usage=usage)
+    return ThreadDetail(**_out(summary, user).model_dump(), members=members)
 
 
 usage_router = APIRouter(prefix="/v1", tags=["usage"], responses=_ERRORS)
@@ -253,6 +252,9 @@ def _out(summary: ThreadSummary, user: UserId) -> ThreadOut:
         role="owner" if summary.owner == user else "member",
         created_at=summary.created_at, updated_at=summary.updated_at,
         active_at=summary.active_at, prompt_policy=summary.prompt_policy,
+        usage=TokenCounts(
+            input_tokens=summary.input_tokens, output_tokens=summary.output_tokens
+        ),
     )  # fmt: skip
 
 

@@ -48,7 +48,7 @@ from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits
 from app.chat.usage import UsageStore
 from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
-from app.llm.tools import load_tools
+from app.llm.tools import ToolBox, load_tools
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,12 @@ class ChatService:
         model: ChatModel,
         publish_command: str,
         turn_writes: RedisClient | None = None,
+        tools: ToolBox | None = None,
     ) -> None:
         """``turn_writes`` is the client running turns write through, one
         redis-py does not retry (the runner retries those writes itself:
-        app.redis_client); ``redis`` when None."""
+        app.redis_client); ``redis`` when None. ``tools``: the model's tools
+        (None: loaded from the settings, app.llm.tools.load_tools)."""
         self.settings = settings
         self.redis = redis
         self.model = model
@@ -111,7 +113,7 @@ class ChatService:
             pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe
         )
         self.usage = UsageStore(redis, self.scripts, settings.chat_user_tokens_per_day)
-        self.tools = load_tools(settings)
+        self.tools = tools if tools is not None else load_tools(settings)
         runner_turns, runner_usage = self.turns, self.usage
         if turn_writes is not None and turn_writes is not redis:
             writes = Scripts(turn_writes)

@@ -60,6 +60,9 @@ class ThreadSummary:
     updated_at: int
     active_at: int
     prompt_policy: PromptPolicy
+    # The tokens every turn of the thread used (added by each turn's final commit).
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 class Threads:
@@ -361,7 +364,10 @@ def _checked_title(title: str) -> str:
     return title
 
 
-_SUMMARY_FIELDS = ("owner", "title", "created_at", "updated_at", "prompt_policy")
+_SUMMARY_FIELDS = (
+    "owner", "title", "created_at", "updated_at", "prompt_policy",
+    "input_tokens", "output_tokens",
+)  # fmt: skip
 
 
 _POLICIES: dict[str, PromptPolicy] = {
@@ -378,7 +384,7 @@ def _policy(stored: str | None, default: PromptPolicy) -> PromptPolicy:
 def _summary(
     thread: ThreadId, meta: list[str | None], active_at: Any, default_policy: PromptPolicy
 ) -> ThreadSummary | None:
-    owner, title, created_at, updated_at, policy = meta
+    owner, title, created_at, updated_at, policy, input_tokens, output_tokens = meta
     if owner is None:
         return None
     created = int(created_at or 0)
@@ -387,6 +393,7 @@ def _summary(
         updated_at=int(updated_at or created),
         active_at=int(float(active_at)) if active_at is not None else created,
         prompt_policy=_policy(policy, default_policy),
+        input_tokens=int(input_tokens or 0), output_tokens=int(output_tokens or 0),
     )  # fmt: skip
 
 

@@ -120,11 +120,6 @@ class UsageStore:
             await self._redis.hdel(outbox, generation_id)
         return len(pending)
 
-    async def thread_totals(self, thread: ThreadId) -> dict[str, int]:
-        """The tokens every turn of the thread used, summed by the final commits."""
-        counts = await self._redis.hmget(keys.meta(thread), "input_tokens", "output_tokens")
-        return {"input_tokens": int(counts[0] or 0), "output_tokens": int(counts[1] or 0)}
-
     async def today(self, user: UserId) -> DayUsage:
         day = utc_day()
         counts = await self._redis.hmget(

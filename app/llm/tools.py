@@ -194,7 +194,11 @@ def load_tools(settings: Settings) -> ToolBox:
     for the fake model. A tool that cannot load stops the pod (ConfigError)."""
     found: list[Tool] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found += _tools_in(ep.load(), f"entry point {ep.name}")
+        try:
+            loaded = ep.load()
+        except Exception as exc:  # any failure of a plugin's import stops the pod cleanly
+            raise ConfigError(f"tool entry point {ep.name!r} failed to load: {exc!r}") from None
+        found += _tools_in(loaded, f"entry point {ep.name}")
     for path in filter(None, (p.strip() for p in (settings.chat_tools or "").split(","))):
         found += _load_path(path)
     if settings.chat_llm == "fake" and all(t.name != "clock" for t in found):
@@ -214,8 +218,8 @@ def _load_path(path: str) -> list[Tool]:
     try:
         module = importlib.import_module(module_name)
         target = getattr(module, attr) if attr else module
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"CHAT_TOOLS: cannot load {path!r}: {exc}") from None
+    except Exception as exc:  # a missing module, or one that fails as it is imported
+        raise ConfigError(f"CHAT_TOOLS: cannot load {path!r}: {exc!r}") from None
     if attr:
         return _tools_in(target, f"CHAT_TOOLS {path}")
     return [v for v in vars(module).values() if isinstance(v, Tool)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.llm.fake import expected_reply
@@ -75,6 +76,13 @@ async def test_a_clock_call_reaches_both_pods_history_and_the_next_context(
         assert follow_up["usage"]["input_tokens"] == words(
             "/tool clock", final["content"], clock_time, "and now?"
         )
+        # The thread's totals are the sum of its turns' (REST, either pod).
+        async with httpx.AsyncClient(base_url=b.http, timeout=10) as http:
+            detail = (await http.get(f"/v1/threads/{thread}")).json()
+        assert detail["usage"] == {
+            kind: done["usage"][kind] + follow_up["usage"][kind]
+            for kind in ("input_tokens", "output_tokens")
+        }
     finally:
         await on_a.close()
         await on_b.close()
