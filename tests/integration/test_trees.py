@@ -8,11 +8,15 @@ nothing written."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import orjson
 import pytest
+import websockets
 
 from app.chat import keys
 from tests import procs
@@ -254,3 +258,43 @@ async def test_bad_ids_are_refused_and_nothing_is_written(two_pods, redis_db) ->
 async def _turn(ws: Any, content: str, **extra: Any) -> list[Event]:
     await send(ws, {"type": "prompt", "content": content, **extra})
     return await until_done(ws)
+
+
+async def test_strangers_are_refused_and_the_seed_route_shows_the_active_branch(
+    two_pods, redis_db
+) -> None:
+    pod_a, pod_b = two_pods
+    thread = new_thread()
+    a, _ = await join(pod_a, thread)
+    try:
+        q1, r1 = final_ids(await _turn(a, "one"))
+        await _turn(a, "two")
+        e2, r2 = final_ids(await _turn(a, "two again", parent_id=r1))
+    finally:
+        await a.close()
+    t = keys.thread_id(thread)
+    before = (redis_db.client().xlen(keys.history(t)), redis_db.client().hgetall(keys.tree(t)))
+    async with httpx.AsyncClient(base_url=pod_b.http, headers=bearer("mallory")) as http:
+        edit = {"content": "mine now", "parent_id": q1}
+        assert (await http.post(f"/v1/threads/{thread}/messages", json=edit)).status_code == 403
+        again = {"message_id": r1}
+        assert (await http.post(f"/v1/threads/{thread}/regenerate", json=again)).status_code == 403
+        assert (await http.get(f"/v1/threads/{thread}/messages?leaf={r1}")).status_code == 403
+    after = (redis_db.client().xlen(keys.history(t)), redis_db.client().hgetall(keys.tree(t)))
+    assert after == before
+    # The seed protocol's (GET_HISTORY) is the active branch, not the whole stream.
+    seed = await websockets.connect(
+        f"{pod_b.ws}/websocket?threadID={thread}", additional_headers=bearer("alice")
+    )
+    try:
+        await seed.send("(GET_HISTORY)")
+        shown = orjson.loads(await asyncio.wait_for(seed.recv(), 10))
+    finally:
+        await seed.close()
+    assert [m["content"] for m in shown][::2] == ["one", "two again"] and len(shown) == 4
+    assert e2 and r2
+
+
+def final_ids(events: list[Event]) -> tuple[str, str]:
+    """(user message id, reply id) of one turn's events."""
+    return events[0]["message"]["id"], events[-1]["message_id"]
