@@ -32,8 +32,29 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How long the start-up check waits for Redis to answer, and then between tries.
+REDIS_WAIT_S = 2.0
 # Where the documentation pages' scripts, styles and icon are served.
 DOCS_ASSETS = "/docs/assets"
+
+
+async def announce_ready(service: ChatService, pod: str, description: str) -> None:
+    """Log ``ready`` once Redis answers; until then, that the pod waits for it
+    (the pod serves meanwhile, and /readyz fails, as it should)."""
+    waiting = False
+    while True:
+        try:
+            await asyncio.wait_for(service.redis.ping(), REDIS_WAIT_S)
+            break
+        except Exception as exc:
+            if not waiting:
+                log.warning(
+                    "durable-chat pod %s is up, waiting for Redis (%s): not ready until it answers",
+                    pod, exc or type(exc).__name__,
+                )  # fmt: skip
+                waiting = True
+            await asyncio.sleep(REDIS_WAIT_S)
+    log.info("durable-chat pod %s ready: %s", pod, description)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -72,14 +93,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # pod's full collections took 40 to 100 ms, a stall of every stream.
         gc.collect()
         gc.freeze()
-        log.info(
-            "durable-chat pod %s ready: redis=%s model=%s auth=%s",
-            settings.chat_pod_id, handles.description, model.name,
-            f"jwt {','.join(authenticator.algorithms)}" if settings.auth_enabled else "off",
-        )  # fmt: skip
+        auth = f"jwt {','.join(authenticator.algorithms)}" if settings.auth_enabled else "off"
+        described = f"redis={handles.description} model={model.name} auth={auth}"
+        announcer = asyncio.create_task(
+            announce_ready(service, settings.chat_pod_id, described), name="ready-announcer"
+        )
         try:
             yield
         finally:
+            await tasks.stop(announcer, tasks.RELEASE_S)
             # Every step is bounded (app.chat.tasks), so the pod exits even
             # when Redis answers nothing: app.process adds up the bounds.
             log.info("pod %s draining", settings.chat_pod_id)

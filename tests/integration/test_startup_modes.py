@@ -9,8 +9,13 @@ import subprocess
 import sys
 import time
 
+import httpx
+
 from app.llm.fake import expected_reply
+from tests import procs
+from tests.integration.conftest import require_redis
 from tests.integration.helpers import open_ready, turn, unique
+from tests.procs import RedisServer, wait_until
 
 
 async def test_embedded_default_serves_a_full_turn(pod_factory):
@@ -79,3 +84,23 @@ def test_a_pod_whose_port_is_taken_exits_non_zero_at_once():
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert took < 10
+
+
+def test_a_pod_says_it_waits_for_redis_until_redis_answers(tmp_path):
+    # It used to log "ready" at once, with Redis nowhere.
+    require_redis()
+    redis_server = RedisServer(tmp_path / "redis")  # its port, nothing listening yet
+    pod = procs.pod("patient", redis_server.url, tmp_path / "pod.log")
+    with open(pod.log_path, "ab") as log:
+        proc = subprocess.Popen(pod.argv, env=pod.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "waiting for Redis" in pod.logs(), 20, what="the pod to wait")
+        assert " ready: " not in pod.logs()
+        assert httpx.get(pod.http + "/readyz", timeout=5).status_code == 503
+        redis_server.start()
+        wait_until(lambda: " ready: redis=" in pod.logs(), 20, what="the pod to say ready")
+        wait_until(lambda: httpx.get(pod.http + "/readyz", timeout=5).status_code == 200, 20)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        redis_server.stop()
