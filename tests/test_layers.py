@@ -90,6 +90,23 @@ def test_every_import_points_down_a_layer() -> None:
     assert upward_imports() == []
 
 
+# The domain and what it stands on know nothing of the web: frames, sockets and
+# HTTP are the edges' (layer 5 and up).
+WEB = ("fastapi", "starlette", "uvicorn", "websockets")
+
+
+def test_the_domain_imports_no_web_framework() -> None:
+    found = []
+    for path in project_modules():
+        importer = module_name(path)
+        if (layer(importer) or 0) > 4:
+            continue
+        for target in imported(ast.parse(path.read_text(), str(path))):
+            if target.split(".")[0] in WEB:
+                found.append(f"{importer} imports {target}")
+    assert found == []
+
+
 def test_the_check_sees_an_upward_import() -> None:
     """The check itself can fail: a store importing the service is caught,
     whether the import is at module level or inside a function."""
