@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,20 @@ class Follower:
         assert self._task is not None
         return repr(self._task.exception()) if not self._task.cancelled() else "cancelled"
 
-    async def until(self, predicate: Callable[[list[Event]], bool], timeout: float) -> None:
-        """Wait for ``predicate(events)``; fail at once if the client stopped."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self.events):
-                assert self._task is not None, "not started"
-                assert not self._task.done(), f"{self} stopped: {self._why_stopped()}"
-                self._changed.clear()
-                await self._changed.wait()
+    async def until(
+        self, predicate: Callable[[list[Event]], bool], timeout: float, what: str = "a condition"
+    ) -> None:
+        """Wait for ``predicate(events)``; fail after ``timeout`` seconds, or
+        at once if the client stopped."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.events):
+                    assert self._task is not None, "not started"
+                    assert not self._task.done(), f"{self} stopped: {self._why_stopped()}"
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"{self}: timed out after {timeout}s waiting for {what}") from None
 
     async def _wake_when_done(self, reading: Any) -> None:
         try:
@@ -63,18 +69,20 @@ class Follower:
 
 
 class PyFollower(Follower):
-    """A ``ChatClient`` on ``url`` (a pod or a load balancer)."""
+    """A ``ChatClient`` on ``url`` (a pod or a load balancer), or failing
+    over along several ``url``s."""
 
-    def __init__(self, url: str, thread: str) -> None:
+    def __init__(self, url: str | Sequence[str], thread: str) -> None:
         super().__init__(thread)
         self.client = ChatClient(url, thread)
 
     def __repr__(self) -> str:
         return f"PyFollower({self.thread})"
 
-    async def start(self) -> None:
+    async def start(self) -> PyFollower:
         await self.client.connect()
         self._task = asyncio.create_task(self._wake_when_done(self._read()))
+        return self
 
     async def _read(self) -> None:
         async for event in self.client.events():

@@ -11,7 +11,6 @@ tests/procs.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import re
 import time
@@ -25,7 +24,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.chat import keys
-from app.client import ChatClient
+from tests.integration.followers import PyFollower
 from tests.procs import RedisServer, wait_until
 
 TIMEOUT_S = 15.0
@@ -157,58 +156,17 @@ async def refusal(url: str, timeout: float = 10.0, **connect_kwargs: Any) -> int
     raise AssertionError(f"socket at {url} was served instead of refused: {frame!r}")
 
 
-# -- a client that keeps what it saw ---------------------------------------
+# -- clients that keep what they saw (tests/integration/followers.py) ------
 
 
-class Recorder:
-    """A ChatClient (reconnecting across ``urls``) whose every event is kept."""
-
-    def __init__(self, urls: Sequence[str], thread: str) -> None:
-        self.thread = thread
-        self.client = ChatClient(list(urls), thread)
-        self.events: list[dict[str, Any]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> Recorder:
-        await self.client.connect()
-        self._task = asyncio.create_task(self._consume())
-        return self
-
-    async def _consume(self) -> None:
-        async for event in self.client.events():
-            self.events.append(event)
-
-    def count(self, kind: str) -> int:
-        return sum(e["type"] == kind for e in self.events)
-
-    def dones(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == "done"]
-
-    async def wait(self, predicate: Callable[[Recorder], bool], timeout: float, what: str) -> None:
-        """Until ``predicate(self)`` holds; fails after ``timeout`` seconds, or
-        at once if the client gave up."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self):
-                if self._task is not None and self._task.done():
-                    self._task.result()  # its error, if any
-                    raise AssertionError(f"{self.thread}: the client stopped before {what}")
-                await asyncio.sleep(0.02)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        await self.client.close()
+async def recorders(urls: Sequence[str], threads: Sequence[str]) -> list[PyFollower]:
+    """A started client per thread, each failing over along ``urls``."""
+    return [await PyFollower(urls, thread).start() for thread in threads]
 
 
-async def recorders(urls: Sequence[str], threads: Sequence[str]) -> list[Recorder]:
-    return [await Recorder(urls, thread).start() for thread in threads]
-
-
-async def close_all(recs: Sequence[Recorder]) -> None:
+async def close_all(recs: Sequence[PyFollower]) -> None:
     for rec in recs:
-        await rec.close()
+        await rec.stop()
 
 
 # -- what a pod says -------------------------------------------------------
@@ -247,6 +205,10 @@ async def until_status(
 
 
 # -- what a client saw -------------------------------------------------------
+
+
+def of_type(events: list[Event], kind: str) -> list[Event]:
+    return [e for e in events if e["type"] == kind]
 
 
 def timeline(events: list[Event]) -> list[tuple[str, int, str]]:
@@ -426,7 +388,7 @@ def assert_idle(server: RedisServer, thread: str, timeout: float = 10.0) -> None
         raise AssertionError(f"stuck turn: {turn_leftovers(server, thread)}") from None
 
 
-def assert_consistent(recs: Sequence[Recorder], truth: Any, turns: int | None = None) -> None:
+def assert_consistent(recs: Sequence[PyFollower], truth: Any, turns: int | None = None) -> None:
     """The end of every scenario: each client saw exactly the Redis log from
     its first event on, every turn in the log is whole (and there are
     ``turns`` of them, if given), and nothing is left locked or running.

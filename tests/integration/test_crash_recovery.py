@@ -13,8 +13,8 @@ import asyncio
 import pytest
 
 from app.llm.fake import expected_reply
+from tests.integration.followers import PyFollower
 from tests.integration.helpers import (
-    Recorder,
     Stopwatch,
     assert_idle,
     assert_matches_log,
@@ -49,7 +49,7 @@ async def test_kill_9_mid_turn_is_closed_by_the_reaper_within_ttl_plus_interval(
     sender, _ = await open_ready(doomed.ws, thread)
     watcher, _ = await open_ready(survivor.ws, thread)
     # A client of the doomed pod: it must fail over and miss nothing.
-    roaming = await Recorder([doomed.ws, survivor.ws], thread).start()
+    roaming = await PyFollower([doomed.ws, survivor.ws], thread).start()
     roamed = roaming.events
     try:
         await sender.send('{"type":"prompt","content":"die mid-sentence"}')
@@ -86,12 +86,12 @@ async def test_kill_9_mid_turn_is_closed_by_the_reaper_within_ttl_plus_interval(
 
         # The client of the dead pod resumed on the survivor: the same
         # timeline, each event once, through to the second turn's done.
-        await roaming.wait(
-            lambda r: any(e.get("id") == after[-1]["id"] for e in r.events), 10,
+        await roaming.until(
+            lambda events: any(e.get("id") == after[-1]["id"] for e in events), 10,
             what="the roaming client to reach the second turn's done",
         )  # fmt: skip
     finally:
-        await roaming.close()
+        await roaming.stop()
         await watcher.close()
         await sender.close()
     assert roaming.client.reconnects >= 1

@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     assert_consistent,
     close_all,
     metric,
+    of_type,
     readyz,
     recorders,
     unique,
@@ -40,7 +41,7 @@ async def test_redis_cuts_the_subscriber_at_its_output_buffer_limit(redis_server
         for rec in writers:
             await rec.client.prompt(f"burst {rec.thread}")
         for rec in writers + watchers:
-            await rec.wait(lambda r: len(r.dones()) == 1, 30, "the burst to end")
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 30, "the burst to end")
     finally:
         await close_all(writers + watchers)
     log = await asyncio.to_thread(Path(redis_server.workdir, "redis.log").read_text)
@@ -48,8 +49,8 @@ async def test_redis_cuts_the_subscriber_at_its_output_buffer_limit(redis_server
     after = [metric(pod, "durable_chat_subscriber_connects") for pod in pods]
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     assert all(rec.client.reconnects == 0 for rec in writers + watchers)
-    assert all(rec.dones()[0]["status"] == "complete" for rec in writers)
-    assert all(rec.count("delta") > 5 for rec in writers)
+    assert all(of_type(rec.events, "done")[0]["status"] == "complete" for rec in writers)
+    assert all(len(of_type(rec.events, "delta")) > 5 for rec in writers)
     assert_consistent(writers + watchers, redis_server, turns=1)
 
 
@@ -74,7 +75,7 @@ async def test_a_silent_subscriber_is_replaced_and_readyz_waits_for_it(redis_ser
             proxy.blackhole(subscribers=True)
             await until_status(pod_a, lambda s: s == 503, 5, "A to say it cannot hear")
             await writer.client.prompt("while A is deaf")
-            await writer.wait(lambda r: len(r.dones()) == 1, 20, "the turn, on B")
+            await writer.until(lambda ev: len(of_type(ev, "done")) == 1, 20, "the turn, on B")
             # Each new subscriber is silent too: each is caught and replaced,
             # and each replacement refills A's sockets from the log.
             assert metric(pod_a, "durable_chat_subscriber_deaf") >= 2
@@ -82,7 +83,7 @@ async def test_a_silent_subscriber_is_replaced_and_readyz_waits_for_it(redis_ser
             assert await until_status(pod_b, lambda s: s == 200, 1, "B ready") < 1
             proxy.heal()
             await until_status(pod_a, lambda s: s == 200, 10, "A to hear again")
-            await watcher.wait(lambda r: len(r.dones()) == 1, 10, "the refill on A")
+            await watcher.until(lambda ev: len(of_type(ev, "done")) == 1, 10, "the refill on A")
         finally:
             await close_all([writer, watcher])
         assert watcher.client.reconnects == 0

@@ -14,6 +14,7 @@ from app.llm.fake import expected_reply
 from tests.integration.helpers import (
     assert_consistent,
     close_all,
+    of_type,
     open_ready,
     read_until,
     recorders,
@@ -46,7 +47,7 @@ async def test_a_full_redis_refuses_retryably_and_recovers(redis_server, pod_fac
     raw, _ = await open_ready(pod_b.ws, refused)
     try:
         await writer.client.prompt("before it fills")
-        await writer.wait(lambda r: r.count("delta") >= 5, 15, "the turn to stream")
+        await writer.until(lambda ev: len(of_type(ev, "delta")) >= 5, 15, "the turn to stream")
         _fill(db)
         await send(raw, {"type": "prompt", "content": "while full", "client_msg_id": "m1"})
         [*_, error] = await read_until(raw, lambda e: e["type"] == "error", 10)
@@ -55,9 +56,9 @@ async def test_a_full_redis_refuses_retryably_and_recovers(redis_server, pod_fac
             for pod in (pod_a, pod_b):
                 assert (await http.get(f"{pod.http}/healthz")).status_code == 200
         await asyncio.sleep(1.0)  # the turn's writes keep failing meanwhile
-        assert writer.dones() == []
+        assert of_type(writer.events, "done") == []
         db.delete("junk")
-        await writer.wait(lambda r: len(r.dones()) == 1, 20, "the turn to end")
+        await writer.until(lambda ev: len(of_type(ev, "done")) == 1, 20, "the turn to end")
         await send(raw, {"type": "prompt", "content": "while full", "client_msg_id": "m1"})
         await read_until(raw, lambda e: e["type"] == "done", 20)
     finally:
@@ -65,7 +66,9 @@ async def test_a_full_redis_refuses_retryably_and_recovers(redis_server, pod_fac
         await close_all([writer, watcher])
         db.config_set("maxmemory", 0)
     # Whole, and complete: the text buffered during the outage was committed.
-    assert [d["status"] for d in writer.dones() + watcher.dones()] == ["complete"] * 2
+    assert [
+        d["status"] for d in of_type(writer.events, "done") + of_type(watcher.events, "done")
+    ] == ["complete"] * 2
     assert [m["content"] for m in stored_history(redis_server, streaming)] == [
         "before it fills", expected_reply("before it fills", TOKENS)
     ]  # fmt: skip

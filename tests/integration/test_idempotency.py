@@ -11,17 +11,17 @@ import orjson
 import pytest
 
 from app.chat import keys
+from tests.integration.followers import PyFollower
 from tests.integration.helpers import (
-    Recorder,
     assert_idle,
     assert_matches_log,
     assert_turns_well_formed,
     expect_quiet,
+    of_type,
     open_ready,
     recv_event,
     stored_events,
     stored_history,
-    turn_leftovers,
     unique,
     until_deltas,
     until_done,
@@ -80,17 +80,15 @@ def _mine(received: list[dict[str, Any]], cmid: str) -> list[int]:
     ]
 
 
-def _settled(redis_server: Any, rec: Recorder, cmid: str) -> bool:
-    """The client, reconnected, has seen its own prompt's message and then a
-    ``done`` that is the thread's last event; the turn has let go of all."""
-    if rec.client.reconnects < 1:
+def _settled(redis_server: Any, thread: str, events: list[dict[str, Any]], cmid: str) -> bool:
+    """The client, reconnected (a second ``ready``), has seen its own
+    prompt's message and then a ``done`` that is the thread's last event."""
+    mine = _mine(events, cmid)
+    if len(of_type(events, "ready")) < 2 or not mine:
         return False
-    mine = _mine(rec.events, cmid)
-    dones = [e["id"] for e in rec.events[mine[0] :] if e["type"] == "done"] if mine else []
-    last = redis_server.client().xrevrange(keys.events(keys.thread_id(rec.thread)), count=1)
-    return bool(dones and last and last[0][0] == dones[-1]) and not turn_leftovers(
-        redis_server, rec.thread
-    )
+    dones = [e["id"] for e in events[mine[0] :] if e["type"] == "done"]
+    last = redis_server.client().xrevrange(keys.events(keys.thread_id(thread)), count=1)
+    return bool(dones and last and last[0][0] == dones[-1])
 
 
 async def test_a_client_cut_off_while_prompting_gets_its_prompt_appended_once(
@@ -108,18 +106,18 @@ async def test_a_client_cut_off_while_prompting_gets_its_prompt_appended_once(
         await primer.send('{"type":"prompt","content":"earlier"}')
         await until_done(primer)
         await primer.close()
-        rec = await Recorder([pod_a.ws, pod_b.ws], thread).start()
+        rec = await PyFollower([pod_a.ws, pod_b.ws], thread).start()
         try:
             cmid = await rec.client.prompt(f"round {round_}")
             await asyncio.sleep(delay)
             rec.client._ws.transport.abort()  # the network drops, mid-prompt or just after
             # Settled when the client has the done of its own prompt's turn,
             # however long the reconnect takes on a loaded machine.
-            await rec.wait(
-                lambda r, c=cmid: _settled(redis_server, r, c), 20, what=f"round {round_} to settle"
+            await rec.until(
+                lambda ev, t=thread, c=cmid: _settled(redis_server, t, ev, c), 20, "its turn"
             )
         finally:
-            await rec.close()
+            await rec.stop()
         users = _users(redis_server, thread)
         assert [u.get("client_msg_id") for u in users] == [None, cmid], f"round {round_}"
         mine = _mine(rec.events, cmid)

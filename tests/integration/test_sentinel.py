@@ -20,6 +20,7 @@ from tests.integration.conftest import require_redis
 from tests.integration.helpers import (
     assert_consistent,
     close_all,
+    of_type,
     recorders,
     stored_history,
     unique,
@@ -68,20 +69,22 @@ async def _failover_during_turns(group: SentinelGroup, pods, fault) -> None:
         for rec in writers:
             await rec.client.prompt(f"before {rec.thread}")
         for rec in writers:
-            await rec.wait(lambda r: r.count("delta") >= 5, 15, "the turn to stream")
+            await rec.until(lambda ev: len(of_type(ev, "delta")) >= 5, 15, "the turn to stream")
         old = group.primary_port()
         await asyncio.to_thread(fault)  # the clients keep reading meanwhile
         assert group.primary_port() != old
         for rec in everyone:
-            await rec.wait(lambda r: len(r.dones()) == 1, 30, "the cut turn to end")
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 30, "the cut turn to end")
         for rec in writers:
             await rec.client.prompt(f"after {rec.thread}")
         for rec in everyone:
-            await rec.wait(lambda r: len(r.dones()) == 2, 30, "the second turn to end")
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 2, 30, "the second turn to end")
     finally:
         await close_all(everyone)
     for rec in everyone:
-        assert [d["status"] for d in rec.dones()] == ["complete", "complete"], rec.thread
+        assert [d["status"] for d in of_type(rec.events, "done")] == ["complete", "complete"], (
+            rec.thread
+        )
     for thread in threads:
         assert [m["content"] for m in stored_history(group, thread)] == [
             f"before {thread}",

@@ -24,6 +24,7 @@ from tests.integration.helpers import (
     assert_consistent,
     close_all,
     metric,
+    of_type,
     recorders,
     stored_history,
     unique,
@@ -85,12 +86,12 @@ async def test_turns_under_added_latency(server, proxy, pod_factory, latency_s):
         for rec in writers:
             await rec.client.prompt(f"q {rec.thread}")
         for rec in writers + watchers:
-            await rec.wait(lambda r: len(r.dones()) == 1, 30, "the turn under latency")
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 30, "the turn under latency")
         for pod in pods:  # slow is not unready: the probe's deadline is 3 s
             assert await until_status(pod, lambda s: s == 200, 5, "ready under latency") < 5
     finally:
         await close_all(writers + watchers)
-    assert all(rec.dones()[0]["status"] == "complete" for rec in writers + watchers)
+    assert all(of_type(rec.events, "done")[0]["status"] == "complete" for rec in writers + watchers)
     for thread in threads:
         replies = [m["content"] for m in stored_history(server, thread)]
         assert replies == [f"q {thread}", expected_reply(f"q {thread}", 30)]
@@ -114,7 +115,7 @@ async def test_blackholed_pod_goes_unready_and_its_sockets_move(server, proxy, p
         await writer_a.client.prompt("runs on A")
         await writer_b.client.prompt("runs on B")
         for rec in (writer_a, writer_b, watcher_a):
-            await rec.wait(lambda r: r.count("delta") >= 3, 15, "the turns to stream")
+            await rec.until(lambda ev: len(of_type(ev, "delta")) >= 3, 15, "the turns to stream")
 
         proxy.blackhole()
         # A 503 (not just a probe timing out on the ping): A knows it is deaf
@@ -125,10 +126,10 @@ async def test_blackholed_pod_goes_unready_and_its_sockets_move(server, proxy, p
         # A's sockets close 1013 and resume on B (their next URL), where both
         # turns end: B's own, and A's, closed by B's reaper as interrupted.
         for rec in (writer_a, watcher_a):
-            await rec.wait(lambda r: r.client.reconnects >= 1, 10, "the socket to move")
+            await rec.until(lambda ev: len(of_type(ev, "ready")) >= 2, 10, "the socket to move")
         for rec in everyone:
-            await rec.wait(lambda r: len(r.dones()) == 1, 20, "both turns to end")
-        statuses = [r.dones()[0]["status"] for r in everyone]
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 20, "both turns to end")
+        statuses = [of_type(r.events, "done")[0]["status"] for r in everyone]
         assert statuses == ["interrupted", "complete", "complete"]
         assert metric(pod_b, "durable_chat_turns_reaped") == 1
         proxy.heal()
@@ -159,10 +160,12 @@ async def test_pubsub_connections_cut_mid_turn(server, proxy, pod_factory):
             await rec.client.prompt(f"q {rec.thread}")
         for cut in range(2):
             for rec in writers:
-                await rec.wait(lambda r, c=cut: r.count("delta") >= 10 * (c + 1), 15, "deltas")
+                await rec.until(
+                    lambda ev, c=cut: len(of_type(ev, "delta")) >= 10 * (c + 1), 15, "deltas"
+                )
             assert proxy.cut_subscribers() == 2  # one subscriber per pod, whatever it follows
         for rec in writers + watchers:
-            await rec.wait(lambda r: len(r.dones()) == 1, 20, "the turns to end")
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 20, "the turns to end")
     finally:
         await close_all(writers + watchers)
     after = [metric(pod, "durable_chat_subscriber_connects") for pod in pods]
