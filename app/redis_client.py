@@ -218,7 +218,7 @@ def _connect_sentinel(settings: Settings) -> RedisHandles:
     )
 
 
-async def warn_if_evicting(commands: Any) -> None:
+async def warn_if_evicting(commands: RedisClient) -> None:
     """Log loudly when Redis may evict keys: an evicted lock, turn record or
     history stream is data loss (a second writer, a stuck turn, a lost
     conversation). Memory must be bounded by trimming and TTLs, with
@@ -238,7 +238,7 @@ async def warn_if_evicting(commands: Any) -> None:
             "key is lost data (two writers, stuck turns, vanished conversations). Set "
             "maxmemory-policy noeviction on every Redis node: a full Redis then refuses "
             "writes with a retryable error instead.",
-            ",".join(sorted(policies)),
+            ",".join(sorted(str(p) for p in policies)),
         )
 
 

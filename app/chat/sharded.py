@@ -40,7 +40,8 @@ class ShardedSubscriber:
     def __init__(self, cluster: RedisCluster, seed_url: str) -> None:
         self._cluster = cluster
         self._seed = urlsplit(seed_url)
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[str, aioredis.Redis] = {}
+        # redis-py's PubSub is mostly untyped: its calls would be checked against nothing.
         self._pubsubs: dict[str, Any] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._channel_node: dict[str, str] = {}

@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from app.chat import keys
 from app.chat.errors import BudgetExceeded
 from app.chat.keys import ThreadId, UserId
+from app.chat.redis_types import RedisClient
+from app.chat.redis_types import fields as hash_of
 from app.chat.scripts import Scripts
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class DayUsage:
 class UsageStore:
     """Per-user daily counters, the budget check, and settling thread outboxes."""
 
-    def __init__(self, redis: Any, scripts: Scripts, tokens_per_day: int) -> None:
+    def __init__(self, redis: RedisClient, scripts: Scripts, tokens_per_day: int) -> None:
         self._redis = redis
         self._scripts = scripts
         self.limit = tokens_per_day
@@ -104,7 +105,7 @@ class UsageStore:
     async def settle(self, thread: ThreadId) -> int:
         """Move the thread's pending charges to their users' days; how many."""
         outbox = keys.usage_outbox(thread)
-        pending = await self._redis.hgetall(outbox)
+        pending = hash_of(await self._redis.hgetall(outbox))
         for generation_id, charge in pending.items():
             try:
                 user_raw, day, input_tokens, output_tokens = charge.split(" ")
