@@ -327,7 +327,8 @@ class QueuedEvent(TimelineFrame):
 
 
 class UnqueuedEvent(TimelineFrame):
-    """A waiting prompt left the queue without running (``reason``: cancelled)."""
+    """A waiting prompt left the queue without running (``reason``: cancelled,
+    or budget_exceeded: its sender spent the day's tokens before it started)."""
 
     type: Literal["unqueued"] = "unqueued"
     thread_id: str

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from app.chat import keys
-from app.chat.errors import Draining, Forbidden, NotFound, ThreadBusy
+from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.follower import Follower
 from app.chat.keys import ThreadId
 from app.chat.records import Delta, Loading, Message
@@ -406,3 +406,37 @@ async def test_the_audit_interval_is_the_setting(make_service: MakeService, redi
     await redis.xadd(keys.events(T), {"n": n, "data": data}, lost_id)
     event = await asyncio.wait_for(opened.follower.next_event(), timeout=1.0)
     assert (event.id, event.n) == (lost_id, n)
+
+
+# --- the daily budget and the queue ---------------------------------------------------------
+
+
+async def test_a_queued_prompt_is_checked_against_the_budget_as_it_starts(
+    make_service: MakeService, redis: Any
+) -> None:
+    # Each turn costs its prompt's words and 20 output tokens: one takes the
+    # user over the line.
+    service = await make_service(
+        tokens=20, delay_ms=20, chat_prompt_policy="queue", chat_user_tokens_per_day=10
+    )
+    await service.open(T, USER, None, None)
+    assert await service.prompt(T, USER, "first", None) is None
+    # Queued behind the user's own turn (the room held for it does not stop
+    # a prompt that only waits).
+    assert await service.prompt(T, USER, "second", None) is None
+    await idle(service, T)
+    events = [e for _, e in await stored(redis, T)]
+    kinds = [e["type"] for e in events]
+    assert kinds.count("done") == 1 and "queued" in kinds
+    queued = next(e for e in events if e["type"] == "queued")
+    unqueued = next(e for e in events if e["type"] == "unqueued")
+    assert unqueued == {
+        "type": "unqueued", "thread_id": T, "queue_id": queued["queue_id"],
+        "reason": "budget_exceeded",
+    }  # fmt: skip
+    assert await service.queue.size(T) == 0
+    # Over the line now: a prompt is refused at once, not even queued.
+    with pytest.raises(BudgetExceeded) as refused:
+        await service.prompt(T, USER, "third", None)
+    assert refused.value.retry_after_ms is not None and refused.value.retry_after_ms > 0
+    assert (await service.usage.today(USER)).total == 1 + 20

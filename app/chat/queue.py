@@ -101,16 +101,17 @@ class PromptQueue:
         raise NotFound("no such message in this thread")
 
     async def cancel(
-        self, thread: ThreadId, queue_id: str, caller: str, sender_or_owner: bool
-    ) -> None:
+        self, thread: ThreadId, queue_id: str, caller: str, sender_or_owner: bool,
+        reason: str = "cancelled",
+    ) -> None:  # fmt: skip
         """Take a waiting prompt out (its sender or the thread's owner, unless
-        anyone may); every socket gets ``unqueued``. NotFound when it no longer
-        waits, Forbidden for anyone else."""
+        anyone may); every socket gets ``unqueued`` with ``reason``. NotFound
+        when it no longer waits, Forbidden for anyone else."""
         result = await self._scripts.unqueue_prompt(
             keys=[keys.meta(thread), keys.events(thread), keys.live(thread), keys.queue(thread)],
             args=[
                 self._publish, self._retention,
-                unqueued_event_data(thread, queue_id, "cancelled"), queue_id, caller,
+                unqueued_event_data(thread, queue_id, reason), queue_id, caller,
                 "1" if sender_or_owner else "0",
             ],
         )  # fmt: skip

@@ -10,6 +10,7 @@ results and errors into events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -21,14 +22,14 @@ import orjson
 from redis.exceptions import RedisError
 
 from app.chat import keys
-from app.chat.errors import Draining, Forbidden, ThreadBusy
+from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
-from app.chat.queue import Enqueued, Idle, PromptQueue, Seen
+from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen
 from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message, PromptPolicy
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
@@ -137,6 +138,10 @@ class ChatService:
             for spec in self.tools.specs
         )
         self._context_budget = max(settings.chat_context_tokens - fixed, 100)
+        # Room held in a user's daily budget while a turn of theirs runs: the
+        # most context it may send (once per model call; the first) and the
+        # longest reply.
+        self._room_per_turn = self._context_budget + settings.chat_max_tokens
 
     def reaper(self, holder: str) -> Reaper:
         """The reaper a pod runs beside this service, sweeping as ``holder``."""
@@ -304,25 +309,18 @@ class ChatService:
             if original is not None:
                 return original
         await self.limits.take_prompt(user)
-        generation_id = secrets.token_hex(8)
-        # Room held in the user's daily budget: the prompt, the context it
-        # may bring (at most the budget) and the longest reply.
-        await self.usage.reserve(
-            user, generation_id, self._context_budget + self.settings.chat_max_tokens
-        )
-        try:
-            return await self._open(thread, user, message, anchor, client_msg_id, generation_id)
-        except BaseException:
-            await self.usage.release(user, generation_id)
-            raise
+        await self.usage.check(user)  # over today's budget: not even queued
+        return await self._open(thread, user, message, anchor, client_msg_id)
 
     async def _open(
         self, thread: ThreadId, user: UserId, message: Message | None, anchor: str,
-        client_msg_id: str | None, generation_id: str,
+        client_msg_id: str | None,
     ) -> str | None:  # fmt: skip
         """_turn() once the user may: commit the message and start the turn,
         or, while a turn runs, refuse, queue or interrupt as the thread's
-        prompt_policy says."""
+        prompt_policy says. A turn starts only with room held in its user's
+        daily budget (app.chat.usage), taken under the thread's lock."""
+        generation_id = secrets.token_hex(8)
         loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
         policy = "reject" if message is None else await self.threads.prompt_policy(thread)
         # A few times at most: after closing a turn a dead pod left open, or
@@ -332,6 +330,11 @@ class ChatService:
             result: Begun | Duplicate | Orphaned | Waits | None = None
             if lease is not None:
                 try:
+                    await self.usage.reserve(user, generation_id, self._room_per_turn)
+                except BaseException:
+                    await self._release(thread, lease)
+                    raise
+                try:
                     await self.turns.index_add(thread)
                     result = await self.turns.begin(
                         thread, lease, message, loading, self.settings.chat_pod_id, anchor,
@@ -339,7 +342,10 @@ class ChatService:
                     )  # fmt: skip
                 except BaseException:
                     await self._release(thread, lease)
+                    await self.usage.release(user, generation_id)
                     raise
+                if not isinstance(result, Begun):
+                    await self.usage.release(user, generation_id)
             if isinstance(result, Begun) and lease is not None:
                 await self._start_turn(thread, lease, generation_id, message, result)
                 try:
@@ -349,7 +355,6 @@ class ChatService:
                 return None
             if isinstance(result, Duplicate) and lease is not None:
                 await self._release(thread, lease)
-                await self.usage.release(user, generation_id)
                 return await self.message_frame(thread, client_msg_id or "")
             if isinstance(result, Orphaned) and lease is not None:
                 record = await self.turns.record(thread)
@@ -369,8 +374,7 @@ class ChatService:
                 raise ThreadBusy("a reply is being generated in this thread")
             queued = await self.queue.enqueue(thread, message, anchor)
             if not isinstance(queued, Idle):  # Idle: the thread freed itself meanwhile
-                # Its budget was checked now; its turn is charged when it runs.
-                await self.usage.release(user, generation_id)
+                # Its budget is checked again, and room held, when it starts.
                 return await self._queued(thread, message, queued, policy)
         raise ThreadBusy("a reply is being generated in this thread")
 
@@ -395,7 +399,8 @@ class ChatService:
         """Start the thread's next queued prompt, if one waits and the thread
         is free (or ``lease``, which this takes over, holds it). Whoever holds
         the thread otherwise starts it when done. True when one started."""
-        for _attempt in range(3):
+        attempts = 0
+        while attempts < 3:
             head = await self.queue.head(thread)
             if head is None or self.draining:  # a draining pod leaves it to the others
                 break
@@ -404,6 +409,9 @@ class ChatService:
                 if lease is None:
                     return False
             generation_id = secrets.token_hex(8)
+            if not await self._admit_queued(thread, head, generation_id):
+                continue  # it left the queue (at most CHAT_MAX_QUEUED): the next head
+            attempts += 1
             loading = Loading(thread, generation_id, self.model.name)
             try:
                 await self.turns.index_add(thread)
@@ -412,10 +420,12 @@ class ChatService:
                 )
             except BaseException:
                 await self.lock.release(thread, lease)
+                await self.usage.release(UserId(head.message.user_id), generation_id)
                 raise
             if isinstance(result, Begun):
                 await self._start_turn(thread, lease, generation_id, head.message, result)
                 return True
+            await self.usage.release(UserId(head.message.user_id), generation_id)
             if isinstance(result, Orphaned):
                 record = await self.turns.record(thread)
                 if record is not None:
@@ -426,6 +436,23 @@ class ChatService:
         if lease is not None:
             await self.lock.release(thread, lease)
         return False
+
+    async def _admit_queued(self, thread: ThreadId, head: Head, generation_id: str) -> bool:
+        """The daily budget, checked again as a queued prompt starts: its
+        sender may have spent it while it waited (or queued many), and a
+        queued turn must not take them further over the line than a prompt
+        could. A refused one leaves the queue: ``unqueued{reason:
+        budget_exceeded}``."""
+        user = UserId(head.message.user_id)
+        try:
+            await self.usage.reserve(user, generation_id, self._room_per_turn)
+        except BudgetExceeded:
+            with contextlib.suppress(NotFound):  # cancelled meanwhile: gone anyway
+                await self.queue.cancel(
+                    thread, head.message.queue_id or "", user, False, reason="budget_exceeded"
+                )
+            return False
+        return True
 
     async def _release(self, thread: ThreadId, lease: Lease) -> None:
         """Free the thread, and start what waits in its queue: a prompt may

@@ -52,6 +52,13 @@ def until_next_day_ms(now_ms: int | None = None) -> int:
     return DAY_MS - now % DAY_MS
 
 
+def _spent(limit: int) -> BudgetExceeded:
+    return BudgetExceeded(
+        f"you used today's budget of {limit} tokens; it resets at 00:00 UTC",
+        retry_after_ms=until_next_day_ms(),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DayUsage:
     """A user's tokens of one UTC day, and their limit (0: none)."""
@@ -92,10 +99,13 @@ class UsageStore:
                 "try again when they end",
                 retry_after_ms=2000,
             )
-        raise BudgetExceeded(
-            f"you used today's budget of {self.limit} tokens; it resets at 00:00 UTC",
-            retry_after_ms=until_next_day_ms(),
-        )
+        raise _spent(self.limit)
+
+    async def check(self, user: UserId) -> None:
+        """BudgetExceeded when ``user`` already spent today's budget (a quick
+        read, holding nothing: for prompts that may only wait in a queue)."""
+        if self.limit and (await self.today(user)).total >= self.limit:
+            raise _spent(self.limit)
 
     async def release(self, user: UserId, generation_id: str) -> None:
         """Give back the room of a turn that did not start."""

@@ -174,7 +174,7 @@ export interface ToolResultEvent {
   is_error: boolean;
 }
 
-/** A waiting prompt left the queue without running (``reason``: cancelled). */
+/** A waiting prompt left the queue without running (``reason``: cancelled, or budget_exceeded: its sender spent the day's tokens before it started). */
 export interface UnqueuedEvent {
   id: string;
   n: number;
