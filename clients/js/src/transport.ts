@@ -14,8 +14,9 @@
  * generated (after a reload, in another tab) from its start.
  *
  * Our events become UI message stream chunks: `loading` starts a message (its
- * id is the generation id) with one text part, each `delta` is a
- * `text-delta`, and `done` finishes it (`stop`, or `interrupted` when its pod
+ * id is the generation id) with a text part, each `delta` is a `text-delta`,
+ * `tool_call` and `tool_result` are a dynamic tool part that the server ran
+ * (`providerExecuted`; text after it is a new text part), and `done` finishes it (`stop`, or `interrupted` when its pod
  * died; a cancelled turn ends with `abort`). The assistant message's metadata
  * carries the durable ids: `{ threadId, generationId, messageId }`.
  *
@@ -46,6 +47,9 @@ interface Turn {
   generationId: string;
   chunks: UIMessageChunk[];
   finished: boolean;
+  /** The text part being written, if any (a tool call closes it), and how many there were. */
+  text: string | null;
+  parts: number;
   readers: Set<ReadableStreamDefaultController<UIMessageChunk>>;
 }
 
@@ -105,8 +109,28 @@ class ChatSession {
         break;
       case "delta":
         if (turn?.generationId === event.generation_id) {
-          this.push(turn, { type: "text-delta", id: turn.generationId, delta: event.text });
+          this.push(turn, { type: "text-delta", id: this.textPart(turn), delta: event.text });
         }
+        break;
+      case "tool_call":
+        // The tool runs on the server: a dynamic, provider-executed tool part.
+        if (turn?.generationId !== event.generation_id) break;
+        this.closeText(turn);
+        this.push(turn, {
+          type: "tool-input-available", toolCallId: event.call_id, toolName: event.name,
+          input: event.input, dynamic: true, providerExecuted: true,
+        });
+        break;
+      case "tool_result":
+        if (turn?.generationId !== event.generation_id) break;
+        this.push(
+          turn,
+          event.is_error
+            ? { type: "tool-output-error", toolCallId: event.call_id, errorText: event.output,
+                dynamic: true, providerExecuted: true }
+            : { type: "tool-output-available", toolCallId: event.call_id, output: event.output,
+                dynamic: true, providerExecuted: true },
+        );
         break;
       case "done": {
         if (turn?.generationId !== event.generation_id) break;
@@ -116,10 +140,8 @@ class ChatSession {
           generationId: event.generation_id,
           messageId: event.message_id,
         };
-        const end: UIMessageChunk[] = [
-          { type: "text-end", id: turn.generationId },
-          { type: "finish-step" },
-        ];
+        this.closeText(turn);
+        const end: UIMessageChunk[] = [{ type: "finish-step" }];
         if (event.status === "cancelled") end.push({ type: "abort", reason: "cancelled" });
         else if (event.status === "error") end.push({ type: "error", errorText: "the model failed" });
         else
@@ -139,13 +161,30 @@ class ChatSession {
       threadId: this.client.threadId,
       generationId: event.generation_id,
     };
-    this.turn = { generationId: event.generation_id, chunks: [], finished: false, readers: new Set() };
-    for (const chunk of [
-      { type: "start", messageId: event.generation_id, messageMetadata: metadata },
-      { type: "start-step" },
-      { type: "text-start", id: event.generation_id },
-    ] as UIMessageChunk[]) {
-      this.push(this.turn, chunk);
+    const turn: Turn = {
+      generationId: event.generation_id, chunks: [], finished: false, readers: new Set(),
+      text: null, parts: 0,
+    };
+    this.turn = turn;
+    this.push(turn, { type: "start", messageId: event.generation_id, messageMetadata: metadata });
+    this.push(turn, { type: "start-step" });
+    this.textPart(turn); // a reply that is only a tool call still has its (empty) text
+  }
+
+  /** The open text part's id, opening one (after a tool call) when none is. */
+  private textPart(turn: Turn): string {
+    if (turn.text === null) {
+      turn.parts += 1;
+      turn.text = turn.parts === 1 ? turn.generationId : `${turn.generationId}-${turn.parts}`;
+      this.push(turn, { type: "text-start", id: turn.text });
+    }
+    return turn.text;
+  }
+
+  private closeText(turn: Turn): void {
+    if (turn.text !== null) {
+      this.push(turn, { type: "text-end", id: turn.text });
+      turn.text = null;
     }
   }
 

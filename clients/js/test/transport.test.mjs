@@ -146,3 +146,29 @@ test("stop() cancels the turn on the server, and regenerate() asks for a sibling
     durable.close();
   }
 });
+
+test("a tool the server runs is a dynamic tool part, with the text around it", { skip }, async () => {
+  const id = threadId("aisdk-tool");
+  const durable = transport(PODS[0]);
+  durable.threadOfTest = id;
+  const chat = new Chat({ id, transport: durable });
+  try {
+    // The fake model calls the tool it is told to, with the arguments given.
+    for (const [prompt, state] of [["/tool clock", "output-available"], ["/tool clock {bad", "output-error"]]) {
+      await chat.sendMessage({ text: prompt });
+      assert.equal(chat.error, undefined);
+      const assistant = chat.messages.at(-1);
+      const tools = assistant.parts.filter((p) => p.type === "dynamic-tool");
+      assert.equal(tools.length, 1);
+      assert.equal(tools[0].toolName, "clock");
+      assert.equal(tools[0].state, state);
+      const stored = (await historyOf(durable)).at(-1);
+      const call = stored.tool_calls[0];
+      assert.equal(call.call_id, tools[0].toolCallId);
+      assert.equal(state === "output-error" ? tools[0].errorText : tools[0].output, call.output);
+      assert.equal(textOf(assistant), stored.content);
+    }
+  } finally {
+    durable.close();
+  }
+});
