@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from app.chat import keys
@@ -60,20 +62,22 @@ def test_user_id_rejects_unsafe_ids(raw: object) -> None:
         keys.user_id(raw)  # type: ignore[arg-type]
 
 
+# Every key builder of a thread, found in the module rather than listed here:
+# a new one is checked (and must be in all_thread_keys) without anyone
+# remembering to add it to a list.
 THREAD_KEY_BUILDERS = [
-    keys.history,
-    keys.tree,
-    keys.queue,
-    keys.events,
-    keys.lock,
-    keys.fence,
-    keys.meta,
-    keys.members,
-    keys.dedup,
-    keys.turn,
-    keys.usage_outbox,
-    keys.live,
+    builder
+    for name, builder in inspect.getmembers(keys, inspect.isfunction)
+    if builder.__module__ == keys.__name__
+    and not name.startswith("_")
+    and name != "all_thread_keys"
+    and [p.annotation for p in inspect.signature(builder).parameters.values()] == ["ThreadId"]
 ]
+
+
+def test_the_builders_are_found() -> None:
+    names = {builder.__name__ for builder in THREAD_KEY_BUILDERS}
+    assert {"history", "events", "lock", "fence", "meta", "live"} <= names
 
 
 @pytest.mark.parametrize("builder", THREAD_KEY_BUILDERS, ids=lambda b: b.__name__)
