@@ -98,6 +98,10 @@ class FaultProxy:
             self._server.close()
             for link in list(self._links):
                 link.abort()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         self._call(shut())
         self._loop.call_soon_threadsafe(self._loop.stop)
