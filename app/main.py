@@ -168,7 +168,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Hearing first: it costs no I/O, and over a blackholed network it
         # answers at once where the ping would wait out its timeout.
         if not service.hub.hearing:
-            return JSONResponse({"status": "subscriber not hearing"}, status_code=503)
+            # Connected yet deaf (half-open, or a demoted primary), or not
+            # even connected: then Redis itself is out of reach.
+            status = "subscriber not hearing" if service.hub.connected else "redis unreachable"
+            return JSONResponse({"status": status}, status_code=503)
         try:
             await asyncio.wait_for(service.redis.ping(), 2.0)
         except Exception:
