@@ -43,6 +43,7 @@ from app.protocol import (
     History,
     LoadingEvent,
     MessageEvent,
+    QueuedEvent,
     Ready,
     encode,
 )
@@ -193,8 +194,9 @@ def _type_of(frame: str) -> str:
 @router.post(
     "/{thread_id}/messages",
     status_code=202,
-    response_model=MessageEvent,
-    summary="Send a prompt (the `prompt` frame): its `message` event",
+    response_model=MessageEvent | QueuedEvent,
+    summary="Send a prompt (the `prompt` frame): its `message` event, or `queued` while a "
+    "turn runs in a thread whose prompt_policy queues",
     dependencies=[Origin],
 )
 async def post_message(
