@@ -406,7 +406,8 @@ export class DurableChatClient {
             response = await this.fetchFn(url, { method: "POST", headers: json, body: JSON.stringify(fields) });
         }
         else if (frame.type === "cancel") {
-            const body = JSON.stringify(frame.generation_id ? { generation_id: frame.generation_id } : {});
+            const { type: _, ...fields } = frame; // generation_id or queue_id, if any
+            const body = JSON.stringify(fields);
             response = await this.fetchFn(`${path}/cancel`, { method: "POST", headers: json, body });
         }
         else if (frame.type === "get_history") {
@@ -527,6 +528,10 @@ export class DurableChatClient {
         }
         else if (event.type === "message") {
             this.unconfirmed.delete(event.message.client_msg_id ?? "");
+        }
+        else if (event.type === "queued") {
+            // Accepted into the thread's queue: it will run, on whichever pod frees the thread.
+            this.unconfirmed.delete(event.client_msg_id ?? "");
         }
         else if (event.type === "error" &&
             PROMPT_REFUSALS.has(event.code) &&

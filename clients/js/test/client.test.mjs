@@ -256,3 +256,41 @@ test("refusals are final: a stranger's token closes the client with an error", {
     assert.equal(stranger.state, "closed");
   }
 });
+
+test("a thread that queues: a prompt sent during a reply waits, and leaves the queue on cancel", {
+  skip,
+}, async () => {
+  const thread = threadId("queue");
+  const created = await fetch(`${PODS[0]}/v1/threads`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${TOKENS.alice}`, "content-type": "application/json" },
+    body: JSON.stringify({ id: thread }),
+  });
+  assert.equal(created.status, 201);
+  const patched = await fetch(`${PODS[0]}/v1/threads/${thread}`, {
+    method: "PATCH",
+    headers: { authorization: `Bearer ${TOKENS.alice}`, "content-type": "application/json" },
+    body: JSON.stringify({ prompt_policy: "queue" }),
+  });
+  assert.equal(patched.status, 200);
+  for (const transport of ["websocket", "sse"]) {
+    const chat = client([PODS[1]], thread, { transport });
+    try {
+      await chat.connect();
+      const started = collect(chat, (e) => e.type === "delta", "the first reply");
+      await chat.prompt("the first");
+      await started;
+      const queued = collect(chat, (e) => e.type === "queued", "the queued prompt");
+      const clientMsgId = await chat.prompt("the second, while the first runs");
+      const waiting = (await queued).at(-1);
+      assert.equal(waiting.client_msg_id, clientMsgId);
+      const unqueued = collect(chat, (e) => e.type === "unqueued", "the cancel of the queued prompt");
+      await chat.cancelQueued(waiting.queue_id);
+      const left = (await unqueued).at(-1);
+      assert.deepEqual([left.queue_id, left.reason], [waiting.queue_id, "cancelled"]);
+      await collect(chat, isDone, "the first reply's end");
+    } finally {
+      chat.close();
+    }
+  }
+});
