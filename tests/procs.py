@@ -81,6 +81,8 @@ class RedisServer:
     proc: subprocess.Popen[bytes] | None = None
     # More redis-server arguments (``--replicaof``, ``--maxmemory``...).
     args: tuple[str, ...] = ()
+    # ``requirepass`` (and ``masterauth``, for a replica of a server like it).
+    password: str | None = None
 
     @property
     def url(self) -> str:
@@ -103,6 +105,8 @@ class RedisServer:
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
             "--appendonly", "no"
         ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
@@ -110,12 +114,15 @@ class RedisServer:
 
     def _pings(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5)
+            return bool(client.ping())
         except redis.RedisError:
             return False
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=10)
+        return redis.Redis(
+            port=self.port, password=self.password, decode_responses=True, socket_timeout=10
+        )
 
     def version(self) -> str:
         return str(self.client().info("server")["redis_version"])

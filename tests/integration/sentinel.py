@@ -1,6 +1,8 @@
 """Redis as operators run it on Kubernetes, for the failover tests: a primary,
 a replica and three sentinels (``redis-server --sentinel``, the same
-binary), every process on a free loopback port.
+binary), every process on a free loopback port, with passwords on the data
+nodes and on the sentinels (the pods get REDIS_PASSWORD and
+REDIS_SENTINEL_PASSWORD).
 
 The data nodes run with ``min-replicas-to-write 1``, as docs/operations.md
 asks: the primary refuses writes the moment its replica is promoted, so a
@@ -26,13 +28,17 @@ from tests.procs import REDIS_SERVER, RedisServer, free_port, wait_until
 
 MASTER = "dc"
 DOWN_AFTER_MS = 1000
+# Passwords everywhere, as in production: the data nodes' (requirepass,
+# masterauth) and the sentinels' own (requirepass), each the pods are given.
+NODE_PASSWORD = "node-secret"
+SENTINEL_PASSWORD = "sentinel-secret"
 # Both nodes, since either may be the primary.
 DATA_ARGS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
 
 
 def _answers(port: int) -> bool:
     try:
-        return bool(redis.Redis(port=port, socket_timeout=0.5).ping())
+        return bool(redis.Redis(port=port, password=SENTINEL_PASSWORD, socket_timeout=0.5).ping())
     except redis.RedisError:
         return False
 
@@ -58,6 +64,9 @@ class SentinelGroup:
                 f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {MASTER} 3000\n"
+                f"sentinel auth-pass {MASTER} {NODE_PASSWORD}\n"
+                f"requirepass {SENTINEL_PASSWORD}\n"
+                f"sentinel sentinel-pass {SENTINEL_PASSWORD}\n"
             )
             command = [REDIS_SERVER or "redis-server", str(conf), "--sentinel"]
             self._sentinels.append(
@@ -65,14 +74,14 @@ class SentinelGroup:
             )
         for port in self.sentinel_ports:
             wait_until(lambda p=port: _answers(p), 10, what=f"sentinel on port {port}")
-            redis.Redis(port=port).execute_command(
+            self.sentinel_for(port).execute_command(
                 "SENTINEL", "DEBUG", "publish-period", 250, "info-period", 250
             )
         self.wait_healthy()
 
     def _node(self, args: tuple[str, ...]) -> RedisServer:
         workdir = self.tmp / f"node{len(self.nodes)}"
-        node = RedisServer(workdir, args=args)
+        node = RedisServer(workdir, args=args, password=NODE_PASSWORD)
         self.nodes.append(node)
         return node
 
@@ -92,10 +101,18 @@ class SentinelGroup:
         return {
             "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports),
             "REDIS_SENTINEL_MASTER": MASTER,
+            "REDIS_PASSWORD": NODE_PASSWORD,
+            "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
         }
 
+    @staticmethod
+    def sentinel_for(port: int) -> redis.Redis:
+        return redis.Redis(
+            port=port, password=SENTINEL_PASSWORD, decode_responses=True, socket_timeout=2
+        )
+
     def sentinel(self, i: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.sentinel_ports[i], decode_responses=True, socket_timeout=2)
+        return self.sentinel_for(self.sentinel_ports[i])
 
     def primary_port(self, i: int = 0) -> int:
         """The primary's port as sentinel ``i`` names it."""
@@ -156,7 +173,8 @@ class SentinelGroup:
                 ports = {self.primary_port(i) for i in range(len(self.sentinel_ports))}
                 if len(ports) != 1:
                     return False
-                info = redis.Redis(port=ports.pop(), socket_timeout=2).info("replication")
+                primary = redis.Redis(port=ports.pop(), password=NODE_PASSWORD, socket_timeout=2)
+                info = primary.info("replication")
                 return bool(
                     info["role"] == "master"
                     and info.get("min_slaves_good_slaves", 0) >= 1

@@ -78,7 +78,7 @@ def proxy(module_proxy: FaultProxy) -> Iterator[FaultProxy]:
 @pytest.mark.parametrize("latency_s", [0.05, 0.5])
 async def test_turns_under_added_latency(server, proxy, pod_factory, latency_s):
     pods = [pod_factory(proxy, CHAT_FAKE_TOKEN_DELAY_MS=10) for _ in range(2)]
-    threads = [unique("slow") for _ in range(2)]
+    threads = [unique("slow")]
     writers = await recorders([pods[0].ws, pods[1].ws], threads)
     watchers = await recorders([pods[1].ws, pods[0].ws], threads)
     proxy.latency(latency_s)
