@@ -23,6 +23,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from app import metrics, uvicorn_adapter
 from app.auth import Authenticator, AuthError, chosen_subprotocol
 from app.chat import keys
+from app.chat import tasks as background
 from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadBusy
 from app.chat.fanout import FanoutUnavailable
 from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, TOO_SLOW, Follower
@@ -371,9 +372,9 @@ async def supervise(
         ended_first = await first
     finally:
         must_close.remove_done_callback(ended)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelled until done (a cancel can be lost, see app.chat.tasks): a
+        # reader left waiting for a frame would hold up the close for resume.
+        await background.stop_all(tasks, background.RELEASE_S, quiet=True)
     if ended_first is must_close and follower.closing is not None:
         await _close_for_resume(ws, follower.closing)
 

@@ -1,12 +1,15 @@
 """app.chat.tasks: background work stops for sure, in bounded time, even
-when a task swallows its cancellation (as asyncio.wait_for does on 3.11)."""
+when a task swallows its cancellation (as asyncio.wait_for does on 3.11);
+and a socket's session, which stops its reader and writer that way."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from app.chat import tasks
+from app.chat import keys, tasks
+from app.chat.follower import TOO_SLOW, Follower
+from app.ws import supervise
 
 
 async def _swallows_one_cancel(rounds: list[int]) -> None:
@@ -72,3 +75,35 @@ async def test_a_cleanup_step_that_fails_is_logged_not_raised(caplog):
 
     await tasks.within(fails(), 0.5, "closing Redis")
     assert "closing Redis failed" in caplog.text
+
+
+class _ClosingSocket:
+    """What supervise needs of a WebSocket when it closes one for resume."""
+
+    def __init__(self) -> None:
+        self.closed_with: int | None = None
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed_with = code
+
+
+async def test_a_socket_whose_reader_swallows_a_cancel_is_still_closed_for_resume():
+    # A reader inside a Redis call when its socket must close (a slow
+    # client) could lose the cancel and wait on for the client's next frame:
+    # the close for resume waited with it.
+    follower = Follower(keys.thread_id("t"), 8, keys.user_id("u"))
+    ws = _ClosingSocket()
+    never = asyncio.Event()
+
+    async def reader() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await never.wait()  # the next frame, which never comes
+
+    session = asyncio.create_task(supervise(ws, follower, reader(), asyncio.sleep(3600)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    follower.close_for(TOO_SLOW)
+    await asyncio.wait_for(session, 2)
+    assert ws.closed_with == 1013

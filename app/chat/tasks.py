@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,10 @@ RECANCEL_S = 0.05
 RELEASE_S = 1.0
 
 
-async def stop(task: asyncio.Future[Any], timeout_s: float) -> bool:
+async def stop(task: asyncio.Future[Any], timeout_s: float, quiet: bool = False) -> bool:
     """Cancel ``task`` (again and again) until it ends; False if it is still
-    running after ``timeout_s`` (it is then left behind, and said so)."""
+    running after ``timeout_s`` (it is then left behind, and said so). An
+    exception it ended with is logged, unless ``quiet`` (an expected end)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not task.done():
@@ -40,15 +41,17 @@ async def stop(task: asyncio.Future[Any], timeout_s: float) -> bool:
             return False
         task.cancel()
         await asyncio.wait([task], timeout=min(RECANCEL_S, remaining))
-    if not task.cancelled() and task.exception() is not None:
+    if not task.cancelled() and task.exception() is not None and not quiet:
         log.warning("%s ended with %r while stopping", _name(task), task.exception())
     return True
 
 
-async def stop_all(tasks: list[asyncio.Task[Any]], timeout_s: float) -> None:
+async def stop_all(
+    tasks: Sequence[asyncio.Future[Any]], timeout_s: float, quiet: bool = False
+) -> None:
     """``stop`` every task, side by side: the bound is ``timeout_s`` for all."""
     if tasks:
-        await asyncio.gather(*(stop(task, timeout_s) for task in tasks))
+        await asyncio.gather(*(stop(task, timeout_s, quiet) for task in tasks))
 
 
 async def within(step: Awaitable[Any], timeout_s: float, what: str) -> None:
