@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi_offline import FastAPIOffline
 
-from app import metrics, rest, schema, seed, sse, ws
+from app import metrics, rest, schema, seed, sse, usersock, ws
 from app.auth import Authenticator, AuthError
 from app.chat import tasks
 from app.chat.service import ChatService
@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth = authenticator
     app.state.origins = origins
     app.include_router(ws.router)
+    app.include_router(usersock.router)
     app.include_router(seed.router)
     app.include_router(sse.router)
     rest.install(app, origins)

@@ -51,14 +51,24 @@ EventId = Annotated[
 ]
 
 
+ThreadIdField = Annotated[StrictStr, Field(pattern=f"^{keys.THREAD_ID_PATTERN}$")]
+
+
 class _Frame(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _ThreadFrame(_Frame):
+    """A frame about one thread: on a user socket ``thread_id`` names a joined
+    thread; on a thread socket it may be left out (or be the socket's own)."""
+
+    thread_id: ThreadIdField | None = None
 
 
 # --- client -> server -------------------------------------------------------
 
 
-class Prompt(_Frame):
+class Prompt(_ThreadFrame):
     """Without ``parent_id`` the message follows the active leaf; with it (a
     message id, or null for a new root) it starts a branch there: an edit."""
 
@@ -73,25 +83,25 @@ class Prompt(_Frame):
         return "parent_id" in self.model_fields_set
 
 
-class Regenerate(_Frame):
+class Regenerate(_ThreadFrame):
     type: Literal["regenerate"]
     message_id: EventId
     client_msg_id: ClientToken | None = None
 
 
-class Switch(_Frame):
+class Switch(_ThreadFrame):
     type: Literal["switch"]
     message_id: EventId
 
 
-class GetHistory(_Frame):
+class GetHistory(_ThreadFrame):
     type: Literal["get_history"]
     before: EventId | None = None
     limit: StrictInt = Field(default=50, ge=1, le=200)
     leaf: EventId | None = None
 
 
-class Cancel(_Frame):
+class Cancel(_ThreadFrame):
     """Stops the running turn (``generation_id``: only that one), or with
     ``queue_id`` takes a waiting prompt out of the queue."""
 
@@ -100,7 +110,7 @@ class Cancel(_Frame):
     queue_id: EventId | None = None
 
 
-class Resume(_Frame):
+class Resume(_ThreadFrame):
     type: Literal["resume"]
     after: EventId
     epoch: StrictStr | None = Field(default=None, max_length=64)
@@ -110,7 +120,39 @@ class Ping(_Frame):
     type: Literal["ping"]
 
 
-_Frames = Prompt | Regenerate | Switch | GetHistory | Cancel | Resume | Ping
+class Read(_ThreadFrame):
+    """The member read the thread up to ``message_id`` (either socket kind)."""
+
+    type: Literal["read"]
+    message_id: EventId
+
+
+class Typing(_ThreadFrame):
+    """The member is typing: the thread's other sockets get ``typing``."""
+
+    type: Literal["typing"]
+
+
+class Join(_Frame):
+    """User socket: follow a thread on this socket, as a thread socket would."""
+
+    type: Literal["join"]
+    thread_id: ThreadIdField
+    after: EventId | None = None
+    epoch: StrictStr | None = Field(default=None, max_length=64)
+
+
+class Leave(_Frame):
+    """User socket: stop following a joined thread."""
+
+    type: Literal["leave"]
+    thread_id: ThreadIdField
+
+
+_Frames = (
+    Prompt | Regenerate | Switch | GetHistory | Cancel | Resume | Ping | Read | Typing | Join
+    | Leave
+)  # fmt: skip
 ClientFrame = Annotated[_Frames, Field(discriminator="type")]
 _client_frame: TypeAdapter[_Frames] = TypeAdapter(ClientFrame)
 
@@ -236,7 +278,88 @@ class ErrorEvent(BaseModel):
 
 class Pong(BaseModel):
     type: Literal["pong"] = "pong"
+    thread_id: str | None
+
+
+# --- the user socket ----------------------------------------------------------
+
+
+class LastMessageOut(BaseModel):
+    id: str
+    role: str
+    user_id: str
+    preview: str = Field(description="the start of its content, at most 200 characters")
+    created_at: int = Field(description="ms since the epoch")
+
+
+class ThreadSummary(BaseModel):
+    """A thread as the caller's inbox shows it."""
+
+    id: str
+    title: str
+    role: Literal["owner", "member", "viewer"]
+    prompt_policy: str
+    generating: bool
+    unread: int = Field(
+        description="messages of the active branch after the caller's read marker, "
+        "written by others or the assistant"
+    )
+    updated_at: int = Field(description="last committed message, ms since the epoch")
+    active_at: int = Field(description="last activity, ms since the epoch")
+    last_message: LastMessageOut | None
+
+    @classmethod
+    def of(cls, card: records.ThreadCard) -> ThreadSummary:
+        last = card.last_message
+        return cls(
+            id=card.id, title=card.title, role=card.role,
+            prompt_policy=card.prompt_policy, generating=card.generating, unread=card.unread,
+            updated_at=card.updated_at, active_at=card.active_at,
+            last_message=LastMessageOut(
+                id=last.id, role=last.role, user_id=last.user_id, preview=last.preview,
+                created_at=last.created_at,
+            ) if last else None,
+        )  # fmt: skip
+
+
+class Inbox(BaseModel):
+    """The first event of a user socket: the caller's threads, most recently
+    active first; ``next_cursor`` pages on with ``GET /v1/threads?cursor=``."""
+
+    type: Literal["inbox"] = "inbox"
+    threads: list[ThreadSummary]
+    next_cursor: str | None
+
+
+class ThreadChanged(BaseModel):
+    """One of the caller's threads changed (or became theirs)."""
+
+    type: Literal["thread"] = "thread"
+    thread: ThreadSummary
+
+
+class ThreadRemoved(BaseModel):
+    """A thread left the caller's inbox."""
+
+    type: Literal["thread_removed"] = "thread_removed"
     thread_id: str
+    reason: Literal["deleted", "revoked", "left"]
+
+
+class Presence(BaseModel):
+    """Who has a socket on the thread, on any pod (not a timeline event)."""
+
+    type: Literal["presence"] = "presence"
+    thread_id: str
+    users: list[str]
+
+
+class TypingEvent(BaseModel):
+    """Another socket's user is typing in the thread (not a timeline event)."""
+
+    type: Literal["typing"] = "typing"
+    thread_id: str
+    user_id: str
 
 
 # --- timeline events as sent --------------------------------------------------
@@ -401,6 +524,8 @@ def encode(event: BaseModel) -> str:
     """One server event as a text frame (None fields dropped, except in ``ready``,
     whose ``last_event_id``, ``generation_id`` and ``leaf_id`` are null when
     absent, and in ``history``)."""
+    if isinstance(event, Inbox | ThreadChanged):
+        return orjson.dumps(event.model_dump()).decode()  # last_message is null, not absent
     if isinstance(event, Ready):
         data = event.model_dump(exclude={"recovered"} if event.recovered is None else set())
     elif isinstance(event, History):

@@ -87,7 +87,7 @@ class ThreadOut(BaseModel):
     id: str
     title: str
     owner: str
-    role: Literal["owner", "member"]
+    role: Literal["owner", "member", "viewer"]
     created_at: int = Field(description="ms since the epoch")
     updated_at: int = Field(description="last committed message, ms since the epoch")
     active_at: int = Field(description="last activity in the caller's list, ms since the epoch")
@@ -205,11 +205,24 @@ async def delete_thread(thread_id: PathThread, user: Caller, service: Chat) -> R
     return Response(status_code=204)
 
 
-@router.put("/{thread_id}/members/{member}", status_code=204, summary="Add a member (owner only)")
+class MemberRole(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["member", "viewer"] = Field(
+        default="member", description="a viewer reads and watches, and cannot write"
+    )
+
+
+@router.put(
+    "/{thread_id}/members/{member}",
+    status_code=204,
+    summary="Add a member, or change a member's role (owner only)",
+)
 async def add_member(
-    thread_id: PathThread, member: PathUser, user: Caller, service: Chat
-) -> Response:
-    await service.threads.add_member(keys.thread_id(thread_id), user, keys.user_id(member))
+    thread_id: PathThread, member: PathUser, user: Caller, service: Chat,
+    body: MemberRole | None = None,
+) -> Response:  # fmt: skip
+    role = body.role if body else "member"
+    await service.threads.add_member(keys.thread_id(thread_id), user, keys.user_id(member), role)
     return Response(status_code=204)
 
 
@@ -227,7 +240,10 @@ async def remove_member(
 
 async def _detail(service: ChatService, thread: ThreadId, user: UserId) -> ThreadDetail:
     summary, members = await service.threads.describe(thread, user)
-    return ThreadDetail(**_out(summary, user).model_dump(), members=members)
+    out = _out(summary, user)
+    if out.role == "member" and await service.threads.role(thread, user) == "viewer":
+        out.role = "viewer"
+    return ThreadDetail(**out.model_dump(), members=members)
 
 
 usage_router = APIRouter(prefix="/v1", tags=["usage"], responses=_ERRORS)

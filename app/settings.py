@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     chat_max_members_per_thread: int = Field(default=100, ge=1)
     chat_max_sockets_per_pod: int = Field(default=10000, ge=1)
     chat_socket_lease_ms: int = Field(default=60000, ge=1000)
+    # The user socket (/v1/ws): threads joined on one socket, and the threads
+    # of its first ``inbox`` (the rest page on with GET /v1/threads).
+    chat_max_joined: int = Field(default=20, ge=1)
+    chat_inbox_limit: int = Field(default=200, ge=1, le=1000)
 
     # Turns, locks and the timeline.
     chat_lock_ttl_ms: int = Field(default=15000, ge=1000)

@@ -183,6 +183,8 @@ async def _next_event(follower: Follower, timeout_s: float) -> TimelineEvent | N
 def _message(event: TimelineEvent) -> str:
     # A frame is one line (orjson escapes every newline); its type is read
     # without decoding it (the hub forwards frames, it never parses them).
+    if event.n < 0:  # presence: no id, so EventSource's Last-Event-ID stays put
+        return f"event: {_type_of(event.frame)}\ndata: {event.frame}\n\n"
     return f"id: {event.id}\nevent: {_type_of(event.frame)}\ndata: {event.frame}\n\n"
 
 
@@ -282,7 +284,7 @@ async def cancel(
         await service.cancel_queued(thread, user, body.queue_id)
         return CancelAccepted(queue_id=body.queue_id)
     generation_id = body.generation_id if body else None
-    cancelled = await service.cancel(thread, generation_id)
+    cancelled = await service.cancel(thread, generation_id, user)
     if cancelled is None:
         raise NotFound("no matching turn is running")
     return CancelAccepted(generation_id=cancelled)

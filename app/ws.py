@@ -37,13 +37,17 @@ from app.protocol import (
     ErrorEvent,
     GetHistory,
     History,
+    Join,
+    Leave,
     Ping,
     Pong,
     Prompt,
+    Read,
     Ready,
     Regenerate,
     Resume,
     Switch,
+    Typing,
     encode,
     parse_client_frame,
 )
@@ -54,11 +58,27 @@ router = APIRouter()
 # Close codes (PROTOCOL.md "Close codes") are starlette.status's WS_* names.
 # How long a close frame may take to go out before the connection is cut.
 CLOSE_TIMEOUT_S = 1.0
+BINARY_REFUSED = "binary frames are not accepted; send JSON text"
 
 
 async def admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, UserId] | None:
     """Validate the thread id and the caller before any Redis key is built;
     on refusal the socket is closed and None returned."""
+    admitted = await _admit(ws, raw_thread)
+    if admitted is None or admitted[1] is None:
+        return None
+    return admitted[0], admitted[1], admitted[2]
+
+
+async def admit_caller(ws: WebSocket) -> tuple[ChatService, UserId] | None:
+    """As ``admit``, for a socket of no one thread (the user socket)."""
+    admitted = await _admit(ws, None)
+    return None if admitted is None else (admitted[0], admitted[2])
+
+
+async def _admit(
+    ws: WebSocket, raw_thread: str | None
+) -> tuple[ChatService, ThreadId | None, UserId] | None:
     service: ChatService = ws.app.state.chat
     authenticator: Authenticator = ws.app.state.auth
     if not ws.app.state.origins.allows(ws):
@@ -66,11 +86,13 @@ async def admit(ws: WebSocket, raw_thread: str) -> tuple[ChatService, ThreadId, 
         # before the upgrade (HTTP 403), whatever credentials it carries.
         await refuse(ws, "forbidden", "origin not allowed")
         return None
-    try:
-        thread = keys.thread_id(raw_thread)
-    except keys.InvalidId as exc:
-        await refuse(ws, "bad_request", str(exc))
-        return None
+    thread = None
+    if raw_thread is not None:
+        try:
+            thread = keys.thread_id(raw_thread)
+        except keys.InvalidId as exc:
+            await refuse(ws, "bad_request", str(exc))
+            return None
     try:
         user = authenticator.user_for(ws)
     except AuthError as exc:
@@ -107,9 +129,19 @@ async def open_thread(
     await ws.accept(subprotocol=chosen_subprotocol(ws))
     try:
         return await service.open(thread, user, after, epoch)
-    except (Forbidden, NotFound) as exc:
+    except (Forbidden, NotFound, RateLimited, FanoutUnavailable, RedisError, OSError) as exc:
+        await close_unopened(ws, thread, user, exc)
+    return None
+
+
+async def close_unopened(
+    ws: WebSocket, thread: ThreadId | None, user: UserId, exc: Exception
+) -> None:
+    """Close an accepted socket that could not open: 1008 for a refusal, 1013
+    (retry) when over a limit or when storage is unavailable."""
+    if isinstance(exc, Forbidden | NotFound):
         await ws.close(status.WS_1008_POLICY_VIOLATION, reason=str(exc))
-    except RateLimited as exc:
+    elif isinstance(exc, RateLimited):
         event = ErrorEvent(
             thread_id=thread, code="rate_limited", message=str(exc), retryable=exc.retryable,
             retry_after_ms=exc.retry_after_ms,
@@ -120,12 +152,14 @@ async def open_thread(
             status.WS_1013_TRY_AGAIN_LATER if exc.retryable else status.WS_1008_POLICY_VIOLATION,
             reason=str(exc)[:120],
         )
-    except (FanoutUnavailable, RedisError, OSError) as exc:
+    else:
         log.warning(
-            "cannot open thread %s: %s", thread, exc, extra={"thread_id": thread, "user_id": user}
+            "cannot open a socket of %s: %s",
+            user,
+            exc,
+            extra={"thread_id": thread, "user_id": user},
         )
         await ws.close(status.WS_1013_TRY_AGAIN_LATER, reason="storage unavailable, retry")
-    return None
 
 
 async def thread_socket(ws: WebSocket) -> None:
@@ -168,16 +202,114 @@ async def _open_session(
     return None if opened is None else ThreadSession(ws, service, thread, user, opened)
 
 
-class ThreadSession:
-    """One protocol-v1 socket on one thread: a reader loop and a writer task."""
+class SocketOut:
+    """A socket's sending side: one lock serialises every send, so live events,
+    replies and resume replays never interleave inside a follower's ordering
+    rule, whichever thread of the socket they belong to."""
 
-    __slots__ = ("_greeting", "_sending", "follower", "service", "thread", "user", "ws")
+    __slots__ = ("_sending", "ws")
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self._sending = asyncio.Lock()
+
+    async def send_text(self, text: str) -> None:
+        async with self._sending:
+            await self.ws.send_text(text)
+
+    async def send_events(
+        self, follower: Follower, events: list[TimelineEvent], restart_after: str | None = None
+    ) -> None:
+        """Send catch-up events in order; with ``restart_after``, first restart
+        the stream after that id (a ``resume``). One hold of the send lock for
+        both, so no live event can slip in between and mask the replay."""
+        async with self._sending:
+            if restart_after is not None:
+                follower.restart_from(keys.event_id(restart_after))
+            for event in events:
+                if follower.claim(event):
+                    await self.ws.send_text(event.frame)
+                    metrics.EVENTS_DELIVERED.inc()
+
+    async def error(
+        self, thread: str | None, code: ErrorCode, message: str, retryable: bool = False,
+        retry_after_ms: int | None = None,
+    ) -> None:  # fmt: skip
+        event = ErrorEvent(
+            thread_id=thread, code=code, message=message, retryable=retryable,
+            retry_after_ms=retry_after_ms,
+        )  # fmt: skip
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                await self.send_text(encode(event))
+
+    async def answer(self, thread: str | None, user: UserId, call: Awaitable[None]) -> None:
+        """Run one frame's handling; its errors become ``error`` events (about
+        ``thread``), never a closed socket."""
+        try:
+            await call
+        except BadFrame as exc:
+            await self.error(thread, exc.code, exc.message)
+        except ChatError as exc:
+            if isinstance(exc, ThreadBusy):
+                metrics.THREAD_BUSY.inc()
+            await self.error(
+                thread, exc.code, str(exc), retryable=exc.retryable,
+                retry_after_ms=exc.retry_after_ms,
+            )  # fmt: skip
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("socket").inc()
+            log.warning(
+                "storage error on thread %s: %s", thread, exc,
+                extra={"thread_id": thread, "user_id": user},
+            )  # fmt: skip
+            await self.error(thread, "unavailable", "storage is unavailable; retry", retryable=True)
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception(
+                "unexpected error on thread %s", thread,
+                extra={"thread_id": thread, "user_id": user},
+            )  # fmt: skip
+            await self.error(thread, "internal", "internal error", retryable=True)
+
+    async def read_frames(
+        self, max_bytes: int, handle: Callable[[Any], Awaitable[None]], thread: str | None
+    ) -> None:
+        """Read client frames until the client leaves; each parsed frame goes
+        to ``handle`` (bad ones are answered here, with an error about
+        ``thread``: the thread socket's own)."""
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self.error(thread, "bad_request", BINARY_REFUSED)
+                continue
+            try:
+                frame = parse_client_frame(text, max_bytes)
+            except BadFrame as exc:
+                await self.error(thread, exc.code, exc.message)
+                continue
+            await handle(frame)
+
+
+class ThreadStream:
+    """One thread followed on a socket (a thread socket's only one, or one a
+    user socket joined): its ``ready`` and catch-up, its live events, and the
+    frames about it. The same code serves both socket kinds."""
+
+    __slots__ = ("_greeting", "follower", "out", "service", "thread", "user")
 
     def __init__(
-        self, ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
+        self, out: SocketOut, service: ChatService, thread: ThreadId, user: UserId,
         opened: Opened,
     ) -> None:  # fmt: skip
-        self.ws = ws
+        self.out = out
         self.service = service
         self.thread = thread
         self.user = user
@@ -188,108 +320,27 @@ class ThreadSession:
             encode(Ready.of(opened.ready)),
             opened.replay,
         )
-        # Serialises sends: the writer's live events, replies, and resume
-        # replays must never interleave inside the follower's ordering rule.
-        self._sending = asyncio.Lock()
 
-    async def send_text(self, text: str) -> None:
-        async with self._sending:
-            await self.ws.send_text(text)
-
-    async def send_events(
-        self, events: list[TimelineEvent], restart_after: str | None = None
-    ) -> None:
-        """Send catch-up events in order; with ``restart_after``, first restart
-        the stream after that id (a ``resume``). One hold of the send lock for
-        both, so no live event can slip in between and mask the replay."""
-        async with self._sending:
-            if restart_after is not None:
-                self.follower.restart_from(keys.event_id(restart_after))
-            for event in events:
-                if self.follower.claim(event):
-                    await self.ws.send_text(event.frame)
-                    metrics.EVENTS_DELIVERED.inc()
-
-    async def run(self) -> None:
-        """Serve the socket: ``ready``, the catch-up, then live events, until
-        the client leaves or the follower must be closed."""
-        await supervise(self.ws, self.follower, self._read_forever(), self._write_forever())
-
-    async def _write_forever(self) -> None:
+    async def write_forever(self) -> None:
+        """``ready``, the catch-up, then live events, until the client is gone."""
         try:
-            await self._send_greeting()
+            if self._greeting is not None:
+                ready, replay = self._greeting
+                self._greeting = None
+                await self.out.send_text(ready)
+                await self.out.send_events(self.follower, replay)
             while True:
                 event = await self.follower.next_event()
-                async with self._sending:
+                async with self.out._sending:
                     if self.follower.claim(event):
-                        await self.ws.send_text(event.frame)
+                        await self.out.ws.send_text(event.frame)
                         metrics.EVENTS_DELIVERED.inc()
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client is gone
 
-    async def _send_greeting(self) -> None:
-        if self._greeting is None:
-            return
-        ready, replay = self._greeting
-        self._greeting = None
-        await self.send_text(ready)
-        await self.send_events(replay)
-
-    async def _read_forever(self) -> None:
-        max_bytes = self.service.settings.chat_max_frame_bytes
-        while True:
-            try:
-                message = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if message["type"] == "websocket.disconnect":
-                return
-            text = message.get("text")
-            if text is None:
-                await self._error("bad_request", "binary frames are not accepted; send JSON text")
-                continue
-            await self._handle(text, max_bytes)
-
-    async def _handle(self, text: str, max_bytes: int) -> None:
-        try:
-            frame = parse_client_frame(text, max_bytes)
-            handler = self._handlers[type(frame)]
-            await handler(self, frame)
-        except BadFrame as exc:
-            await self._error(exc.code, exc.message)
-        except ChatError as exc:
-            if isinstance(exc, ThreadBusy):
-                metrics.THREAD_BUSY.inc()
-            await self._error(
-                exc.code, str(exc), retryable=exc.retryable, retry_after_ms=exc.retry_after_ms
-            )
-        except (RedisError, OSError) as exc:
-            metrics.REDIS_ERRORS.labels("socket").inc()
-            log.warning(
-                "storage error on thread %s: %s", self.thread, exc,
-                extra={"thread_id": self.thread, "user_id": self.user},
-            )  # fmt: skip
-            await self._error("unavailable", "storage is unavailable; retry", retryable=True)
-        except (WebSocketDisconnect, asyncio.CancelledError):
-            raise
-        except Exception:
-            log.exception(
-                "unexpected error on thread %s", self.thread,
-                extra={"thread_id": self.thread, "user_id": self.user},
-            )  # fmt: skip
-            await self._error("internal", "internal error", retryable=True)
-
-    async def _error(
-        self, code: ErrorCode, message: str, retryable: bool = False,
-        retry_after_ms: int | None = None,
-    ) -> None:  # fmt: skip
-        event = ErrorEvent(
-            thread_id=self.thread, code=code, message=message, retryable=retryable,
-            retry_after_ms=retry_after_ms,
-        )  # fmt: skip
-        if self.ws.application_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                await self.send_text(encode(event))
+    async def handle(self, frame: Any) -> None:
+        """Answer one frame about this thread (errors become ``error`` events)."""
+        await self.out.answer(self.thread, self.user, self._handlers[type(frame)](self, frame))
 
     # --- one handler per client frame type --------------------------------
 
@@ -302,14 +353,14 @@ class ThreadSession:
             frame.parent_id, frame.branches,
         )  # fmt: skip
         if original is not None:
-            await self.send_text(original)
+            await self.out.send_text(original)
 
     async def _regenerate(self, frame: Regenerate) -> None:
         original = await self.service.regenerate(
             self.thread, self.user, frame.message_id, frame.client_msg_id
         )
         if original is not None:
-            await self.send_text(original)
+            await self.out.send_text(original)
 
     async def _switch(self, frame: Switch) -> None:
         await self.service.switch(self.thread, self.user, frame.message_id)
@@ -319,33 +370,79 @@ class ThreadSession:
             self.thread, frame.before, frame.limit, self.user, frame.leaf
         )
         reply = History.of(self.thread, messages, has_more)
-        await self.send_text(encode(reply))
+        await self.out.send_text(encode(reply))
 
     async def _cancel(self, frame: Cancel) -> None:
         if frame.queue_id is not None:
             await self.service.cancel_queued(self.thread, self.user, frame.queue_id)
-        elif await self.service.cancel(self.thread, frame.generation_id) is None:
-            await self._error("not_found", "no matching turn is running")
+        elif await self.service.cancel(self.thread, frame.generation_id, self.user) is None:
+            await self.out.error(self.thread, "not_found", "no matching turn is running")
 
     async def _resume(self, frame: Resume) -> None:
         resumed = await self.service.resume(self.thread, frame.after, frame.epoch)
         if resumed.replay is None:
-            await self._error("resume_gap", "events after that id are gone: reload the history")
+            await self.out.error(
+                self.thread, "resume_gap", "events after that id are gone: reload the history"
+            )
             return
-        await self.send_events(resumed.replay, restart_after=frame.after)
+        await self.out.send_events(self.follower, resumed.replay, restart_after=frame.after)
 
-    async def _ping(self, frame: Ping) -> None:
-        await self.send_text(encode(Pong(thread_id=self.thread)))
+    async def _read(self, frame: Read) -> None:
+        await self.service.read(self.thread, self.user, frame.message_id)
 
-    _handlers: dict[type, Callable[[ThreadSession, Any], Awaitable[None]]] = {
+    async def _typing(self, frame: Typing) -> None:
+        await self.service.typing(self.thread, self.user)
+
+    _handlers: dict[type, Callable[[ThreadStream, Any], Awaitable[None]]] = {
         Prompt: _prompt,
         Regenerate: _regenerate,
         Switch: _switch,
         GetHistory: _get_history,
         Cancel: _cancel,
         Resume: _resume,
-        Ping: _ping,
+        Read: _read,
+        Typing: _typing,
     }
+
+
+# The frames a ThreadStream answers (the thread frames of either socket kind).
+THREAD_FRAMES = tuple(ThreadStream._handlers)
+
+
+class ThreadSession:
+    """One protocol-v1 socket on one thread: a reader loop and a writer task."""
+
+    __slots__ = ("out", "stream")
+
+    def __init__(
+        self, ws: WebSocket, service: ChatService, thread: ThreadId, user: UserId,
+        opened: Opened,
+    ) -> None:  # fmt: skip
+        self.out = SocketOut(ws)
+        self.stream = ThreadStream(self.out, service, thread, user, opened)
+
+    @property
+    def follower(self) -> Follower:
+        return self.stream.follower
+
+    async def run(self) -> None:
+        """Serve the socket: ``ready``, the catch-up, then live events, until
+        the client leaves or the follower must be closed."""
+        stream = self.stream
+        max_bytes = stream.service.settings.chat_max_frame_bytes
+        reader = self.out.read_frames(max_bytes, self._handle, stream.thread)
+        await supervise(self.out.ws, self.follower, reader, stream.write_forever())
+
+    async def _handle(self, frame: Any) -> None:
+        stream = self.stream
+        if isinstance(frame, Ping):
+            await self.out.send_text(encode(Pong(thread_id=stream.thread)))
+        elif isinstance(frame, Join | Leave):
+            await self.out.error(stream.thread, "bad_request", f"{frame.type}: only on /v1/ws")
+        elif frame.thread_id not in (None, stream.thread):
+            await self.out.error(stream.thread, "bad_request", "thread_id: not this socket's")
+        else:
+            await stream.handle(frame)
 
 
 async def supervise(

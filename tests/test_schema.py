@@ -47,11 +47,13 @@ def document_validator(document: dict[str, Any], schema_name: str) -> Draft20201
     return Draft202012Validator(root, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
-def payload_name(document: dict[str, Any], channel: str, kind: str) -> str:
-    """The payload schema of the message of type ``kind`` on ``channel``."""
+def payload_name(document: dict[str, Any], channel: str, kind: str, side: str = "Event") -> str:
+    """The payload schema of the message of type ``kind`` on ``channel``: the
+    server's event (``side`` Event), or the client's frame (Frame): ``typing``
+    is both."""
     for ref in document["channels"][channel]["messages"].values():
         message = document["components"]["messages"][ref["$ref"].rsplit("/", 1)[-1]]
-        if message["name"] == kind:
+        if message["name"] == kind and message["title"].endswith(side):
             return str(message["payload"]["$ref"].rsplit("/", 1)[-1])
     raise AssertionError(f"no {kind} message on {channel}")
 
@@ -101,7 +103,7 @@ def test_asyncapi_document_accepts_what_the_models_accept():
         assert not document_validator(document, name).is_valid(without_type)
     for kind, model in schema.client_frames().items():
         minimal = model.model_validate(example(model.model_json_schema(), {}))
-        name = payload_name(document, channels[SOCKET], kind)
+        name = payload_name(document, channels[SOCKET], kind, "Frame")
         document_validator(document, name).validate(minimal.model_dump(exclude_none=True))
     operations = document["operations"].values()
     assert {(o["action"], o["channel"]["$ref"].rsplit("/", 1)[-1]) for o in operations} == {

@@ -31,7 +31,7 @@ async def until_done(follower: Follower, timeout: float = 5.0) -> list[dict[str,
     deadline = time.monotonic() + timeout
     while True:
         event = await asyncio.wait_for(follower.next_event(), deadline - time.monotonic())
-        if follower.claim(event):
+        if event.n >= 0 and follower.claim(event):  # presence aside
             got.append(orjson.loads(event.frame))
         if got and got[-1]["type"] == "done":
             return got

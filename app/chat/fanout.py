@@ -90,6 +90,14 @@ class Sink(Protocol):
     def control(self, message: dict[str, Any]) -> None: ...
 
 
+class InboxSink(Protocol):
+    """A local user socket's inbox. Both calls must return at once (no I/O)."""
+
+    def notice(self, raw: str) -> None: ...
+
+    def resync(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Cursor:
     """The last event forwarded for a thread (None until the first is known)."""
@@ -136,6 +144,10 @@ class FanoutHub:
         self._probe_now = asyncio.Event()
         self._deaf = False
         self.connected = False
+        # Told when a thread's presence may have changed (app.chat.presence).
+        self.on_presence: Callable[[ThreadId], None] | None = None
+        # Inbox sinks by user channel (the user socket; app.chat.inbox).
+        self._inboxes: dict[str, set[InboxSink]] = {}
         # True once the subscriber heard its latest probe; False from a loss
         # or a missed deadline until a probe is heard again (/readyz).
         self.hearing = False
@@ -232,6 +244,41 @@ class FanoutHub:
                 with contextlib.suppress(RedisError, OSError):
                     await self._pubsub.unsubscribe(channel)
 
+    async def follow_inbox(self, channel: str, sink: InboxSink) -> None:
+        """Feed ``sink`` what is published on a user's inbox ``channel``;
+        returns once subscribed. Inbox cards carry no event numbers: a pod
+        that lost its subscriber tells its inboxes to ``resync`` (a fresh
+        snapshot) instead of filling gaps."""
+        sinks = self._inboxes.setdefault(channel, set())
+        sinks.add(sink)
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirmed[channel] = confirmed
+            async with self._commanding:
+                if self.connected and self._pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pubsub.subscribe(channel)
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            await self.unfollow_inbox(channel, sink)
+            raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
+
+    async def unfollow_inbox(self, channel: str, sink: InboxSink) -> None:
+        sinks = self._inboxes.get(channel)
+        if sinks is None:
+            return
+        sinks.discard(sink)
+        if sinks:
+            return
+        del self._inboxes[channel]
+        self._confirmed.pop(channel, None)
+        async with self._commanding:
+            if self._pubsub is not None and self.connected:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(channel)
+
     # --- the listener -------------------------------------------------------
 
     async def _listen_forever(self) -> None:
@@ -264,11 +311,14 @@ class FanoutHub:
             self._pubsub = pubsub = self._pubsub_factory()
             # Under the lock: a follow() that came before is in this list; one
             # that comes after finds us connected and subscribes its own.
-            channels = [keys.live(t) for t in self._followers]
+            channels = [keys.live(t) for t in self._followers] + list(self._inboxes)
             await pubsub.subscribe(self._probe.channel, *channels)
             self.connected = True
         self._probe_now.set()
         await self._resync(list(self._followers))
+        for sinks in list(self._inboxes.values()):
+            for inbox in list(sinks):
+                inbox.resync()
         metrics.SUBSCRIBER_CONNECTS.inc()
         return pubsub
 
@@ -283,7 +333,12 @@ class FanoutHub:
                 if kind == "message":
                     self._heard(message["data"])
             elif kind == "message":  # (app.chat.sharded names shard messages the same)
-                await self._on_frame(keys.thread_of_channel(channel), message["data"])
+                inboxes = self._inboxes.get(channel)
+                if inboxes is not None:
+                    for inbox in list(inboxes):
+                        inbox.notice(message["data"])
+                elif keys.user_of_inbox(channel) is None:
+                    await self._on_frame(keys.thread_of_channel(channel), message["data"])
             elif kind == "subscribe":
                 confirmed = self._confirmed.get(channel)
                 if confirmed is not None and not confirmed.done():
@@ -296,6 +351,10 @@ class FanoutHub:
             return
         if frame.startswith('{"control"'):
             message = orjson.loads(frame)
+            if message.get("control") == "presence":
+                if self.on_presence is not None:
+                    self.on_presence(thread)  # coalesced per pod, not per socket
+                return
             for sink in list(sinks):
                 sink.control(message)
             return

@@ -18,8 +18,10 @@ import asyncio
 from collections import deque
 from typing import Any
 
+import orjson
+
 from app.chat.keys import ThreadId
-from app.chat.timeline import TimelineEvent
+from app.chat.timeline import TimelineEvent, ephemeral
 
 TOO_SLOW = "too slow: resume with after"
 THREAD_RESET = "thread data was reset: resume to learn the new epoch"
@@ -107,6 +109,9 @@ class Follower:
             self.close_for(THREAD_DELETED)
         elif kind == "revoke" and message.get("user_id") == self.user:
             self.close_for(ACCESS_REVOKED)
+        elif kind == "typing" and message.get("user_id") != self.user:
+            typing = {"type": "typing", "thread_id": self.thread, "user_id": message.get("user_id")}
+            self.deliver(ephemeral(orjson.dumps(typing).decode()))
 
     def close_for(self, reason: str) -> None:
         if self.closing is None:
@@ -116,6 +121,8 @@ class Follower:
 
     def claim(self, event: TimelineEvent) -> bool:
         """Whether ``event`` is next to send (and record it as sent)."""
+        if event.n < 0:  # presence and typing: outside the timeline's order
+            return True
         if self.sent is not None and event.key <= self.sent:
             return False
         self.sent = event.key
@@ -124,3 +131,18 @@ class Follower:
     def restart_from(self, key: tuple[int, int] | None) -> None:
         """Start over after ``key`` (a ``resume``): queued events are re-filtered."""
         self.sent = key
+
+
+class InboxFollower(Follower):
+    """A user socket's inbox: the raw thread cards published on the user's
+    channel, through the same bounded queue (a slow socket is closed, as a
+    thread socket is). An empty frame asks for a fresh snapshot: the pod's
+    subscriber was lost, and cards may have been with it."""
+
+    __slots__ = ()
+
+    def notice(self, raw: str) -> None:
+        self.deliver(ephemeral(raw))
+
+    def resync(self) -> None:
+        self.deliver(ephemeral(""))

@@ -21,10 +21,15 @@ Layout (see the README for the redis-cli view of each):
     chat:{T}:queue     Stream   prompts waiting for the running turn; entry
                                 id = queue id = its `queued` event's id
     chat:{T}:members   Set      user ids allowed in the thread
+    chat:{T}:roles     Hash     member -> 'viewer' (any other member is a member)
+    chat:{T}:reads     Hash     m:<U> a member's read marker, u:<U> their unread count
+    chat:{T}:presence  Sorted set  <user>|<socket> -> lease expiry (ms, Redis clock)
+    chat:{T}:typing:<U> String  a user's typing throttle (expires after 2 s)
     chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
     chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
     chat:{T}:live      channel  timeline frames as published
     chat:user:{U}:threads  Sorted set  a user's threads by last activity (ms)
+    chat:user:{U}:inbox    channel     the user's thread summaries as they change
     chat:user:{U}:owned    Sorted set  threads the user created (the thread quota)
     chat:user:{U}:sockets  Sorted set  the user's open sockets, by lease expiry (ms)
     chat:user:{U}:rate:prompts  Hash   the user's prompt token bucket (expires)
@@ -126,6 +131,22 @@ def members(t: ThreadId) -> str:
     return _thread_key(t, "members")
 
 
+def roles(t: ThreadId) -> str:
+    return _thread_key(t, "roles")
+
+
+def reads(t: ThreadId) -> str:
+    return _thread_key(t, "reads")
+
+
+def presence(t: ThreadId) -> str:
+    return _thread_key(t, "presence")
+
+
+def typing(t: ThreadId, u: UserId) -> str:
+    return _thread_key(t, f"typing:{u}")
+
+
 def dedup(t: ThreadId) -> str:
     return _thread_key(t, "dedup")
 
@@ -156,12 +177,25 @@ def all_thread_keys(t: ThreadId) -> list[str]:
     all but the fence, which stays a while as a tombstone (DELETED_TTL_S)."""
     return [
         history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t),
-        tree(t), usage_outbox(t), queue(t),
+        tree(t), usage_outbox(t), queue(t), roles(t), reads(t), presence(t),
     ]  # fmt: skip
 
 
 def user_threads(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:threads"
+
+
+def user_inbox(u: UserId) -> str:
+    """A user's inbox channel (the scripts' inbox_channel builds the same name)."""
+    return f"{PREFIX}:user:{{{u}}}:inbox"
+
+
+def user_of_inbox(channel: str) -> UserId | None:
+    """The user whose inbox channel this is, or None for any other channel."""
+    head, tail = f"{PREFIX}:user:{{", "}:inbox"
+    if channel.startswith(head) and channel.endswith(tail):
+        return UserId(channel[len(head) : -len(tail)])
+    return None
 
 
 def user_owned(u: UserId) -> str:

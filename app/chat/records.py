@@ -141,3 +141,40 @@ class Joined:
     leaf_id: str | None = None
     queue: tuple[Queued, ...] = ()
     recovered: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LastMessage:
+    """The newest message of a thread's active branch, as an inbox shows it."""
+
+    id: str
+    role: str
+    user_id: str
+    preview: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadCard:
+    """A thread as one member's inbox shows it. ``rev`` orders the cards of
+    one thread (a later change has a larger one); times are ms."""
+
+    id: str
+    title: str
+    owner: str
+    role: str
+    prompt_policy: str
+    generating: bool
+    unread: int
+    updated_at: int
+    active_at: int
+    last_message: LastMessage | None
+    rev: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadGone:
+    """A thread left a member's inbox: ``deleted``, ``revoked`` or ``left``."""
+
+    thread_id: str
+    reason: str

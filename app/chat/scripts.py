@@ -22,6 +22,11 @@ be a placeholder, never user text.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from app.chat.redis_types import RedisClient
@@ -209,6 +214,136 @@ local function fill_parent(data, p)
 end
 """
 
+
+# Inbox helpers (the user socket: docs/protocol.md "The user socket"),
+# prepended after _TREE to the scripts that change what a member's thread
+# summary shows. A thread's read markers and unread counts live in
+# chat:{T}:reads (m:<U> the marker, u:<U> the unread count), its viewers in
+# chat:{T}:roles (U -> 'viewer'; any other member is a 'member', the owner
+# 'owner'). Both are named from the meta key passed in (same hash tag, so
+# the same Cluster slot); app.chat.keys defines the same names, and
+# tests/test_inbox.py checks they agree.
+#
+# notice(meta, history, u): the raw summary of the thread for member u, as
+#   JSON (app.chat.inbox builds the wire summary from it).
+# count_new(meta, history, author, mid, linear): a message `mid` written by
+#   `author` was committed. When it continues the active branch (`linear`),
+#   every other member has one more unread (one HINCRBY each); otherwise the
+#   active branch changed shape (an edit, a regenerate) and every member's
+#   count is recounted on the new branch. The author's own marker moves to
+#   their message: sending reads the thread.
+# tell_members(meta, history, publish): every member's summary, published on
+#   their inbox channel chat:user:{U}:inbox, in the same step as the change.
+#   Only with PUBLISH (one Redis): on a Cluster a user's channel lives on
+#   the user's slot, which a script of the thread's slot cannot SPUBLISH to;
+#   there the caller publishes the summaries INBOX_NOTICES returns.
+_INBOX = r"""
+local RECOUNT_LIMIT = 1000
+
+local function sibling(meta, suffix)
+  return string.sub(meta, 1, -5) .. suffix
+end
+
+-- At most n bytes of s, cut before a UTF-8 continuation byte, never inside
+-- a character.
+local function cut(s, n)
+  if #s <= n then return s end
+  local i = n
+  while i > 0 do
+    local b = string.byte(s, i + 1)
+    if b < 128 or b >= 192 then break end
+    i = i - 1
+  end
+  return string.sub(s, 1, i)
+end
+
+-- The active branch from its leaf back: {id, author} pairs, newest first.
+local function branch_authors(meta, history, limit)
+  local out = {}
+  local cur = active_leaf(meta, history)
+  while cur ~= '' and #out < limit do
+    local e = entry(history, cur)
+    if not e then break end
+    out[#out + 1] = {e[1], field(e[2], 'user_id') or ''}
+    cur = parent_of(history, e[1], e[2])
+  end
+  return out
+end
+
+local function unread_on(path, marker, u)
+  local n = 0
+  for _, item in ipairs(path) do
+    if marker and not id_less(marker, item[1]) then break end
+    if item[2] ~= u then n = n + 1 end
+  end
+  return n
+end
+
+local function recount(meta, history, users)
+  local reads = sibling(meta, 'reads')
+  local path = branch_authors(meta, history, RECOUNT_LIMIT)
+  for _, u in ipairs(users) do
+    local marker = redis.call('HGET', reads, 'm:' .. u)
+    redis.call('HSET', reads, 'u:' .. u, unread_on(path, marker, u))
+  end
+end
+
+local function count_new(meta, history, author, mid, linear)
+  local reads = sibling(meta, 'reads')
+  if author ~= '' then redis.call('HSET', reads, 'm:' .. author, mid, 'u:' .. author, 0) end
+  local members = redis.call('SMEMBERS', sibling(meta, 'members'))
+  if not linear then return recount(meta, history, members) end
+  for _, u in ipairs(members) do
+    if u ~= author then redis.call('HINCRBY', reads, 'u:' .. u, 1) end
+  end
+end
+
+local function notice(meta, history, u)
+  local m = redis.call('HMGET', meta, 'title', 'owner', 'created_at', 'updated_at',
+    'prompt_policy', 'rev')
+  local role = redis.call('HGET', sibling(meta, 'roles'), u)
+  if not role then role = (m[2] == u) and 'owner' or 'member' end
+  local out = {
+    id = string.match(meta, '{(.*)}'), title = m[1] or '', owner = m[2] or '',
+    role = role, created_at = tonumber(m[3] or '0'), updated_at = tonumber(m[4] or m[3] or '0'),
+    rev = tonumber(m[6] or '0'),
+    generating = redis.call('EXISTS', sibling(meta, 'turn')) == 1,
+    unread = tonumber(redis.call('HGET', sibling(meta, 'reads'), 'u:' .. u) or '0'),
+  }
+  if m[5] then out.prompt_policy = m[5] end
+  local leaf = active_leaf(meta, history)
+  local e = leaf ~= '' and entry(history, leaf)
+  if e then
+    -- 800 bytes hold the 200 characters of a preview, whatever they are.
+    out.last_message = {
+      id = e[1], role = field(e[2], 'role'), user_id = field(e[2], 'user_id'),
+      preview = cut(field(e[2], 'content') or '', 800),
+      created_at = tonumber(field(e[2], 'created_at') or '0'),
+    }
+  end
+  return cjson.encode(out)
+end
+
+local function inbox_channel(u)
+  return 'chat:user:{' .. u .. '}:inbox'
+end
+
+local function tell_members(meta, history, publish, users)
+  redis.call('HINCRBY', meta, 'rev', 1)
+  if publish ~= 'PUBLISH' then return end
+  for _, u in ipairs(users or redis.call('SMEMBERS', sibling(meta, 'members'))) do
+    redis.call('PUBLISH', inbox_channel(u), notice(meta, history, u))
+  end
+end
+
+-- The thread is gone for these users ('deleted', 'revoked' or 'left').
+local function tell_removed(meta, publish, users, reason)
+  if publish ~= 'PUBLISH' then return end
+  local gone = cjson.encode({id = string.match(meta, '{(.*)}'), removed = reason})
+  for _, u in ipairs(users) do redis.call('PUBLISH', inbox_channel(u), gone) end
+end
+"""
+
 # ACQUIRE_LOCK: take a thread's turn lock and a new fencing number.
 # KEYS[1] lock, KEYS[2] fence
 # ARGV[1] owner token, ARGV[2] lease in ms
@@ -280,6 +415,7 @@ return 0
 BEGIN_TURN = (
     _PRELUDE
     + _TREE
+    + _INBOX
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
@@ -313,8 +449,9 @@ if ARGV[10] == 'regenerate' then
   first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], retention)
 else
   local parent = ARGV[11]
+  local before = active_leaf(KEYS[2], KEYS[5])
   if parent == '' then
-    parent = active_leaf(KEYS[2], KEYS[5])
+    parent = before
   elseif parent == '-' then
     parent = ''
   elseif not entry(KEYS[5], parent) then
@@ -331,6 +468,7 @@ else
   end
   redis.call('XADD', KEYS[5], answered, unpack(fields))
   redis.call('HSET', KEYS[2], 'leaf', answered)
+  count_new(KEYS[2], KEYS[5], field(fields, 'user_id') or '', answered, parent == before)
   emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], answered,
     fill_parent(fill(ARGV[4], answered), parent), retention)
   first = answered
@@ -350,6 +488,7 @@ redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', A
 for i = 13, #ARGV, 2 do
   if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
 end
+tell_members(KEYS[2], KEYS[5], ARGV[2])
 return {'ok', answered, lid}
 """
 )
@@ -495,6 +634,7 @@ return redis.call('HGET', KEYS[5], 'cancel')
 END_TURN = (
     _PRELUDE
     + _TREE
+    + _INBOX
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
@@ -503,6 +643,7 @@ if turn[1] ~= ARGV[7] then return false end
 local parent = turn[2] or ''
 local retention = tonumber(ARGV[3])
 local mid = next_event_id(KEYS[2])
+local before = active_leaf(KEYS[2], KEYS[5])
 link(KEYS[8], KEYS[5], mid, parent)
 local fields = {'parent', parent}
 for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -514,6 +655,7 @@ if turn[3] then
 end
 redis.call('XADD', KEYS[5], mid, unpack(fields))
 redis.call('HSET', KEYS[2], 'leaf', mid)
+count_new(KEYS[2], KEYS[5], '', mid, parent == before)
 emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill_parent(fill(ARGV[4], mid), parent), 0)
 emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[5], mid), 0)
 redis.call('DEL', KEYS[6])
@@ -521,6 +663,7 @@ if redis.call('GET', KEYS[7]) == ARGV[6] then redis.call('DEL', KEYS[7]) end
 redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', retention)
 redis.call('HINCRBY', KEYS[2], 'message_count', 1)
 redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
+tell_members(KEYS[2], KEYS[5], ARGV[2])
 return mid
 """
 )
@@ -538,6 +681,7 @@ return mid
 SWITCH_BRANCH = (
     _PRELUDE
     + _TREE
+    + _INBOX
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
@@ -545,6 +689,8 @@ if not entry(KEYS[5], ARGV[5]) then return {'not_found'} end
 if redis.call('EXISTS', KEYS[7]) == 1 then return {'busy'} end
 local leaf = newest_leaf(KEYS[6], KEYS[5], ARGV[5])
 redis.call('HSET', KEYS[2], 'leaf', leaf)
+recount(KEYS[2], KEYS[5], redis.call('SMEMBERS', sibling(KEYS[2], 'members')))
+tell_members(KEYS[2], KEYS[5], ARGV[2])
 local id = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]),
   fill(ARGV[4], leaf), tonumber(ARGV[3]))
 return {'ok', leaf, id}
@@ -604,7 +750,8 @@ return gen
 
 # ENSURE_THREAD: create a thread's metadata on first use.
 # KEYS[1] meta, KEYS[2] members, KEYS[3] fence
-# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms), ARGV[4] title or ''
+# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms), ARGV[4] title or '',
+#     ARGV[5] publish command (a new thread's card goes to its owner's inbox)
 # Returns {epoch, owner, created}: created is 1 (just created), 0 (it existed),
 #     or -1 (it was deleted recently: its fence is a tombstone, see
 #     DELETE_THREAD; nothing is created).
@@ -612,7 +759,10 @@ return gen
 # the thread, the next use draws a new epoch, and resumes from the old one fail
 # loudly instead of silently skipping what was lost. A live thread's fence
 # never has a TTL, so a TTL on it can only be a delete's tombstone.
-ENSURE_THREAD = r"""
+ENSURE_THREAD = (
+    _TREE
+    + _INBOX
+    + r"""
 if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 and redis.call('PTTL', KEYS[3]) > 0 then
   return {'', '', -1}
 end
@@ -621,10 +771,12 @@ if created == 1 then
   redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created_at', ARGV[3], 'updated_at', ARGV[3])
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[4]) end
   redis.call('SADD', KEYS[2], ARGV[2])
+  tell_members(KEYS[1], sibling(KEYS[1], 'history'), ARGV[5])
 end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 return {meta[1], meta[2] or '', created}
 """
+)
 
 # DELETE_THREAD: remove a thread and everything it holds, for good.
 # KEYS[1] meta, [2] members, [3] fence, [4] live channel, [5...] every key
@@ -645,61 +797,174 @@ return {meta[1], meta[2] or '', created}
 # The tombstone expires, so in the end no key of the thread remains. The
 # control frame closes every socket of the thread on every pod; it is sent in
 # the same step so no socket can see a later event of a thread that is gone.
-DELETE_THREAD = r"""
+DELETE_THREAD = (
+    _TREE
+    + _INBOX
+    + r"""
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 if not meta[1] then return {'not_found'} end
 if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return {'forbidden'} end
 local members = redis.call('SMEMBERS', KEYS[2])
+tell_removed(KEYS[1], ARGV[3], members, 'deleted')
 redis.call('DEL', unpack(KEYS, 5))
 redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call(ARGV[3], KEYS[4], ARGV[4])
 return {'ok', meta[2] or '', unpack(members)}
 """
+)
 
-# UPDATE_THREAD: the owner sets thread settings (title, prompt_policy).
-# KEYS[1] meta; ARGV[1] caller, ARGV[2] '1' when only the owner may,
-#     ARGV[3...] (field, value)*
-# Returns 'ok', 'not_found' or 'forbidden'.
+# UPDATE_THREAD: the owner sets thread settings (title, prompt_policy), or
+# the model titles an untitled thread.
+# KEYS[1] meta, KEYS[2] history; ARGV[1] caller, ARGV[2] '1' when only the
+#     owner may, ARGV[3] publish command, ARGV[4] '1' for an auto-title: set
+#     only while the thread has no title, ARGV[5...] (field, value)*
+# Returns 'ok', 'not_found', 'forbidden' or 'titled' (an auto-title came
+# after a title: the owner's rename wins). Members' inboxes hear it.
 # In Lua so that an update racing a delete cannot recreate a meta hash
-# without epoch or owner (a plain HSET would).
-UPDATE_THREAD = r"""
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
+# without epoch or owner (a plain HSET would), and so that an auto-title
+# can never overwrite a rename made meanwhile.
+UPDATE_THREAD = (
+    _TREE
+    + _INBOX
+    + r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner', 'title')
 if not meta[1] then return 'not_found' end
 if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return 'forbidden' end
+if ARGV[4] == '1' and (meta[3] or '') ~= '' then return 'titled' end
 local values = {}
-for i = 3, #ARGV do values[#values + 1] = ARGV[i] end
+for i = 5, #ARGV do values[#values + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(values))
+tell_members(KEYS[1], KEYS[2], ARGV[3])
 return 'ok'
 """
+)
 
 # CHANGE_MEMBER: the owner adds or removes a member; a member may leave.
-# KEYS[1] meta, KEYS[2] members, KEYS[3] live channel
+# KEYS[1] meta, KEYS[2] members, KEYS[3] live channel, KEYS[4] history,
+#     KEYS[5] roles
 # ARGV[1] caller, ARGV[2] '1' when only the owner may, ARGV[3] 'add' or
 #     'remove', ARGV[4] the member, ARGV[5] max members, ARGV[6] publish
-#     command, ARGV[7] control frame for a removal (closes the member's sockets)
+#     command, ARGV[7] control frame for a removal (closes the member's
+#     sockets), ARGV[8] the role of an added member: 'member' or 'viewer'
+#     (adding a member again changes their role)
+# Every member's inbox hears an addition (the thread's card), the removed
+# member's a removal (thread_removed).
 # Returns 'ok', 'not_found', 'forbidden', 'full', or 'owner' (the owner
 #     cannot be removed: delete the thread instead).
 # In Lua for the same reason as UPDATE_THREAD (no SADD on a deleted thread),
 # and so that the member limit holds under concurrent adds.
-CHANGE_MEMBER = r"""
+CHANGE_MEMBER = (
+    _TREE
+    + _INBOX
+    + r"""
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 if not meta[1] then return 'not_found' end
 local leaving = ARGV[3] == 'remove' and ARGV[4] == ARGV[1]
 if ARGV[2] == '1' and meta[2] ~= ARGV[1] and not leaving then return 'forbidden' end
 if ARGV[3] == 'add' then
-  if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 0
-     and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then
+  local known = redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1
+  if not known and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then
     return 'full'
   end
+  if ARGV[4] == meta[2] then return 'owner' end
   redis.call('SADD', KEYS[2], ARGV[4])
+  if ARGV[8] == 'viewer' then
+    redis.call('HSET', KEYS[5], ARGV[4], 'viewer')
+  else
+    redis.call('HDEL', KEYS[5], ARGV[4])
+  end
+  if not known then recount(KEYS[1], KEYS[4], {ARGV[4]}) end
+  tell_members(KEYS[1], KEYS[4], ARGV[6])
   return 'ok'
 end
 if ARGV[4] == meta[2] then return 'owner' end
 if redis.call('SREM', KEYS[2], ARGV[4]) == 1 then
+  redis.call('HDEL', KEYS[5], ARGV[4])
+  redis.call('HDEL', sibling(KEYS[1], 'reads'), 'm:' .. ARGV[4], 'u:' .. ARGV[4])
   redis.call(ARGV[6], KEYS[3], ARGV[7])
+  tell_removed(KEYS[1], ARGV[6], {ARGV[4]}, leaving and 'left' or 'revoked')
 end
 return 'ok'
+"""
+)
+
+# READ_MARKER: a member read the thread up to a message.
+# KEYS[1] meta, KEYS[2] history, KEYS[3] members
+# ARGV[1] the member, ARGV[2] message id, ARGV[3] publish command,
+#     ARGV[4] '1' when anyone may (auth off)
+# Returns 'ok', 'not_found' (no such message) or 'forbidden' (not a member,
+# or no such thread: which thread ids exist is no one's business).
+# A marker only moves forward (a stale tab cannot unread a thread); the
+# member's unread count is recounted on the active branch and every socket
+# of theirs hears it, in the same step.
+READ_MARKER = (
+    _TREE
+    + _INBOX
+    + r"""
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then return 'forbidden' end
+if ARGV[4] ~= '1' and redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+  return 'forbidden'
+end
+if not entry(KEYS[2], ARGV[2]) then return 'not_found' end
+local reads = sibling(KEYS[1], 'reads')
+local marker = redis.call('HGET', reads, 'm:' .. ARGV[1])
+if marker and not id_less(marker, ARGV[2]) then return 'ok' end
+redis.call('HSET', reads, 'm:' .. ARGV[1], ARGV[2])
+recount(KEYS[1], KEYS[2], {ARGV[1]})
+tell_members(KEYS[1], KEYS[2], ARGV[3], {ARGV[1]})
+return 'ok'
+"""
+)
+
+# INBOX_SUMMARIES: a thread's summaries, read-only.
+# KEYS[1] meta, KEYS[2] history, KEYS[3] members
+# ARGV[1...] the users to summarise; none: every member
+# Returns {user, summary JSON}* for the users who are members (a user socket's
+# snapshot asks for one user, pipelined over the page's threads; on a
+# Cluster, a change's caller publishes every member's on their channels).
+INBOX_SUMMARIES = (
+    _TREE
+    + _INBOX
+    + r"""
+local out = {}
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then return out end
+local users = ARGV
+if #users == 0 then users = redis.call('SMEMBERS', KEYS[3]) end
+for _, u in ipairs(users) do
+  if redis.call('SISMEMBER', KEYS[3], u) == 1 then
+    out[#out + 1] = u
+    out[#out + 1] = notice(KEYS[1], KEYS[2], u)
+  end
+end
+return out
+"""
+)
+
+# PRESENCE: who has a socket on a thread, across pods.
+# KEYS[1] the thread's presence (Sorted set: '<user>|<socket>' -> lease
+#     expiry in ms), KEYS[2] live channel
+# ARGV[1] lease in ms, ARGV[2] publish command, ARGV[3] a control frame to
+#     publish when the set may have changed (every pod then reads it again,
+#     coalesced) or '', ARGV[4] 'add' or 'remove', ARGV[5...] entries
+# Returns the entries present after the change.
+# The clock is Redis's, as for the socket leases: a crashed pod renews
+# nothing, so its entries expire, and the next read (any pod's heartbeat)
+# drops them.
+PRESENCE = r"""
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+for i = 5, #ARGV do
+  if ARGV[4] == 'add' then
+    redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[1]), ARGV[i])
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+if #ARGV >= 5 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if ARGV[3] ~= '' then redis.call(ARGV[2], KEYS[2], ARGV[3]) end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 # TAKE_TOKEN: one request against a token bucket shared by every pod.
@@ -881,6 +1146,9 @@ class Scripts:
         self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)
         self.update_thread: AsyncScript = redis.register_script(UPDATE_THREAD)
         self.change_member: AsyncScript = redis.register_script(CHANGE_MEMBER)
+        self.read_marker: AsyncScript = redis.register_script(READ_MARKER)
+        self.inbox_summaries: AsyncScript = redis.register_script(INBOX_SUMMARIES)
+        self.presence: AsyncScript = redis.register_script(PRESENCE)
         self.take_token: AsyncScript = redis.register_script(TAKE_TOKEN)
         self.admit_socket: AsyncScript = redis.register_script(ADMIT_SOCKET)
         self.renew_sockets: AsyncScript = redis.register_script(RENEW_SOCKETS)
@@ -888,3 +1156,17 @@ class Scripts:
         self.leader_lease: AsyncScript = redis.register_script(LEADER_LEASE)
         self.reserve_budget: AsyncScript = redis.register_script(RESERVE_BUDGET)
         self.apply_usage: AsyncScript = redis.register_script(APPLY_USAGE)
+
+
+async def run_many(
+    redis: RedisClient, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]
+) -> list[Any]:
+    """One script over many (keys, args) in one round trip: a pipeline on one
+    Redis (it loads the script first if need be); on a Cluster, concurrent
+    calls, since its pipelines cannot load a script on every node."""
+    if isinstance(redis, Redis):
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
+    return list(await asyncio.gather(*(script(keys=k, args=a) for k, a in calls)))

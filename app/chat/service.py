@@ -26,12 +26,14 @@ from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, Threa
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
+from app.chat.inbox import Inbox
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
+from app.chat.presence import Presence
 from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen
 from app.chat.reaper import Reaper
-from app.chat.records import Joined, Loading, Message, PromptPolicy
+from app.chat.records import Joined, Loading, Message, PromptPolicy, ThreadCard
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
 from app.chat.redis_types import entries as entries_of
 from app.chat.runner import TurnContext, TurnManager, TurnSetup
@@ -102,6 +104,10 @@ class ChatService:
             open_access=not settings.auth_enabled, default_policy=settings.chat_prompt_policy,
         )  # fmt: skip
         self.limits = Limits(redis, self.scripts, settings)
+        self.inbox = Inbox(
+            redis, self.scripts, publish_command, settings.chat_prompt_policy,
+            open_access=not settings.auth_enabled,
+        )  # fmt: skip
         # The socket slot (app.chat.limits) each open follower holds.
         self._slots: dict[Follower, str] = {}
         self.turns = TurnStore.configured(redis, self.scripts, publish_command, settings)
@@ -130,6 +136,9 @@ class ChatService:
             redis, self.scripts, publish_command, settings.chat_event_retention,
             settings.chat_dedup_ttl_s, settings.chat_max_queued,
         )  # fmt: skip
+        self.presence = Presence(
+            redis, self.scripts, self.hub, publish_command, settings.chat_socket_lease_ms
+        )
         self.draining = False
         # What the history may fill of the model's context: the system
         # prompt and the tools' schemas are spoken for.
@@ -154,6 +163,7 @@ class ChatService:
     async def start(self) -> None:
         await self.hub.start()
         await self.limits.start()
+        await self.presence.start()
 
     async def drain(self) -> None:
         """Stop starting turns, let running ones finish, stop the hub: within
@@ -161,6 +171,7 @@ class ChatService:
         whatever Redis does."""
         self.draining = True
         await self.manager.drain(self.settings.chat_drain_grace_s)
+        await self.presence.stop()
         await asyncio.gather(self.hub.stop(), self.limits.stop())
 
     # --- opening a thread -----------------------------------------------------
@@ -173,16 +184,18 @@ class ChatService:
         client must be sent before the live events."""
         slot = await self.limits.claim_socket(user)
         try:
-            opened = await self._join(thread, user, after, epoch)
+            opened = await self.join(thread, user, after, epoch)
         except BaseException:
             await self.limits.release_socket(slot)
             raise
         self._slots[opened.follower] = slot
         return opened
 
-    async def _join(
+    async def join(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
     ) -> Opened:
+        """Follow a thread on a socket that already counts against the limits
+        (a user socket's ``join``): as ``open`` without the count."""
         info = await self.threads.open(thread, user)
         if not info.created and not await self._may_access(thread, user):
             raise Forbidden("you are not a member of this thread")
@@ -213,8 +226,9 @@ class ChatService:
                 replay = await self.timeline.read_from(thread, record.start_id)
             if not recovered and last_id is not None and not replay:
                 follower.restart_from(keys.event_id(last_id))
+            await self.presence.enter(follower, user)
         except BaseException:
-            await self.hub.unfollow(thread, follower)
+            await self.leave(follower)
             raise
         ready = Joined(
             thread_id=thread, epoch=info.epoch, last_event_id=last_id,
@@ -225,10 +239,51 @@ class ChatService:
         return Opened(ready, replay, follower)
 
     async def close(self, follower: Follower) -> None:
-        await self.hub.unfollow(follower.thread, follower)
+        await self.leave(follower)
         slot = self._slots.pop(follower, None)
         if slot is not None:
             await self.limits.release_socket(slot)
+
+    async def join_existing(
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
+    ) -> Opened:
+        """A user socket's ``join``: as ``join``, but never creates the thread,
+        and says Forbidden for a thread that does not exist as for one the
+        user is not in (no leak of which ids exist)."""
+        try:
+            await self.threads.require_member(thread, user)
+        except NotFound:
+            raise Forbidden("you are not a member of this thread") from None
+        return await self.join(thread, user, after, epoch)
+
+    async def leave(self, follower: Follower) -> None:
+        """Stop following a joined thread."""
+        await self.hub.unfollow(follower.thread, follower)
+        try:
+            await self.presence.exit(follower)
+        except (RedisError, OSError) as exc:  # the entry's lease runs out instead
+            log.warning("presence on %s not left: %s", follower.thread, exc)
+
+    async def typing(self, thread: ThreadId, user: UserId) -> None:
+        """``user`` types: the thread's other users hear it (throttled; a
+        viewer's typing is dropped, as they cannot write)."""
+        if self.settings.auth_enabled and await self.threads.role(thread, user) == "viewer":
+            return
+        await self.presence.typing(thread, user)
+
+    async def inbox_page(
+        self, user: UserId, limit: int, cursor: str | None = None
+    ) -> tuple[list[ThreadCard], str | None]:
+        """One page of the user's inbox, most recently active first, and the
+        next page's cursor: a bounded number of round trips however many
+        threads the page holds."""
+        page, next_cursor = await self.threads.page_of_user(user, limit, cursor)
+        cards = await self.inbox.cards(user, [(s.id, s.active_at) for s in page])
+        return cards, next_cursor
+
+    async def read(self, thread: ThreadId, user: UserId, message_id: str) -> None:
+        """Move the user's read marker (every socket of theirs learns it)."""
+        await self.inbox.read(thread, user, message_id)
 
     async def resume(self, thread: ThreadId, after: str, epoch: str | None) -> Resumed:
         """The events after ``after``, or None when they are no longer all there."""
@@ -243,6 +298,20 @@ class ChatService:
 
     async def _may_access(self, thread: ThreadId, user: UserId) -> bool:
         return not self.settings.auth_enabled or await self.threads.is_member(thread, user)
+
+    async def _check_writer(self, thread: ThreadId, user: UserId) -> None:
+        """Forbidden unless ``user`` may change the thread: a member who is
+        not a viewer."""
+        if not self.settings.auth_enabled:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(keys.members(thread), user)
+            pipe.hget(keys.roles(thread), user)
+            member, role = await pipe.execute()
+        if not member:
+            raise Forbidden("you are not a member of this thread")
+        if role == "viewer":
+            raise Forbidden("viewers read and watch this thread; they cannot change it")
 
     # --- prompts and turns ----------------------------------------------------
 
@@ -302,8 +371,7 @@ class ChatService:
     ) -> str | None:  # fmt: skip
         if self.draining:
             raise Draining("this server is restarting; send again in a moment")
-        if not await self._may_access(thread, user):
-            raise Forbidden("you are not a member of this thread")
+        await self._check_writer(thread, user)
         if client_msg_id is not None:
             original = await self.message_frame(thread, client_msg_id)
             if original is not None:
@@ -485,8 +553,7 @@ class ChatService:
         """Make the newest leaf under ``message_id`` the active leaf; every
         socket gets ``branch``. Under the thread's lock, like a turn: ThreadBusy
         while one runs."""
-        if not await self._may_access(thread, user):
-            raise Forbidden("you are not a member of this thread")
+        await self._check_writer(thread, user)
         lease = await self.lock.acquire(thread)
         if lease is None:
             raise ThreadBusy("a reply is being generated in this thread")
@@ -516,8 +583,13 @@ class ChatService:
         data = data.replace(PARENT_ID_PLACEHOLDER, parent)
         return f'{{"id":"{message_id}",{data[1:]}'
 
-    async def cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:
-        """Ask the thread's running turn to stop, wherever it runs."""
+    async def cancel(
+        self, thread: ThreadId, generation_id: str | None, user: UserId | None = None
+    ) -> str | None:
+        """Ask the thread's running turn to stop, wherever it runs (with
+        ``user``, only if they may change the thread)."""
+        if user is not None:
+            await self._check_writer(thread, user)
         return await self.turns.request_cancel(thread, generation_id)
 
     async def cancel_queued(self, thread: ThreadId, user: UserId, queue_id: str) -> None:

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from app.chat import keys
 from app.chat.errors import Conflict, Forbidden, InvalidRequest, NotFound, RateLimited
+from app.chat.inbox import Notices
 from app.chat.keys import ThreadId, UserId
 from app.chat.records import PromptPolicy
 from app.chat.redis_types import RedisClient, scored, text, text_set, texts
@@ -87,6 +88,7 @@ class Threads:
         self._open = open_access
         self._owner_only = "0" if open_access else "1"
         self._default_policy: PromptPolicy = default_policy
+        self._notices = Notices(redis, scripts, publish)
 
     # --- creating -------------------------------------------------------------
 
@@ -126,11 +128,12 @@ class Threads:
         now_ms = int(time.time() * 1000)
         epoch, owner, created = await self._scripts.ensure_thread(
             keys=[keys.meta(thread), keys.members(thread), keys.fence(thread)],
-            args=[secrets.token_hex(8), user, now_ms, title],
+            args=[secrets.token_hex(8), user, now_ms, title, self._publish],
         )
         if int(created) < 0:
             return None
         if int(created):
+            await self._notices.changed(thread, [user])
             async with self._redis.pipeline(transaction=False) as pipe:
                 if not self._open:  # with auth off there is no one to count
                     pipe.zadd(keys.user_owned(user), {thread: now_ms})
@@ -216,21 +219,55 @@ class Threads:
 
     async def _update(self, thread: ThreadId, user: UserId, name: str, value: str) -> None:
         result = await self._scripts.update_thread(
-            keys=[keys.meta(thread)], args=[user, self._owner_only, name, value]
+            keys=[keys.meta(thread), keys.history(thread)],
+            args=[user, self._owner_only, self._publish, "0", name, value],
         )
         _raise_for(result, "only the owner may change this thread")
+        await self._notices.changed(thread)
 
     async def prompt_policy(self, thread: ThreadId) -> PromptPolicy:
         stored = text(await self._redis.hget(keys.meta(thread), "prompt_policy"))
         return _policy(stored, self._default_policy)
 
-    async def add_member(self, thread: ThreadId, user: UserId, member: UserId) -> None:
-        result = await self._change_member(thread, user, "add", member)
+    async def auto_title(self, thread: ThreadId, title: str) -> bool:
+        """Title an untitled thread; False when it has a title by now (an
+        owner's rename always wins) or is gone."""
+        result = await self._scripts.update_thread(
+            keys=[keys.meta(thread), keys.history(thread)],
+            args=["", "0", self._publish, "1", "title", _checked_title(title)],
+        )
+        if result != "ok":
+            return False
+        await self._notices.changed(thread)
+        return True
+
+    async def role(self, thread: ThreadId, user: UserId) -> str:
+        """``user``'s role in the thread: owner, member or viewer (with auth
+        off everyone is a member). Call after a membership check."""
+        if self._open:
+            return "member"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.roles(thread), user)
+            pipe.hget(keys.meta(thread), "owner")
+            viewer, owner = await pipe.execute()
+        if viewer == "viewer":
+            return "viewer"
+        return "owner" if owner == user else "member"
+
+    async def add_member(
+        self, thread: ThreadId, user: UserId, member: UserId, role: str = "member"
+    ) -> None:
+        """The owner adds ``member`` with ``role`` (member or viewer), or
+        changes the role of a member already there."""
+        result = await self._change_member(thread, user, "add", member, role)
         if result == "full":
             raise Conflict(f"a thread has at most {self._max_members} members")
+        if result == "owner":
+            raise Conflict("the owner's role cannot change")
         _raise_for(result, "only the owner may add members")
         now_ms = int(time.time() * 1000)
         await self._redis.zadd(keys.user_threads(member), {thread: now_ms}, nx=True)
+        await self._notices.changed(thread)
 
     async def remove_member(self, thread: ThreadId, user: UserId, member: UserId) -> None:
         """The owner removes ``member``, or ``member`` leaves. The member's open
@@ -240,16 +277,20 @@ class Threads:
             raise Conflict("the owner cannot leave the thread: delete it instead")
         _raise_for(result, "only the owner may remove other members")
         await self._redis.zrem(keys.user_threads(member), thread)
+        await self._notices.removed(thread, [member], "left" if member == user else "revoked")
 
     async def _change_member(
-        self, thread: ThreadId, user: UserId, action: str, member: UserId
+        self, thread: ThreadId, user: UserId, action: str, member: UserId, role: str = "member"
     ) -> str:
         revoke = orjson.dumps({"control": "revoke", "user_id": member}).decode()
         result: str = await self._scripts.change_member(
-            keys=[keys.meta(thread), keys.members(thread), keys.live(thread)],
+            keys=[
+                keys.meta(thread), keys.members(thread), keys.live(thread),
+                keys.history(thread), keys.roles(thread),
+            ],
             args=[
                 user, self._owner_only, action, member, self._max_members,
-                self._publish, revoke,
+                self._publish, revoke, role,
             ],
         )  # fmt: skip
         return result
@@ -265,6 +306,7 @@ class Threads:
         )
         _raise_for(reply[0], "only the owner may delete this thread")
         owner, members = reply[1], reply[2:]
+        await self._notices.removed(thread, members, "deleted")
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for member in {owner, *members} - {""}:

@@ -176,6 +176,13 @@ def frame_from_entry(entry_id: str, fields: dict[str, str]) -> TimelineEvent:
     return TimelineEvent(entry_id, keys.event_id(entry_id), n, frame)
 
 
+def ephemeral(frame: str) -> TimelineEvent:
+    """A frame that is not a timeline event (``presence``, ``typing``) but
+    travels the same per-socket queue: number -1, never stored, never replayed,
+    never filtered by the send-order rule."""
+    return TimelineEvent("", (0, 0), -1, frame)
+
+
 def parse_frame(frame: str) -> TimelineEvent | None:
     """Read id and number from a published frame; None if it is not a timeline frame."""
     if not frame.startswith(_HEAD):

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 from app.chat import keys
 from app.chat.errors import InvalidRequest, LockLost, NotFound, ThreadBusy
 from app.chat.history import entry_fields
+from app.chat.inbox import Notices
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease
 from app.chat.records import (
@@ -119,6 +120,7 @@ class TurnStore:
         self._publish = publish
         self._retention = retention
         self._dedup_ttl_s = dedup_ttl_s
+        self._notices = Notices(redis, scripts, publish)
 
     @classmethod
     def configured(
@@ -177,6 +179,7 @@ class TurnStore:
             raise InvalidRequest("that message answers no user message")
         if reply[0] in ("queue_first", "moved"):
             return Waits(reply[0])
+        await self._notices.changed(thread)
         return Begun(reply[1], reply[2])
 
     async def switch(self, thread: ThreadId, lease: Lease, message_id: str) -> str:
@@ -202,6 +205,7 @@ class TurnStore:
         if reply[0] == "busy":
             raise ThreadBusy("a reply is being generated in this thread")
         leaf: str = reply[1]
+        await self._notices.changed(thread)
         return leaf
 
     async def append_delta(self, thread: ThreadId, lease: Lease, delta: Delta) -> bool:
@@ -262,6 +266,8 @@ class TurnStore:
             )  # fmt: skip
         except ResponseError as exc:
             raise _fenced(exc) from exc
+        if message_id is not None:
+            await self._notices.changed(thread)
         return message_id
 
     async def request_cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:

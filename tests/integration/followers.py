@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from app.client import ChatClient
+from tests.integration.helpers import EPHEMERAL
 
 Event = dict[str, Any]
 SCRIPT = Path(__file__).with_name("js_follower.mjs")
@@ -39,6 +40,8 @@ class Follower:
         return max(0, sum(e["type"] == "ready" for e in self.events) - 1)
 
     def _record(self, event: Event) -> None:
+        if event["type"] in EPHEMERAL:
+            return
         self.events.append(event)
         self._changed.set()
 

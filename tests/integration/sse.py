@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.integration.helpers import TIMEOUT_S
+from tests.integration.helpers import EPHEMERAL, TIMEOUT_S
 
 
 @dataclass
@@ -42,7 +42,7 @@ class SseReader:
             event = SseEvent()
             async for line in self._lines:
                 if line == "":
-                    if event.data is not None:
+                    if event.data is not None and event.event not in EPHEMERAL:
                         return event
                     event = SseEvent(retry=event.retry)
                     continue

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
@@ -39,6 +40,7 @@ from tests.integration import proxies
 from tests.integration.conftest import require_redis, track_pods
 from tests.integration.followers import Follower, JsFollower, PyFollower
 from tests.integration.helpers import (
+    EPHEMERAL,
     Stopwatch,
     assert_idle,
     assert_matches_log,
@@ -167,7 +169,11 @@ async def _idle(ws: Any, seconds: float) -> float | None:
     stayed open, else after how long it was closed."""
     clock = Stopwatch()
     try:
-        frame = await asyncio.wait_for(ws.recv(), seconds)
+        async with asyncio.timeout(seconds):
+            while True:  # presence is not traffic the client asked for
+                frame = await ws.recv()
+                if orjson.loads(frame)["type"] not in EPHEMERAL:
+                    break
     except TimeoutError:
         return None
     except ConnectionClosed:

@@ -3,6 +3,14 @@
 
 export const PROTOCOL_VERSION = 1;
 
+export interface LastMessageOut {
+  id: string;
+  role: string;
+  user_id: string;
+  preview: string;
+  created_at: number;
+}
+
 /** A committed message of a thread's history, as clients see it. */
 export interface Message {
   id: string;
@@ -25,6 +33,19 @@ export interface QueuedPrompt {
   user_id: string;
   content: string;
   client_msg_id?: string | null;
+}
+
+/** A thread as the caller's inbox shows it. */
+export interface ThreadSummary {
+  id: string;
+  title: string;
+  role: "owner" | "member" | "viewer";
+  prompt_policy: string;
+  generating: boolean;
+  unread: number;
+  updated_at: number;
+  active_at: number;
+  last_message: LastMessageOut | null;
 }
 
 /** A tool the model called during a reply, with its result. */
@@ -101,6 +122,13 @@ export interface HistoryEvent {
   has_more: boolean;
 }
 
+/** The first event of a user socket: the caller's threads, most recently active first; ``next_cursor`` pages on with ``GET /v1/threads?cursor=``. */
+export interface InboxEvent {
+  type: "inbox";
+  threads: Array<ThreadSummary>;
+  next_cursor?: string | null;
+}
+
 /** A turn started: ``model`` is generating the reply ``generation_id``. */
 export interface LoadingEvent {
   id: string;
@@ -122,7 +150,14 @@ export interface MessageEvent {
 
 export interface PongEvent {
   type: "pong";
+  thread_id?: string | null;
+}
+
+/** Who has a socket on the thread, on any pod (not a timeline event). */
+export interface PresenceEvent {
+  type: "presence";
   thread_id: string;
+  users: Array<string>;
 }
 
 /** A prompt sent while a turn runs waits in the thread's queue; its ``queue_id`` is this event's id, and its ``message`` carries it once it runs. */
@@ -150,6 +185,19 @@ export interface ReadyEvent {
   recovered?: boolean | null;
 }
 
+/** One of the caller's threads changed (or became theirs). */
+export interface ThreadEvent {
+  type: "thread";
+  thread: ThreadSummary;
+}
+
+/** A thread left the caller's inbox. */
+export interface ThreadRemovedEvent {
+  type: "thread_removed";
+  thread_id: string;
+  reason: "deleted" | "revoked" | "left";
+}
+
 /** The model asked for a tool; it runs on the turn's pod after this event. */
 export interface ToolCallEvent {
   id: string;
@@ -174,6 +222,13 @@ export interface ToolResultEvent {
   is_error: boolean;
 }
 
+/** Another socket's user is typing in the thread (not a timeline event). */
+export interface TypingEvent {
+  type: "typing";
+  thread_id: string;
+  user_id: string;
+}
+
 /** A waiting prompt left the queue without running (``reason``: cancelled, or budget_exceeded: its sender spent the day's tokens before it started). */
 export interface UnqueuedEvent {
   id: string;
@@ -186,6 +241,7 @@ export interface UnqueuedEvent {
 
 /** Without ``parent_id`` the message follows the active leaf; with it (a message id, or null for a new root) it starts a branch there: an edit. */
 export interface PromptFrame {
+  thread_id?: string | null;
   type: "prompt";
   content: string;
   client_msg_id?: string | null;
@@ -193,17 +249,20 @@ export interface PromptFrame {
 }
 
 export interface RegenerateFrame {
+  thread_id?: string | null;
   type: "regenerate";
   message_id: string;
   client_msg_id?: string | null;
 }
 
 export interface SwitchFrame {
+  thread_id?: string | null;
   type: "switch";
   message_id: string;
 }
 
 export interface GetHistoryFrame {
+  thread_id?: string | null;
   type: "get_history";
   before?: string | null;
   limit?: number;
@@ -212,12 +271,14 @@ export interface GetHistoryFrame {
 
 /** Stops the running turn (``generation_id``: only that one), or with ``queue_id`` takes a waiting prompt out of the queue. */
 export interface CancelFrame {
+  thread_id?: string | null;
   type: "cancel";
   generation_id?: string | null;
   queue_id?: string | null;
 }
 
 export interface ResumeFrame {
+  thread_id?: string | null;
   type: "resume";
   after: string;
   epoch?: string | null;
@@ -227,19 +288,51 @@ export interface PingFrame {
   type: "ping";
 }
 
+/** The member read the thread up to ``message_id`` (either socket kind). */
+export interface ReadFrame {
+  thread_id?: string | null;
+  type: "read";
+  message_id: string;
+}
+
+/** The member is typing: the thread's other sockets get ``typing``. */
+export interface TypingFrame {
+  thread_id?: string | null;
+  type: "typing";
+}
+
+/** User socket: follow a thread on this socket, as a thread socket would. */
+export interface JoinFrame {
+  type: "join";
+  thread_id: string;
+  after?: string | null;
+  epoch?: string | null;
+}
+
+/** User socket: stop following a joined thread. */
+export interface LeaveFrame {
+  type: "leave";
+  thread_id: string;
+}
+
 export type ServerEvent =
   | BranchEvent
   | DeltaEvent
   | DoneEvent
   | ErrorEvent
   | HistoryEvent
+  | InboxEvent
   | LoadingEvent
   | MessageEvent
   | PongEvent
+  | PresenceEvent
   | QueuedEvent
   | ReadyEvent
+  | ThreadEvent
+  | ThreadRemovedEvent
   | ToolCallEvent
   | ToolResultEvent
+  | TypingEvent
   | UnqueuedEvent;
 
 export type TimelineEvent =
@@ -260,7 +353,11 @@ export type ClientFrame =
   | GetHistoryFrame
   | CancelFrame
   | ResumeFrame
-  | PingFrame;
+  | PingFrame
+  | ReadFrame
+  | TypingFrame
+  | JoinFrame
+  | LeaveFrame;
 
 export type ErrorCode = "bad_request" | "thread_busy" | "rate_limited" | "budget_exceeded" | "forbidden" | "not_found" | "queue_full" | "conflict" | "unavailable" | "internal" | "too_large" | "resume_gap" | "llm_error";
 

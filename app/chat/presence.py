@@ -1,0 +1,189 @@
+"""Presence and typing: who has a socket on a thread, on any pod, and who is
+typing. Neither is a timeline event: nothing here is stored in the timeline
+or replayed; both reach sockets as ephemeral frames of their followers.
+
+Every socket on a thread is an entry ``<user>|<socket>`` in the thread's
+presence set, with a lease on the Redis clock (the PRESENCE script). A pod
+renews its entries every third of CHAT_SOCKET_LEASE_MS with a lease of two
+thirds, so one late renewal never drops a live socket, and a crashed pod's
+users are gone within CHAT_SOCKET_LEASE_MS: the same heartbeat reads every
+thread the pod follows (one pipelined round trip) and tells its sockets
+when the set of users changed.
+
+A join or a leave publishes a nudge on the thread's channel. Each pod
+coalesces the nudges of a thread: it reads the set once per window
+(PRESENCE_WINDOW_S) however many nudges came, and sends its sockets a
+``presence`` only when the users changed. A reconnect storm of a thousand
+sockets thus costs each socket a few presence frames, not a thousand.
+
+Typing is throttled per user and thread, across pods (a ``SET NX PX`` of
+TYPING_INTERVAL_MS), after a local check that drops floods before Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import orjson
+
+from app.chat import keys
+from app.chat.fanout import FanoutHub
+from app.chat.follower import Follower
+from app.chat.keys import ThreadId, UserId
+from app.chat.redis_types import RedisClient, texts
+from app.chat.scripts import Scripts, run_many
+from app.chat.timeline import TimelineEvent, ephemeral
+
+log = logging.getLogger(__name__)
+
+PRESENCE_WINDOW_S = 0.2
+TYPING_INTERVAL_MS = 2000
+NUDGE = orjson.dumps({"control": "presence"}).decode()
+
+
+class Presence:
+    """This pod's share of every thread's presence, and typing."""
+
+    def __init__(
+        self, redis: RedisClient, scripts: Scripts, hub: FanoutHub, publish: str, lease_ms: int
+    ) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._publish = publish
+        self._lease_ms = lease_ms * 2 // 3
+        self._interval_s = lease_ms / 3000
+        # Followers present on each thread, with their entries.
+        self._local: dict[ThreadId, dict[Follower, str]] = {}
+        # What each follower was last shown.
+        self._shown: dict[Follower, list[str]] = {}
+        self._pending: set[ThreadId] = set()
+        self._typed: dict[tuple[ThreadId, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        hub.on_presence = self.nudged
+
+    async def start(self) -> None:
+        self._heartbeat = asyncio.create_task(self._renew_forever(), name="presence")
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def enter(self, follower: Follower, user: UserId) -> None:
+        """A socket joined a thread: it appears, and is sent who is there."""
+        thread = follower.thread
+        entry = f"{user}|{secrets.token_hex(6)}"
+        self._local.setdefault(thread, {})[follower] = entry
+        present = await self._call(thread, "add", [entry], nudge=True)
+        self._show(thread, present, [follower])
+
+    async def exit(self, follower: Follower) -> None:
+        """A socket left a thread (closed, or ``leave``)."""
+        thread = follower.thread
+        local = self._local.get(thread, {})
+        entry = local.pop(follower, None)
+        self._shown.pop(follower, None)
+        if not local:
+            self._local.pop(thread, None)
+        if entry is not None:
+            await self._call(thread, "remove", [entry], nudge=True)
+
+    def nudged(self, thread: ThreadId) -> None:
+        """Someone joined or left the thread (from the hub): read it again
+        once the window closes, whatever else comes meanwhile."""
+        if thread in self._local and thread not in self._pending:
+            self._pending.add(thread)
+            task = asyncio.create_task(self._refresh_later(thread))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def typing(self, thread: ThreadId, user: UserId) -> bool:
+        """Tell the thread's other users ``user`` types; False when throttled
+        (at most one per user per TYPING_INTERVAL_MS, across pods)."""
+        now = time.monotonic()
+        last = self._typed.get((thread, user))
+        if last is not None and now - last < TYPING_INTERVAL_MS / 1000:
+            return False  # a flood never reaches Redis
+        self._typed[(thread, user)] = now
+        if len(self._typed) > 10000:  # forget old throttles
+            horizon = now - TYPING_INTERVAL_MS / 1000
+            self._typed = {k: t for k, t in self._typed.items() if t > horizon}
+        throttle = keys.typing(thread, user)
+        if not await self._redis.set(throttle, "1", nx=True, px=TYPING_INTERVAL_MS):
+            return False
+        frame = orjson.dumps({"control": "typing", "user_id": user}).decode()
+        await self._redis.execute_command(self._publish, keys.live(thread), frame)
+        return True
+
+    async def _call(
+        self, thread: ThreadId, action: str, entries: list[str], nudge: bool = False
+    ) -> list[str]:
+        present = await self._scripts.presence(
+            keys=[keys.presence(thread), keys.live(thread)],
+            args=[self._lease_ms, self._publish, NUDGE if nudge else "", action, *entries],
+        )
+        return _users(texts(present))
+
+    async def _refresh_later(self, thread: ThreadId) -> None:
+        try:
+            await asyncio.sleep(PRESENCE_WINDOW_S)
+        finally:
+            self._pending.discard(thread)
+        try:
+            self._show(thread, await self._call(thread, "add", []))
+        except Exception as exc:  # the next heartbeat tries again
+            log.warning("presence of %s not read: %s", thread, exc)
+
+    def _show(
+        self, thread: ThreadId, users: list[str], followers: list[Follower] | None = None
+    ) -> None:
+        """Send ``users`` to the thread's local followers not shown them yet."""
+        frame = None
+        for follower in followers or list(self._local.get(thread, ())):
+            if self._shown.get(follower) != users and follower in self._local.get(thread, ()):
+                self._shown[follower] = users
+                frame = frame or _frame(thread, users)
+                follower.deliver(frame)
+
+    async def renew(self) -> None:
+        """Renew this pod's entries and show every changed set (one round trip)."""
+        threads = list(self._local.items())
+        if not threads:
+            return
+        replies = await run_many(
+            self._redis, self._scripts.presence,
+            [
+                (
+                    [keys.presence(thread), keys.live(thread)],
+                    [self._lease_ms, self._publish, "", "add", *local.values()],
+                )
+                for thread, local in threads
+            ],
+        )  # fmt: skip
+        for (thread, _), present in zip(threads, replies, strict=True):
+            self._show(thread, _users(texts(present)))
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.renew()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("presence not renewed: %s", exc)
+
+
+def _users(entries: list[str]) -> list[str]:
+    return sorted({entry.rpartition("|")[0] for entry in entries})
+
+
+def _frame(thread: ThreadId, users: list[str]) -> TimelineEvent:
+    return ephemeral(
+        orjson.dumps({"type": "presence", "thread_id": thread, "users": users}).decode()
+    )
