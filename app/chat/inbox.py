@@ -114,8 +114,8 @@ class Inbox:
         self._open = "1" if open_access else "0"
         self._notices = Notices(redis, scripts, publish)
 
-    async def cards(self, user: UserId, threads: list[tuple[ThreadId, float]]) -> list[ThreadCard]:
-        """The cards of ``threads`` (id, activity in s) for ``user``, in one
+    async def cards(self, user: UserId, threads: list[tuple[ThreadId, int]]) -> list[ThreadCard]:
+        """The cards of ``threads`` (id, activity in ms) for ``user``, in one
         round trip however many (a pipeline of one script call each); threads
         gone or no longer the user's are left out."""
         replies = await run_many(
@@ -125,7 +125,7 @@ class Inbox:
         cards = []
         for (_, active), reply in zip(threads, replies, strict=True):
             if reply:
-                card = parse_notice(reply[1], self._policy, int(active * 1000))
+                card = parse_notice(reply[1], self._policy, active)
                 if isinstance(card, ThreadCard):
                     cards.append(card)
         return cards
