@@ -18,7 +18,6 @@ import httpx
 import pytest
 import websockets
 
-from tests.integration.conftest import track_pods
 from tests.integration.helpers import (
     TIMEOUT_S,
     Event,
@@ -44,10 +43,8 @@ def trio(
 ) -> Iterator[list[Server]]:
     workdir: Path = tmp_path_factory.mktemp("usersock")
     with pods(
-        workdir, 3, **AUTH_ENV, CHAT_SOCKET_LEASE_MS=LEASE_MS, CHAT_MAX_JOINED=3,
-        CHAT_LOG_LEVEL="INFO",
+        request, workdir, 3, **AUTH_ENV, CHAT_SOCKET_LEASE_MS=LEASE_MS, CHAT_MAX_JOINED=3,
     ) as started:  # fmt: skip
-        track_pods(request).extend(started)
         yield started
 
 
