@@ -472,3 +472,33 @@ async def test_final_writes_give_up_within_write_retry_s_even_when_redis_is_sile
     assert record is not None and record.generation_id == "g"  # for the reaper to close
     events = await generation_events(redis, thread, "g")
     assert [e["type"] for e in events] == ["message", "loading"]  # no delta, no done
+
+
+class _DeafLock(TurnLock):
+    """A lock whose renewals never get an answer (a blackholed Redis) and
+    that loses the first cancel that reaches one, as asyncio.wait_for can on
+    Python 3.11 (app.chat.tasks)."""
+
+    swallowed = False
+
+    async def renew(self, thread: ThreadId, lease: Any) -> bool:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed = True
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        return True
+
+
+async def test_a_turn_ends_even_when_its_renewer_loses_a_cancel(
+    redis: Any, store: TurnStore, scripts: Scripts, hub: FanoutHub, thread: ThreadId
+) -> None:
+    lock = _DeafLock(scripts, ttl_ms=300)  # renewing from 0.1 s on, never answered
+    manager = manager_for(FakeModel(tokens=5, delay_ms=60), store, lock, hub, 5, 2048)
+    manager.start(await begin_turn(store, lock, thread, "g"))
+    await run_to_end(manager, timeout=5)  # it waited on its renewer for ever
+    assert lock.swallowed
+    _, message, done = await outcome(redis, thread, "g")
+    assert done["status"] == "complete" and message["content"] == expected_reply(PROMPT, 5)

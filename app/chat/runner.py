@@ -22,7 +22,6 @@ stops the running tools; the calls that finished stay in the reply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -181,11 +180,10 @@ class TurnRunner:
         except _LeftToReaper:
             pass  # logged where the writes gave up
         finally:
-            for task in (producer, renewer):
-                task.cancel()
-            for task in (producer, renewer):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # Cancelled until done: a renewer inside a Redis call can lose a
+            # single cancel (app.chat.tasks) and would renew a dead lease for
+            # ever, the turn waiting on it.
+            await tasks.stop_all([producer, renewer], tasks.RELEASE_S, quiet=True)
 
     async def _produce(self) -> None:
         started = time.monotonic()
