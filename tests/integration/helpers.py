@@ -24,7 +24,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.chat import keys
-from tests.integration.followers import PyFollower
+from tests.integration.followers import EPHEMERAL, PyFollower
 from tests.procs import RedisServer, wait_until
 
 TIMEOUT_S = 15.0
@@ -61,10 +61,6 @@ async def send(ws: Any, frame: Event) -> None:
     await ws.send(orjson.dumps(frame).decode())
 
 
-# Not timeline events, and sent whenever who is on a thread changes: the
-# tests that look for them read them with ``recv_any``; the others skip them,
-# as a client that shows no presence does.
-EPHEMERAL = frozenset({"presence", "typing"})
 
 
 async def recv_any(ws: Any, timeout: float = TIMEOUT_S) -> Event:
