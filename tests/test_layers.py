@@ -91,6 +91,69 @@ def test_every_import_points_down_a_layer() -> None:
     assert upward_imports() == []
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Each project module and the project modules it imports."""
+    paths = project_modules()
+    modules = {module_name(path) for path in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        edges = graph.setdefault(module_name(path), set())
+        for target in imported(ast.parse(path.read_text(), str(path))):
+            parts = target.split(".")
+            for end in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:end])
+                if candidate in modules:
+                    if candidate != module_name(path):
+                        edges.add(candidate)
+                    break
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or not
+    (strongly connected components of more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_modules_import_each_other() -> None:
+    """Imports within a layer are allowed, but never in a circle (a lazy
+    import inside a function counts too: it is a cycle all the same)."""
+    graph = import_graph()
+    assert "app.chat.service" in graph["app.ws"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
 # The domain and what it stands on know nothing of the web: frames, sockets and
 # HTTP are the edges' (layer 5 and up).
 WEB = ("fastapi", "starlette", "uvicorn", "websockets")
