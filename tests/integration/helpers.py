@@ -61,8 +61,6 @@ async def send(ws: Any, frame: Event) -> None:
     await ws.send(orjson.dumps(frame).decode())
 
 
-
-
 async def recv_any(ws: Any, timeout: float = TIMEOUT_S) -> Event:
     """The next event, whatever it is."""
     return orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
