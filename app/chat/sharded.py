@@ -31,6 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.chat import tasks
+
 _LOST = object()
 
 
@@ -128,11 +130,9 @@ class ShardedSubscriber:
         return result
 
     async def aclose(self) -> None:
-        for task in self._readers.values():
-            task.cancel()
-        for task in self._readers.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Cancelled until done (a reader in a Redis call can lose one cancel,
+        # see app.chat.tasks): a hung close would keep the hub from reconnecting.
+        await tasks.stop_all(list(self._readers.values()), tasks.RELEASE_S, quiet=True)
         for pubsub in self._pubsubs.values():
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
