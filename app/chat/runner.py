@@ -58,11 +58,15 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# How long a turn's final writes (the rest of its text, then its end) may take
-# in all, retries and attempts in flight included, before the turn gives up
-# and leaves itself to the reaper. The runner is the only one retrying them:
-# the client it writes through has redis-py's retries off (app.redis_client).
-WRITE_RETRY_S = 10.0
+# How long a write the turn cannot go on without (its end, with the rest of its
+# text; a tool call's record) may take in all, retries and attempts in flight
+# included, before the turn gives up and leaves itself to the reaper. The
+# runner is the only one retrying them: the client it writes through has
+# redis-py's retries off (app.redis_client). 20 s outlasts a Sentinel
+# failover's write pause (about 10 s with Sentinel's defaults, see
+# docs/operations.md), as the 10 s each of the flush and the end did before
+# they shared one bound.
+WRITE_RETRY_S = 20.0
 WRITE_BACKOFF = Backoff(0.05, 1.0)
 # On drain, how long turns cut at the grace have to commit `interrupted`.
 DRAIN_COMMIT_S = 5.0
