@@ -1,10 +1,12 @@
 """What the integration tests say, in the order a test says it: open a
-socket, send, read until something happens, then check what the client saw
+socket, send, read until something happens (or start clients that keep what
+they see), ask the pods how they are, then check what the clients saw
 against what Redis holds.
 
 Sockets speak protocol v1 (docs/protocol.md); every read is bounded by
 ``TIMEOUT_S`` unless the caller gives its own bound. Tokens for the
-authenticated pods are in tests/integration/tokens.py, the processes in
+authenticated pods are in tests/integration/tokens.py, the clients that
+keep everything in tests/integration/followers.py, the processes in
 tests/procs.py.
 """
 
@@ -221,6 +223,7 @@ async def until_status(
 
 
 def of_type(events: list[Event], kind: str) -> list[Event]:
+    """The events of one type (``done``, ``delta``...), in order."""
     return [e for e in events if e["type"] == kind]
 
 
