@@ -54,7 +54,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class PodServer(uvicorn.Server):
-    """uvicorn's server, whose exit after a stop signal is bounded."""
+    """uvicorn's server, whose exit after a stop signal is bounded. The
+    methods overridden here are app.uvicorn_adapter.SERVER_HOOKS, whose
+    test fails should uvicorn change them."""
 
     def __init__(self, config: uvicorn.Config, drain_grace_s: float) -> None:
         super().__init__(config)

@@ -14,6 +14,11 @@ with the websockets package installed, i.e. a pod's), ``websockets`` and
 ``wsproto``. tests/test_uvicorn_adapter.py runs a real uvicorn with each and
 fails when the installed uvicorn is outside that range or no longer works
 this way: then re-check this module and widen the range.
+
+The one other reliance on uvicorn beyond its documented ``Config`` and
+``Server.serve``: app.process's ``PodServer`` overrides ``Server.startup``
+and ``Server.handle_exit`` (to log the bound port and bound the exit). Their
+signatures are SERVER_HOOKS, checked by the same test.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from starlette.websockets import WebSocket
 
 SUPPORTED_UVICORN = ((0, 30), (0, 54))
 SERVER_WS_IMPLEMENTATIONS = ("websockets-sansio", "websockets", "wsproto")
+# uvicorn.Server methods app.process overrides, and their parameters.
+SERVER_HOOKS = {"startup": ("self", "sockets"), "handle_exit": ("self", "sig", "frame")}
 
 # How many wrappers deep uvicorn's send may sit (Starlette wraps it for its
 # exception handling; middleware may add more).

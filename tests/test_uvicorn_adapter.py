@@ -9,6 +9,7 @@ adapter relies on.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 from importlib.metadata import version
 
@@ -30,6 +31,14 @@ def test_installed_uvicorn_is_one_the_adapter_was_checked_against() -> None:
         f"uvicorn {version('uvicorn')} is outside {low}..{high}: re-check app/uvicorn_adapter.py "
         "against it (this test's other cases must pass), then widen SUPPORTED_UVICORN"
     )
+
+
+def test_the_server_methods_app_process_overrides_are_still_there() -> None:
+    for name, parameters in uvicorn_adapter.SERVER_HOOKS.items():
+        method = getattr(uvicorn.Server, name, None)
+        assert method is not None, f"uvicorn.Server.{name} is gone: re-check app.process"
+        found = tuple(inspect.signature(method).parameters)
+        assert found == parameters, f"uvicorn.Server.{name}{found}: re-check app.process"
 
 
 @pytest.mark.parametrize("implementation", uvicorn_adapter.SERVER_WS_IMPLEMENTATIONS)
