@@ -42,6 +42,11 @@ LLM_TOKENS = Counter(
     "Model tokens, by provider, model and kind (input, output, cache_read, cache_write)",
     ["provider", "model", "kind"],
 )
+TOOL_CALLS = Counter(
+    f"{_PREFIX}_tool_calls",
+    "Tool calls answered on this pod, by tool (unknown: a name no tool has) and outcome",
+    ["tool", "outcome"],
+)
 REDIS_ERRORS = Counter(
     f"{_PREFIX}_redis_errors", "Redis errors seen while serving, by where", ["where"]
 )

@@ -143,3 +143,19 @@ async def test_long_outputs_are_cut() -> None:
 
     out = await ToolBox([big], max_output_chars=100).run(ToolCall("1", "big", "{}"))
     assert out.output.startswith("x" * 100) and out.output.endswith("[cut at 100]")
+
+
+async def test_calls_are_counted_by_tool_and_outcome() -> None:
+    from prometheus_client import REGISTRY
+
+    def count(tool_name: str, outcome: str) -> float:
+        labels = {"tool": tool_name, "outcome": outcome}
+        return REGISTRY.get_sample_value("durable_chat_tool_calls_total", labels) or 0.0
+
+    before = (count("echo", "ok"), count("echo", "error"), count("unknown", "error"))
+    box = ToolBox([say])
+    await box.run(ToolCall("1", "echo", "{}"))
+    await box.run(ToolCall("2", "echo", "{bad"))
+    await box.run(ToolCall("3", "made-up-by-the-model", "{}"))
+    after = (count("echo", "ok"), count("echo", "error"), count("unknown", "error"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]

@@ -39,6 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import jsonschema
 import orjson
 
+from app import metrics
 from app.llm.base import ToolCall, ToolSpec, clip
 from app.settings import ConfigError, Settings
 
@@ -166,6 +167,12 @@ class ToolBox:
     async def run(self, call: ToolCall) -> Outcome:
         """Run one call (bounded by the pod's concurrency and the tool's
         timeout); every failure is an error outcome, cancellation propagates."""
+        outcome = await self._run(call)
+        name = call.name if call.name in self._tools else "unknown"
+        metrics.TOOL_CALLS.labels(name, "error" if outcome.is_error else "ok").inc()
+        return outcome
+
+    async def _run(self, call: ToolCall) -> Outcome:
         value, problem = self.parse(call)
         if problem is not None:
             return Outcome(value, clip(problem), True)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from redis.cluster import RedisCluster
@@ -129,6 +130,7 @@ async def test_cross_pod_timeline_on_every_shard(redis_cluster, pod_factory):
     seed_a, seed_b = _Seed(redis_cluster[0]), _Seed(redis_cluster[1])
     pod_a = pod_factory(seed_a, REDIS_CLUSTER=1)
     pod_b = pod_factory(seed_b, REDIS_CLUSTER=1)
+    spent = 0
     for thread in _threads_on_every_shard(redis_cluster):
         a = await connect(pod_a.ws, thread)
         b = await connect(pod_b.ws, thread)
@@ -143,6 +145,11 @@ async def test_cross_pod_timeline_on_every_shard(redis_cluster, pod_factory):
         assert timeline(seen_a) == timeline(seen_b)
         text = "".join(e["text"] for e in seen_a if e["type"] == "delta")
         assert text == seen_a[-2]["message"]["content"] == expected_reply(f"on {thread}", 30)
+        spent += sum(seen_a[-1]["usage"].values())
+    # Every turn's tokens reached the user's day, whatever shard its thread
+    # lives on (the user's counters live on another slot: app.chat.usage).
+    async with httpx.AsyncClient(base_url=pod_a.http, timeout=10) as http:
+        assert (await http.get("/v1/usage")).json()["total_tokens"] == spent
     # Sharded pub/sub: channels are shard channels, not global ones.
     cluster = RedisCluster(host="127.0.0.1", port=redis_cluster[0], decode_responses=True)
     try:
