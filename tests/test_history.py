@@ -107,15 +107,40 @@ def chars(message: Message) -> int:
     return len(message.content)
 
 
-async def test_context_respects_the_char_budget(redis: Any, seven: list[str]) -> None:
+async def test_context_respects_the_budget(redis: Any, seven: list[str]) -> None:
     reader = reader_of(redis)
-    # Each message is 2 chars: 7 fit in 14, 3 in 7.
+    # Each message costs 2: all 7 fit in 14.
     assert [m.content for m in await reader.context(T, "", 14, chars)] == [
         f"m{i}" for i in range(1, 8)
     ]
-    assert [m.content for m in await reader.context(T, "", 7, chars)] == ["m5", "m6", "m7"]
-    assert [m.content for m in await reader.context(T, "", 6, chars)] == ["m5", "m6", "m7"]
-    assert [m.content for m in await reader.context(T, "", 5, chars)] == ["m6", "m7"]
+    # A window that no longer fits starts again with REFILL (60 %) of the
+    # budget: room for the next turns to grow into with the same beginning.
+    assert [m.content for m in await reader.context(T, "", 7, chars)] == ["m6", "m7"]
+    assert [m.content for m in await reader.context(T, "", 6, chars)] == ["m7"]
+    assert [m.content for m in await reader.context(T, "", 10, chars)] == ["m5", "m6", "m7"]
+
+
+async def test_context_keeps_its_start_while_it_fits(redis: Any, seven: list[str]) -> None:
+    reader = reader_of(redis)
+    # The window started at m5 last time: it still does, though m3 and m4
+    # would fit too (the same prefix is what a prompt cache can match).
+    start = seven[4]
+    window = await reader.context(T, "", 10, chars, start)
+    assert [m.content for m in window] == ["m5", "m6", "m7"]
+    await add(redis, "8-0", "m8")
+    assert [m.content for m in await reader.context(T, "", 10, chars, start)] == [
+        "m5", "m6", "m7", "m8",
+    ]  # fmt: skip
+    await add(redis, "9-0", "m9")
+    await add(redis, "10-0", "mX")
+    # Over the budget from that start: a new, shorter window.
+    assert [m.content for m in await reader.context(T, "", 10, chars, start)] == [
+        "m8", "m9", "mX",
+    ]  # fmt: skip
+    # A start that is not on the branch (another branch, or gone) is ignored.
+    assert [m.content for m in await reader.context(T, "", 14, chars, "99-0")] == [
+        "m7", "m8", "m9", "mX",
+    ]  # fmt: skip
 
 
 async def test_context_reads_across_pages_without_gap_or_repeat(redis: Any) -> None:
@@ -127,7 +152,7 @@ async def test_context_reads_across_pages_without_gap_or_repeat(redis: Any) -> N
         f"{i:03d}" for i in range(1, 101)
     ]
     assert [m.content for m in await reader.context(T, "", 90, chars)] == [
-        f"{i:03d}" for i in range(71, 101)
+        f"{i:03d}" for i in range(83, 101)
     ]
 
 
@@ -145,7 +170,7 @@ async def test_context_reads_beyond_one_batch(redis: Any) -> None:
     everything = await reader.context(T, "", 10_000, chars)
     assert [m.id for m in everything] == [f"{i}-0" for i in range(1, 121)]
     some = await reader.context(T, "", 150, chars)
-    assert [m.id for m in some] == [f"{i}-0" for i in range(46, 121)]
+    assert [m.id for m in some] == [f"{i}-0" for i in range(76, 121)]
 
 
 async def test_context_of_an_empty_thread(redis: Any) -> None:

@@ -25,6 +25,9 @@ from app.chat.scripts import Scripts
 
 # The seed protocol's whole-branch reads, a page at a time.
 _ALL_PAGE = 200
+# How much of the context budget a window that outgrew it starts again with
+# (see HistoryReader.context): the rest is room for the turns that follow.
+REFILL = 0.6
 
 
 def tool_use_json(use: ToolUse) -> dict[str, object]:
@@ -133,11 +136,19 @@ class HistoryReader:
         return branch
 
     async def context(
-        self, thread: ThreadId, leaf: str, budget: int, cost: Callable[[Message], int]
-    ) -> list[Message]:
+        self, thread: ThreadId, leaf: str, budget: int, cost: Callable[[Message], int],
+        start: str | None = None,
+    ) -> list[Message]:  # fmt: skip
         """The newest messages of the branch ending at ``leaf`` whose ``cost``
         (estimated tokens) fits in ``budget``, root side first, and always
-        ``leaf`` itself: the context a model sees, never another branch."""
+        ``leaf`` itself: the context a model sees, never another branch.
+
+        A context that starts where the last one did (``start``, while it
+        still fits) keeps its beginning from turn to turn, so providers'
+        prompt caches match it (a cache is a prefix: a window sliding by one
+        message each turn would miss every time). Once it no longer fits, the
+        window starts again with only REFILL of the budget, leaving room to
+        grow for the next turns."""
         picked: list[Message] = []
         used = 0
         # Pages that start small and double: a budget is often met by the last
@@ -149,9 +160,21 @@ class HistoryReader:
             for message in reversed(page):
                 used += cost(message)
                 if used > budget and picked:
-                    return picked[::-1]
+                    return _newest(picked, int(budget * REFILL), cost)[::-1]
                 picked.append(message)
+                if message.id == start:
+                    return picked[::-1]
             if not more:
                 return picked[::-1]
             count = min(count * 2, 256)
             page, more = await self._path(thread, "before", page[0].id, count)
+
+
+def _newest(picked: list[Message], budget: int, cost: Callable[[Message], int]) -> list[Message]:
+    """The first messages of ``picked`` (newest first) that fit in ``budget``, at least one."""
+    used = 0
+    for i, message in enumerate(picked):
+        used += cost(message)
+        if used > budget and i:
+            return picked[:i]
+    return picked

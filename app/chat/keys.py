@@ -27,12 +27,16 @@ Layout (see the README for the redis-cli view of each):
     chat:{T}:typing:<U> String  a user's typing throttle (expires after 2 s)
     chat:{T}:dedup     Hash     client_msg_id -> message id (expires)
     chat:{T}:turn      Hash     the running turn: generation, fence, pod, start
+    chat:{T}:usage     Hash     token charges not yet added to their users' days
+    chat:{T}:context   String   where the model's context last started (expires)
     chat:{T}:live      channel  timeline frames as published
     chat:user:{U}:threads  Sorted set  a user's threads by last activity (ms)
     chat:user:{U}:inbox    channel     the user's thread summaries as they change
     chat:user:{U}:owned    Sorted set  threads the user created (the thread quota)
     chat:user:{U}:sockets  Sorted set  the user's open sockets, by lease expiry (ms)
     chat:user:{U}:rate:prompts  Hash   the user's prompt token bucket (expires)
+    chat:user:{U}:usage:{day}   Hash   the user's model tokens of a UTC day (expires)
+    chat:user:{U}:inflight      Hash   budget room held by the user's running turns
     chat:turns         Sorted set  threads with a running turn, by start (ms)
     chat:reaper:leader String   the in-pod reaper's leader lease
 """
@@ -71,6 +75,12 @@ REAPER_LEADER = f"{PREFIX}:reaper:leader"
 # going stale (the LLM call and write retries are bounded), so a day is
 # generous; after it, the id is free and nothing of the thread remains.
 DELETED_TTL_S = 86400
+
+# How long a thread's context start is kept (app.chat.history.context). It
+# only makes consecutive turns send the model the same prefix, for providers'
+# prompt caches, which forget within minutes (Anthropic's in 5, or 60);
+# after an hour the next turn simply picks a new start.
+CONTEXT_START_TTL_S = 3600
 
 
 class InvalidId(ValueError):
@@ -168,6 +178,10 @@ def usage_outbox(t: ThreadId) -> str:
     return _thread_key(t, "usage")
 
 
+def context_start(t: ThreadId) -> str:
+    return _thread_key(t, "context")
+
+
 def live(t: ThreadId) -> str:
     return _thread_key(t, "live")
 
@@ -177,7 +191,7 @@ def all_thread_keys(t: ThreadId) -> list[str]:
     all but the fence, which stays a while as a tombstone (DELETED_TTL_S)."""
     return [
         history(t), events(t), lock(t), fence(t), meta(t), members(t), dedup(t), turn(t),
-        tree(t), usage_outbox(t), queue(t), roles(t), reads(t), presence(t),
+        tree(t), usage_outbox(t), context_start(t), queue(t), roles(t), reads(t), presence(t),
     ]  # fmt: skip
 
 

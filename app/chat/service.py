@@ -539,11 +539,16 @@ class ChatService:
         """Hand the begun turn to a runner. From here on the turn must run (or
         be reaped) whatever fails: a failed history read only narrows the
         model's context to the prompt itself. The context is the branch that
-        ends at the user message answered, never another branch."""
+        ends at the user message answered, never another branch, and starts
+        where the last turn's did while it fits (HistoryReader.context)."""
         try:
+            start_key = keys.context_start(thread)
+            start = text(await self.redis.get(start_key))
             context = await self.history.context(
-                thread, begun.message_id, self._context_budget, message_tokens
+                thread, begun.message_id, self._context_budget, message_tokens, start
             )
+            if context and context[0].id != start:
+                await self.redis.set(start_key, context[0].id, ex=keys.CONTEXT_START_TTL_S)
         except RedisError as exc:
             log.warning("turn %s sees only its prompt: %s", generation_id, exc)
             context = [dataclasses.replace(prompt, id=begun.message_id)] if prompt else []

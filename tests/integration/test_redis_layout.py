@@ -50,7 +50,7 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
     # only the tokens of the day, and the socket's presence until its pod
     # has seen it close.
     day = f"chat:user:{{anonymous}}:usage:{utc_day()}"
-    optional = {"chat:reaper:leader", "chat:turns", day, t + "presence"}
+    optional = {"chat:reaper:leader", "chat:turns", day, t + "presence", t + "context"}
     assert found - required <= optional, sorted(found - required)
     for suffix, kind in TYPES.items():
         assert db.type(t + suffix) == kind, suffix
@@ -81,6 +81,10 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
     assert int(today["input_tokens"]) == int(meta["input_tokens"])
     assert int(today["output_tokens"]) == 8 and int(today["turns"]) == 2
     assert t + "usage" not in found
+    # Where the model's context starts (the thread's first message: it fits),
+    # kept a while for the next turn's prompt cache.
+    assert db.get(t + "context") == history[0][0]
+    assert 0 < db.ttl(t + "context") <= 3600
 
     events = db.xrange(t + "events")
     seen = [e for e in first + second if "id" in e]

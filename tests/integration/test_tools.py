@@ -160,3 +160,27 @@ async def test_kill_9_interrupts_the_turn_and_the_tool_never_runs_again(
     assert [m["status"] for m in history if m["role"] == "assistant"] == [
         "interrupted", "complete",
     ]  # fmt: skip
+
+
+async def test_a_cancel_from_another_pod_stops_a_running_tool(redis_server, pod_factory, tmp_path):
+    runs = tmp_path / "tool-runs.txt"
+    tools = {"CHAT_TOOLS": "tests.integration.pod_tools", "DURABLE_CHAT_TEST_TOOL_LOG": runs}
+    runner = pod_factory(redis_server, **tools, **QUICK)
+    other = pod_factory(redis_server, **tools, **QUICK)
+    thread = unique("canceltool")
+    sender, _ = await open_ready(runner.ws, thread)
+    canceller, _ = await open_ready(other.ws, thread)
+    try:
+        await send(sender, {"type": "prompt", "content": '/tool slow {"seconds": 30}'})
+        await read_until(canceller, "tool_call")
+        wait_until(lambda: _runs(runs), timeout=10, what="the tool to run")
+        await send(canceller, {"type": "cancel"})
+        # Ended well before the tool's 30 s: the running tool was stopped.
+        seen = await until_done(canceller, timeout=10)
+        assert seen[-1]["status"] == seen[-2]["message"]["status"] == "cancelled"
+        assert not any(e["type"] == "tool_result" for e in seen)
+        await until_done(sender)
+    finally:
+        await sender.close()
+        await canceller.close()
+    assert _runs(runs) == [runner.name]
