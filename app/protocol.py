@@ -292,6 +292,11 @@ class LastMessageOut(BaseModel):
     created_at: int = Field(description="ms since the epoch")
 
 
+class TokenTotals(BaseModel):
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+
+
 class ThreadSummary(BaseModel):
     """A thread as the caller's inbox shows it."""
 
@@ -307,6 +312,7 @@ class ThreadSummary(BaseModel):
     updated_at: int = Field(description="last committed message, ms since the epoch")
     active_at: int = Field(description="last activity, ms since the epoch")
     last_message: LastMessageOut | None
+    usage: TokenTotals = Field(description="the tokens every turn of the thread used")
 
     @classmethod
     def of(cls, card: records.ThreadCard) -> ThreadSummary:
@@ -319,6 +325,7 @@ class ThreadSummary(BaseModel):
                 id=last.id, role=last.role, user_id=last.user_id, preview=last.preview,
                 created_at=last.created_at,
             ) if last else None,
+            usage=TokenTotals(input_tokens=card.input_tokens, output_tokens=card.output_tokens),
         )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ from app.chat.service import ChatService
 from app.chat.threads import MAX_TITLE_CHARS, ThreadSummary
 from app.chat.usage import until_next_day_ms
 from app.origins import OriginPolicy
+from app.protocol import TokenTotals
 
 # Request bodies here are a title at most: anything bigger is refused unread.
 MAX_BODY_BYTES = 16 * 1024
@@ -78,11 +79,6 @@ class UpdateThread(BaseModel):
     prompt_policy: PromptPolicy | None = None
 
 
-class TokenCounts(BaseModel):
-    input_tokens: int
-    output_tokens: int
-
-
 class ThreadOut(BaseModel):
     id: str
     title: str
@@ -92,7 +88,7 @@ class ThreadOut(BaseModel):
     updated_at: int = Field(description="last committed message, ms since the epoch")
     active_at: int = Field(description="last activity in the caller's list, ms since the epoch")
     prompt_policy: PromptPolicy = Field(description="what a prompt sent while a turn runs gets")
-    usage: TokenCounts = Field(description="tokens used by every turn of the thread")
+    usage: TokenTotals = Field(description="tokens used by every turn of the thread")
 
 
 class ThreadDetail(ThreadOut):
@@ -268,7 +264,7 @@ def _out(summary: ThreadSummary, user: UserId) -> ThreadOut:
         role="owner" if summary.owner == user else "member",
         created_at=summary.created_at, updated_at=summary.updated_at,
         active_at=summary.active_at, prompt_policy=summary.prompt_policy,
-        usage=TokenCounts(
+        usage=TokenTotals(
             input_tokens=summary.input_tokens, output_tokens=summary.output_tokens
         ),
     )  # fmt: skip

@@ -39,6 +39,7 @@ def parse_notice(raw: str | bytes, prompt_policy: str, active_at: int | None = N
     if "removed" in data:
         return ThreadGone(thread_id=str(data["id"]), reason=str(data["removed"]))
     last = data.get("last_message")
+    usage = data.get("usage") or {}
     updated = int(data.get("updated_at") or 0)
     return ThreadCard(
         id=str(data["id"]), title=str(data.get("title") or ""), owner=str(data.get("owner") or ""),
@@ -53,6 +54,8 @@ def parse_notice(raw: str | bytes, prompt_policy: str, active_at: int | None = N
             created_at=int(last.get("created_at") or 0),
         ) if last else None,
         rev=int(data.get("rev") or 0),
+        input_tokens=int(usage.get("input_tokens") or 0),
+        output_tokens=int(usage.get("output_tokens") or 0),
     )  # fmt: skip
 
 

@@ -170,6 +170,9 @@ class ThreadCard:
     active_at: int
     last_message: LastMessage | None
     rev: int
+    # The tokens every turn of the thread used.
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

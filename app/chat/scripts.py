@@ -300,7 +300,7 @@ end
 
 local function notice(meta, history, u)
   local m = redis.call('HMGET', meta, 'title', 'owner', 'created_at', 'updated_at',
-    'prompt_policy', 'rev')
+    'prompt_policy', 'rev', 'input_tokens', 'output_tokens')
   local role = redis.call('HGET', sibling(meta, 'roles'), u)
   if not role then role = (m[2] == u) and 'owner' or 'member' end
   local out = {
@@ -309,6 +309,7 @@ local function notice(meta, history, u)
     rev = tonumber(m[6] or '0'),
     generating = redis.call('EXISTS', sibling(meta, 'turn')) == 1,
     unread = tonumber(redis.call('HGET', sibling(meta, 'reads'), 'u:' .. u) or '0'),
+    usage = {input_tokens = tonumber(m[7] or '0'), output_tokens = tonumber(m[8] or '0')},
   }
   if m[5] then out.prompt_policy = m[5] end
   local leaf = active_leaf(meta, history)

@@ -111,6 +111,9 @@ async def test_an_inbox_follows_threads_across_pods(trio: list[Server]) -> None:
         assert ended["last_message"]["role"] == "assistant"
         reply = [e for e in events if e["type"] == "message"][-1]["message"]
         assert ended["last_message"]["id"] == reply["id"]
+        # The card carries the thread's token totals: here its one turn's.
+        assert started["usage"] == {"input_tokens": 0, "output_tokens": 0}
+        assert ended["usage"] == events[-1]["usage"]
         # Bob wrote the prompt: only the reply is unread for him.
         bob_card = await card_where(bob_inbox, thread, lambda c: not c["generating"])
         assert bob_card["unread"] == 1

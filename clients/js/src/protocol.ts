@@ -46,6 +46,12 @@ export interface ThreadSummary {
   updated_at: number;
   active_at: number;
   last_message: LastMessageOut | null;
+  usage: TokenTotals;
+}
+
+export interface TokenTotals {
+  input_tokens: number;
+  output_tokens: number;
 }
 
 /** A tool the model called during a reply, with its result. */
