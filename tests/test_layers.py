@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "app.chat.fanout": 4,
     "app.chat.follower": 4,
     "app.chat.presence": 4,
+    "app.chat.titles": 4,
     "app.chat.runner": 4,
     "app.chat.reaper": 4,
     "app.chat.service": 4,

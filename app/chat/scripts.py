@@ -968,6 +968,25 @@ if ARGV[3] ~= '' then redis.call(ARGV[2], KEYS[2], ARGV[3]) end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
+# CLAIM_TITLE: may this pod title the thread (app.chat.titles)?
+# KEYS[1] meta, KEYS[2] history
+# Returns the thread's first prompt, once per thread and only while it has
+# no title, or nil (titled, claimed before, gone, or no message yet).
+# Claimed in the thread's meta, so one pod titles it, once: a failed title
+# is not tried again by the next turn. A script so that a claim racing a
+# delete cannot recreate a meta hash without epoch or owner.
+CLAIM_TITLE = (
+    _TREE
+    + r"""
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'title', 'titling')
+if not meta[1] or (meta[2] or '') ~= '' or meta[3] then return false end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+if not first or field(first[2], 'role') ~= 'user' then return false end
+redis.call('HSET', KEYS[1], 'titling', '1')
+return field(first[2], 'content')
+"""
+)
+
 # TAKE_TOKEN: one request against a token bucket shared by every pod.
 # KEYS[1] the bucket (Hash: tokens, ts)
 # ARGV[1] capacity (the burst), ARGV[2] refill in tokens per ms, ARGV[3] cost
@@ -1150,6 +1169,7 @@ class Scripts:
         self.read_marker: AsyncScript = redis.register_script(READ_MARKER)
         self.inbox_summaries: AsyncScript = redis.register_script(INBOX_SUMMARIES)
         self.presence: AsyncScript = redis.register_script(PRESENCE)
+        self.claim_title: AsyncScript = redis.register_script(CLAIM_TITLE)
         self.take_token: AsyncScript = redis.register_script(TAKE_TOKEN)
         self.admit_socket: AsyncScript = redis.register_script(ADMIT_SOCKET)
         self.renew_sockets: AsyncScript = redis.register_script(RENEW_SOCKETS)

@@ -47,6 +47,7 @@ from app.chat.timeline import (
     frame_from_entry,
     message_event_data,
 )
+from app.chat.titles import AutoTitles
 from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits
 from app.chat.usage import UsageStore
 from app.llm import ChatModel
@@ -136,6 +137,7 @@ class ChatService:
             redis, self.scripts, publish_command, settings.chat_event_retention,
             settings.chat_dedup_ttl_s, settings.chat_max_queued,
         )  # fmt: skip
+        self.titles = AutoTitles(redis, self.scripts, self.threads, model)
         self.presence = Presence(
             redis, self.scripts, self.hub, publish_command, settings.chat_socket_lease_ms
         )
@@ -172,6 +174,7 @@ class ChatService:
         self.draining = True
         await self.manager.drain(self.settings.chat_drain_grace_s)
         await self.presence.stop()
+        await self.titles.stop()
         await asyncio.gather(self.hub.stop(), self.limits.stop())
 
     # --- opening a thread -----------------------------------------------------
@@ -530,6 +533,7 @@ class ChatService:
             await self.start_next(thread)
 
     async def _after_turn(self, thread: ThreadId) -> None:
+        self.titles.after_turn(thread)
         await self.start_next(thread)
 
     async def _start_turn(

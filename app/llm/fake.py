@@ -104,5 +104,9 @@ class FakeModel:
             usage.output_tokens = i + 1
             yield f"{piece}[t={time.time():.6f}]" if self._stamp else piece
 
+    async def title(self, first_prompt: str) -> str:
+        """A thread's title (app.llm.titles): the first six words of its first prompt."""
+        return " ".join(first_prompt.split()[:6])
+
     async def aclose(self) -> None:
         return None

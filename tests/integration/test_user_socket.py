@@ -121,7 +121,8 @@ async def test_an_inbox_follows_threads_across_pods(trio: list[Server]) -> None:
         tab = await open_socket(p2.ws, thread, a)
         await recv_event(tab)
         await send(tab, {"type": "read", "message_id": reply["id"]})
-        read = await next_card(inbox, thread)
+        # (the auto-title's card may come first)
+        read = await card_where(inbox, thread, lambda c: c["unread"] != 2)
         assert read["unread"] == 0 and read["updated_at"] == ended["updated_at"]
         # A fresh snapshot agrees, newest activity first.
         again, snapshot = await user_socket(p2, a)
@@ -357,4 +358,40 @@ async def next_not_presence(ws: Any) -> Event:
         while True:
             event = await recv_any(ws)
             if event["type"] != "presence":
+                return event
+
+
+async def test_auto_titles_from_the_fake_model_and_the_owners_rename_wins(
+    trio: list[Server],
+) -> None:
+    p1, p2, _ = trio
+    a = user("titler")
+    async with rest(p1, a) as alice:
+        auto = (await alice.post("/v1/threads", json={})).json()["id"]
+        mine = (await alice.post("/v1/threads", json={})).json()["id"]
+        inbox, _ = await user_socket(p2, a)
+        ws = await open_socket(p1.ws, auto, a)
+        await recv_event(ws)
+        await until_done_after(ws, {"type": "prompt", "content": "how do I bake rye bread at home"})
+        titled = await card_where(inbox, auto, lambda c: c["title"])
+        assert titled["title"] == "how do I bake rye bread"
+        # Renamed while the first reply runs: the rename stays.
+        other = await open_socket(p1.ws, mine, a)
+        await recv_event(other)
+        await send(other, {"type": "prompt", "content": "a thread I name myself"})
+        await read_until_type(other, "loading")
+        assert (await alice.patch(f"/v1/threads/{mine}", json={"title": "Mine"})).status_code == 200
+        await until_done(other)
+        await until_done_after(other, {"type": "prompt", "content": "and a second turn"})
+        assert (await alice.get(f"/v1/threads/{mine}")).json()["title"] == "Mine"
+        assert (await card_where(inbox, mine, lambda c: c["title"]))["title"] == "Mine"
+        for sock in (inbox, ws, other):
+            await sock.close()
+
+
+async def read_until_type(ws: Any, kind: str) -> Event:
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            event = await recv_event(ws)
+            if event["type"] == kind:
                 return event
