@@ -147,12 +147,15 @@ async def test_auto_titles_once_never_over_a_rename_retried_once(
     flaky = Flaky()
     failing_titles = AutoTitles(redis, scripts, threads, flaky)  # type: ignore[arg-type]
     failing_titles.after_turn(failing)
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(5):
+        await titles.settled()
+        await failing_titles.settled()
     assert await redis.hget(keys.meta(titled), "title") == "how do sharded channels work in"
     assert await redis.hget(keys.meta(renamed), "title") == "Mine"
     assert flaky.calls == 2 and await redis.hget(keys.meta(failing), "title") is None
     failing_titles.after_turn(failing)  # a later turn: never tried again
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):
+        await failing_titles.settled()
     assert flaky.calls == 2
     # An auto-title that comes after a rename does not overwrite it.
     assert not await threads.auto_title(renamed, "too late")

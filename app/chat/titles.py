@@ -41,6 +41,10 @@ class AutoTitles:
         self._model = model
         self._tasks: set[asyncio.Task[None]] = set()
 
+    async def settled(self) -> None:
+        """Wait until the title tasks running now are done."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def after_turn(self, thread: ThreadId) -> None:
         """A turn of ``thread`` ended: title it if it is its first reply's turn."""
         task = asyncio.create_task(self._title(thread), name=f"title-{thread}")
