@@ -2,11 +2,10 @@
 
 This module owns everything specific to Anthropic: a thread's history as a
 ``messages`` list with prompt-cache breakpoints, streaming the reply's text
-and tool calls, reading token usage (cache reads and writes included), the
-fallback model (CHAT_FALLBACK_MODEL) when the primary is overloaded, and
-translating every SDK or transport failure into an ``LLMError`` whose
-message is safe to show a user (it never contains the API key) and says
-whether a retry may succeed.
+and tool calls, reading token usage (cache reads and writes included), what
+"overloaded" is (the fallback model is asked then), and what each SDK or
+transport failure means for a user (app.llm.sdk does the rest, shared with
+the OpenAI provider).
 
 The SDK (``anthropic``) is built on ``httpx2``: HTTP errors surface as
 ``anthropic.APIError`` when the stream is opened, but a connection that drops
@@ -34,6 +33,7 @@ from anthropic.types import (
 from app.chat.records import Message
 from app.llm.base import LLMError, ToolCall, ToolSpec, Usage, clip
 from app.llm.context import turns
+from app.llm.sdk import SdkModel
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,11 @@ _RETRYABLE_ERROR_TYPES = frozenset(
 _CACHE: CacheControlEphemeralParam = {"type": "ephemeral"}
 
 
-class AnthropicModel:
+class AnthropicModel(SdkModel):
     """``ChatModel`` backed by Anthropic's streaming Messages API."""
+
+    provider = "anthropic"
+    failures = (anthropic.AnthropicError, httpx2.HTTPError, httpx2.StreamError)
 
     def __init__(
         self,
@@ -55,8 +58,7 @@ class AnthropicModel:
         http_client: httpx2.AsyncClient | None = None,
         max_retries: int | None = None,
     ) -> None:
-        self._settings = settings
-        self._api_key = settings.anthropic_api_key or ""
+        super().__init__(settings, settings.anthropic_api_key)
         options: dict[str, Any] = {
             "api_key": settings.anthropic_api_key,
             "timeout": settings.chat_llm_timeout_s,
@@ -66,43 +68,22 @@ class AnthropicModel:
             options["http_client"] = http_client
         self._client = anthropic.AsyncAnthropic(**options)
 
-    @property
-    def name(self) -> str:
-        return self._settings.model_name
-
-    @property
-    def provider(self) -> str:
-        return "anthropic"
-
-    async def stream(
-        self, messages: Sequence[Message], usage: Usage, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[str | ToolCall]:
+    def _params(self, messages: Sequence[Message]) -> list[MessageParam]:
         params = to_anthropic_messages(messages)
         if not params:
             raise LLMError("There is no user message to reply to.", retryable=False)
-        fallback = self._settings.chat_fallback_model
-        model = self.name
-        try:
-            try:
-                events = await self._create(model, params, tools)
-            except anthropic.APIStatusError as exc:
-                if not (fallback and _overloaded(exc)):
-                    raise
-                log.warning("anthropic model %s overloaded; asking %s", model, fallback)
-                model = fallback
-                events = await self._create(model, params, tools)
-            usage.model = model
-            async for item in self._read(events, usage):
-                yield item
-        except LLMError:
-            raise
-        except (anthropic.AnthropicError, httpx2.HTTPError, httpx2.StreamError) as exc:
-            raise self._to_llm_error(exc) from None
-        except Exception:
-            # A body the SDK cannot parse (bad JSON, an event out of order) is
-            # still the model failing; the traceback goes to the log only.
-            log.exception("anthropic stream could not be read")
-            raise LLMError("The model service sent a reply that could not be read.") from None
+        return params
+
+    def _overloaded(self, exc: BaseException) -> bool:
+        return isinstance(exc, anthropic.APIStatusError) and (
+            exc.status_code == 529 or exc.type == "overloaded_error"
+        )
+
+    def _describe(self, exc: BaseException) -> tuple[str, bool, int | None, str | None]:
+        message, retryable = describe_error(exc)
+        if isinstance(exc, anthropic.APIStatusError):
+            return message, retryable, exc.status_code, exc.request_id
+        return message, retryable, None, None
 
     async def _create(
         self, model: str, params: list[MessageParam], tools: Sequence[ToolSpec]
@@ -172,26 +153,6 @@ class AnthropicModel:
 
     async def aclose(self) -> None:
         await self._client.close()
-
-    def _to_llm_error(self, exc: Exception) -> LLMError:
-        """A user-safe ``LLMError`` for a failure of the SDK or its transport."""
-        message, retryable = describe_error(exc)
-        if self._api_key:
-            message = message.replace(self._api_key, "[redacted]")
-        status = exc.status_code if isinstance(exc, anthropic.APIStatusError) else None
-        request_id = exc.request_id if isinstance(exc, anthropic.APIStatusError) else None
-        log.warning(
-            "anthropic request failed: %s status=%s request_id=%s retryable=%s",
-            type(exc).__name__,
-            status,
-            request_id,
-            retryable,
-        )
-        return LLMError(message, retryable=retryable)
-
-
-def _overloaded(exc: anthropic.APIStatusError) -> bool:
-    return exc.status_code == 529 or exc.type == "overloaded_error"
 
 
 def to_anthropic_messages(messages: Sequence[Message]) -> list[MessageParam]:

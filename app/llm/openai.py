@@ -5,7 +5,7 @@ Ollama, llama.cpp, LiteLLM) through ``OPENAI_BASE_URL``. This module owns
 everything specific to that API: the system prompt as the first message,
 tool schemas as ``function`` tools, tool calls assembled from their streamed
 fragments, usage from the final chunk (``stream_options.include_usage``),
-and every SDK failure as an ``LLMError`` that never carries the key.
+and what each SDK failure means for a user (app.llm.sdk does the rest).
 
 The SDK (``openai`` 3.x) is built on ``httpx2`` like anthropic's: HTTP errors
 surface when the request is made, and a connection that drops mid-reply is
@@ -27,6 +27,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from app.chat.records import Message
 from app.llm.base import LLMError, ToolCall, ToolSpec, Usage, clip
 from app.llm.context import arguments_json, turns
+from app.llm.sdk import SdkModel
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 _OVERLOADED = frozenset({503, 529})
 
 
-class OpenAIModel:
+class OpenAIModel(SdkModel):
     """``ChatModel`` backed by an OpenAI-compatible Chat Completions API."""
+
+    provider = "openai"
+    failures = (openai.OpenAIError, httpx2.HTTPError, httpx2.StreamError)
 
     def __init__(
         self,
@@ -45,8 +49,7 @@ class OpenAIModel:
         http_client: httpx2.AsyncClient | None = None,
         max_retries: int | None = None,
     ) -> None:
-        self._settings = settings
-        self._api_key = settings.openai_api_key or ""
+        super().__init__(settings, settings.openai_api_key)
         options: dict[str, Any] = {
             # Self-hosted servers usually want no key, but the SDK insists on one.
             "api_key": settings.openai_api_key or "not-needed",
@@ -58,43 +61,20 @@ class OpenAIModel:
             options["http_client"] = http_client
         self._client = openai.AsyncOpenAI(**options)
 
-    @property
-    def name(self) -> str:
-        return self._settings.model_name
-
-    @property
-    def provider(self) -> str:
-        return "openai"
-
-    async def stream(
-        self, messages: Sequence[Message], usage: Usage, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncIterator[str | ToolCall]:
+    def _params(self, messages: Sequence[Message]) -> list[ChatCompletionMessageParam]:
         params = to_openai_messages(self._settings.chat_system_prompt, messages)
         if len(params) < 2:
             raise LLMError("There is no user message to reply to.", retryable=False)
-        fallback = self._settings.chat_fallback_model
-        model = self.name
-        try:
-            try:
-                chunks = await self._create(model, params, tools)
-            except openai.APIStatusError as exc:
-                if not (fallback and exc.status_code in _OVERLOADED):
-                    raise
-                log.warning("openai model %s overloaded; asking %s", model, fallback)
-                model = fallback
-                chunks = await self._create(model, params, tools)
-            usage.model = model
-            async for item in self._read(chunks, usage):
-                yield item
-        except LLMError:
-            raise
-        except (openai.OpenAIError, httpx2.HTTPError, httpx2.StreamError) as exc:
-            raise self._to_llm_error(exc) from None
-        except Exception:
-            # A chunk the SDK cannot parse is still the model failing; the
-            # traceback goes to the log only.
-            log.exception("openai stream could not be read")
-            raise LLMError("The model service sent a reply that could not be read.") from None
+        return params
+
+    def _overloaded(self, exc: BaseException) -> bool:
+        return isinstance(exc, openai.APIStatusError) and exc.status_code in _OVERLOADED
+
+    def _describe(self, exc: BaseException) -> tuple[str, bool, int | None, str | None]:
+        message, retryable = describe_error(exc)
+        if isinstance(exc, openai.APIStatusError):
+            return message, retryable, exc.status_code, exc.request_id
+        return message, retryable, None, None
 
     async def _create(
         self, model: str, params: list[ChatCompletionMessageParam], tools: Sequence[ToolSpec]
@@ -158,19 +138,6 @@ class OpenAIModel:
 
     async def aclose(self) -> None:
         await self._client.close()
-
-    def _to_llm_error(self, exc: Exception) -> LLMError:
-        """A user-safe ``LLMError`` for a failure of the SDK or its transport."""
-        message, retryable = describe_error(exc)
-        if self._api_key:
-            message = message.replace(self._api_key, "[redacted]")
-        status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
-        request_id = exc.request_id if isinstance(exc, openai.APIStatusError) else None
-        log.warning(
-            "openai request failed: %s status=%s request_id=%s retryable=%s",
-            type(exc).__name__, status, request_id, retryable,
-        )  # fmt: skip
-        return LLMError(message, retryable=retryable)
 
 
 def to_openai_messages(
