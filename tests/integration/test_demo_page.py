@@ -43,8 +43,10 @@ def browser() -> Iterator[Any]:
         CHROMIUM, "chromium is not installed (apt-get install -y chromium)",
         "DURABLE_CHAT_REQUIRE_CHROMIUM",
     )  # fmt: skip
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
+    # The test extra installs playwright (the driver only): never skipped for want of it.
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
             yield launched
