@@ -59,15 +59,69 @@ function randomId() {
     globalThis.crypto.getRandomValues(bytes);
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
+/**
+ * What a client remembers of one thread to resume it exactly: the last
+ * timeline event delivered, the thread's epoch, and the prompts sent but not
+ * yet seen back (oldest first), to send again after a reconnect.
+ */
+export class ThreadCursor {
+    lastEventId = null;
+    epoch = null;
+    /** A `ready` was seen (so a later one is a reconnect). */
+    joined = false;
+    unconfirmed = new Map();
+    /** Track position and prompts; false for an event already delivered. */
+    observe(event) {
+        if ("id" in event && "n" in event) {
+            // A timeline event (only they carry an id and a number).
+            if (this.lastEventId !== null && compareIds(event.id, this.lastEventId) <= 0) {
+                // The original `message` of a prompt sent again after a reconnect: it
+                // confirms the prompt, but the caller has seen it already.
+                if (event.type === "message")
+                    this.unconfirmed.delete(event.message.client_msg_id ?? "");
+                return false;
+            }
+            this.lastEventId = event.id;
+        }
+        if (event.type === "ready") {
+            this.epoch = event.epoch;
+            if (this.joined && this.lastEventId === null && event.last_event_id) {
+                // Back after a drop without having seen any event (we joined a thread
+                // that had none): what happened meanwhile cannot be had. Say so.
+                event.recovered = false;
+            }
+            if (event.recovered === false || (this.lastEventId === null && !event.generating)) {
+                // Resume impossible (data trimmed or lost): restart from now. Or a first
+                // join of an idle thread: every later event reaches us, so a reconnect
+                // resumes from here.
+                this.lastEventId = event.last_event_id;
+            }
+            this.joined = true;
+        }
+        else if (event.type === "message") {
+            this.unconfirmed.delete(event.message.client_msg_id ?? "");
+        }
+        else if (event.type === "queued") {
+            // Accepted into the thread's queue: it will run, on whichever pod frees the thread.
+            this.unconfirmed.delete(event.client_msg_id ?? "");
+        }
+        else if (event.type === "error" &&
+            PROMPT_REFUSALS.has(event.code) &&
+            this.unconfirmed.size > 0) {
+            // Frames are answered in order: this refusal answers the oldest prompt waiting.
+            this.unconfirmed.delete(this.unconfirmed.keys().next().value);
+        }
+        return true;
+    }
+}
 /** A WebSocket that never opened (a proxy that breaks them, or a dead pod). */
 class NoWebSocket extends Error {
 }
 export class DurableChatClient {
     options;
     threadId;
-    /** The id of the last timeline event delivered, and the thread's epoch. */
-    lastEventId = null;
-    epoch = null;
+    /** Where the client stands in the thread (its resume position). */
+    cursor = new ThreadCursor();
     /** Successful reconnects so far. */
     reconnects = 0;
     state = "idle";
@@ -80,9 +134,6 @@ export class DurableChatClient {
     link = null;
     listeners = new Set();
     stateListeners = new Set();
-    /** Prompts sent but not yet seen back, oldest first (Map keeps insertion order). */
-    unconfirmed = new Map();
-    joined = false;
     closed = false;
     failures = 0;
     historyWaiters = [];
@@ -110,6 +161,20 @@ export class DurableChatClient {
                 throw new TypeError("no WebSocket in this runtime");
             this.mode = "sse";
         }
+    }
+    /** The id of the last timeline event delivered (set it to resume from there). */
+    get lastEventId() {
+        return this.cursor.lastEventId;
+    }
+    set lastEventId(id) {
+        this.cursor.lastEventId = id;
+    }
+    /** The thread's epoch, from `ready`. */
+    get epoch() {
+        return this.cursor.epoch;
+    }
+    set epoch(epoch) {
+        this.cursor.epoch = epoch;
     }
     /** The transport in use (or to be used next). */
     get transport() {
@@ -166,7 +231,7 @@ export class DurableChatClient {
         const frame = { type: "prompt", content, client_msg_id: clientMsgId };
         if (options.parentId !== undefined)
             frame.parent_id = options.parentId;
-        this.unconfirmed.set(clientMsgId, frame);
+        this.cursor.unconfirmed.set(clientMsgId, frame);
         await this.send(frame);
         return clientMsgId;
     }
@@ -243,7 +308,7 @@ export class DurableChatClient {
     async open() {
         if (this.closed)
             return;
-        this.setState(this.joined ? "reconnecting" : "connecting");
+        this.setState(this.cursor.joined ? "reconnecting" : "connecting");
         const base = this.urls[this.urlIndex % this.urls.length];
         const attempt = ++this.attempt;
         try {
@@ -466,7 +531,7 @@ export class DurableChatClient {
         const delay = delays[Math.min(this.failures, delays.length - 1)] ?? 1000;
         this.failures += 1;
         this.urlIndex += 1; // the next pod in the list
-        this.setState(this.joined ? "reconnecting" : "connecting");
+        this.setState(this.cursor.joined ? "reconnecting" : "connecting");
         this.reconnectTimer = setTimeout(() => {
             this.reconnectTimer = null;
             void this.open();
@@ -474,14 +539,14 @@ export class DurableChatClient {
     }
     // --- events ----------------------------------------------------------------
     receive(event, link) {
-        if (!this.observe(event))
+        const rejoined = this.cursor.joined;
+        if (!this.cursor.observe(event))
             return;
         if (event.type === "ready") {
             this.link = link;
-            if (this.joined)
+            if (rejoined)
                 this.reconnects += this.failures > 0 ? 1 : 0;
             this.failures = 0;
-            this.joined = true;
             this.setState("live");
         }
         for (const listener of [...this.listeners])
@@ -492,54 +557,12 @@ export class DurableChatClient {
             for (const waiter of waiters)
                 waiter.resolve(event);
             // Prompts not seen back yet go again, with the same client_msg_id.
-            for (const frame of this.unconfirmed.values())
+            for (const frame of this.cursor.unconfirmed.values())
                 void link?.send(frame).catch(() => undefined);
         }
         else if (event.type === "history") {
             this.historyWaiters.shift()?.(event);
         }
-    }
-    /** Track position and prompts; false for an event already delivered. */
-    observe(event) {
-        if ("id" in event && "n" in event) {
-            // A timeline event (only they carry an id and a number).
-            if (this.lastEventId !== null && compareIds(event.id, this.lastEventId) <= 0) {
-                // The original `message` of a prompt sent again after a reconnect: it
-                // confirms the prompt, but the caller has seen it already.
-                if (event.type === "message")
-                    this.unconfirmed.delete(event.message.client_msg_id ?? "");
-                return false;
-            }
-            this.lastEventId = event.id;
-        }
-        if (event.type === "ready") {
-            this.epoch = event.epoch;
-            if (this.joined && this.lastEventId === null && event.last_event_id) {
-                // Back after a drop without having seen any event (we joined a thread
-                // that had none): what happened meanwhile cannot be had. Say so.
-                event.recovered = false;
-            }
-            if (event.recovered === false || (this.lastEventId === null && !event.generating)) {
-                // Resume impossible (data trimmed or lost): restart from now. Or a first
-                // join of an idle thread: every later event reaches us, so a reconnect
-                // resumes from here.
-                this.lastEventId = event.last_event_id;
-            }
-        }
-        else if (event.type === "message") {
-            this.unconfirmed.delete(event.message.client_msg_id ?? "");
-        }
-        else if (event.type === "queued") {
-            // Accepted into the thread's queue: it will run, on whichever pod frees the thread.
-            this.unconfirmed.delete(event.client_msg_id ?? "");
-        }
-        else if (event.type === "error" &&
-            PROMPT_REFUSALS.has(event.code) &&
-            this.unconfirmed.size > 0) {
-            // Frames are answered in order: this refusal answers the oldest prompt waiting.
-            this.unconfirmed.delete(this.unconfirmed.keys().next().value);
-        }
-        return true;
     }
     setState(state) {
         if (this.state === state)

@@ -98,6 +98,61 @@ function randomId(): string {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/**
+ * What a client remembers of one thread to resume it exactly: the last
+ * timeline event delivered, the thread's epoch, and the prompts sent but not
+ * yet seen back (oldest first), to send again after a reconnect.
+ */
+export class ThreadCursor {
+  lastEventId: string | null = null;
+  epoch: string | null = null;
+  /** A `ready` was seen (so a later one is a reconnect). */
+  joined = false;
+  readonly unconfirmed = new Map<string, ClientFrame>();
+
+  /** Track position and prompts; false for an event already delivered. */
+  observe(event: ServerEvent): boolean {
+    if ("id" in event && "n" in event) {
+      // A timeline event (only they carry an id and a number).
+      if (this.lastEventId !== null && compareIds(event.id, this.lastEventId) <= 0) {
+        // The original `message` of a prompt sent again after a reconnect: it
+        // confirms the prompt, but the caller has seen it already.
+        if (event.type === "message") this.unconfirmed.delete(event.message.client_msg_id ?? "");
+        return false;
+      }
+      this.lastEventId = event.id;
+    }
+    if (event.type === "ready") {
+      this.epoch = event.epoch;
+      if (this.joined && this.lastEventId === null && event.last_event_id) {
+        // Back after a drop without having seen any event (we joined a thread
+        // that had none): what happened meanwhile cannot be had. Say so.
+        event.recovered = false;
+      }
+      if (event.recovered === false || (this.lastEventId === null && !event.generating)) {
+        // Resume impossible (data trimmed or lost): restart from now. Or a first
+        // join of an idle thread: every later event reaches us, so a reconnect
+        // resumes from here.
+        this.lastEventId = event.last_event_id;
+      }
+      this.joined = true;
+    } else if (event.type === "message") {
+      this.unconfirmed.delete(event.message.client_msg_id ?? "");
+    } else if (event.type === "queued") {
+      // Accepted into the thread's queue: it will run, on whichever pod frees the thread.
+      this.unconfirmed.delete(event.client_msg_id ?? "");
+    } else if (
+      event.type === "error" &&
+      PROMPT_REFUSALS.has(event.code) &&
+      this.unconfirmed.size > 0
+    ) {
+      // Frames are answered in order: this refusal answers the oldest prompt waiting.
+      this.unconfirmed.delete(this.unconfirmed.keys().next().value as string);
+    }
+    return true;
+  }
+}
+
 /** A WebSocket that never opened (a proxy that breaks them, or a dead pod). */
 class NoWebSocket extends Error {}
 
@@ -110,9 +165,8 @@ interface Link {
 
 export class DurableChatClient {
   readonly threadId: string;
-  /** The id of the last timeline event delivered, and the thread's epoch. */
-  lastEventId: string | null = null;
-  epoch: string | null = null;
+  /** Where the client stands in the thread (its resume position). */
+  readonly cursor = new ThreadCursor();
   /** Successful reconnects so far. */
   reconnects = 0;
   state: ConnectionState = "idle";
@@ -128,9 +182,6 @@ export class DurableChatClient {
   private link: Link | null = null;
   private readonly listeners = new Set<Listener>();
   private readonly stateListeners = new Set<(state: ConnectionState) => void>();
-  /** Prompts sent but not yet seen back, oldest first (Map keeps insertion order). */
-  private readonly unconfirmed = new Map<string, ClientFrame>();
-  private joined = false;
   private closed = false;
   private failures = 0;
   private historyWaiters: Array<(event: HistoryEvent) => void> = [];
@@ -159,6 +210,22 @@ export class DurableChatClient {
       if (this.mode === "websocket") throw new TypeError("no WebSocket in this runtime");
       this.mode = "sse";
     }
+  }
+
+  /** The id of the last timeline event delivered (set it to resume from there). */
+  get lastEventId(): string | null {
+    return this.cursor.lastEventId;
+  }
+  set lastEventId(id: string | null) {
+    this.cursor.lastEventId = id;
+  }
+
+  /** The thread's epoch, from `ready`. */
+  get epoch(): string | null {
+    return this.cursor.epoch;
+  }
+  set epoch(epoch: string | null) {
+    this.cursor.epoch = epoch;
   }
 
   /** The transport in use (or to be used next). */
@@ -220,7 +287,7 @@ export class DurableChatClient {
     const clientMsgId = options.clientMsgId ?? randomId();
     const frame: ClientFrame = { type: "prompt", content, client_msg_id: clientMsgId };
     if (options.parentId !== undefined) frame.parent_id = options.parentId;
-    this.unconfirmed.set(clientMsgId, frame);
+    this.cursor.unconfirmed.set(clientMsgId, frame);
     await this.send(frame);
     return clientMsgId;
   }
@@ -301,7 +368,7 @@ export class DurableChatClient {
 
   private async open(): Promise<void> {
     if (this.closed) return;
-    this.setState(this.joined ? "reconnecting" : "connecting");
+    this.setState(this.cursor.joined ? "reconnecting" : "connecting");
     const base = this.urls[this.urlIndex % this.urls.length]!;
     const attempt = ++this.attempt;
     try {
@@ -512,7 +579,7 @@ export class DurableChatClient {
     const delay = delays[Math.min(this.failures, delays.length - 1)] ?? 1000;
     this.failures += 1;
     this.urlIndex += 1; // the next pod in the list
-    this.setState(this.joined ? "reconnecting" : "connecting");
+    this.setState(this.cursor.joined ? "reconnecting" : "connecting");
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = null;
       void this.open();
@@ -522,12 +589,12 @@ export class DurableChatClient {
   // --- events ----------------------------------------------------------------
 
   private receive(event: ServerEvent, link: Link | null): void {
-    if (!this.observe(event)) return;
+    const rejoined = this.cursor.joined;
+    if (!this.cursor.observe(event)) return;
     if (event.type === "ready") {
       this.link = link;
-      if (this.joined) this.reconnects += this.failures > 0 ? 1 : 0;
+      if (rejoined) this.reconnects += this.failures > 0 ? 1 : 0;
       this.failures = 0;
-      this.joined = true;
       this.setState("live");
     }
     for (const listener of [...this.listeners]) listener(event);
@@ -536,51 +603,10 @@ export class DurableChatClient {
       this.readyWaiters = [];
       for (const waiter of waiters) waiter.resolve(event);
       // Prompts not seen back yet go again, with the same client_msg_id.
-      for (const frame of this.unconfirmed.values()) void link?.send(frame).catch(() => undefined);
+      for (const frame of this.cursor.unconfirmed.values()) void link?.send(frame).catch(() => undefined);
     } else if (event.type === "history") {
       this.historyWaiters.shift()?.(event);
     }
-  }
-
-  /** Track position and prompts; false for an event already delivered. */
-  private observe(event: ServerEvent): boolean {
-    if ("id" in event && "n" in event) {
-      // A timeline event (only they carry an id and a number).
-      if (this.lastEventId !== null && compareIds(event.id, this.lastEventId) <= 0) {
-        // The original `message` of a prompt sent again after a reconnect: it
-        // confirms the prompt, but the caller has seen it already.
-        if (event.type === "message") this.unconfirmed.delete(event.message.client_msg_id ?? "");
-        return false;
-      }
-      this.lastEventId = event.id;
-    }
-    if (event.type === "ready") {
-      this.epoch = event.epoch;
-      if (this.joined && this.lastEventId === null && event.last_event_id) {
-        // Back after a drop without having seen any event (we joined a thread
-        // that had none): what happened meanwhile cannot be had. Say so.
-        event.recovered = false;
-      }
-      if (event.recovered === false || (this.lastEventId === null && !event.generating)) {
-        // Resume impossible (data trimmed or lost): restart from now. Or a first
-        // join of an idle thread: every later event reaches us, so a reconnect
-        // resumes from here.
-        this.lastEventId = event.last_event_id;
-      }
-    } else if (event.type === "message") {
-      this.unconfirmed.delete(event.message.client_msg_id ?? "");
-    } else if (event.type === "queued") {
-      // Accepted into the thread's queue: it will run, on whichever pod frees the thread.
-      this.unconfirmed.delete(event.client_msg_id ?? "");
-    } else if (
-      event.type === "error" &&
-      PROMPT_REFUSALS.has(event.code) &&
-      this.unconfirmed.size > 0
-    ) {
-      // Frames are answered in order: this refusal answers the oldest prompt waiting.
-      this.unconfirmed.delete(this.unconfirmed.keys().next().value as string);
-    }
-    return true;
   }
 
   private setState(state: ConnectionState): void {
