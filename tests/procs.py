@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import redis
 
@@ -83,6 +83,8 @@ class RedisServer:
     args: tuple[str, ...] = ()
     # ``requirepass`` (and ``masterauth``, for a replica of a server like it).
     password: str | None = None
+    # TLS only, on ``port`` (replication too): the CA, certificate and key files.
+    tls: tuple[Path, Path, Path] | None = None
 
     @property
     def url(self) -> str:
@@ -107,6 +109,13 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.tls:
+            ca, cert, key = (str(path) for path in self.tls)
+            args += [
+                "--port", "0", "--tls-port", str(self.port), "--tls-replication", "yes",
+                "--tls-ca-cert-file", ca, "--tls-cert-file", cert, "--tls-key-file", key,
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
@@ -114,15 +123,23 @@ class RedisServer:
 
     def _pings(self) -> bool:
         try:
-            client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5)
+            client = redis.Redis(port=self.port, socket_timeout=0.5, **self.credentials)
             return bool(client.ping())
         except redis.RedisError:
             return False
 
     def client(self) -> redis.Redis:
         return redis.Redis(
-            port=self.port, password=self.password, decode_responses=True, socket_timeout=10
+            port=self.port, decode_responses=True, socket_timeout=10, **self.credentials
         )
+
+    @property
+    def credentials(self) -> dict[str, Any]:
+        """redis-py's arguments for this server's password and TLS."""
+        found: dict[str, Any] = {"password": self.password}
+        if self.tls:
+            found |= {"ssl": True, "ssl_ca_certs": str(self.tls[0])}
+        return found
 
     def version(self) -> str:
         return str(self.client().info("server")["redis_version"])

@@ -36,11 +36,55 @@ SENTINEL_PASSWORD = "sentinel-secret"
 DATA_ARGS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
 
 
-def _answers(port: int) -> bool:
-    try:
-        return bool(redis.Redis(port=port, password=SENTINEL_PASSWORD, socket_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate it signed for 127.0.0.1 and localhost:
+    (CA, certificate, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+        .public_key(ca_key.public_key()).serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert = (
+        x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / "ca.crt", directory / "redis.crt", directory / "redis.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
 
 
 def _replica_offset(node: RedisServer) -> int:
@@ -48,10 +92,12 @@ def _replica_offset(node: RedisServer) -> int:
 
 
 class SentinelGroup:
-    """Two data nodes and three sentinels watching them as ``MASTER``."""
+    """Two data nodes and three sentinels watching them as ``MASTER``; with
+    ``tls``, every one of them speaks only TLS (replication too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="dc-sentinel-"))
+        self.tls = make_tls_files(self.tmp / "tls") if tls else None
         self.nodes: list[RedisServer] = []
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
@@ -62,8 +108,15 @@ class SentinelGroup:
         self._node((*DATA_ARGS, "--replicaof", "127.0.0.1", str(primary.port))).start()
         for i, port in enumerate(self.sentinel_ports):
             conf = self.tmp / f"sentinel{i}.conf"
+            listen = f"port {port}\n"
+            if self.tls:
+                ca, cert, key = self.tls
+                listen = (
+                    f"port 0\ntls-port {port}\ntls-replication yes\ntls-auth-clients no\n"
+                    f"tls-ca-cert-file {ca}\ntls-cert-file {cert}\ntls-key-file {key}\n"
+                )
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self.tmp}\n"
+                f"{listen}bind 127.0.0.1\ndir {self.tmp}\n"
                 f"logfile {self.tmp}/sentinel{i}.log\n"
                 f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
@@ -77,7 +130,7 @@ class SentinelGroup:
                 subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
         for port in self.sentinel_ports:
-            wait_until(lambda p=port: _answers(p), 10, what=f"sentinel on port {port}")
+            wait_until(lambda p=port: self._answers(p), 10, what=f"sentinel on port {port}")
             self.sentinel_for(port).execute_command(
                 "SENTINEL", "DEBUG", "publish-period", 250, "info-period", 250
             )
@@ -85,7 +138,7 @@ class SentinelGroup:
 
     def _node(self, args: tuple[str, ...]) -> RedisServer:
         workdir = self.tmp / f"node{len(self.nodes)}"
-        node = RedisServer(workdir, args=args, password=NODE_PASSWORD)
+        node = RedisServer(workdir, args=args, password=NODE_PASSWORD, tls=self.tls)
         self.nodes.append(node)
         return node
 
@@ -107,13 +160,20 @@ class SentinelGroup:
             "REDIS_SENTINEL_MASTER": MASTER,
             "REDIS_PASSWORD": NODE_PASSWORD,
             "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+            **({"REDIS_TLS": "1", "REDIS_TLS_CA_FILE": str(self.tls[0])} if self.tls else {}),
         }
 
-    @staticmethod
-    def sentinel_for(port: int) -> redis.Redis:
+    def sentinel_for(self, port: int) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls[0])} if self.tls else {}
         return redis.Redis(
-            port=port, password=SENTINEL_PASSWORD, decode_responses=True, socket_timeout=2
+            port=port, password=SENTINEL_PASSWORD, decode_responses=True, socket_timeout=2, **tls
         )
+
+    def _answers(self, port: int) -> bool:
+        try:
+            return bool(self.sentinel_for(port).ping())
+        except redis.RedisError:
+            return False
 
     def sentinel(self, i: int = 0) -> redis.Redis:
         return self.sentinel_for(self.sentinel_ports[i])
@@ -191,8 +251,9 @@ class SentinelGroup:
                 ports = {self.primary_port(i) for i in range(len(self.sentinel_ports))}
                 if len(ports) != 1:
                     return False
-                primary = redis.Redis(port=ports.pop(), password=NODE_PASSWORD, socket_timeout=2)
-                info = primary.info("replication")
+                port = ports.pop()
+                primary = next(node for node in self.nodes if node.port == port)
+                info = primary.client().info("replication")
                 return bool(
                     info["role"] == "master"
                     and info.get("min_slaves_good_slaves", 0) >= 1

@@ -111,3 +111,24 @@ async def test_primary_killed_during_turns(group, pods):
         group.restart_as_replica(killed)
 
     await _failover_during_turns(group, pods, kill_and_restart)
+
+
+async def test_sentinels_and_nodes_over_tls(pod_factory):
+    """REDIS_TLS with a CA file: the pod reaches the sentinels and the primary
+    they name over TLS only (no plain port is open), and a turn streams."""
+    require_redis()
+    tls_group = SentinelGroup(tls=True)
+    try:
+        await asyncio.to_thread(tls_group.start)
+        pod = pod_factory(None, **tls_group.env, CHAT_FAKE_REPLY_TOKENS=20)
+        threads = [unique("tls")]
+        recs = await recorders([pod.ws], threads)
+        try:
+            await recs[0].client.prompt("over tls")
+            await recs[0].until(lambda ev: len(of_type(ev, "done")) == 1, 15, "the turn over TLS")
+        finally:
+            await close_all(recs)
+        assert "sentinel master 'dc'" in pod.logs()
+        assert_consistent(recs, tls_group, turns=1)
+    finally:
+        tls_group.stop()
