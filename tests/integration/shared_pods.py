@@ -27,6 +27,16 @@ def pods(
     redis-server under ``workdir``, stopped on exit; a failing test of the
     fixture's scope shows their logs. With ``cross_origin`` each pod allows
     the others' pages (a page that resumes on another pod)."""
+    with pods_on_redis(request, workdir, count, cross_origin, **settings) as (_, started):
+        yield started
+
+
+@contextmanager
+def pods_on_redis(
+    request: pytest.FixtureRequest, workdir: Path, count: int = 2, cross_origin: bool = False,
+    **settings: str | int | float,
+) -> Iterator[tuple[RedisServer, list[Server]]]:  # fmt: skip
+    """As ``pods``, with their redis-server, for tests that check what Redis holds."""
     require_redis()
     server = RedisServer(workdir / "redis").start()
     try:
@@ -41,6 +51,6 @@ def pods(
             for pod in made:
                 pod.env["CHAT_ALLOWED_ORIGINS"] = origins
         with procs.running(made) as started:
-            yield started
+            yield server, started
     finally:
         server.stop()

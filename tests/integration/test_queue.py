@@ -18,7 +18,6 @@ import pytest
 
 from app.chat import keys
 from tests import procs
-from tests.integration.conftest import track_pods
 from tests.integration.helpers import (
     Event,
     assert_matches_log,
@@ -28,6 +27,7 @@ from tests.integration.helpers import (
     send,
     stored_events,
 )
+from tests.integration.shared_pods import pods_on_redis
 from tests.integration.tokens import AUTH_ENV, bearer
 
 pytestmark = pytest.mark.integration
@@ -40,27 +40,22 @@ ENV = dict(
 
 
 @pytest.fixture(scope="module")
-def redis_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.RedisServer]:
-    if procs.REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    server = procs.RedisServer(tmp_path_factory.mktemp("queue-redis")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def pods_and_redis(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[procs.RedisServer, list[procs.Server]]]:
+    """3 pods for the whole module: every test uses threads of its own."""
+    with pods_on_redis(request, tmp_path_factory.mktemp("queue"), 3, **ENV) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
-def three_pods(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-    redis_db: procs.RedisServer,
-) -> Iterator[list[procs.Server]]:  # fmt: skip
-    """Three pods for the module's tests that kill none (each uses its own threads)."""
-    workdir = tmp_path_factory.mktemp("queue")
-    started = [procs.pod(f"pod{i}", redis_db.url, workdir / f"pod{i}.log", **ENV) for i in range(3)]
-    track_pods(request).extend(started)
-    with procs.running(started):
-        yield started
+def redis_db(pods_and_redis: tuple[procs.RedisServer, list[procs.Server]]) -> procs.RedisServer:
+    return pods_and_redis[0]
+
+
+@pytest.fixture(scope="module")
+def three_pods(pods_and_redis: tuple[procs.RedisServer, list[procs.Server]]) -> list[procs.Server]:
+    return pods_and_redis[1]
 
 
 async def new_thread(pod: Any, policy: str, *members: str) -> str:

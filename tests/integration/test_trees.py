@@ -20,7 +20,6 @@ import websockets
 
 from app.chat import keys
 from tests import procs
-from tests.integration.conftest import track_pods
 from tests.integration.helpers import (
     Event,
     assert_matches_log,
@@ -33,36 +32,33 @@ from tests.integration.helpers import (
     send,
     until_done,
 )
+from tests.integration.shared_pods import pods_on_redis
 from tests.integration.tokens import AUTH_ENV, bearer
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def redis_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.RedisServer]:
-    if procs.REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    server = procs.RedisServer(tmp_path_factory.mktemp("trees-redis")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+ENV = dict(
+    AUTH_ENV, CHAT_FAKE_TOKEN_DELAY_MS=2, CHAT_FAKE_REPLY_TOKENS=12, CHAT_RATE_PROMPTS_PER_MIN=0
+)
 
 
 @pytest.fixture(scope="module")
-def two_pods(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-    redis_db: procs.RedisServer,
-) -> Iterator[list[procs.Server]]:  # fmt: skip
-    """Two pods for the whole module: every test uses threads of its own."""
-    workdir = tmp_path_factory.mktemp("trees")
-    env = dict(
-        AUTH_ENV, CHAT_FAKE_TOKEN_DELAY_MS=2, CHAT_FAKE_REPLY_TOKENS=12, CHAT_RATE_PROMPTS_PER_MIN=0
-    )
-    started = [procs.pod(f"pod{i}", redis_db.url, workdir / f"pod{i}.log", **env) for i in range(2)]
-    track_pods(request).extend(started)
-    with procs.running(started):
+def pods_and_redis(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[procs.RedisServer, list[procs.Server]]]:
+    """2 pods for the whole module: every test uses threads of its own."""
+    with pods_on_redis(request, tmp_path_factory.mktemp("trees"), 2, **ENV) as started:
         yield started
+
+
+@pytest.fixture(scope="module")
+def redis_db(pods_and_redis: tuple[procs.RedisServer, list[procs.Server]]) -> procs.RedisServer:
+    return pods_and_redis[0]
+
+
+@pytest.fixture(scope="module")
+def two_pods(pods_and_redis: tuple[procs.RedisServer, list[procs.Server]]) -> list[procs.Server]:
+    return pods_and_redis[1]
 
 
 def new_thread() -> str:
