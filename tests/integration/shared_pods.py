@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,16 @@ def pods_on_redis(
             yield server, started
     finally:
         server.stop()
+
+
+def module_pods_on_redis(tag: str, count: int, **settings: str | int | float) -> Any:
+    """A module-scoped fixture of ``pods_on_redis``: (redis-server, pods)."""
+
+    @pytest.fixture(scope="module")
+    def pods_and_redis(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[tuple[RedisServer, list[Server]]]:
+        with pods_on_redis(request, tmp_path_factory.mktemp(tag), count, **settings) as both:
+            yield both
+
+    return pods_and_redis

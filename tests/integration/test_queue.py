@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,7 +26,7 @@ from tests.integration.helpers import (
     send,
     stored_events,
 )
-from tests.integration.shared_pods import pods_on_redis
+from tests.integration.shared_pods import module_pods_on_redis
 from tests.integration.tokens import AUTH_ENV, bearer
 
 pytestmark = pytest.mark.integration
@@ -39,13 +38,7 @@ ENV = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pods_and_redis(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[procs.RedisServer, list[procs.Server]]]:
-    """3 pods for the whole module: every test uses threads of its own."""
-    with pods_on_redis(request, tmp_path_factory.mktemp("queue"), 3, **ENV) as started:
-        yield started
+pods_and_redis = module_pods_on_redis("queue", 3, **ENV)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -32,7 +31,7 @@ from tests.integration.helpers import (
     send,
     until_done,
 )
-from tests.integration.shared_pods import pods_on_redis
+from tests.integration.shared_pods import module_pods_on_redis
 from tests.integration.tokens import AUTH_ENV, bearer
 
 pytestmark = pytest.mark.integration
@@ -42,13 +41,7 @@ ENV = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def pods_and_redis(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[procs.RedisServer, list[procs.Server]]]:
-    """2 pods for the whole module: every test uses threads of its own."""
-    with pods_on_redis(request, tmp_path_factory.mktemp("trees"), 2, **ENV) as started:
-        yield started
+pods_and_redis = module_pods_on_redis("trees", 2, **ENV)
 
 
 @pytest.fixture(scope="module")
