@@ -273,6 +273,16 @@ export class DurableChatClient {
     async ping() {
         await this.send({ type: "ping" });
     }
+    /** Tell the thread's other users this one is typing: they get `typing`
+     * (the server passes at most one per user per 2 s; over SSE it is dropped). */
+    async typing() {
+        await this.send({ type: "typing" });
+    }
+    /** The read marker: this user read the thread up to `messageId` (every
+     * socket of theirs learns the new unread count). */
+    async read(messageId) {
+        await this.send({ type: "read", message_id: messageId });
+    }
     close() {
         this.closed = true;
         if (this.reconnectTimer)

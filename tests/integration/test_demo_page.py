@@ -262,3 +262,28 @@ def test_the_page_queues_a_prompt_sent_during_a_reply(
         page_a.close()
         page_b.close()
     assert texts == ["a long answer please", "and then this"]
+
+
+def test_the_thread_list_is_the_live_inbox(browser: Any, three_pods: list[Server]) -> None:
+    _, pod_a, pod_b = three_pods
+    shown, other = f"inbox-{uuid.uuid4().hex[:8]}", f"inbox-{uuid.uuid4().hex[:8]}"
+    page = open_page(browser, pod_b, shown)
+    try:
+        # Another thread of the same user gets a message and a reply, on another pod.
+        with httpx.Client(base_url=pod_a.http, timeout=10) as http:
+            assert http.post("/v1/threads", json={"id": other}).status_code == 201
+            body = {"content": "how do sourdough starters work in winter"}
+            assert http.post(f"/v1/threads/{other}/messages", json=body).status_code == 202
+        # The list shows it titled by the model, with its unread reply.
+        item = f"#threads li:has(a[title='{other}'])"
+        page.wait_for_selector(f"{item} .badge", timeout=WAIT_MS)
+        title = "how do sourdough starters work in"
+        page.wait_for_function(
+            f"document.querySelector(\"{item} a\").textContent === '{title}'", timeout=WAIT_MS
+        )
+        assert page.text_content(f"{item} .badge") == "1"
+        # Opened, it is read: the badge goes.
+        page.click(f"{item} a")
+        page.wait_for_selector(f"{item} .badge", state="detached", timeout=WAIT_MS)
+    finally:
+        page.close()

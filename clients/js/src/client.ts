@@ -335,6 +335,18 @@ export class DurableChatClient {
     await this.send({ type: "ping" });
   }
 
+  /** Tell the thread's other users this one is typing: they get `typing`
+   * (the server passes at most one per user per 2 s; over SSE it is dropped). */
+  async typing(): Promise<void> {
+    await this.send({ type: "typing" });
+  }
+
+  /** The read marker: this user read the thread up to `messageId` (every
+   * socket of theirs learns the new unread count). */
+  async read(messageId: string): Promise<void> {
+    await this.send({ type: "read", message_id: messageId });
+  }
+
   close(): void {
     this.closed = true;
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
