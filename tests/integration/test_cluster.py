@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import websockets
 from redis.cluster import RedisCluster
 
 from app.client import ChatClient
@@ -130,8 +131,13 @@ async def test_cross_pod_timeline_on_every_shard(redis_cluster, pod_factory):
     seed_a, seed_b = _Seed(redis_cluster[0]), _Seed(redis_cluster[1])
     pod_a = pod_factory(seed_a, REDIS_CLUSTER=1)
     pod_b = pod_factory(seed_b, REDIS_CLUSTER=1)
+    # A user socket: its inbox cards come on the user's own shard channel,
+    # published by the pod after each commit (SPUBLISH cannot cross slots).
+    inbox = await websockets.connect(f"{pod_a.ws}/v1/ws", open_timeout=10, max_queue=None)
+    assert (await recv_event(inbox))["type"] == "inbox"
     spent = 0
-    for thread in _threads_on_every_shard(redis_cluster):
+    threads = _threads_on_every_shard(redis_cluster)
+    for thread in threads:
         a = await connect(pod_a.ws, thread)
         b = await connect(pod_b.ws, thread)
         try:
@@ -146,6 +152,15 @@ async def test_cross_pod_timeline_on_every_shard(redis_cluster, pod_factory):
         text = "".join(e["text"] for e in seen_a if e["type"] == "delta")
         assert text == seen_a[-2]["message"]["content"] == expected_reply(f"on {thread}", 30)
         spent += sum(seen_a[-1]["usage"].values())
+    ended: set[str] = set()
+    async with asyncio.timeout(15):
+        while ended != set(threads):
+            event = await recv_event(inbox)
+            if event["type"] == "thread" and event["thread"]["last_message"]:
+                if event["thread"]["last_message"]["role"] == "assistant":
+                    assert not event["thread"]["generating"] and event["thread"]["unread"] == 1
+                    ended.add(event["thread"]["id"])
+    await inbox.close()
     # Every turn's tokens reached the user's day, whatever shard its thread
     # lives on (the user's counters live on another slot: app.chat.usage).
     async with httpx.AsyncClient(base_url=pod_a.http, timeout=10) as http:

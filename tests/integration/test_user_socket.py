@@ -395,3 +395,34 @@ async def read_until_type(ws: Any, kind: str) -> Event:
             event = await recv_event(ws)
             if event["type"] == kind:
                 return event
+
+
+async def test_a_reconnect_storm_sends_each_socket_a_few_presence_frames(
+    trio: list[Server],
+) -> None:
+    owner = user("host")
+    guests = [user(f"g{i}") for i in range(60)]
+    async with rest(trio[0], owner) as host:
+        thread = (await host.post("/v1/threads", json={})).json()["id"]
+        for guest in guests:
+            assert (await host.put(f"/v1/threads/{thread}/members/{guest}")).status_code == 204
+    watcher = await open_socket(trio[0].ws, thread, owner)
+    assert (await recv_any(watcher))["type"] == "ready"
+    assert await presence(watcher) == [owner]
+    everyone = sorted([owner, *guests])
+    storm = await asyncio.gather(
+        *(open_socket(trio[i % 3].ws, thread, g) for i, g in enumerate(guests))
+    )
+    frames = 0
+    async with asyncio.timeout(TIMEOUT_S):
+        while (users := await presence(watcher)) != everyone:
+            frames += 1
+            assert set(users) <= set(everyone)
+    # Coalesced per pod and window: a handful of frames, not one per socket.
+    assert frames + 1 <= len(guests) // 4, frames
+    await asyncio.gather(*(ws.close() for ws in storm))
+    async with asyncio.timeout(TIMEOUT_S):
+        while await presence(watcher) != [owner]:
+            frames += 1
+    assert frames <= len(guests) // 2, frames
+    await watcher.close()
