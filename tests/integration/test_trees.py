@@ -287,3 +287,35 @@ async def test_strangers_are_refused_and_the_seed_route_shows_the_active_branch(
 def final_ids(events: list[Event]) -> tuple[str, str]:
     """(user message id, reply id) of one turn's events."""
     return events[0]["message"]["id"], events[-1]["message_id"]
+
+
+async def test_a_viewer_may_not_branch_regenerate_or_switch(two_pods, redis_db) -> None:
+    pod_a, pod_b = two_pods
+    thread = new_thread()
+    a, _ = await join(pod_a, thread)
+    try:
+        q1, r1 = final_ids(await _turn(a, "one"))
+    finally:
+        await a.close()
+    async with httpx.AsyncClient(base_url=pod_a.http, headers=bearer("alice")) as http:
+        added = await http.put(f"/v1/threads/{thread}/members/vic", json={"role": "viewer"})
+        assert added.status_code == 204
+    t = keys.thread_id(thread)
+    before = (redis_db.client().xlen(keys.events(t)), redis_db.client().hgetall(keys.tree(t)))
+    viewer, ready = await join(pod_b, thread, user="vic")
+    try:
+        assert ready["leaf_id"] == r1
+        for frame in [
+            {"type": "prompt", "content": "edit", "parent_id": q1},
+            {"type": "regenerate", "message_id": r1},
+            {"type": "switch", "message_id": q1},
+            {"type": "cancel", "queue_id": r1},
+        ]:
+            await send(viewer, frame)
+            assert (await expect(viewer, "error"))["code"] == "forbidden", frame
+        page = await get_history(viewer, leaf=r1)  # reading is allowed
+        assert [m["id"] for m in page["messages"]] == [q1, r1]
+    finally:
+        await viewer.close()
+    after = (redis_db.client().xlen(keys.events(t)), redis_db.client().hgetall(keys.tree(t)))
+    assert after == before
