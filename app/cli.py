@@ -81,10 +81,12 @@ def _options(
     _debug = debug
 
 
-def _settings() -> Settings:
+def _settings(pod: bool = True) -> Settings:
+    """The settings; ``pod``: also those only a pod needs (authentication)."""
     try:
         settings = Settings()
-        settings.check_startable()
+        if pod:
+            settings.check_startable()
     except (ConfigError, ValueError) as exc:
         typer.echo(f"durable-chat: configuration error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -157,6 +159,37 @@ def worker() -> None:
     from workers.reaper import run
 
     asyncio.run(run(settings))
+
+
+def _archive_url(settings: Settings) -> str:
+    if not settings.chat_archive_url:
+        typer.echo("durable-chat: set CHAT_ARCHIVE_URL=postgresql://... (the archive)", err=True)
+        raise typer.Exit(2)
+    return settings.chat_archive_url
+
+
+@command()
+def migrate() -> None:
+    """Create or upgrade the archive's tables in PostgreSQL (CHAT_ARCHIVE_URL)."""
+    from app.chat.archive import migrate as upgrade
+
+    upgrade(_archive_url(_settings(pod=False)))
+    typer.echo("durable-chat: the archive's schema is up to date")
+
+
+@command()
+def archiver(
+    once: bool = typer.Option(False, "--once", help="One sweep, then exit."),
+) -> None:
+    """Move cold threads' history to PostgreSQL (CHAT_ARCHIVE_URL, REDIS_URL)."""
+    settings = _settings(pod=False)
+    _archive_url(settings)
+    if settings.embedded:
+        typer.echo("durable-chat: the archiver needs REDIS_URL", err=True)
+        raise typer.Exit(2)
+    from workers.archiver import run
+
+    asyncio.run(run(settings, once=once))
 
 
 def _redis_for_ops() -> SyncRedisClient:

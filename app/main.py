@@ -23,6 +23,7 @@ from fastapi_offline import FastAPIOffline
 from app import metrics, rest, schema, seed, sse, usersock, ws
 from app.auth import Authenticator, AuthError
 from app.chat import tasks
+from app.chat.archive import Archive
 from app.chat.service import ChatService
 from app.llm import make_model
 from app.llm.tools import load_tools
@@ -71,9 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         handles = connect(settings)
         model = make_model(settings)
+        archive = None
+        if settings.chat_archive_url:
+            archive = await Archive.open(settings.chat_archive_url, settings.chat_archive_pool_size)
         service = ChatService(
             settings, handles.commands, handles.pubsub_factory, model, handles.publish_command,
-            turn_writes=handles.turn_writes, tools=tools,
+            turn_writes=handles.turn_writes, tools=tools, archive=archive,
         )  # fmt: skip
         app.state.chat = service
         if not settings.embedded:
@@ -111,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.gather(service.drain(), reaper_stopped)
             await tasks.within(model.aclose(), tasks.RELEASE_S, "closing the model client")
             await tasks.within(handles.aclose(), tasks.RELEASE_S, "closing the Redis clients")
+            if archive is not None:
+                await tasks.within(archive.close(), tasks.RELEASE_S, "closing the archive's pool")
             log.info("pod %s stopped", settings.chat_pod_id)
 
     # /docs and /redoc with their scripts and styles served by the pod itself

@@ -197,7 +197,7 @@ async def update_thread(
     "/{thread_id}", status_code=204, summary="Delete a thread, its history and all its keys"
 )
 async def delete_thread(thread_id: PathThread, user: Caller, service: Chat) -> Response:
-    await service.threads.delete(keys.thread_id(thread_id), user)
+    await service.delete_thread(keys.thread_id(thread_id), user)
     return Response(status_code=204)
 
 

@@ -119,6 +119,24 @@ class Settings(BaseSettings):
     chat_lock_ttl_ms: int = Field(default=15000, ge=1000)
     chat_reaper_interval_ms: int = Field(default=5000, ge=100)
     chat_reaper_in_pod: bool = True
+
+    # The cold tier (workers.archiver, docs/operations.md "Tiers"): a
+    # PostgreSQL URL turns it on. Threads idle longer than
+    # CHAT_ARCHIVE_AFTER_DAYS have their history copied there and trimmed
+    # from Redis but for the newest CHAT_ARCHIVE_KEEP_HOT messages; reads
+    # continue into it. Secret: never logged, never in repr.
+    chat_archive_url: str | None = Field(default=None, repr=False)
+    chat_archive_after_days: float = Field(default=30.0, ge=0)
+    chat_archive_keep_hot: int = Field(default=20, ge=1)
+    chat_archive_interval_s: float = Field(default=60.0, gt=0)
+    # Connections of one process's pool to PostgreSQL (a pod's reads, or
+    # the archiver): the bound PostgreSQL's max_connections is sized by.
+    chat_archive_pool_size: int = Field(default=4, ge=1, le=100)
+    # Tests only: the archiver kills itself (SIGKILL) at this named point
+    # ("after_commit": between the PostgreSQL commit and the Redis trim,
+    # "between_threads": after a thread is done), to prove a crash anywhere
+    # loses and duplicates nothing.
+    chat_archive_crash_at: Literal["after_commit", "between_threads"] | None = None
     chat_event_retention: int = Field(default=10000, ge=100)
     chat_delta_window_ms: float = Field(default=25.0, ge=0)
     chat_delta_max_bytes: int = Field(default=2048, ge=1)

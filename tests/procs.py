@@ -11,8 +11,10 @@ conftest wraps it in fixtures, and bench/ imports it as it is.
 from __future__ import annotations
 
 import contextlib
+import glob
 import http.client
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -24,10 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import psycopg
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server")
+
+
+def _postgres_bin() -> Path | None:
+    """Debian's PostgreSQL server binaries (not on PATH), or any on PATH."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+POSTGRES_BIN = _postgres_bin()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -149,6 +164,87 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@dataclass
+class PostgresServer:
+    """One PostgreSQL on a free loopback port, its cluster in ``workdir``
+    (initdb'd on first start; trust authentication, user ``chat``, no
+    fsync: a test's data need not outlive the machine). PostgreSQL refuses
+    to run as root: as root, it runs as the ``postgres`` user (which the
+    Debian package creates), so ``workdir``'s parents must let it through
+    (a directory right under /tmp does)."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://chat@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _user(self) -> str | None:
+        return "postgres" if os.geteuid() == 0 else None
+
+    def start(self) -> PostgresServer:
+        if POSTGRES_BIN is None:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install -y postgresql)")
+        user = self._user()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            record = pwd.getpwnam(user)
+            os.chown(self.workdir, record.pw_uid, record.pw_gid)
+        data = self.workdir / "data"
+        if not data.exists():
+            subprocess.run(
+                [str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "chat", "--auth=trust",
+                 "-E", "UTF8", "--no-sync", "--no-instructions"],
+                user=user, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+        with open(self.workdir / "postgres.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(self.port),
+                 "-k", str(self.workdir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                 "-c", "full_page_writes=off", "-c", "synchronous_commit=off"],
+                user=user, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_until(self._accepts, 30, what=f"postgres on port {self.port}")
+        return self
+
+    def _accepts(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"postgres exited early:\n{self.logs()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                pass
+        except OSError:
+            return False
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    def logs(self) -> str:
+        path = self.workdir / "postgres.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """Immediate shutdown (SIGQUIT), then wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
         self.proc = None
 
 

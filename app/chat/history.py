@@ -7,12 +7,19 @@ its root: pages, the model's context and the seed protocol's history all walk
 that path with the HISTORY_PATH script, one round trip per page whatever the
 size of the thread or the number of its branches. This module also owns the
 history entry format.
+
+A thread that went cold may have its older messages archived (the cold
+tier, app.chat.archive): Redis then holds the newest messages and the whole
+tree index, and a walk that reaches a message Redis no longer holds goes on
+in the archive, so pages, ``has_more`` and the model's context read the same
+whichever tier a message is in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -20,7 +27,8 @@ from app.chat import keys
 from app.chat.errors import NotFound
 from app.chat.keys import ThreadId
 from app.chat.records import Message, MessageStatus, Role, ToolUse
-from app.chat.redis_types import RedisClient
+from app.chat.redis_types import RedisClient, optional_texts, text
+from app.chat.redis_types import entries as entries_of
 from app.chat.scripts import Scripts
 
 # The seed protocol's whole-branch reads, a page at a time.
@@ -91,12 +99,23 @@ def entry_fields(message: Message) -> list[str]:
     return pairs
 
 
+class ColdHistory(Protocol):
+    """The archive's reads a history walk continues into (app.chat.archive.Archive)."""
+
+    async def path(
+        self, thread: ThreadId, start: str, limit: int
+    ) -> tuple[list[Message], bool]: ...
+
+
 class HistoryReader:
     """Pages of a branch's messages, oldest first within a page."""
 
-    def __init__(self, redis: RedisClient, scripts: Scripts) -> None:
+    def __init__(
+        self, redis: RedisClient, scripts: Scripts, archive: ColdHistory | None = None
+    ) -> None:
         self._redis = redis
         self._scripts = scripts
+        self._archive = archive
 
     async def page(
         self, thread: ThreadId, before: str | None, limit: int, leaf: str | None = None
@@ -119,13 +138,54 @@ class HistoryReader:
             args=[mode, start, limit],
         )
         if reply[0] == "not_found":
-            raise NotFound("no such message in this thread")
+            if self._archive is None:
+                raise NotFound("no such message in this thread")
+            return await self._cold(thread, mode, start, limit)
         messages = []
         for entry_id, parent, siblings, flat in reversed(reply[2:]):
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
             fields["parent"] = parent  # written before trees: known only from the walk
             messages.append(message_from_entry(entry_id, fields, tuple(siblings.split(","))))
-        return messages, bool(reply[1])
+        more = bool(reply[1])
+        if more and len(messages) < limit and self._archive is not None:
+            # The walk stopped at a message Redis no longer holds: archived.
+            if messages:
+                onward = messages[0].parent_id or ""
+            else:
+                onward = await self._onward(thread, mode, start)
+            older, more = await self._cold(thread, "leaf", onward, limit - len(messages))
+            messages[:0] = older
+        return messages, more
+
+    async def _onward(self, thread: ThreadId, mode: str, start: str) -> str:
+        """Where a walk that found nothing in Redis goes on: the active leaf,
+        or the parent of the message ``before`` names."""
+        if mode == "leaf":
+            return start or text(await self._redis.hget(keys.meta(thread), "leaf")) or ""
+        entry = entries_of(await self._redis.xrange(keys.history(thread), start, start))
+        return entry[0][1].get("parent", "") if entry else ""
+
+    async def _cold(
+        self, thread: ThreadId, mode: str, start: str, limit: int
+    ) -> tuple[list[Message], bool]:
+        """The walk's archived part, with each message's siblings from the
+        tree index (which stays in Redis). NotFound when it is not there."""
+        assert self._archive is not None
+        if not start:
+            return [], False
+        want = limit + 1 if mode == "before" else limit
+        messages, more = await self._archive.path(thread, start, want)
+        if not messages:
+            raise NotFound("no such message in this thread")
+        if mode == "before":
+            messages.pop()  # ``before`` itself
+        children = optional_texts(
+            await self._redis.hmget(keys.tree(thread), [f"c:{m.parent_id or ''}" for m in messages])
+        )
+        return [
+            dataclasses.replace(m, siblings=tuple((c or m.id).split(",")))
+            for m, c in zip(messages, children, strict=True)
+        ], more
 
     async def all(self, thread: ThreadId) -> list[Message]:
         """The active branch, root first (the seed protocol's GET_HISTORY)."""

@@ -241,6 +241,21 @@ def probe_channel(pod: str) -> str:
     return f"{PREFIX}:probe:{pod}"
 
 
+# Every thread's meta key, for SCAN (the archiver's sweep).
+META_PATTERN = f"{PREFIX}:{{*}}:meta"
+
+
+def thread_of_meta(key: str) -> ThreadId | None:
+    """The thread whose meta key this is (checked like any id), or None."""
+    head, tail = f"{PREFIX}:{{", "}:meta"
+    if not (key.startswith(head) and key.endswith(tail)):
+        return None
+    try:
+        return thread_id(key[len(head) : -len(tail)])
+    except InvalidId:
+        return None
+
+
 def thread_of_channel(channel: str) -> ThreadId:
     """The thread a live channel belongs to (channels are only built above)."""
     return ThreadId(channel[len(PREFIX) + 2 : -len("}:live")])

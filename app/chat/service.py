@@ -22,6 +22,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from app.chat import keys
+from app.chat.archive import Archive
 from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
@@ -86,18 +87,21 @@ class ChatService:
         publish_command: str,
         turn_writes: RedisClient | None = None,
         tools: ToolBox | None = None,
+        archive: Archive | None = None,
     ) -> None:
         """``turn_writes`` is the client running turns write through, one
         redis-py does not retry (the runner retries those writes itself:
         app.redis_client); ``redis`` when None. ``tools``: the model's tools
-        (None: loaded from the settings, app.llm.tools.load_tools)."""
+        (None: loaded from the settings, app.llm.tools.load_tools). ``archive``:
+        the cold tier (CHAT_ARCHIVE_URL), which history reads continue into."""
         self.settings = settings
         self.redis = redis
         self.model = model
         self.scripts = Scripts(redis)
         self.lock = TurnLock(self.scripts, settings.chat_lock_ttl_ms)
         self.timeline = Timeline(redis)
-        self.history = HistoryReader(redis, self.scripts)
+        self.archive = archive
+        self.history = HistoryReader(redis, self.scripts, archive)
         self.threads = Threads(
             redis, self.scripts, publish_command,
             max_threads=settings.chat_max_threads_per_user,
@@ -607,6 +611,14 @@ class ChatService:
         no longer waits."""
         await self._check_writer(thread, user)
         await self.queue.cancel(thread, queue_id, user, self.settings.auth_enabled)
+
+    async def delete_thread(self, thread: ThreadId, user: UserId) -> None:
+        """Delete the thread from Redis, then its archived messages: a failure
+        in between leaves rows of a thread that no longer exists, which a
+        second delete (or retention) removes; never a thread without its past."""
+        await self.threads.delete(thread, user)
+        if self.archive is not None:
+            await self.archive.delete_thread(thread)
 
     async def history_page(
         self, thread: ThreadId, before: str | None, limit: int, user: UserId | None = None,

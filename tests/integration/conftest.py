@@ -8,7 +8,7 @@ pods it started are attached to its report ("pod logs" sections).
 
 Without a ``redis-server`` binary these tests skip, except when
 DURABLE_CHAT_REQUIRE_REDIS=1 (CI sets it): then they fail. ``require`` does
-the same for the other binaries tests run (nginx, haproxy).
+the same for the other binaries tests run (nginx, haproxy, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ def require(binary: str | None, message: str, env: str) -> str:
             pytest.fail(f"{message} ({env}=1)")
         pytest.skip(message)
     return binary
+
+
+def require_postgres() -> str:
+    found = procs.POSTGRES_BIN
+    return require(
+        str(found) if found else None,
+        "PostgreSQL is not installed (apt-get install -y postgresql)",
+        "DURABLE_CHAT_REQUIRE_POSTGRES",
+    )
 
 
 def require_redis() -> str:

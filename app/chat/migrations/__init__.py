@@ -1,0 +1,1 @@
+"""The archive's schema in PostgreSQL, as Alembic migrations (``durable-chat migrate``)."""

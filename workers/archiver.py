@@ -1,0 +1,131 @@
+"""The archiver process (``durable-chat archiver``): cold threads' history
+moves from Redis to PostgreSQL (app.chat.archive).
+
+Each sweep SCANs the threads' meta keys; a thread idle longer than
+CHAT_ARCHIVE_AFTER_DAYS, with no turn running, has every message but its
+newest CHAT_ARCHIVE_KEEP_HOT copied to PostgreSQL in one transaction, read
+back, and only then trimmed from Redis (its history and its timeline, up to
+the oldest message kept). Meta, members, read markers and the tree index
+stay in Redis, so the thread is listed, joined and paged as before
+(app.chat.history continues a walk into the archive).
+
+Why a crash anywhere loses and duplicates nothing: nothing leaves Redis
+before PostgreSQL has it (committed and verified), the rows are keyed by
+message id (written again, they are the same rows), and the trim removes
+only ids older than the oldest kept one, all of which were in the copy
+(Redis stream ids only grow, so nothing older can arrive meanwhile). A
+crash between commit and trim leaves the messages in both tiers: a page
+reads Redis first, and the next sweep archives them again (a no-op) and
+trims.
+
+Built from the few parts it needs: a Redis command client and the archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from app.chat import keys
+from app.chat.archive import Archive
+from app.chat.history import message_from_entry
+from app.chat.keys import ThreadId
+from app.chat.redis_types import RedisClient
+from app.chat.redis_types import entries as entries_of
+from app.redis_client import connect
+from app.settings import Settings
+
+log = logging.getLogger("durable_chat.archiver")
+
+DAY_MS = 86_400_000
+
+
+class Archiver:
+    """One sweep at a time over every thread of a Redis."""
+
+    def __init__(self, redis: RedisClient, archive: Archive, settings: Settings) -> None:
+        self._redis = redis
+        self._archive = archive
+        self._idle_ms = int(settings.chat_archive_after_days * DAY_MS)
+        self._keep = settings.chat_archive_keep_hot
+        self._crash_at = settings.chat_archive_crash_at
+
+    async def sweep(self) -> int:
+        """Archive every cold thread; how many messages moved."""
+        moved = 0
+        async for key in self._redis.scan_iter(match=keys.META_PATTERN, count=500):
+            thread = keys.thread_of_meta(key if isinstance(key, str) else key.decode())
+            if thread is None:
+                continue
+            count = await self.archive_thread(thread)
+            moved += count
+            if count:
+                self._crash("between_threads")
+        return moved
+
+    async def archive_thread(self, thread: ThreadId) -> int:
+        """Move the thread's cold messages if it is cold; how many moved."""
+        history = keys.history(thread)
+        updated = await self._redis.hget(keys.meta(thread), "updated_at")
+        if updated is None or int(updated) > time.time() * 1000 - self._idle_ms:
+            return 0
+        if await self._redis.exists(keys.lock(thread), keys.turn(thread)):
+            return 0  # a turn runs: not idle after all
+        linked, legacy = await self._redis.hmget(keys.tree(thread), ["v", "legacy"])
+        if linked is None or legacy is not None:
+            # Messages from before trees carry no parent link: their parent
+            # is the entry before them, which a trim would take away.
+            return 0
+        kept = entries_of(await self._redis.xrevrange(history, count=self._keep))
+        if len(kept) < self._keep:
+            return 0
+        oldest_kept = kept[-1][0]
+        cold = entries_of(await self._redis.xrange(history, "-", f"({oldest_kept}"))
+        if not cold:
+            return 0
+        messages = [message_from_entry(entry_id, fields) for entry_id, fields in cold]
+        await self._archive.store(thread, messages)
+        self._crash("after_commit")
+        # Exact trims (no ~): everything below the oldest kept id is archived.
+        await self._redis.xtrim(history, minid=oldest_kept, approximate=False)
+        await self._redis.xtrim(keys.events(thread), minid=oldest_kept, approximate=False)
+        if not await self._redis.exists(keys.meta(thread)):
+            # Deleted while we copied: its rows must go too.
+            await self._archive.delete_thread(thread)
+            return 0
+        log.info("archived %d messages of thread %s", len(messages), thread)
+        return len(messages)
+
+    def _crash(self, point: str) -> None:
+        """Tests only (CHAT_ARCHIVE_CRASH_AT): die here as a kill -9 would."""
+        if self._crash_at == point:
+            log.warning("archiver killing itself at %s (CHAT_ARCHIVE_CRASH_AT)", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def run(settings: Settings, once: bool = False) -> None:
+    """Sweep every CHAT_ARCHIVE_INTERVAL_S until cancelled (or once)."""
+    assert settings.chat_archive_url is not None
+    handles = connect(settings)
+    archive = await Archive.open(settings.chat_archive_url, settings.chat_archive_pool_size)
+    archiver = Archiver(handles.commands, archive, settings)
+    try:
+        while True:
+            try:
+                moved = await archiver.sweep()
+                log.info("archive sweep done: %d messages moved", moved)
+            except Exception:
+                if once:
+                    raise
+                log.exception(
+                    "archive sweep failed; next one in %ss", settings.chat_archive_interval_s
+                )
+            if once:
+                return
+            await asyncio.sleep(settings.chat_archive_interval_s)
+    finally:
+        await archive.close()
+        await handles.aclose()
