@@ -45,14 +45,14 @@ from app.chat.records import (
     MessageStatus,
     ToolCallEvent,
     ToolResultEvent,
-    ToolUse,
     TurnError,
 )
 from app.chat.timeline import TimelineEvent
+from app.chat.tool_calls import TurnTools
 from app.chat.turns import TurnStore
 from app.chat.usage import UsageStore
 from app.llm import ChatModel, LLMError, ToolCall, Usage
-from app.llm.tools import Outcome, ToolBox
+from app.llm.tools import ToolBox
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,9 @@ class TurnRunner:
         # One Usage per model call; the turn's is their sum (ctx.usage).
         self._calls: list[Usage] = []
         self._text: list[str] = []  # every piece the model sent, for its next call
-        self._uses: list[ToolUse] = []  # finished tool calls, in the order they finished
-        self._announced: set[str] = set()  # call ids announced (and so run) once
+        self._turn_tools = TurnTools(
+            setup.tools, ctx.thread, ctx.generation_id, self._publish_tool_event
+        )
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._pending: list[str] = []
         self._pending_bytes = 0
@@ -224,11 +225,12 @@ class TurnRunner:
     def _context(self) -> Sequence[Message]:
         """What the model reads: the thread's history, then (after a tool
         round) the reply so far with its calls and their results."""
-        if not self._uses:
+        answered = self._turn_tools.answered
+        if not answered:
             return self.ctx.messages
         so_far = Message(
             id="", role="assistant", content="".join(self._text), user_id="assistant",
-            created_at=0, status="complete", tool_calls=tuple(self._uses),
+            created_at=0, status="complete", tool_calls=tuple(answered),
         )  # fmt: skip
         return [*self.ctx.messages, so_far]
 
@@ -273,74 +275,29 @@ class TurnRunner:
                     return stopped, None
 
     async def _tool_round(self, round_: _ToolRound) -> MessageStatus | None:
-        """Announce and run one round of tool calls, publishing each result as
-        it comes; a status when the turn must end instead (a cancel, a drain)."""
-        await self._must(self._flush_all)
-        offset = len("".join(self._published))
-        running: dict[asyncio.Task[Outcome], ToolCall] = {}
-        getter: asyncio.Task[object] | None = None
-        stop: MessageStatus | None = None
+        """Run one round of tool calls (app.chat.tool_calls) after the text so
+        far; a status when the turn must end instead (a cancel, a drain)."""
         try:
-            for call in round_.calls:
-                if call.call_id in self._announced:
-                    continue  # never run twice for one call id
-                if await self._announce(call):
-                    stop = "cancelled"
-                    break
-                running[asyncio.create_task(self._tools.run(call))] = call
-            while running and stop is None:
-                getter = getter or asyncio.create_task(self._inbox.get())
-                finished, _ = await asyncio.wait(
-                    {*running, getter}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in finished:
-                    item, getter = getter.result(), None
-                    if isinstance(item, _Stop):
-                        stop = item.status
-                for task in [t for t in running if t in finished]:
-                    if await self._publish_result(running.pop(task), task.result(), offset):
-                        stop = "cancelled"
+            await self._must(self._flush_all)
+            offset = len("".join(self._published))
+            return await self._turn_tools.round(round_.calls, offset, self._stopped)
         finally:
-            if getter is not None:
-                getter.cancel()  # nothing taken yet: no item is lost
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.wait(running)
             if not round_.done.done():
                 round_.done.set_result(None)
-        return stop
 
-    async def _announce(self, call: ToolCall) -> bool:
-        """Publish a call before it runs (the reaper and every client learn of
-        it first); True when a cancel was asked for."""
-        value, _ = self._tools.parse(call)
-        event = ToolCallEvent(
-            thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
-            call_id=call.call_id, name=call.name, input=value,
-        )  # fmt: skip
-        cancel = await self._must(
+    async def _stopped(self) -> MessageStatus:
+        """The status of the next stop asked for (the producer sends nothing
+        while its tools run, so nothing else is taken from the queue)."""
+        while True:
+            item = await self._inbox.get()
+            if isinstance(item, _Stop):
+                return item.status
+
+    async def _publish_tool_event(self, event: ToolCallEvent | ToolResultEvent) -> bool:
+        cancel: bool = await self._must(
             lambda: self._store.append_once(self.ctx.thread, self.ctx.lease, event)
         )
-        self._announced.add(call.call_id)
-        return bool(cancel)
-
-    async def _publish_result(self, call: ToolCall, outcome: Outcome, offset: int) -> bool:
-        """Publish a finished call's result and keep it for the reply; True
-        when a cancel was asked for."""
-        event = ToolResultEvent(
-            thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
-            call_id=call.call_id, output=outcome.output, is_error=outcome.is_error,
-        )  # fmt: skip
-        cancel = await self._must(
-            lambda: self._store.append_once(self.ctx.thread, self.ctx.lease, event)
-        )
-        self._uses.append(
-            ToolUse(
-                call.call_id, call.name, outcome.input, outcome.output, outcome.is_error, offset
-            )
-        )
-        return bool(cancel)
+        return cancel
 
     async def _try_flush(self) -> bool:
         """Flush now; a Redis outage keeps the text buffered for the next try.
@@ -391,7 +348,7 @@ class TurnRunner:
         assistant = Message(
             id="", role="assistant", content="".join(self._published), user_id="assistant",
             created_at=int(time.time() * 1000), status=status,
-            tool_calls=tuple(self._uses), usage=usage,
+            tool_calls=tuple(self._turn_tools.answered), usage=usage,
         )  # fmt: skip
         done = Done(
             thread_id=ctx.thread, generation_id=ctx.generation_id, status=status, usage=usage,
