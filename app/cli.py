@@ -180,14 +180,23 @@ def migrate() -> None:
 @command()
 def archiver(
     once: bool = typer.Option(False, "--once", help="One sweep, then exit."),
+    metrics_port: int = typer.Option(
+        0, help="Serve /metrics (Prometheus) on this port of every address; 0: none."
+    ),
 ) -> None:
-    """Move cold threads' history to PostgreSQL (CHAT_ARCHIVE_URL, REDIS_URL)."""
+    """Move cold threads' history to PostgreSQL and expire threads past
+    CHAT_RETENTION_DAYS (CHAT_ARCHIVE_URL, REDIS_URL)."""
     settings = _settings(pod=False)
     _archive_url(settings)
     if settings.embedded:
         typer.echo("durable-chat: the archiver needs REDIS_URL", err=True)
         raise typer.Exit(2)
     from workers.archiver import run
+
+    if metrics_port:
+        import prometheus_client
+
+        prometheus_client.start_http_server(metrics_port)
 
     asyncio.run(run(settings, once=once))
 

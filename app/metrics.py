@@ -61,6 +61,13 @@ FOLLOWERS_MOVED = Counter(
     f"{_PREFIX}_followers_moved",
     "Sockets closed (1013) to reconnect elsewhere because this pod's subscriber stayed deaf",
 )
+ARCHIVED_MESSAGES = Counter(
+    f"{_PREFIX}_archived_messages", "Messages moved from Redis to the archive (the archiver)"
+)
+THREADS_EXPIRED = Counter(
+    f"{_PREFIX}_threads_expired",
+    "Threads deleted from both tiers for idling past CHAT_RETENTION_DAYS (the archiver)",
+)
 SLOW_CLIENT_DROPS = Counter(
     f"{_PREFIX}_slow_client_drops", "Sockets closed 1013 for being too slow"
 )

@@ -19,12 +19,14 @@ from __future__ import annotations
 import datetime as dt
 import math
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,6 +48,7 @@ from app.chat.keys import ThreadId, UserId
 from app.chat.records import PromptPolicy
 from app.chat.service import ChatService
 from app.chat.threads import MAX_TITLE_CHARS, ThreadSummary
+from app.chat.timeline import message_json
 from app.chat.usage import until_next_day_ms
 from app.origins import OriginPolicy
 from app.protocol import TokenTotals
@@ -199,6 +202,22 @@ async def update_thread(
 async def delete_thread(thread_id: PathThread, user: Caller, service: Chat) -> Response:
     await service.delete_thread(keys.thread_id(thread_id), user)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{thread_id}/export",
+    summary="Every message of the thread, all branches, both tiers, as JSON lines (owner only)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}}},
+)
+async def export_thread(thread_id: PathThread, user: Caller, service: Chat) -> StreamingResponse:
+    messages = await service.export(keys.thread_id(thread_id), user)
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for message in messages:
+            yield orjson.dumps(message_json(message)) + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 class MemberRole(BaseModel):

@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     # Connections of one process's pool to PostgreSQL (a pod's reads, or
     # the archiver): the bound PostgreSQL's max_connections is sized by.
     chat_archive_pool_size: int = Field(default=4, ge=1, le=100)
+    # Retention: whole threads idle longer than this are deleted from both
+    # tiers by the archiver's sweep (unset: kept for ever). Runs with the
+    # archiver, so it needs CHAT_ARCHIVE_URL too.
+    chat_retention_days: float | None = Field(default=None, gt=0)
     # Tests only: the archiver kills itself (SIGKILL) at this named point
     # ("after_commit": between the PostgreSQL commit and the Redis trim,
     # "between_threads": after a thread is done), to prove a crash anywhere

@@ -119,8 +119,8 @@ def _config(overlay: str | None) -> dict[str, str]:
     return config
 
 
-def _secret_example() -> dict[str, str]:
-    lines = (K8S / "base" / "secret.example.env").read_text().splitlines()
+def _secret_example(path: Path = K8S / "base" / "secret.example.env") -> dict[str, str]:
+    lines = path.read_text().splitlines()
     pairs = (line.partition("=") for line in lines if line.strip() and not line.startswith("#"))
     return {name.strip(): value for name, _, value in pairs}
 
@@ -158,6 +158,9 @@ REDIS = _one("StatefulSet", "redis")
 SENTINEL_COMPONENT = K8S / "components" / "redis-sentinel"
 REDIS_NODES = _one("StatefulSet", "redis-node")
 SENTINELS = _one("StatefulSet", "redis-sentinel")
+ARCHIVE_COMPONENT = K8S / "components" / "archive"
+ARCHIVER = _one("Deployment", "durable-chat-archiver")
+ARCHIVE_SECRET = "durable-chat-archive"
 
 
 # --- the app: ports, probes, drain -------------------------------------------
@@ -251,6 +254,7 @@ def test_only_durable_chat_reaches_redis() -> None:
         "StatefulSet/redis",
         "StatefulSet/redis-node",
         "StatefulSet/redis-sentinel",
+        "Deployment/durable-chat-archiver",
     ],
 )
 def test_containers_run_locked_down(workload: str) -> None:
@@ -259,10 +263,10 @@ def test_containers_run_locked_down(workload: str) -> None:
     pod_context = spec["securityContext"]
     assert pod_context["runAsNonRoot"] is True
     assert pod_context["runAsUser"] != 0
-    if name == "durable-chat":
+    if name.startswith("durable-chat"):
         assert pod_context["runAsUser"] == APP_UID, "the uid the Dockerfile creates"
     assert spec["automountServiceAccountToken"] is False
-    for container in spec["containers"]:
+    for container in spec["containers"] + spec.get("initContainers", []):
         context = container["securityContext"]
         seccomp = context.get("seccompProfile", pod_context.get("seccompProfile"))
         assert seccomp == {"type": "RuntimeDefault"}
@@ -306,7 +310,9 @@ def test_images_are_pinned() -> None:
 def test_every_variable_set_is_a_setting_the_app_reads() -> None:
     known = {name.upper() for name in Settings.model_fields}
     named = set(_config(None)) | set(_secret_example()) | {e["name"] for e in API["env"]}
-    named |= set(_literals(SENTINEL_COMPONENT))
+    named |= set(_literals(SENTINEL_COMPONENT)) | set(_literals(ARCHIVE_COMPONENT))
+    for container in _pod_spec(ARCHIVER)["containers"] + _pod_spec(ARCHIVER)["initContainers"]:
+        named |= {e["name"] for e in container["env"]}
     for overlay in OVERLAYS:
         named |= set(_config(overlay))
     assert named - known == set(), f"not settings of the app: {named - known}"
@@ -676,3 +682,62 @@ def test_rendered_overlays_are_what_they_claim(overlay: str) -> None:
         assert not {"StatefulSet", "NetworkPolicy"} & kinds, "prod brings its own Redis"
         (container,) = _pod_spec(deployment)["containers"]
         assert not container["image"].endswith(":latest")
+
+
+# --- the archive (k8s/components/archive) ---------------------------------------
+
+
+def _secret_refs(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def test_the_archiver_migrates_first_then_sweeps_alone_with_its_metrics_scraped() -> None:
+    spec = _pod_spec(ARCHIVER)
+    (init,) = spec["initContainers"]
+    (container,) = spec["containers"]
+    assert init["args"] == ["migrate"] and init["image"] == container["image"] == API["image"]
+    port = _container_port(container, "metrics")
+    assert container["args"] == ["archiver", "--metrics-port", str(port)]
+    assert ARCHIVER["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
+        port
+    )
+    assert ARCHIVER["spec"]["replicas"] == 1 and ARCHIVER["spec"]["strategy"]["type"] == "Recreate"
+    assert "metrics_port" in inspect.signature(app.cli.archiver).parameters
+    # Redis lets it in (the app's name label); the API's Service never routes to it.
+    labels = ARCHIVER["spec"]["template"]["metadata"]["labels"]
+    (rule,) = _one("NetworkPolicy", "redis")["spec"]["ingress"]
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= labels.items()
+    selector = _one("Service", "durable-chat")["spec"]["selector"]
+    assert not selector.items() <= labels.items()
+
+
+def test_the_archive_url_comes_from_its_secret_only() -> None:
+    example = _secret_example(ARCHIVE_COMPONENT / "archive-secret.example.env")
+    assert example == {"CHAT_ARCHIVE_URL": ""}, "the example holds no secret"
+    spec = _pod_spec(ARCHIVER)
+    for container in spec["initContainers"] + spec["containers"]:
+        assert _secret_refs(container) == {
+            "CHAT_ARCHIVE_URL": {"name": ARCHIVE_SECRET, "key": "CHAT_ARCHIVE_URL"}
+        }
+    # The pods read through to the archive: the component gives them the same URL.
+    (patch,) = _kustomization(ARCHIVE_COMPONENT)["patches"]
+    assert patch["target"] == {"kind": "Deployment", "name": "durable-chat"}
+    (op,) = yaml.safe_load(patch["patch"])
+    assert op["op"] == "add" and op["path"] == "/spec/template/spec/containers/0/env/-"
+    assert op["value"]["valueFrom"]["secretKeyRef"] == {
+        "name": ARCHIVE_SECRET, "key": "CHAT_ARCHIVE_URL"
+    }  # fmt: skip
+    assert _pod_spec(DEPLOYMENT)["containers"][0]["name"] == "api", "containers/0 is the app"
+    assert "CHAT_ARCHIVE_URL" not in _literals(ARCHIVE_COMPONENT)
+
+
+def test_the_archive_component_is_a_configuration_the_app_accepts() -> None:
+    fields = {k.lower(): v for k, v in (_config(None) | _literals(ARCHIVE_COMPONENT)).items()}
+    fields |= {k.lower(): "placeholder" for k in _secret_example()}
+    settings = Settings(**fields, chat_archive_url="postgresql://u@db/chat")
+    settings.check_startable()
+    assert settings.chat_archive_after_days > 0 and settings.chat_archive_crash_at is None

@@ -18,7 +18,13 @@ crash between commit and trim leaves the messages in both tiers: a page
 reads Redis first, and the next sweep archives them again (a no-op) and
 trims.
 
-Built from the few parts it needs: a Redis command client and the archive.
+Retention (CHAT_RETENTION_DAYS) runs in the same sweep: a thread idle
+longer than that is deleted whole, from Redis (as its owner's delete does:
+its sockets close, its members' lists forget it) and then from the archive;
+each deletion is logged and counted (durable_chat_threads_expired_total).
+
+Built from the few parts it needs: a Redis command client, the thread store
+and the archive.
 """
 
 from __future__ import annotations
@@ -29,49 +35,82 @@ import os
 import signal
 import time
 
+from app import metrics
 from app.chat import keys
 from app.chat.archive import Archive
+from app.chat.errors import NotFound
 from app.chat.history import message_from_entry
 from app.chat.keys import ThreadId
-from app.chat.redis_types import RedisClient
+from app.chat.redis_types import RedisClient, text
 from app.chat.redis_types import entries as entries_of
+from app.chat.scripts import Scripts
+from app.chat.threads import Threads
 from app.redis_client import connect
 from app.settings import Settings
 
 log = logging.getLogger("durable_chat.archiver")
 
 DAY_MS = 86_400_000
+# Who a retention delete is made by (the delete script's caller; any id
+# would do with the owner check off).
+RETENTION_CALLER = "retention"
 
 
 class Archiver:
     """One sweep at a time over every thread of a Redis."""
 
-    def __init__(self, redis: RedisClient, archive: Archive, settings: Settings) -> None:
+    def __init__(
+        self, redis: RedisClient, threads: Threads, archive: Archive, settings: Settings
+    ) -> None:
         self._redis = redis
+        self._threads = threads
         self._archive = archive
         self._idle_ms = int(settings.chat_archive_after_days * DAY_MS)
+        days = settings.chat_retention_days
+        self._retain_ms = None if days is None else int(days * DAY_MS)
         self._keep = settings.chat_archive_keep_hot
         self._crash_at = settings.chat_archive_crash_at
 
-    async def sweep(self) -> int:
-        """Archive every cold thread; how many messages moved."""
-        moved = 0
+    async def sweep(self) -> tuple[int, int]:
+        """Expire every thread past retention and archive every cold one;
+        how many messages moved and how many threads expired."""
+        moved = expired = 0
         async for key in self._redis.scan_iter(match=keys.META_PATTERN, count=500):
             thread = keys.thread_of_meta(key if isinstance(key, str) else key.decode())
             if thread is None:
+                continue
+            updated = text(await self._redis.hget(keys.meta(thread), "updated_at"))
+            if updated is None:
+                continue
+            idle_ms = time.time() * 1000 - int(updated)
+            if self._retain_ms is not None and idle_ms > self._retain_ms:
+                expired += await self.expire(thread, idle_ms)
+                continue
+            if idle_ms < self._idle_ms:
                 continue
             count = await self.archive_thread(thread)
             moved += count
             if count:
                 self._crash("between_threads")
-        return moved
+        return moved, expired
+
+    async def expire(self, thread: ThreadId, idle_ms: float) -> int:
+        """Delete the thread from both tiers (retention); 1 when it was there."""
+        try:
+            await self._threads.delete(thread, keys.user_id(RETENTION_CALLER))
+        except NotFound:
+            return 0
+        removed = await self._archive.delete_thread(thread)
+        metrics.THREADS_EXPIRED.inc()
+        log.info(
+            "thread %s deleted by retention: idle %.1f days, %d archived messages removed",
+            thread, idle_ms / DAY_MS, removed,
+        )  # fmt: skip
+        return 1
 
     async def archive_thread(self, thread: ThreadId) -> int:
-        """Move the thread's cold messages if it is cold; how many moved."""
+        """Move the thread's cold messages; how many moved."""
         history = keys.history(thread)
-        updated = await self._redis.hget(keys.meta(thread), "updated_at")
-        if updated is None or int(updated) > time.time() * 1000 - self._idle_ms:
-            return 0
         if await self._redis.exists(keys.lock(thread), keys.turn(thread)):
             return 0  # a turn runs: not idle after all
         linked, legacy = await self._redis.hmget(keys.tree(thread), ["v", "legacy"])
@@ -96,6 +135,7 @@ class Archiver:
             # Deleted while we copied: its rows must go too.
             await self._archive.delete_thread(thread)
             return 0
+        metrics.ARCHIVED_MESSAGES.inc(len(messages))
         log.info("archived %d messages of thread %s", len(messages), thread)
         return len(messages)
 
@@ -111,12 +151,16 @@ async def run(settings: Settings, once: bool = False) -> None:
     assert settings.chat_archive_url is not None
     handles = connect(settings)
     archive = await Archive.open(settings.chat_archive_url, settings.chat_archive_pool_size)
-    archiver = Archiver(handles.commands, archive, settings)
+    # Deletes by retention are not any member's: no owner check, as with auth off.
+    threads = Threads(
+        handles.commands, Scripts(handles.commands), handles.publish_command, open_access=True
+    )
+    archiver = Archiver(handles.commands, threads, archive, settings)
     try:
         while True:
             try:
-                moved = await archiver.sweep()
-                log.info("archive sweep done: %d messages moved", moved)
+                moved, expired = await archiver.sweep()
+                log.info("sweep done: %d messages archived, %d threads expired", moved, expired)
             except Exception:
                 if once:
                     raise

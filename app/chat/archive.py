@@ -40,7 +40,7 @@ _COLUMNS = (
 # the root, at most %(limit)s messages, newest first. Each step is one lookup
 # of the primary key (thread_id, ms, seq): a page costs `limit` index probes
 # whatever the size of the thread or the number of its branches.
-_PATH = f"""
+PAGE_QUERY = f"""
 WITH RECURSIVE path AS (
     SELECT {_COLUMNS}, 1 AS depth FROM archived_messages
      WHERE thread_id = %(thread)s AND ms = %(ms)s AND seq = %(seq)s
@@ -166,7 +166,7 @@ class Archive:
         ms, seq = split_id(start)
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(_PATH, {"thread": thread, "ms": ms, "seq": seq, "limit": limit})
+            await cur.execute(PAGE_QUERY, {"thread": thread, "ms": ms, "seq": seq, "limit": limit})
             rows = await cur.fetchall()
         messages = [_message(r) for r in reversed(rows)]
         return messages, bool(messages) and messages[0].parent_id is not None

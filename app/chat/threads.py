@@ -195,6 +195,13 @@ class Threads:
             raise Forbidden("you are not a member of this thread")
         return str(owner or "")
 
+    async def require_owner(self, thread: ThreadId, user: UserId) -> None:
+        """NotFound, or Forbidden unless ``user`` owns the thread (with auth
+        off everyone does)."""
+        owner = await self.require_member(thread, user)
+        if owner != user and not self._open:
+            raise Forbidden("only the owner may do this")
+
     async def describe(self, thread: ThreadId, user: UserId) -> tuple[ThreadSummary, list[str]]:
         """A member's view of a thread: its summary and its members."""
         await self.require_member(thread, user)

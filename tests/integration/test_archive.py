@@ -5,7 +5,8 @@ killed -9 at its named points (CHAT_ARCHIVE_CRASH_AT).
 What a client reads never changes while messages move: full pages, short
 pages walked with ``before``, another branch by ``leaf``, ``has_more`` and
 siblings are the same before archiving, after each crash and after the last
-sweep; the archive holds every cold message once; the model's context still
+sweep; the archive holds every cold message once; the owner's export is
+every message ever sent, once, whichever tier holds it; the model's context still
 reaches the archived start of a thread; deleting a thread removes its rows.
 """
 
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import psycopg
 import pytest
 
@@ -110,13 +113,31 @@ def rows(url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+SENT: dict[str, list[Event]] = {}
+
+
 async def turn(ws: Any, content: str, **extra: Any) -> tuple[Event, Event, Event]:
-    """A prompt's user message, reply and ``done``."""
+    """A prompt's user message, reply and ``done`` (every message is kept in
+    SENT, by thread, for the exports)."""
     await send(ws, {"type": "prompt", "content": content, **extra})
     events = await read_until(ws, "done")
     done = events[-1]
     messages = [e["message"] for e in events if e["type"] == "message"]
+    SENT.setdefault(done["thread_id"], []).extend(messages)
     return messages[0], messages[-1], done
+
+
+async def export(pod: procs.Server, thread: str) -> list[Event]:
+    """The thread's export: its JSON lines, each a message."""
+    async with httpx.AsyncClient(base_url=pod.http, timeout=10) as http:
+        got = await http.get(f"/v1/threads/{thread}/export")
+    assert got.status_code == 200, got.text
+    assert got.headers["content-type"] == "application/x-ndjson"
+    return [orjson.loads(line) for line in got.text.splitlines()]
+
+
+def everything_sent(thread: str) -> list[Event]:
+    return sorted(SENT[thread], key=lambda m: keys.event_id(m["id"]))
 
 
 async def views(ws: Any, other_leaf: str) -> list[Any]:
@@ -173,6 +194,8 @@ async def test_archiving_killed_anywhere_changes_nothing_a_client_reads(
         assert archived[0][1] == lengths[first] - KEEP_HOT
         assert {t: r.xlen(keys.history(keys.thread_id(t))) for t in threads} == lengths
         assert await views(ws, r2["id"]) == before
+        for t in threads:  # messages in both tiers are exported once
+            assert await export(pod, t) == everything_sent(t)
 
         # Killed between two threads: the first is archived again (the same
         # rows) and trimmed, the other is untouched.
@@ -200,6 +223,8 @@ async def test_archiving_killed_anywhere_changes_nothing_a_client_reads(
         assert counted == sorted((t, lengths[t] - KEEP_HOT, lengths[t] - KEEP_HOT) for t in threads)
         assert await views(ws, r2["id"]) == before
         assert await views(line, line_leaf) == line_before
+        for t in threads:
+            assert await export(pod, t) == everything_sent(t)
 
         # A turn on the archived thread: the model is given the whole branch,
         # archived start included; the new messages are appended in Redis.
@@ -212,14 +237,87 @@ async def test_archiving_killed_anywhere_changes_nothing_a_client_reads(
         assert after == [*branch, *after[-2:]] and [m["id"] for m in after[-2:]] == [
             q["id"], reply["id"]
         ]  # fmt: skip
+        assert await export(pod, threads[0]) == everything_sent(threads[0])
     finally:
         await ws.close()
         await line.close()
 
     # Deleting a thread removes its archived rows too.
-    import httpx
-
     async with httpx.AsyncClient(base_url=pod.http, timeout=10) as http:
         assert (await http.delete(f"/v1/threads/{threads[0]}")).status_code == 204
     left = rows(postgres.url, "SELECT DISTINCT thread_id FROM archived_messages")
     assert left == [(threads[1],)]
+
+
+async def test_retention_deletes_idle_threads_from_both_tiers(
+    request: pytest.FixtureRequest, pod: procs.Server, redis_db: procs.RedisServer,
+    postgres: procs.PostgresServer,
+) -> None:  # fmt: skip
+    thread = "expiring"
+    ws, _ = await open_ready(pod.ws, thread)
+    try:
+        for i in range(KEEP_HOT + 1):
+            await turn(ws, f"soon gone {i}")
+    finally:
+        await ws.close()
+    assert cli(redis_db, postgres, "archiver", "--once").returncode == 0
+    assert rows(postgres.url, "SELECT 1 FROM archived_messages WHERE thread_id = %s", thread)
+
+    # Every thread is older than a millisecond: all of them go, counted.
+    port = procs.free_port()
+    environ = procs.base_env()
+    environ.update(
+        REDIS_URL=redis_db.url, CHAT_ARCHIVE_URL=archive_url(postgres), CHAT_LOG_LEVEL="INFO",
+        CHAT_RETENTION_DAYS="0.00000001", CHAT_ARCHIVE_INTERVAL_S="0.2",
+    )  # fmt: skip
+    archiver = procs.Server(
+        "archiver", [sys.executable, "-m", "app", "archiver", "--metrics-port", str(port)],
+        environ, port, Path(postgres.workdir) / "archiver.log", ready_path="/metrics",
+    )  # fmt: skip
+    track_pods(request).append(archiver)
+    with procs.running([archiver]):
+        expired = procs.wait_until(
+            lambda: expired_count(port), 30, what="the archiver's threads_expired counter"
+        )
+    output = archiver.logs()
+    r = redis_db.client()
+    assert expired >= 1
+    assert f"thread {thread} deleted by retention" in output and SECRET not in output
+    assert rows(postgres.url, "SELECT thread_id FROM archived_messages") == []
+    left = [k for k in r.scan_iter(match=f"chat:{{{thread}}}:*") if not k.endswith(":fence")]
+    assert left == []
+    assert not r.zscore(keys.user_threads(keys.user_id("anonymous")), thread)
+
+
+def expired_count(port: int) -> float:
+    """durable_chat_threads_expired_total as the archiver serves it (0 until up)."""
+    try:
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0
+    for line in body.splitlines():
+        if line.startswith("durable_chat_threads_expired_total "):
+            return float(line.split()[1])
+    return 0
+
+
+def test_a_history_page_is_primary_key_lookups_only(migrated: str) -> None:
+    """The page query on a thread among many: PostgreSQL plans it on the
+    primary key, never a scan of the table."""
+    from app.chat.archive import PAGE_QUERY
+
+    with psycopg.connect(migrated) as conn:
+        conn.execute(
+            "INSERT INTO archived_messages (thread_id, ms, seq, parent_ms, parent_seq, role,"
+            " content, user_id, created_at, status)"
+            " SELECT 'plan-' || (i % 50), i, 0, CASE WHEN i >= 50 THEN i - 50 END,"
+            " CASE WHEN i >= 50 THEN 0 END, 'user', 'words', 'u', i, 'complete'"
+            " FROM generate_series(1, 20000) AS i"
+        )
+        conn.execute("ANALYZE archived_messages")
+        params = {"thread": "plan-7", "ms": 19957, "seq": 0, "limit": 50}
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + PAGE_QUERY, params).fetchall())
+        walked = conn.execute(PAGE_QUERY, params).fetchall()
+        conn.execute("DELETE FROM archived_messages WHERE thread_id LIKE 'plan-%'")
+    assert len(walked) == 50 and [r[0] for r in walked] == list(range(19957, 19957 - 2500, -50))
+    assert "archived_messages_pkey" in plan and "Seq Scan" not in plan, plan
