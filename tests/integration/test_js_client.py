@@ -65,7 +65,7 @@ def test_js_client_against_real_pods(request, node, tmp_path):
     # A short lock lease: the turn of the pod killed mid-reply is closed (as
     # interrupted) by a surviving pod's reaper within about a second.
     env = dict(
-        AUTH_ENV, CHAT_FAKE_REPLY_TOKENS=40, CHAT_FAKE_TOKEN_DELAY_MS=20,
+        AUTH_ENV, CHAT_FAKE_REPLY_TOKENS=30, CHAT_FAKE_TOKEN_DELAY_MS=10,
         CHAT_LOCK_TTL_MS=1000, CHAT_REAPER_INTERVAL_MS=200,
         # One user sends every prompt of every node test, in well under a minute.
         CHAT_RATE_PROMPTS_PER_MIN=1000, CHAT_RATE_PROMPT_BURST=1000,
