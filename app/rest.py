@@ -264,6 +264,28 @@ async def _detail(service: ChatService, thread: ThreadId, user: UserId) -> Threa
 usage_router = APIRouter(prefix="/v1", tags=["usage"], responses=_ERRORS)
 
 
+class ErasureReport(BaseModel):
+    """What erasing a user's data removed (ChatService.erase_user)."""
+
+    user_id: str
+    threads_deleted: int = Field(description="threads they owned, deleted from both tiers")
+    memberships_removed: int
+    messages_erased: int = Field(
+        description="their messages and the replies to them, redacted in Redis"
+    )
+    archived_messages_erased: int = Field(description="the same, in the archive")
+    user_keys_deleted: int = Field(description="their lists, usage, limits and sockets")
+
+
+@usage_router.delete(
+    "/users/{user}/data",
+    summary="Erase a user's data from both tiers (the user, or CHAT_ADMIN_USERS)",
+)
+async def erase_user(user: PathUser, caller: Caller, service: Chat) -> ErasureReport:
+    target = keys.user_id(user)
+    return ErasureReport(user_id=target, **await service.erase_user(target, caller))
+
+
 @usage_router.get("/usage", summary="The caller's tokens today (UTC) and their daily limit")
 async def get_usage(user: Caller, service: Chat) -> UsageOut:
     today = await service.usage.today(user)

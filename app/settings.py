@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     chat_auth_issuer: str | None = None
     chat_auth_audience: str | None = None  # comma-separated: any of them
     chat_auth_leeway_s: int = Field(default=30, ge=0, le=300)
+    # Users (token subjects, comma-separated) who may erase any user's data
+    # (DELETE /v1/users/{user}/data); anyone may erase their own.
+    chat_admin_users: str = ""
 
     # Browser safety: Origins allowed to open sockets besides the page's own
     # (comma-separated ``scheme://host[:port]``; ``*`` allows any, on purpose).
@@ -229,6 +232,10 @@ class Settings(BaseSettings):
                 )
             addresses.append((host.strip("[]"), int(port)))
         return addresses
+
+    @property
+    def admin_users(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.chat_admin_users.split(",") if u.strip())
 
     @property
     def auth_enabled(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 
 import pytest
@@ -163,3 +164,15 @@ def test_event_id_rejects_non_ascii_digits(raw: str) -> None:
 def test_event_id_rejects_parts_beyond_64_bits(raw: str) -> None:
     with pytest.raises(keys.InvalidId):
         keys.event_id(raw)
+
+
+def test_meta_keys_name_their_thread_and_only_checked_ids() -> None:
+    thread = keys.thread_id("t-1")
+    assert keys.thread_of_meta(keys.meta(thread)) == thread
+    assert keys.thread_of_meta("chat:{bad id}:meta") is None
+    assert keys.thread_of_meta(keys.history(thread)) is None
+    user = keys.user_id("u@x")
+    assert fnmatch.fnmatchcase(keys.user_threads(user), keys.user_keys_pattern(user))
+    assert not fnmatch.fnmatchcase(
+        keys.user_threads(keys.user_id("u@xy")), keys.user_keys_pattern(user)
+    )

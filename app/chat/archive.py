@@ -198,8 +198,32 @@ class Archive:
             )
         return cur.rowcount
 
-    async def delete_user_messages(self, user: UserId) -> int:
-        """Remove every archived message ``user`` wrote; how many there were."""
+    async def ids_by(self, user: UserId) -> dict[ThreadId, list[str]]:
+        """The ids of every archived message ``user`` wrote, by thread."""
         async with self._pool.connection() as conn:
-            cur = await conn.execute("DELETE FROM archived_messages WHERE user_id = %s", (user,))
-        return cur.rowcount
+            cur = await conn.execute(
+                "SELECT thread_id, ms, seq FROM archived_messages WHERE user_id = %s", (user,)
+            )
+            found: dict[ThreadId, list[str]] = {}
+            for thread, ms, seq in await cur.fetchall():
+                found.setdefault(ThreadId(thread), []).append(_id(ms, seq))
+        return found
+
+    async def erase_author(self, user: UserId) -> int:
+        """Redact every archived message ``user`` wrote, and the model's
+        replies to them, in one transaction, as ERASE_AUTHOR does in Redis:
+        the rows keep their place in the tree; how many were redacted."""
+        async with self._pool.connection() as conn, conn.transaction():
+            replies = await conn.execute(
+                "UPDATE archived_messages r SET content = '', user_id = '',"
+                " client_msg_id = NULL, tool_calls = NULL FROM archived_messages q"
+                " WHERE q.user_id = %s AND r.role = 'assistant' AND r.thread_id = q.thread_id"
+                " AND r.parent_ms = q.ms AND r.parent_seq = q.seq",
+                (user,),
+            )
+            own = await conn.execute(
+                "UPDATE archived_messages SET content = '', user_id = '', client_msg_id = NULL,"
+                " tool_calls = NULL WHERE user_id = %s",
+                (user,),
+            )
+        return replies.rowcount + own.rowcount

@@ -199,6 +199,11 @@ def user_threads(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:threads"
 
 
+def user_keys_pattern(u: UserId) -> str:
+    """Every key of one user, for SCAN (a user id holds no glob character)."""
+    return f"{PREFIX}:user:{{{u}}}:*"
+
+
 def user_inbox(u: UserId) -> str:
     """A user's inbox channel (the scripts' inbox_channel builds the same name)."""
     return f"{PREFIX}:user:{{{u}}}:inbox"

@@ -734,6 +734,76 @@ return out
 """
 )
 
+# ERASE_AUTHOR: take what user U wrote out of one thread (erasing U's data).
+# KEYS[1] history, [2] events, [3] reads, [4] presence, [5] roles
+# ARGV[1] U, ARGV[2...] ids of U's messages in the archive (the model's
+#     replies to them may still be here)
+# Returns how many messages were redacted here.
+# U's messages, and the model's replies to them, keep their place in the
+# tree (id, parent, role, status, usage) but lose their content, author,
+# client_msg_id and tool calls. Stream entries cannot be edited, so the
+# history is rebuilt under the same ids (explicit-id XADDs on the emptied
+# key, then XSETID back to the last id it had generated); in one script, so
+# no reader sees it half rebuilt. The timeline up to the newest redacted
+# message is trimmed (its frames carried the text; a resume from before it
+# gets the history instead, as after any trim). U's read marker, unread
+# count, role and presence entries go too. O(messages held in Redis).
+ERASE_AUTHOR = (
+    _TREE
+    + r"""
+local u = ARGV[1]
+local theirs = {}
+for i = 2, #ARGV do theirs[ARGV[i]] = true end
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+local doomed, count, newest = {}, 0, nil
+for _, e in ipairs(entries) do
+  local f = e[2]
+  local author = field(f, 'user_id')
+  if author == u then theirs[e[1]] = true end
+  if author == u or (field(f, 'role') == 'assistant' and theirs[field(f, 'parent') or '']) then
+    doomed[e[1]] = true
+    count = count + 1
+    newest = e[1]
+  end
+end
+if count > 0 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local last = nil
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+  redis.call('DEL', KEYS[1])
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    if doomed[e[1]] then
+      local kept = {}
+      for i = 1, #f, 2 do
+        local name = f[i]
+        if name == 'content' or name == 'user_id' then
+          kept[#kept + 1] = name
+          kept[#kept + 1] = ''
+        elseif name ~= 'client_msg_id' and name ~= 'tool_calls' then
+          kept[#kept + 1] = name
+          kept[#kept + 1] = f[i + 1]
+        end
+      end
+      f = kept
+    end
+    redis.call('XADD', KEYS[1], e[1], unpack(f))
+  end
+  redis.call('XSETID', KEYS[1], last)
+  local ms = tonumber(string.match(newest, '^(%d+)'))
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', ms + 1))
+end
+redis.call('HDEL', KEYS[3], 'm:' .. u, 'u:' .. u)
+redis.call('HDEL', KEYS[5], u)
+for _, member in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  if string.sub(member, 1, #u + 1) == u .. '|' then redis.call('ZREM', KEYS[4], member) end
+end
+return count
+"""
+)
+
 # REQUEST_CANCEL: ask the running turn to stop, wherever it runs.
 # KEYS[1] turn, KEYS[2] live channel
 # ARGV[1] generation id or '' (any), ARGV[2] publish command, ARGV[3] control frame
@@ -1161,6 +1231,7 @@ class Scripts:
         self.enqueue_prompt: AsyncScript = redis.register_script(ENQUEUE_PROMPT)
         self.unqueue_prompt: AsyncScript = redis.register_script(UNQUEUE_PROMPT)
         self.history_path: AsyncScript = redis.register_script(HISTORY_PATH)
+        self.erase_author: AsyncScript = redis.register_script(ERASE_AUTHOR)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
         self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)

@@ -623,6 +623,51 @@ class ChatService:
         if self.archive is not None:
             await self.archive.delete_thread(thread)
 
+    async def erase_user(self, target: UserId, caller: UserId) -> dict[str, int]:
+        """Erase ``target``'s data, for the user themself or an admin
+        (CHAT_ADMIN_USERS); what was removed, by kind.
+
+        Threads they own are deleted whole, from both tiers. In every other
+        thread (every thread is visited: one may hold their messages after
+        they left it) their messages and the model's replies to them are
+        redacted (ERASE_AUTHOR, Archive.erase_author), and their membership,
+        read marker, role and presence go. Then every key of the user
+        (lists, usage, limits, sockets) is deleted. Prompts of theirs still
+        waiting in a queue run first: erase after they did."""
+        if caller != target and caller not in self.settings.admin_users:
+            raise Forbidden("only the user themself or an admin may erase a user's data")
+        report = dict.fromkeys(
+            ("threads_deleted", "memberships_removed", "messages_erased",
+             "archived_messages_erased", "user_keys_deleted"), 0,
+        )  # fmt: skip
+        archived = await self.archive.ids_by(target) if self.archive is not None else {}
+        async for key in self.redis.scan_iter(match=keys.META_PATTERN, count=500):
+            thread = keys.thread_of_meta(key if isinstance(key, str) else key.decode())
+            if thread is None:
+                continue
+            if text(await self.redis.hget(keys.meta(thread), "owner")) == target:
+                with contextlib.suppress(NotFound):
+                    await self.delete_thread(thread, target)
+                    report["threads_deleted"] += 1
+                continue
+            report["messages_erased"] += await self.scripts.erase_author(
+                keys=[
+                    keys.history(thread), keys.events(thread), keys.reads(thread),
+                    keys.presence(thread), keys.roles(thread),
+                ],
+                args=[target, *archived.get(thread, [])],
+            )  # fmt: skip
+            if await self.threads.is_member(thread, target):
+                with contextlib.suppress(NotFound):
+                    await self.threads.remove_member(thread, target, target)
+                    report["memberships_removed"] += 1
+        if self.archive is not None:
+            report["archived_messages_erased"] = await self.archive.erase_author(target)
+        async for key in self.redis.scan_iter(match=keys.user_keys_pattern(target), count=500):
+            report["user_keys_deleted"] += await self.redis.delete(key)
+        log.info("erased the data of user %s: %s", target, report)
+        return report
+
     async def export(self, thread: ThreadId, user: UserId) -> AsyncIterator[Message]:
         """Every message of the thread, every branch, oldest first, from both
         tiers (the owner's export). Checked now; read as it is iterated."""

@@ -30,6 +30,7 @@ from app.chat import keys
 from tests import procs
 from tests.integration.conftest import require_postgres, require_redis, track_pods
 from tests.integration.helpers import Event, get_history, open_ready, read_until, send
+from tests.integration.tokens import AUTH_ENV, bearer
 
 pytestmark = pytest.mark.integration
 
@@ -247,6 +248,106 @@ async def test_archiving_killed_anywhere_changes_nothing_a_client_reads(
         assert (await http.delete(f"/v1/threads/{threads[0]}")).status_code == 204
     left = rows(postgres.url, "SELECT DISTINCT thread_id FROM archived_messages")
     assert left == [(threads[1],)]
+
+
+ADMIN = "root-admin"
+MARKER = "zq-private-words"
+
+
+@pytest.fixture(scope="module")
+def auth_pod(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
+) -> Iterator[procs.Server]:  # fmt: skip
+    server = procs.pod(
+        "authpod", redis_db.url, tmp_path_factory.mktemp("archive-auth") / "authpod.log",
+        **AUTH_ENV, CHAT_ADMIN_USERS=ADMIN, CHAT_ARCHIVE_URL=archive_url(postgres),
+        CHAT_FAKE_TOKEN_DELAY_MS=1, CHAT_FAKE_REPLY_TOKENS=6, CHAT_RATE_PROMPTS_PER_MIN=0,
+    )  # fmt: skip
+    track_pods(request).append(server)
+    with procs.running([server]):
+        yield server
+
+
+# How to read each kind of key whole.
+READS: dict[str, tuple[Any, ...]] = {
+    "string": ("get",), "hash": ("hgetall",), "set": ("smembers",),
+    "zset": ("zrange", 0, -1), "list": ("lrange", 0, -1), "stream": ("xrange",),
+}  # fmt: skip
+
+
+def everything_in_redis(r: Any) -> str:
+    """Every key of the Redis and every value it holds, as one text."""
+    dump = []
+    for key in r.scan_iter(count=1000):
+        read, *args = READS[r.type(key)]
+        dump.append(f"{key} {getattr(r, read)(key, *args)}")
+    return "\n".join(dump)
+
+
+async def test_erasing_a_user_leaves_nothing_of_theirs_in_either_tier(
+    auth_pod: procs.Server, redis_db: procs.RedisServer, postgres: procs.PostgresServer
+) -> None:
+    alice, bob = "alice-e", "bob-e"
+    own, _ = await open_ready(auth_pod.ws, "b-own", additional_headers=bearer(bob))
+    shared, _ = await open_ready(auth_pod.ws, "shared-e", additional_headers=bearer(alice))
+    async with httpx.AsyncClient(base_url=auth_pod.http, timeout=10) as http:
+        added = await http.put(f"/v1/threads/shared-e/members/{bob}", headers=bearer(alice))
+        assert added.status_code == 204
+    as_bob, _ = await open_ready(auth_pod.ws, "shared-e", additional_headers=bearer(bob))
+    try:
+        for i in range(2):
+            await turn(own, f"{MARKER} mine {i}")
+        await turn(shared, "hello from alice")
+        for i in range(2):
+            await turn(as_bob, f"{MARKER} in the shared thread {i}")
+            await turn(shared, f"alice again {i}")
+        await turn(shared, "alice at the end")
+        before = (await get_history(shared, limit=100))["messages"]
+    finally:
+        for ws in (own, shared, as_bob):
+            await ws.close()
+    # Bob's second prompt is archived, the model's reply to it is still hot.
+    assert cli(redis_db, postgres, "archiver", "--once").returncode == 0
+    assert rows(postgres.url, "SELECT count(*) FROM archived_messages WHERE user_id = %s", bob)[
+        0
+    ][0] == 3  # fmt: skip
+
+    async with httpx.AsyncClient(base_url=auth_pod.http, timeout=30) as http:
+        refused = await http.delete(f"/v1/users/{bob}/data", headers=bearer(alice))
+        assert refused.status_code == 403
+        erased = await http.delete(f"/v1/users/{bob}/data", headers=bearer(ADMIN))
+    assert erased.status_code == 200, erased.text
+    report = erased.json()
+    assert report["user_id"] == bob and report["threads_deleted"] == 1
+    assert report["memberships_removed"] == 1 and report["user_keys_deleted"] >= 1
+    # Bob's two prompts in the shared thread and the model's two replies.
+    assert report["messages_erased"] + report["archived_messages_erased"] == 4
+
+    stored = everything_in_redis(redis_db.client())
+    assert bob not in stored and MARKER not in stored
+    left = rows(
+        postgres.url,
+        "SELECT thread_id, ms FROM archived_messages WHERE user_id = %s OR content LIKE %s"
+        " OR thread_id = 'b-own'",
+        bob, f"%{MARKER}%",
+    )  # fmt: skip
+    assert left == []
+
+    # Alice's thread keeps its shape: the same messages, bob's now blank.
+    viewer, _ = await open_ready(auth_pod.ws, "shared-e", additional_headers=bearer(alice))
+    try:
+        after = (await get_history(viewer, limit=100))["messages"]
+    finally:
+        await viewer.close()
+    assert [(m["id"], m["parent_id"]) for m in after] == [
+        (m["id"], m["parent_id"]) for m in before
+    ]  # fmt: skip
+    blank = [m for m in after if m["content"] == ""]
+    assert len(blank) == 4 and all(m["user_id"] == "" for m in blank)
+    assert [m for m in after if m["content"]] == [
+        m for m in before if MARKER not in m["content"]
+    ]  # fmt: skip
 
 
 async def test_retention_deletes_idle_threads_from_both_tiers(
