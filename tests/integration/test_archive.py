@@ -93,20 +93,29 @@ def migrated(redis_db: procs.RedisServer, postgres: procs.PostgresServer) -> str
     return postgres.url
 
 
-@pytest.fixture(scope="module")
-def pod(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-    redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
+def running_pod(
+    request: pytest.FixtureRequest, workdir: Path, redis_db: procs.RedisServer,
+    postgres: procs.PostgresServer, **env: str,
 ) -> Iterator[procs.Server]:  # fmt: skip
+    """A pod reading through to the archive, for the whole module; its log
+    never shows the archive's password."""
     server = procs.pod(
-        "pod0", redis_db.url, tmp_path_factory.mktemp("archive") / "pod0.log",
-        CHAT_ARCHIVE_URL=archive_url(postgres), CHAT_FAKE_TOKEN_DELAY_MS=1,
-        CHAT_FAKE_REPLY_TOKENS=6, CHAT_RATE_PROMPTS_PER_MIN=0, CHAT_LOG_LEVEL="INFO",
+        workdir.name, redis_db.url, workdir / "pod.log", CHAT_ARCHIVE_URL=archive_url(postgres),
+        CHAT_FAKE_TOKEN_DELAY_MS=1, CHAT_FAKE_REPLY_TOKENS=6, CHAT_RATE_PROMPTS_PER_MIN=0,
+        CHAT_LOG_LEVEL="INFO", **env,
     )  # fmt: skip
     track_pods(request).append(server)
     with procs.running([server]):
         yield server
     assert SECRET not in server.logs()
+
+
+@pytest.fixture(scope="module")
+def pod(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
+) -> Iterator[procs.Server]:  # fmt: skip
+    yield from running_pod(request, tmp_path_factory.mktemp("open"), redis_db, postgres)
 
 
 def rows(url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
@@ -118,10 +127,22 @@ SENT: dict[str, list[Event]] = {}
 
 
 async def turn(ws: Any, content: str, **extra: Any) -> tuple[Event, Event, Event]:
-    """A prompt's user message, reply and ``done`` (every message is kept in
+    """A prompt's user message, reply and ``done``, read past any other
+    socket's turn still in this socket's queue (every message is kept in
     SENT, by thread, for the exports)."""
     await send(ws, {"type": "prompt", "content": content, **extra})
-    events = await read_until(ws, "done")
+    start: list[int] = []
+    seen: list[Event] = []
+
+    def ours(event: Event) -> bool:
+        seen.append(event)
+        message = event.get("message", {})
+        if not start and message.get("role") == "user" and message.get("content") == content:
+            start.append(len(seen) - 1)
+        return bool(start) and event["type"] == "done"
+
+    await read_until(ws, ours)
+    events = seen[start[0] :]
     done = events[-1]
     messages = [e["message"] for e in events if e["type"] == "message"]
     SENT.setdefault(done["thread_id"], []).extend(messages)
@@ -259,14 +280,10 @@ def auth_pod(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
     redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
 ) -> Iterator[procs.Server]:  # fmt: skip
-    server = procs.pod(
-        "authpod", redis_db.url, tmp_path_factory.mktemp("archive-auth") / "authpod.log",
-        **AUTH_ENV, CHAT_ADMIN_USERS=ADMIN, CHAT_ARCHIVE_URL=archive_url(postgres),
-        CHAT_FAKE_TOKEN_DELAY_MS=1, CHAT_FAKE_REPLY_TOKENS=6, CHAT_RATE_PROMPTS_PER_MIN=0,
+    yield from running_pod(
+        request, tmp_path_factory.mktemp("auth"), redis_db, postgres,
+        **AUTH_ENV, CHAT_ADMIN_USERS=ADMIN,
     )  # fmt: skip
-    track_pods(request).append(server)
-    with procs.running([server]):
-        yield server
 
 
 # How to read each kind of key whole.
