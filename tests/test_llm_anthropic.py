@@ -15,10 +15,19 @@ from typing import Any
 import httpx2
 import pytest
 
-from app.chat.records import Message, Role
+from app.chat.records import Role
 from app.llm.anthropic import AnthropicModel, to_anthropic_messages
 from app.llm.base import LLMError, ToolCall, ToolSpec, Usage
 from app.settings import Settings
+from tests.llm_support import (
+    HELLO,
+    Handler,
+    assert_key_hidden,
+    collect,
+    dropped_after,
+    event_stream,
+    msg,
+)
 
 API_KEY = "sk-test-4f9c2a7e1b8d-do-not-leak"
 MODEL = "claude-test-model"
@@ -32,8 +41,6 @@ INPUT_TOKENS = 31  # not from the cache
 CACHE_READ = 900
 CACHE_WRITE = 120
 OUTPUT_TOKENS = 17  # message_delta's count; message_start says 1
-
-Handler = Callable[[httpx2.Request], httpx2.Response]
 
 
 # --- a real Messages API stream -----------------------------------------------
@@ -102,10 +109,6 @@ def full_body(pieces: Sequence[str] = PIECES) -> bytes:
     return opening() + deltas + BLOCK_STOP + MESSAGE_DELTA + MESSAGE_STOP
 
 
-def event_stream(content: bytes | AsyncIterator[bytes]) -> httpx2.Response:
-    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=content)
-
-
 def api_error(status: int, error_type: str, message: str) -> httpx2.Response:
     body = {"type": "error", "error": {"type": error_type, "message": message}}
     return httpx2.Response(status, json=body, headers={"request-id": "req_test"})
@@ -165,40 +168,6 @@ async def make_model() -> AsyncIterator[MakeModel]:
     yield make
     for model in made:
         await model.aclose()
-
-
-def msg(role: Role, content: str, n: int = 0) -> Message:
-    return Message(
-        id=f"{1000 + n}-0",
-        role=role,
-        content=content,
-        user_id="u1",
-        created_at=1000 + n,
-        status="complete",
-    )
-
-
-HELLO = [msg("user", "hi there")]
-
-
-async def collect(
-    model: AnthropicModel, messages: Sequence[Message] = HELLO, tools: Sequence[ToolSpec] = ()
-) -> tuple[list[str | ToolCall], Usage, LLMError | None]:
-    """What streamed before the end or the failure, the usage, the error."""
-    pieces: list[str | ToolCall] = []
-    usage = Usage()
-    try:
-        async for piece in model.stream(messages, usage, tools):
-            pieces.append(piece)
-    except LLMError as exc:
-        return pieces, usage, exc
-    return pieces, usage, None
-
-
-def assert_key_hidden(err: LLMError) -> None:
-    assert API_KEY not in err.message
-    assert API_KEY not in str(err)
-    assert API_KEY not in repr(err.args)
 
 
 # --- a successful reply ---------------------------------------------------------
@@ -360,7 +329,7 @@ async def test_http_errors_become_llm_errors(
     assert err.retryable is retryable
     assert err.message and len(err.message) <= 300
     assert pieces == [] and usage.total == 0
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 @pytest.mark.parametrize(
@@ -378,17 +347,7 @@ async def test_error_event_mid_stream(
     assert pieces == ["Hel", "lo"]
     assert isinstance(err, LLMError)
     assert err.retryable is retryable
-    assert_key_hidden(err)
-
-
-def dropped_after(prefix: bytes, exc: Exception) -> Callable[[httpx2.Request], httpx2.Response]:
-    """A handler whose body sends ``prefix`` then fails like a dropped connection."""
-
-    async def body() -> AsyncIterator[bytes]:
-        yield prefix
-        raise exc
-
-    return lambda request: event_stream(body())
+    assert_key_hidden(err, API_KEY)
 
 
 @pytest.mark.parametrize(
@@ -410,7 +369,7 @@ async def test_connection_dropped_mid_stream(make_model: MakeModel, exc: Excepti
     assert err.retryable is True
     # What the model read is counted even though the reply was lost.
     assert usage.input_tokens == INPUT_TOKENS + CACHE_READ + CACHE_WRITE
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 @pytest.mark.parametrize(
@@ -459,7 +418,7 @@ async def test_service_unreachable(make_model: MakeModel, exc: Exception) -> Non
     assert pieces == []
     assert isinstance(err, LLMError)
     assert err.retryable is True
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 async def test_api_key_echoed_by_the_service_is_redacted(make_model: MakeModel) -> None:
@@ -472,7 +431,7 @@ async def test_api_key_echoed_by_the_service_is_redacted(make_model: MakeModel) 
     assert isinstance(err, LLMError)
     assert err.retryable is False
     assert "bad header value" in err.message  # the service's explanation is kept...
-    assert_key_hidden(err)  # ...but never the key
+    assert_key_hidden(err, API_KEY)  # ...but never the key
 
 
 async def test_cancellation_is_not_swallowed(make_model: MakeModel) -> None:

@@ -16,10 +16,18 @@ from typing import Any
 import httpx2
 import pytest
 
-from app.chat.records import Message, Role
 from app.llm.base import LLMError, ToolCall, ToolSpec, Usage
 from app.llm.openai import OpenAIModel
 from app.settings import ConfigError, Settings
+from tests.llm_support import (
+    HELLO,
+    Handler,
+    assert_key_hidden,
+    collect,
+    dropped_after,
+    event_stream,
+    msg,
+)
 
 API_KEY = "sk-test-openai-7d1e9b2c-do-not-leak"
 MODEL = "gpt-test-mini"
@@ -33,8 +41,6 @@ PIECES = ["Hello", ",", " durable", " world", "!"]
 PROMPT_TOKENS = 31
 COMPLETION_TOKENS = 17
 CACHED_TOKENS = 12
-
-Handler = Callable[[httpx2.Request], httpx2.Response]
 
 
 # --- a real chat.completion.chunk stream ---------------------------------------
@@ -99,15 +105,18 @@ def tool_call_fragments(index: int, call_id: str, name: str, arguments: Sequence
     return out
 
 
-def event_stream(content: bytes | AsyncIterator[bytes]) -> httpx2.Response:
-    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=content)
-
-
 def api_error(
     status: int, message: str, error_type: str = "invalid_request_error"
 ) -> httpx2.Response:
     body = {"error": {"message": message, "type": error_type, "param": None, "code": None}}
     return httpx2.Response(status, json=body, headers={"x-request-id": "req_test"})
+
+
+CLOCK = ToolSpec(
+    name="clock",
+    description="The current UTC time.",
+    input_schema={"type": "object", "properties": {"tz": {"type": "string"}}},
+)
 
 
 # --- fixtures and helpers -----------------------------------------------------
@@ -150,45 +159,6 @@ async def make_model() -> AsyncIterator[MakeModel]:
     yield make
     for model in made:
         await model.aclose()
-
-
-def msg(role: Role, content: str, n: int = 0) -> Message:
-    return Message(
-        id=f"{1000 + n}-0",
-        role=role,
-        content=content,
-        user_id="u1",
-        created_at=1000 + n,
-        status="complete",
-    )
-
-
-HELLO = [msg("user", "hi there")]
-CLOCK = ToolSpec(
-    name="clock",
-    description="The current UTC time.",
-    input_schema={"type": "object", "properties": {"tz": {"type": "string"}}},
-)
-
-
-async def collect(
-    model: OpenAIModel, messages: Sequence[Message] = HELLO, tools: Sequence[ToolSpec] = ()
-) -> tuple[list[str | ToolCall], Usage, LLMError | None]:
-    """What streamed before the end or the failure, the usage, the error."""
-    items: list[str | ToolCall] = []
-    usage = Usage()
-    try:
-        async for item in model.stream(messages, usage, tools):
-            items.append(item)
-    except LLMError as exc:
-        return items, usage, exc
-    return items, usage, None
-
-
-def assert_key_hidden(err: LLMError) -> None:
-    assert API_KEY not in err.message
-    assert API_KEY not in str(err)
-    assert API_KEY not in repr(err.args)
 
 
 # --- a successful reply ---------------------------------------------------------
@@ -348,7 +318,7 @@ async def test_http_errors_become_llm_errors(
     assert err.retryable is retryable
     assert err.message and len(err.message) <= 300
     assert items == [] and usage.total == 0
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 async def test_api_key_echoed_by_the_service_is_redacted(make_model: MakeModel) -> None:
@@ -358,7 +328,7 @@ async def test_api_key_echoed_by_the_service_is_redacted(make_model: MakeModel) 
 
     assert isinstance(err, LLMError) and err.retryable is False
     assert "bad header value" in err.message
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 async def test_overloaded_primary_falls_back(make_model: MakeModel) -> None:
@@ -393,16 +363,6 @@ async def test_error_object_mid_stream(make_model: MakeModel) -> None:
     assert "engine crashed" in err.message
 
 
-def dropped_after(prefix: bytes, exc: Exception) -> Handler:
-    """A handler whose body sends ``prefix`` then fails like a dropped connection."""
-
-    async def body() -> AsyncIterator[bytes]:
-        yield prefix
-        raise exc
-
-    return lambda request: event_stream(body())
-
-
 @pytest.mark.parametrize(
     "exc",
     [
@@ -419,7 +379,7 @@ async def test_connection_dropped_mid_stream(make_model: MakeModel, exc: Excepti
 
     assert items == ["Hel", "lo"]
     assert isinstance(err, LLMError) and err.retryable is True
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 @pytest.mark.parametrize(
@@ -465,7 +425,7 @@ async def test_service_unreachable(make_model: MakeModel, exc: Exception) -> Non
 
     assert items == []
     assert isinstance(err, LLMError) and err.retryable is True
-    assert_key_hidden(err)
+    assert_key_hidden(err, API_KEY)
 
 
 async def test_max_retries_reaches_the_client(make_model: MakeModel) -> None:

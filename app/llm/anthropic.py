@@ -59,14 +59,9 @@ class AnthropicModel(SdkModel):
         max_retries: int | None = None,
     ) -> None:
         super().__init__(settings, settings.anthropic_api_key)
-        options: dict[str, Any] = {
-            "api_key": settings.anthropic_api_key,
-            "timeout": settings.chat_llm_timeout_s,
-            "max_retries": settings.chat_llm_max_retries if max_retries is None else max_retries,
-        }
-        if http_client is not None:
-            options["http_client"] = http_client
-        self._client = anthropic.AsyncAnthropic(**options)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=settings.anthropic_api_key, **self._client_options(http_client, max_retries)
+        )
 
     def _params(self, messages: Sequence[Message]) -> list[MessageParam]:
         params = to_anthropic_messages(messages)

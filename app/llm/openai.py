@@ -50,16 +50,12 @@ class OpenAIModel(SdkModel):
         max_retries: int | None = None,
     ) -> None:
         super().__init__(settings, settings.openai_api_key)
-        options: dict[str, Any] = {
+        self._client = openai.AsyncOpenAI(
             # Self-hosted servers usually want no key, but the SDK insists on one.
-            "api_key": settings.openai_api_key or "not-needed",
-            "base_url": settings.openai_base_url,
-            "timeout": settings.chat_llm_timeout_s,
-            "max_retries": settings.chat_llm_max_retries if max_retries is None else max_retries,
-        }
-        if http_client is not None:
-            options["http_client"] = http_client
-        self._client = openai.AsyncOpenAI(**options)
+            api_key=settings.openai_api_key or "not-needed",
+            base_url=settings.openai_base_url,
+            **self._client_options(http_client, max_retries),
+        )
 
     def _params(self, messages: Sequence[Message]) -> list[ChatCompletionMessageParam]:
         params = to_openai_messages(self._settings.chat_system_prompt, messages)

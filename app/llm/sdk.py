@@ -39,6 +39,16 @@ class SdkModel(ABC):
     def name(self) -> str:
         return self._settings.model_name
 
+    def _client_options(self, http_client: Any, max_retries: int | None) -> dict[str, Any]:
+        """The SDK client's options every provider sets alike: CHAT_LLM_TIMEOUT_S,
+        CHAT_LLM_MAX_RETRIES (or ``max_retries``), and a given HTTP client (tests)."""
+        retries = self._settings.chat_llm_max_retries if max_retries is None else max_retries
+        options: dict[str, Any] = {"timeout": self._settings.chat_llm_timeout_s}
+        options["max_retries"] = retries
+        if http_client is not None:
+            options["http_client"] = http_client
+        return options
+
     async def stream(
         self, messages: Sequence[Message], usage: Usage, tools: Sequence[ToolSpec] = ()
     ) -> AsyncIterator[str | ToolCall]:
