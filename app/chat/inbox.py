@@ -62,7 +62,9 @@ def parse_notice(raw: str | bytes, prompt_policy: str, active_at: int | None = N
 class Notices:
     """What the scripts could not publish themselves: on a Cluster (SPUBLISH)
     every inbox card of a change is published here, after it. With PUBLISH
-    (one Redis) the scripts did it in the same step and this does nothing."""
+    (one Redis) the scripts did it in the same step and this does nothing.
+    Its calls never fail the change they follow, which is committed: a lost
+    card leaves an inbox stale until the thread's next change or a reconnect."""
 
     def __init__(self, redis: RedisClient, scripts: Scripts, publish: str) -> None:
         self._redis = redis
@@ -83,8 +85,6 @@ class Notices:
             log.warning("inbox cards of thread %s not published: %s", thread, exc)
 
     async def _send(self, cards: list[tuple[str, str]]) -> None:
-        # Never fails the change it follows, which is committed: a lost card
-        # leaves an inbox stale until the thread's next change or a reconnect.
         await asyncio.gather(
             *(
                 self._redis.execute_command(self._publish, keys.user_inbox(UserId(u)), card)
