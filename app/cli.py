@@ -1,4 +1,5 @@
-"""The ``durable-chat`` command: ``serve`` runs a pod, ``worker`` the reaper, and
+"""The ``durable-chat`` command: ``serve`` runs a pod, ``worker`` the reaper,
+``archiver`` the cold tier's archiver (``migrate`` creates its tables), and
 the operator's commands ``tail``, ``history``, ``threads``, ``turns``, ``chat``,
 and ``schema`` (what is generated from the protocol's models)."""
 
