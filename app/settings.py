@@ -161,9 +161,11 @@ class Settings(BaseSettings):
 
     # Sockets and shutdown.
     chat_send_queue: int = Field(default=1024, ge=8)
-    # How often a pod checks every thread it follows for a lost pub/sub
-    # message that no later one would reveal (a turn's last): the bound on
-    # how late such an event arrives. Costs one HMGET per followed thread.
+    # How often a pod checks its active threads (a turn in flight, or a frame
+    # in the last two intervals) for a lost pub/sub message that no later one
+    # would reveal (a turn's last). One HMGET per active thread, none for an
+    # idle one: pub/sub loses messages only with the subscriber, and the probe
+    # below bounds how long that goes unnoticed (app.chat.fanout).
     chat_fanout_audit_s: float = Field(default=5.0, gt=0)
     # The subscriber's proof of hearing (app.chat.fanout): every
     # CHAT_SUBSCRIBER_PROBE_S the pod publishes a probe on its own channel and

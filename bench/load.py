@@ -359,16 +359,26 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     rss0 = rss_kb(pid)
     connect_s, failed = await _open_all(plan, spec.get("connect_concurrency", 100))
+    # What the idle server sends Redis: every command but this one's own.
+    redis = aioredis.Redis.from_url(spec["redis_url"]) if spec.get("redis_url") else None
     try:
         await asyncio.sleep(spec.get("settle_s", 2.0))
         rss1 = rss_kb(pid)
+        if redis is not None:
+            await redis.config_resetstat()
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         await asyncio.sleep(spec.get("idle_s", 5.0))
-        idle_cpu = (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        idle_cpu = (cpu_seconds(pid) - cpu0) / elapsed
         rss2 = rss_kb(pid)
+        stats_now = await redis.info("commandstats") if redis is not None else {}
     finally:
         for conn, _ in plan:
             conn.close()
+        if redis is not None:
+            await redis.aclose()
+    ours = {"cmdstat_config|resetstat", "cmdstat_info"}
+    calls = sum(v["calls"] for k, v in stats_now.items() if k not in ours)
     held = sockets - failed
     return {
         "mode": "idle", "system": system, "sockets": sockets, "held": held,
@@ -377,6 +387,10 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         "rss0_kb": rss0, "rss1_kb": rss1, "rss2_kb": rss2,
         "rss_per_socket_kb": (max(rss1, rss2) - rss0) / held if held else None,
         "idle_cpu_fraction": idle_cpu, "errors": dict(stats.errors.most_common(5)),
+        "redis_commands_per_s": calls / elapsed if redis is not None else None,
+        "redis_commands": {
+            k.removeprefix("cmdstat_"): v["calls"] for k, v in stats_now.items() if k not in ours
+        },
     }  # fmt: skip
 
 

@@ -349,22 +349,25 @@ def _idle_md(results: dict[str, Any], d: dict[str, Any]) -> list[str]:
         "",
         "Sockets opened with 100 handshakes in flight, each on its own thread (durable-chat "
         "creates the thread and subscribes the pod to it); RSS growth of the server process "
-        "over the sockets held, then its CPU use over 5 s of idleness. 'Sockets per 8 GiB' and "
-        "'at half a core' extrapolate from these.",
+        "over the sockets held, then its CPU use and the Redis commands it sent over 10 s of "
+        "idleness (durable-chat after 12 s of settling: past its audit's window for fresh "
+        "follows). 'Sockets per 8 GiB' and 'at half a core' extrapolate from these.",
         "",
         "| system | sockets held | RSS KiB / socket | ratio (ours / this) | connects/s "
-        "| ratio (ours / this) | idle CPU % of a core | sockets per 8 GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ratio (ours / this) | idle CPU % of a core | Redis commands/s idle "
+        "| sockets per 8 GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s, f in d["idle"].items():
         if "failed" in f:
-            lines.append(f"| {NAMES[s]} | failed |" + " |" * 6)
+            lines.append(f"| {NAMES[s]} | failed |" + " |" * 7)
             continue
         lines.append(
             f"| {NAMES[s]} | {_n(f['held'])} | {_n(f['rss_per_socket_kb'], 1)} "
             f"| {_ratio(ours.get('rss_per_socket_kb'), f['rss_per_socket_kb'])} "
             f"| {_n(f['connect_per_s'])} | {_ratio(ours.get('connect_per_s'), f['connect_per_s'])} "
-            f"| {_n(100 * f['idle_cpu_fraction'], 1)} | {_n(f['sockets_per_8gib'])} |"
+            f"| {_n(100 * f['idle_cpu_fraction'], 1)} | {_n(f.get('redis_commands_per_s'), 1)} "
+            f"| {_n(f['sockets_per_8gib'])} |"
         )
     return [*lines, ""]
 

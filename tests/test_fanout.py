@@ -334,6 +334,51 @@ async def test_audit_covers_every_thread_batch_by_batch(
     assert all(sinks[t].events[-1].frame == lost[t].frame for t in lost)
 
 
+async def test_the_audit_reads_only_active_threads(
+    auditing_hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, threads: Threads,
+) -> None:  # fmt: skip
+    """Idle followed threads cost the audit nothing; a thread with a turn in
+    flight stays audited however long its frames pause, and its lost last
+    event still arrives from the audit."""
+    audited: list[set[ThreadId]] = []
+    resync = auditing_hub._resync
+
+    async def spy(batch: list[ThreadId]) -> None:
+        audited.append(set(batch))
+        await resync(batch)
+
+    auditing_hub._resync = spy  # type: ignore[method-assign]
+    quiet, busy = keys.thread_id("quiet"), keys.thread_id("busy")
+    sinks = {quiet: Sink(), busy: Sink()}
+    for thread in (quiet, busy):
+        await threads.open(thread, USER)
+        await auditing_hub.follow(thread, sinks[thread])
+    await run_turn(store, lock, quiet, "g", deltas=0)
+    lease = await lock.acquire(busy)
+    assert lease is not None
+    message = Message(
+        id="", role="user", content="q", user_id=USER, created_at=1, status="complete"
+    )
+    loading = Loading(thread_id=busy, generation_id="b", model="f")
+    await store.begin(busy, lease, message, loading, "pod")  # a turn starts, and pauses
+    await wait_until(lambda: len(sinks[quiet].events) == 4 and len(sinks[busy].events) == 2,
+                     what="the frames")  # fmt: skip
+    # Both were just active: audited. Then, RECENT_AUDITS intervals without a
+    # frame later, only the thread whose turn is in flight is.
+    await wait_until(lambda: any(quiet in a and busy in a for a in audited), what="both audited")
+    await wait_until(lambda: audited[-1] == {busy}, timeout=2.0, what="the quiet one dropped")
+    lost = await write_unpublished(redis, busy, "the pause ends, unheard")
+    await wait_until(lambda: len(sinks[busy].events) == 3, timeout=1.0, what="the audit")
+    assert sinks[busy].events[-1].frame == lost.frame
+    assert sinks[busy].numbers == [1, 2, 3]
+    # A turn's end (done) closes it: the thread falls out of the audit too.
+    reply = Message(id="", role="assistant", content="r", user_id="assistant", created_at=1,
+                    status="complete")  # fmt: skip
+    await store.end(busy, lease, reply, Done(thread_id=busy, generation_id="b", status="complete"))
+    await wait_until(lambda: len(sinks[busy].events) == 5, what="the reply and the done")
+    await wait_until(lambda: audited[-1] == set(), timeout=2.0, what="nothing left to audit")
+
+
 async def test_event_numbers_going_back_tell_sinks_to_reset(
     hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:

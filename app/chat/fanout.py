@@ -9,12 +9,26 @@ messages silently. So the hub never trusts it for completeness. Every
 timeline frame carries the thread's contiguous event number ``n``; the hub
 keeps the last number it forwarded per thread and, when a frame skips ahead,
 first reads what was skipped from the event log (``chat:{T}:events``) and
-forwards that. After its connection is re-established, and on a periodic
-audit (to catch a lost *last* event, which no later frame would reveal), it
-compares each followed thread's stored event number with its own and fills
-the difference the same way. Frames at or below the last number are
-duplicates and are dropped. Followers therefore see each thread's timeline
-in order, without gaps or duplicates, from the moment they follow it.
+forwards that. After its connection is re-established it compares every
+followed thread's stored event number with its own and fills the difference
+the same way. Frames at or below the last number are duplicates and are
+dropped. Followers therefore see each thread's timeline in order, without
+gaps or duplicates, from the moment they follow it.
+
+A lost *last* event (a turn's ``done``) is revealed by no later frame. Redis
+drops pub/sub messages only together with the subscriber's connection (cut
+at its output-buffer limit, killed, a failover), or while the subscriber is
+deaf, and both end in a reconnect and the full refill above: the probe below
+bounds how long a deaf subscriber goes unnoticed. So the periodic audit
+(``audit_interval_s``) reads only the threads that are *active*: a turn in
+flight (a ``loading`` forwarded, its ``done`` not yet), or a frame forwarded
+or a follow begun within the last ``RECENT_AUDITS`` intervals. An idle pod
+following ten thousand quiet threads sends Redis its probe and nothing else.
+The bound on a lost last event is therefore the audit interval on an active
+thread, and on any thread the probe's interval plus its deadline plus one
+reconnect (then the refill). On a Cluster the probe's channel lives on one
+shard and proves only that shard's connection, so there the audit reads
+every followed thread (``audit_idle``), as it did before.
 
 A subscriber can also go deaf without any error: a half-open connection (a
 blackholed network), or a connection to a primary that Sentinel demoted
@@ -38,7 +52,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -50,7 +64,7 @@ from app.chat.backoff import Backoff
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts
-from app.chat.timeline import Timeline, TimelineEvent, parse_frame
+from app.chat.timeline import Timeline, TimelineEvent, event_type, parse_frame
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +72,9 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 RESYNC_BATCH = 200  # threads read per hold of the forwarding lock
+# A thread stays in the audit this many intervals after its last frame (or its
+# follow), so an event lost right after it is read by at least one audit.
+RECENT_AUDITS = 2
 
 
 class FanoutUnavailable(ChatError):
@@ -100,10 +117,13 @@ class InboxSink(Protocol):
 
 @dataclass(slots=True)
 class _Cursor:
-    """The last event forwarded for a thread (None until the first is known)."""
+    """The last event forwarded for a thread (None until the first is known),
+    and what the audit needs to know whether the thread is active."""
 
     n: int | None = None
     id: str | None = None
+    heard_at: float = field(default_factory=time.monotonic)
+    turn_open: bool = False
 
 
 class FanoutHub:
@@ -116,11 +136,13 @@ class FanoutHub:
         timeline: Timeline,
         audit_interval_s: float = 5.0,
         probe: Probe | None = None,
+        audit_idle: bool = False,
     ) -> None:
         self._pubsub_factory = pubsub_factory
         self._redis = redis
         self._timeline = timeline
         self._audit_interval_s = audit_interval_s
+        self._audit_idle = audit_idle
         self._probe = probe or Probe(keys.probe_channel(secrets.token_hex(4)))
         self._pubsub: Subscriber | None = None
         self._followers: dict[ThreadId, set[Sink]] = {}
@@ -376,6 +398,12 @@ class FanoutHub:
 
     def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
         cursor.n, cursor.id = event.n, event.id
+        cursor.heard_at = time.monotonic()
+        kind = event_type(event)
+        if kind == "loading":
+            cursor.turn_open = True
+        elif kind == "done":
+            cursor.turn_open = False
         # The event id's first part is the Redis clock at commit time.
         metrics.FANOUT_LAG.observe(max(0.0, time.time() - event.key[0] / 1000))
         for sink in list(self._followers.get(thread, ())):
@@ -504,12 +532,23 @@ class FanoutHub:
         for sink in sinks:
             sink.control({"control": "move"})
 
+    def _active_threads(self) -> list[ThreadId]:
+        """The threads the audit reads (see the module docstring)."""
+        if self._audit_idle:
+            return list(self._followers)
+        since = time.monotonic() - RECENT_AUDITS * self._audit_interval_s
+        return [
+            thread
+            for thread, cursor in self._cursors.items()
+            if cursor.turn_open or cursor.heard_at >= since
+        ]
+
     async def _audit_forever(self) -> None:
         """Catch a lost frame that no later frame reveals (say, a turn's last)."""
         while True:
             await asyncio.sleep(self._audit_interval_s)
             try:
-                await self._resync(list(self._followers))
+                await self._resync(self._active_threads())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -124,9 +124,12 @@ class ChatService:
             settings.chat_subscriber_probe_s, settings.chat_subscriber_deadline_s,
             settings.chat_subscriber_move_s,
         )  # fmt: skip
+        # On a Cluster (SPUBLISH) the probe proves one shard's subscriber
+        # connection only: the audit keeps reading every followed thread there.
         self.hub = FanoutHub(
-            pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe
-        )
+            pubsub_factory, redis, self.timeline, settings.chat_fanout_audit_s, probe,
+            audit_idle=publish_command != "PUBLISH",
+        )  # fmt: skip
         self.usage = UsageStore(redis, self.scripts, settings.chat_user_tokens_per_day)
         self.tools = tools if tools is not None else load_tools(settings)
         runner_turns, runner_usage = self.turns, self.usage

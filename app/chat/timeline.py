@@ -37,6 +37,7 @@ MESSAGE_ID_PLACEHOLDER = "\x01"
 PARENT_ID_PLACEHOLDER = '"\x02"'
 
 _HEAD = '{"id":"'
+_TYPE = ',"type":"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,12 @@ def parse_frame(frame: str) -> TimelineEvent | None:
     n_start = end + len('","n":')
     n_end = frame.index(",", n_start)
     return TimelineEvent(event_id, keys.event_id(event_id), int(frame[n_start:n_end]), frame)
+
+
+def event_type(event: TimelineEvent) -> str:
+    """A timeline event's ``type`` (every stored event's data starts with it)."""
+    start = event.frame.index(_TYPE) + len(_TYPE)
+    return event.frame[start : event.frame.index('"', start)]
 
 
 class Timeline:

@@ -31,7 +31,8 @@ async def test_redis_cuts_the_subscriber_at_its_output_buffer_limit(redis_server
     turns is about 2 KiB (a fast model: CHAT_DELTA_MAX_BYTES fills at once):
     Redis closes both pods' subscribers again and again mid-turn."""
     redis_server.client().config_set("client-output-buffer-limit", "pubsub 1kb 0 0")
-    env = {"CHAT_FAKE_TOKEN_DELAY_MS": 0, "CHAT_FAKE_REPLY_TOKENS": 3000}
+    # The audit is off (60 s): the refills after each cut bring what was lost.
+    env = {"CHAT_FAKE_TOKEN_DELAY_MS": 0, "CHAT_FAKE_REPLY_TOKENS": 3000, "CHAT_FANOUT_AUDIT_S": 60}
     pods = [pod_factory(redis_server, **env) for _ in range(2)]
     threads = [unique("burst") for _ in range(2)]
     writers = await recorders([pods[0].ws, pods[1].ws], threads)
@@ -90,3 +91,41 @@ async def test_a_silent_subscriber_is_replaced_and_readyz_waits_for_it(redis_ser
         assert_consistent([writer, watcher], redis_server, turns=1)
     finally:
         proxy.close()
+
+
+async def test_subscribers_killed_again_and_again_lose_nothing(redis_server, pod_factory):
+    """`CLIENT KILL TYPE pubsub` every 20 ms while turns stream: whatever a
+    pod's subscriber missed, a turn's last event included, comes from the
+    refill after its reconnect. The audit is off (CHAT_FANOUT_AUDIT_S=60):
+    the refill alone recovers it, which is what lets the audit skip idle
+    threads."""
+    env = {
+        "CHAT_FANOUT_AUDIT_S": 60, "CHAT_FAKE_TOKEN_DELAY_MS": 5,
+        "CHAT_FAKE_REPLY_TOKENS": 200,
+    }  # fmt: skip
+    pods = [pod_factory(redis_server, **env) for _ in range(2)]
+    threads = [unique("killed") for _ in range(3)]
+    writers = await recorders([pods[0].ws, pods[1].ws], threads)
+    watchers = await recorders([pods[1].ws, pods[0].ws], threads)
+    before = [metric(pod, "durable_chat_subscriber_connects") for pod in pods]
+    admin = redis_server.client()
+    kills = 0
+    try:
+        for rec in writers:
+            await rec.client.prompt(f"through the kills {rec.thread}")
+        # Until every writer has its done: the last events are published
+        # while subscribers keep dying.
+        while not all(of_type(rec.events, "done") for rec in writers):
+            kills += await asyncio.to_thread(
+                admin.execute_command, "CLIENT", "KILL", "TYPE", "pubsub"
+            )
+            await asyncio.sleep(0.02)
+        for rec in writers + watchers:
+            await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 20, "every done")
+    finally:
+        await close_all(writers + watchers)
+    assert kills > 2
+    after = [metric(pod, "durable_chat_subscriber_connects") for pod in pods]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert all(rec.client.reconnects == 0 for rec in writers + watchers)
+    assert_consistent(writers + watchers, redis_server, turns=1)
