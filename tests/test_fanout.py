@@ -397,6 +397,44 @@ async def test_event_numbers_going_back_tell_sinks_to_reset(
     assert sink.numbers == [1, 2, 3, 4]
 
 
+async def test_a_join_finding_the_thread_reset_resets_the_others_only(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    """Redis lost the thread (its numbers restart) while the pod followed it:
+    the next join sees it, confirms it under the forwarding lock, and tells
+    the followers already there to reset; the joiner is up to date."""
+    old = Sink()
+    await hub.follow(thread, old)
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(old.events) == 4, what="the turn")
+    await redis.hset(keys.meta(thread), "event_n", 1)
+    new = Sink()
+    await hub.follow(thread, new)
+    assert old.controls == [{"control": "reset"}]
+    assert new.controls == []
+
+
+async def test_a_join_is_not_held_back_by_a_fill(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    """The forwarding lock is held while frames are forwarded and gaps filled
+    (say, a refill of ten thousand threads after a reconnect): a join reads
+    outside it, so a reconnect storm's joins neither wait for it nor hold it."""
+    first = Sink()
+    await hub.follow(thread, first)
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(first.events) == 4, what="the turn")
+    async with hub._forwarding:
+        joiner = Sink()
+        await asyncio.wait_for(hub.follow(thread, joiner), 2.0)
+        # Frames that raced the join's read make no false reset either.
+        await run_turn(store, lock, thread, "h", deltas=1)
+    await wait_until(lambda: len(joiner.events) == 5, what="the next turn")
+    await flushed(redis, thread, first, joiner)
+    assert first.numbers == list(range(1, 10)) and joiner.numbers == list(range(5, 10))
+    assert first.controls == joiner.controls == []
+
+
 # --- failures -----------------------------------------------------------------------------------
 
 

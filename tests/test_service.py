@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.asyncio.connection import AbstractConnection
 
 from app.chat import keys
 from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
@@ -440,3 +441,40 @@ async def test_a_queued_prompt_is_checked_against_the_budget_as_it_starts(
         await service.prompt(T, USER, "third", None)
     assert refused.value.retry_after_ms is not None and refused.value.retry_after_ms > 0
     assert (await service.usage.today(USER)).total == 1 + 20
+
+
+async def test_a_connect_reads_in_one_round_trip(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round trips of a connect (every command or pipeline sent on any
+    connection, the subscriber's included), once the pod is warm: the join's
+    reads (the hub's event number, the meta, the turn record, the queue, the
+    last message) are one pipeline. What is left: the thread's open (a
+    script, plus one write when it is created), the SUBSCRIBE for a thread
+    new to the pod, and presence (a script)."""
+    service = await make_service()
+    await service.open(keys.thread_id("warm"), USER, None, None)  # connections, scripts
+    sent: list[bytes] = []
+    send = AbstractConnection.send_packed_command
+    connecting = asyncio.current_task()
+
+    async def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        # The connect's own, not the pod's background tasks' (probe, audit, presence).
+        if asyncio.current_task() is connecting:
+            sent.append(command if isinstance(command, bytes | bytearray) else b"".join(command))
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+
+    def pipelines() -> int:
+        return sum(1 for c in sent if b"HMGET" in c and b"XRANGE" in c)
+
+    fresh = keys.thread_id("fresh")
+    new = await service.open(fresh, USER, None, None)
+    assert len(sent) == 5, sent  # open, created (ZADD), SUBSCRIBE, the reads, presence
+    assert pipelines() == 1 and sum(b"SUBSCRIBE" in c for c in sent) == 1
+    sent.clear()
+    again = await service.open(fresh, USER, None, None)
+    assert len(sent) == 3, sent  # open, the reads, presence
+    assert pipelines() == 1
+    assert again.ready.last_event_id == new.ready.last_event_id

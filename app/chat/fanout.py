@@ -198,20 +198,32 @@ class FanoutHub:
 
     # --- following ----------------------------------------------------------
 
-    async def follow(self, thread: ThreadId, sink: Sink) -> None:
+    async def follow(
+        self, thread: ThreadId, sink: Sink, also: Callable[[Any], object] | None = None
+    ) -> list[Any]:
         """Start feeding ``sink`` the thread's frames; returns once the channel is
-        subscribed, so anything published from then on reaches the sink."""
+        subscribed, so anything published from then on reaches the sink.
+
+        The thread's stored event number is read once subscribed, in one
+        pipeline with whatever ``also`` queues on it (a connect's own reads:
+        app.chat.service), whose replies are returned: one round trip for both.
+        """
         # A follower still joining reads the thread's state only after this
         # returns, so it is up to date whatever happened before: a reset found
         # meanwhile (a resync racing this join after Redis lost the thread)
         # must not close it too.
         self._joining.add(sink)
         try:
-            await self._follow(thread, sink)
+            return await self._follow(thread, sink, also)
+        except BaseException:
+            await self.unfollow(thread, sink)
+            raise
         finally:
             self._joining.discard(sink)
 
-    async def _follow(self, thread: ThreadId, sink: Sink) -> None:
+    async def _follow(
+        self, thread: ThreadId, sink: Sink, also: Callable[[Any], object] | None
+    ) -> list[Any]:
         sinks = self._followers.setdefault(thread, set())
         sinks.add(sink)
         channel = keys.live(thread)
@@ -230,23 +242,41 @@ class FanoutHub:
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
         except TimeoutError:
-            await self.unfollow(thread, sink)
             raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
-        # Read under the forwarding lock: a frame forwarded between this read
-        # and the comparison below would make the stored number look older
-        # than the cursor, a false "reset" that closes every local socket.
+        # Read outside the forwarding lock: a join never waits for other
+        # threads' frames (a reconnect storm's thousands of joins would each
+        # hold back every live frame of the pod, one round trip at a time).
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.meta(thread), "event_n", "last_event_id")
+            if also is not None:
+                also(pipe)
+            replies = await pipe.execute()
+        n, last_id = optional_texts(replies[0])
+        cursor = self._cursors.get(thread)
+        if cursor is None:
+            return replies[1:]  # unfollowed meanwhile
+        if cursor.n is None:
+            # The baseline: no frame was forwarded since the cursor was made
+            # (check and set with no await between), and everything up to
+            # the read is in the log, which a new follower reads itself.
+            cursor.n, cursor.id = int(n or 0), last_id
+        elif int(n or 0) < cursor.n:
+            await self._confirm_reset(thread, sink)
+        return replies[1:]
+
+    async def _confirm_reset(self, thread: ThreadId, sink: Sink) -> None:
+        """The stored number read outside the lock is older than the cursor:
+        either Redis lost the thread (a reset), or a frame was forwarded
+        between that read and the comparison (not a reset: closing every
+        local socket for it would be a storm of its own). Under the
+        forwarding lock no frame moves the cursor, so a re-read there tells
+        them apart. Rare: it costs one round trip only on an apparent reset."""
         async with self._forwarding:
             n, last_id = optional_texts(
                 await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
             )
             cursor = self._cursors.get(thread)
-            if cursor is None:
-                return  # unfollowed meanwhile
-            if cursor.n is None:
-                # The baseline: everything up to here is in the log, which a
-                # new follower reads itself after this returns.
-                cursor.n, cursor.id = int(n or 0), last_id
-            elif int(n or 0) < cursor.n:
+            if cursor is not None and cursor.n is not None and int(n or 0) < cursor.n:
                 self._reset(thread, cursor, int(n or 0), last_id, spare=sink)
 
     async def unfollow(self, thread: ThreadId, sink: Sink) -> None:
@@ -445,7 +475,7 @@ class FanoutHub:
             await self._resync_batch(threads[start : start + RESYNC_BATCH])
 
     async def _resync_batch(self, threads: list[ThreadId]) -> None:
-        async with self._forwarding:  # read under the lock: see follow()
+        async with self._forwarding:  # read under the lock: see _confirm_reset()
             async with self._redis.pipeline(transaction=False) as pipe:
                 for thread in threads:
                     pipe.hmget(keys.meta(thread), "event_n", "last_event_id")

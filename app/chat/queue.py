@@ -13,6 +13,7 @@ prompt starts exactly once, in order, on whichever pod frees the thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from app.chat import keys
 from app.chat.errors import Forbidden, NotFound, QueueFull
@@ -122,8 +123,7 @@ class PromptQueue:
 
     async def waiting(self, thread: ThreadId) -> list[Queued]:
         """The waiting prompts, first to run first (``ready.queue``)."""
-        entries = entries_of(await self._redis.xrange(keys.queue(thread), "-", "+"))
-        return [_queued(entry_id, fields) for entry_id, fields in entries]
+        return waiting_of(await self._redis.xrange(keys.queue(thread), "-", "+"))
 
     async def head(self, thread: ThreadId) -> Head | None:
         """The prompt to run next, as the message BEGIN_TURN commits."""
@@ -148,3 +148,8 @@ def _queued(entry_id: str, fields: dict[str, str]) -> Queued:
         entry_id, fields.get("user_id", ""), fields.get("content", ""),
         fields.get("client_msg_id") or None,
     )  # fmt: skip
+
+
+def waiting_of(reply: Any) -> list[Queued]:
+    """The waiting prompts from the queue's XRANGE (a connect's pipeline reads it)."""
+    return [_queued(entry_id, fields) for entry_id, fields in entries_of(reply)]

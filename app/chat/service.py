@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -32,7 +33,7 @@ from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
 from app.chat.presence import Presence
-from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen
+from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen, waiting_of
 from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message, PromptPolicy, ThreadCard
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
@@ -49,7 +50,7 @@ from app.chat.timeline import (
     message_event_data,
 )
 from app.chat.titles import AutoTitles
-from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits
+from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits, turn_record
 from app.chat.usage import UsageStore
 from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
@@ -213,18 +214,25 @@ class ChatService:
         if not info.created and not await self._may_access(thread, user):
             raise Forbidden("you are not a member of this thread")
         follower = Follower(thread, self.settings.chat_send_queue, user)
+
+        def reads(pipe: Any) -> None:
+            pipe.hmget(keys.meta(thread), "last_event_id", "leaf")
+            pipe.hgetall(keys.turn(thread))
+            pipe.xrange(keys.queue(thread), "-", "+")
+            # A thread written before trees has no leaf: its last message is.
+            pipe.xrevrange(keys.history(thread), count=1)
+
         # Follow first, read second: whatever is published after the follow
-        # reaches the queue, whatever was published before is in the log.
-        await self.hub.follow(thread, follower)
+        # reaches the queue, whatever was published before is in the log. The
+        # reads go in the hub's own pipeline, once subscribed: one round trip.
+        meta, turn, queued, newest = await self.hub.follow(thread, follower, reads)
         try:
-            last_id, leaf = optional_texts(
-                await self.redis.hmget(keys.meta(thread), "last_event_id", "leaf")
-            )
-            if leaf is None:  # a thread written before trees: its last message
-                newest = entries_of(await self.redis.xrevrange(keys.history(thread), count=1))
-                leaf = newest[0][0] if newest else None
-            record = await self.turns.record(thread)
-            waiting = await self.queue.waiting(thread)
+            last_id, leaf = optional_texts(meta)
+            if leaf is None:
+                last = entries_of(newest)
+                leaf = last[0][0] if last else None
+            record = turn_record(turn)
+            waiting = waiting_of(queued)
             recovered: bool | None = None
             replay: list[TimelineEvent] = []
             if after is not None:

@@ -281,18 +281,7 @@ class TurnStore:
 
     async def record(self, thread: ThreadId) -> TurnRecord | None:
         """The running turn of a thread, or None when it is idle."""
-        fields = hash_of(await self._redis.hgetall(keys.turn(thread)))
-        if not fields.get("generation_id"):
-            return None
-        return TurnRecord(
-            generation_id=fields["generation_id"],
-            fence=int(fields.get("fence", 0)),
-            pod=fields.get("pod", ""),
-            start_id=fields.get("start_id", "0-0"),
-            user_message_id=fields.get("user_message_id", ""),
-            cancel_requested=bool(fields.get("cancel")),
-            user_id=fields.get("user_id", ""),
-        )
+        return turn_record(await self._redis.hgetall(keys.turn(thread)))
 
     async def partial(self, thread: ThreadId, record: TurnRecord) -> Partial:
         """What a turn had published, rebuilt from its timeline events.
@@ -366,3 +355,20 @@ class TurnStore:
             except keys.InvalidId:
                 await self._redis.zrem(keys.TURN_INDEX, member)  # not ours: drop it
         return threads
+
+
+def turn_record(reply: object) -> TurnRecord | None:
+    """A thread's running turn from its record's HGETALL (None when idle);
+    a connect reads it in its pipeline (app.chat.service)."""
+    fields = hash_of(reply)
+    if not fields.get("generation_id"):
+        return None
+    return TurnRecord(
+        generation_id=fields["generation_id"],
+        fence=int(fields.get("fence", 0)),
+        pod=fields.get("pod", ""),
+        start_id=fields.get("start_id", "0-0"),
+        user_message_id=fields.get("user_message_id", ""),
+        cancel_requested=bool(fields.get("cancel")),
+        user_id=fields.get("user_id", ""),
+    )
