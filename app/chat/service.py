@@ -79,6 +79,10 @@ class Resumed:
     replay: list[TimelineEvent] | None
 
 
+# Joins (their Redis reads) in flight at once per pod: see ChatService.join.
+JOINS_AT_ONCE = 32
+
+
 class ChatService:
     """Every protocol operation on threads, for any number of sockets."""
 
@@ -119,6 +123,11 @@ class ChatService:
         )  # fmt: skip
         # The socket slot (app.chat.limits) each open follower holds.
         self._slots: dict[Follower, str] = {}
+        # Joins reading Redis at once. A reconnect storm's joins would each
+        # take a connection of the pool (redis-py's holds 100 and then fails
+        # outright, "Too many connections") and starve the turns' writes;
+        # past this they wait their turn here, holding nothing.
+        self._joins = asyncio.Semaphore(JOINS_AT_ONCE)
         self.turns = TurnStore.configured(redis, self.scripts, publish_command, settings)
         probe = Probe(
             keys.probe_channel(settings.chat_pod_id), publish_command,
@@ -210,6 +219,12 @@ class ChatService:
     ) -> Opened:
         """Follow a thread on a socket that already counts against the limits
         (a user socket's ``join``): as ``open`` without the count."""
+        async with self._joins:
+            return await self._join(thread, user, after, epoch)
+
+    async def _join(
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
+    ) -> Opened:
         info = await self.threads.open(thread, user)
         if not info.created and not await self._may_access(thread, user):
             raise Forbidden("you are not a member of this thread")
