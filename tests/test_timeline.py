@@ -14,8 +14,10 @@ from app.chat.timeline import (
     MESSAGE_ID_PLACEHOLDER,
     PARENT_ID_PLACEHOLDER,
     Timeline,
+    TimelineEvent,
     done_event_data,
     event_data,
+    event_type,
     frame_from_entry,
     message_event_data,
     parse_frame,
@@ -172,3 +174,10 @@ async def test_read_from_is_inclusive(redis: Any, log: list[str]) -> None:
     events = await Timeline(redis).read_from(T, log[2])
     assert [e.id for e in events] == log[2:]
     assert [orjson.loads(e.frame)["text"] for e in events] == ["3", "4", "5"]
+
+
+def test_event_type_reads_the_frames_type() -> None:
+    data = '{"type":"loading","thread_id":"t","generation_id":"g","model":"m"}'
+    assert event_type(frame_from_entry("1-0", {"n": "1", "data": data})) == "loading"
+    # A frame without a type (not one our scripts write) is not an error.
+    assert event_type(TimelineEvent("1-0", (1, 0), 1, '{"id":"1-0","n":1}')) == ""

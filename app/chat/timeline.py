@@ -196,9 +196,14 @@ def parse_frame(frame: str) -> TimelineEvent | None:
 
 
 def event_type(event: TimelineEvent) -> str:
-    """A timeline event's ``type`` (every stored event's data starts with it)."""
-    start = event.frame.index(_TYPE) + len(_TYPE)
-    return event.frame[start : event.frame.index('"', start)]
+    """A timeline event's ``type`` (every stored event's data starts with it;
+    "" for a frame without one, which is forwarded all the same)."""
+    start = event.frame.find(_TYPE)
+    if start < 0:
+        return ""
+    start += len(_TYPE)
+    end = event.frame.find('"', start)
+    return event.frame[start:end] if end >= 0 else ""
 
 
 class Timeline:
