@@ -248,6 +248,12 @@ async def test_rate_limits_hold_across_two_pods(redis_server, pod_factory):
         await expect(dave, "ready")
         await dave.close()
         await third.close()
+        # The place is freed once pod B has handled the close, which the
+        # client's close does not wait for: wait on carol's count itself.
+        sockets, deadline = redis_server.client(), time.monotonic() + 10
+        while sockets.zcard("chat:user:{carol}:sockets") > 2:
+            assert time.monotonic() < deadline, "the closed socket's place was not freed"
+            await asyncio.sleep(0.01)
         retry = await open_socket(pod_a.ws, "rl2", "carol")
         await expect(retry, "ready")
         await retry.close()
