@@ -26,7 +26,8 @@ writes what it measured to RESULT. Two modes:
 
 The clients are bench.wsclient (one minimal protocol, the same for every
 system), speaking each system's own protocol: durable-chat's v1, Socket.IO
-(Engine.IO 4), or the plain JSON frames of the broadcaster and bare peers.
+(Engine.IO 4, for both the Python and the Node server), or the plain JSON
+frames of the broadcaster and bare peers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from tests.procs import cpu_seconds, rss_kb
 
 STAMP = b"[t="
 CONNECT_TIMEOUT_S = 30.0
+# The systems that speak Socket.IO (Engine.IO 4 over a WebSocket): Python's and Node's.
+SOCKETIO = frozenset({"socketio", "node"})
 TURN_TIMEOUT_S = 30.0
 
 
@@ -88,7 +91,7 @@ class Conn:
         self.done = asyncio.Event()
         self.failed = False
         self.on_message: Callable[[bytes, float], None] = (
-            self._on_socketio if system == "socketio" else self._on_frame
+            self._on_socketio if system in SOCKETIO else self._on_frame
         )
 
     # --- protocol ------------------------------------------------------------
@@ -96,12 +99,12 @@ class Conn:
     def path(self) -> str:
         if self.system == "durable":
             return f"/v1/threads/{self.thread}/ws"
-        if self.system == "socketio":
+        if self.system in SOCKETIO:
             return "/socket.io/?EIO=4&transport=websocket"
         return f"/ws/{self.thread}"
 
     def prompt(self, content: str) -> str:
-        if self.system == "socketio":
+        if self.system in SOCKETIO:
             return "42" + json.dumps(["prompt", {"thread": self.thread, "content": content}])
         return json.dumps({"type": "prompt", "content": content})
 

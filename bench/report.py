@@ -15,10 +15,11 @@ from typing import Any
 NAMES = {
     "durable": "durable-chat",
     "socketio": "python-socketio + AsyncRedisManager",
+    "node": "Socket.IO on Node + @socket.io/redis-adapter",
     "broadcaster": "broadcaster (Redis) + Starlette",
     "bare": "bare uvicorn WS, no Redis (limit)",
 }
-PEERS = ("socketio", "broadcaster")
+PEERS = ("socketio", "node", "broadcaster")
 
 # Targets from the issue: (key, text).
 TARGETS = (
@@ -420,10 +421,10 @@ def plot(results: dict[str, Any], d: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    colors = {"durable": "#1f77b4", "socketio": "#ff7f0e", "broadcaster": "#2ca02c",
-              "bare": "#7f7f7f"}  # fmt: skip
-    short = {"durable": "durable-chat", "socketio": "socketio", "broadcaster": "broadcaster",
-             "bare": "bare WS"}  # fmt: skip
+    colors = {"durable": "#1f77b4", "socketio": "#ff7f0e", "node": "#d62728",
+              "broadcaster": "#2ca02c", "bare": "#7f7f7f"}  # fmt: skip
+    short = {"durable": "durable-chat", "socketio": "socketio", "node": "Node socket.io",
+             "broadcaster": "broadcaster", "bare": "bare WS"}  # fmt: skip
     fan = {s: f for s, f in d.get("fanout", {}).items() if "failed" not in f}
     ax = axes[0][0]
     labels, values, cols = [], [], []

@@ -43,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, soak
+from bench.peers import node
 from bench.peers.common import TurnConfig, run_turn
 from tests import procs
 from tests.procs import ROOT, RedisServer, Server, running
 
 RESULTS = ROOT / "bench" / "results"
-SYSTEMS = ("durable", "socketio", "broadcaster", "bare")
+SYSTEMS = ("durable", "socketio", "node", "broadcaster", "bare")
 PEER_MODULES = {
     "socketio": "bench.peers.socketio_server",
     "broadcaster": "bench.peers.broadcaster_server",
@@ -161,6 +162,10 @@ class Bench:
             env = {**DURABLE_ENV, **turn_env, **(pod_env or {})}
             names = [f"pod{self.runs}-{i}" for i in range(count)]
             return [procs.pod(n, self.redis.url, self.logdir / f"{n}.log", **env) for n in names]
+        if system == "node":
+            names = [f"node{self.runs}-{i}" for i in range(count)]
+            log = self.logdir
+            return [node.server(n, self.redis.url, log / f"{n}.log", turn_env) for n in names]
         url = None if system == "bare" else self.redis.url
         module = PEER_MODULES[system]
         return [
@@ -381,10 +386,15 @@ def main() -> None:
     if args.soak is not None:
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             sys.exit(soak.run(args.soak, args.out, Path(tmp), args.soak_sample_s))
+    skipped = {}
+    if "node" in systems and (why := node.unavailable()):
+        print(f"skipping the Node Socket.IO peer: {why}", file=sys.stderr, flush=True)
+        systems.remove("node")
+        skipped["node"] = why
     started = time.monotonic()
     results: dict[str, Any] = {
         "config": asdict(config), "quick": args.quick, "machine": machine(),
-        "systems": systems,
+        "systems": systems, "skipped": skipped,
     }  # fmt: skip
     logdir = scratch / "logs"
     shutil.rmtree(logdir, ignore_errors=True)
