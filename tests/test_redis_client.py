@@ -182,6 +182,26 @@ async def test_turn_writes_are_retried_by_the_runner_alone(
         await handles.aclose()
 
 
+@pytest.mark.parametrize("mode", ["single", "sentinel"])
+async def test_the_subscriber_speaks_resp2(
+    make_settings: Callable[..., Settings], mode: str
+) -> None:
+    """The subscriber reads its messages as RESP2 arrays, not RESP3 pushes
+    (redis-py formats a debug line of every push). Nothing here connects."""
+    where: dict[str, Any] = (
+        {"redis_sentinels": SENTINELS, "redis_sentinel_master": "chat"}
+        if mode == "sentinel"
+        else {"redis_url": "redis://127.0.0.1:1"}
+    )
+    handles = connect(make_settings(**where))
+    try:
+        pubsub = handles.pubsub_factory()
+        assert pubsub.connection_pool.connection_kwargs["protocol"] == 2  # type: ignore[union-attr]
+        await pubsub.aclose()
+    finally:
+        await handles.aclose()
+
+
 def test_the_embedded_redis_is_one_client(make_settings: Callable[..., Settings]) -> None:
     handles = connect(make_settings())
     assert handles.turn_writes is handles.commands

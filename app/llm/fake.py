@@ -55,10 +55,41 @@ def tool_request(prompt: str) -> tuple[str, str] | None:
     return name, arguments.strip() or "{}"
 
 
-def _words(message: Message) -> int:
-    """The words the fake model counts as its input: the text, and the tool
-    calls' outputs (so tests can see a call carried into the next context)."""
-    return len(message.content.split()) + sum(len(u.output.split()) for u in message.tool_calls)
+# Texts shorter than this are split each time; longer ones have their count
+# kept (WordCounts).
+_COUNT_KEPT_FROM = 256
+_COUNTS_KEPT = 8192
+
+
+class WordCounts:
+    """The whitespace-separated words of texts, counted once per text.
+
+    A thread's context is mostly the same messages turn after turn, and at
+    full speed splitting every one of them again each turn cost a pod about
+    3% of its CPU. A count is kept by the text's length and hash (a text, not
+    its message id: ids repeat across threads), at most ``_COUNTS_KEPT`` of
+    them, the oldest dropped first.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[int, int], int] = {}
+
+    def __call__(self, text: str) -> int:
+        if len(text) < _COUNT_KEPT_FROM:
+            return len(text.split())
+        key = (len(text), hash(text))
+        count = self._kept.get(key)
+        if count is None:
+            count = self._kept[key] = len(text.split())
+            if len(self._kept) > _COUNTS_KEPT:
+                del self._kept[next(iter(self._kept))]
+        return count
+
+    def of(self, message: Message) -> int:
+        """The words the fake model counts as a message's input: its text, and
+        the tool calls' outputs (so tests can see a call carried into the next
+        context)."""
+        return self(message.content) + sum(self(u.output) for u in message.tool_calls)
 
 
 class FakeModel:
@@ -76,6 +107,7 @@ class FakeModel:
         self._tokens = tokens
         self._delay_s = delay_ms / 1000
         self._stamp = stamp
+        self._words = WordCounts()
 
     @property
     def name(self) -> str:
@@ -90,7 +122,7 @@ class FakeModel:
     ) -> AsyncIterator[str | ToolCall]:
         prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
         usage.model = "fake"
-        usage.input_tokens = sum(_words(m) for m in messages)
+        usage.input_tokens = sum(self._words.of(m) for m in messages)
         call = tool_request(prompt)
         if call is not None and not (messages and messages[-1].role == "assistant"):
             # Ask once; the turn's next call (after the results) replies.
