@@ -128,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth = authenticator
     app.state.origins = origins
+    app.state.frames = ws.SharedFrames()  # live events' frames, written once per pod
     app.include_router(ws.router)
     app.include_router(usersock.router)
     app.include_router(seed.router)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -202,10 +204,68 @@ async def _open_session(
     return None if opened is None else ThreadSession(ws, service, thread, user, opened)
 
 
+class SharedFrames:
+    """Live events written once per pod: each event's frame is encoded once
+    and the same bytes handed to every ready socket's transport
+    (app.uvicorn_adapter.FrameWriter), instead of one ASGI send per socket.
+
+    A follower whose queue gets an event is put on the ready list; a
+    callback (not a task per socket) drains the list, writing each
+    follower's queued events in order. A socket whose state is not plain (a
+    send of its own in progress, its write buffer above the high-water mark,
+    a close started) is left to its writer task, which sends the ASGI way;
+    its queue, and so the slow-client rule, is the same either way.
+
+    A big room (ten thousand sockets of one thread on a pod) must not stall
+    the event loop for one frame: the list is drained in slices of at most
+    SLICE_S, and the next slice runs after the loop has polled its sockets
+    and run what else was ready (``call_soon``)."""
+
+    __slots__ = ("_ready", "_scheduled")
+
+    def __init__(self) -> None:
+        self._ready: deque[ThreadStream] = deque()
+        self._scheduled = False
+
+    def ready(self, stream: ThreadStream) -> None:
+        self._ready.append(stream)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        ready = self._ready
+        deadline = time.perf_counter() + SLICE_S
+        # Each event's frame, encoded once per slice (kept by id: the event
+        # itself is held beside its bytes, so the id is not reused).
+        frames: dict[int, tuple[TimelineEvent, bytes]] = {}
+        written = 0
+        count = 0
+        while ready:
+            written += ready.popleft().write_shared(frames)
+            count += 1
+            if not count % SLICE_CHECK and time.perf_counter() > deadline:
+                break
+        if written:
+            metrics.EVENTS_DELIVERED.inc(written)
+        if ready:
+            asyncio.get_running_loop().call_soon(self._drain)
+        else:
+            self._scheduled = False
+
+
+# A slice of SharedFrames' writing (the loop's longest stall for one frame is
+# about this), and how many sockets are written between two clock reads.
+SLICE_S = 0.002
+SLICE_CHECK = 32
+
+
 class SocketOut:
     """A socket's sending side: one lock serialises every send, so live events,
     replies and resume replays never interleave inside a follower's ordering
-    rule, whichever thread of the socket they belong to."""
+    rule, whichever thread of the socket they belong to. Live events may
+    also be written as shared frames (``SharedFrames``), but only while the
+    lock is free, so never between another send's parts."""
 
     __slots__ = ("_sending", "ws")
 
@@ -303,7 +363,7 @@ class ThreadStream:
     user socket joined): its ``ready`` and catch-up, its live events, and the
     frames about it. The same code serves both socket kinds."""
 
-    __slots__ = ("_greeting", "follower", "out", "service", "thread", "user")
+    __slots__ = ("_frames", "_greeting", "follower", "out", "service", "thread", "user")
 
     def __init__(
         self, out: SocketOut, service: ChatService, thread: ThreadId, user: UserId,
@@ -320,15 +380,22 @@ class ThreadStream:
             encode(Ready.of(opened.ready)),
             opened.replay,
         )
+        self._frames: uvicorn_adapter.FrameWriter | None = None
 
     async def write_forever(self) -> None:
-        """``ready``, the catch-up, then live events, until the client is gone."""
+        """``ready``, the catch-up, then live events, until the client is gone.
+        Once the catch-up is sent, live events are written as shared frames
+        where the socket allows (``SharedFrames``); this task sends the rest."""
         try:
             if self._greeting is not None:
                 ready, replay = self._greeting
                 self._greeting = None
                 await self.out.send_text(ready)
                 await self.out.send_events(self.follower, replay)
+            self._frames = uvicorn_adapter.frame_writer(self.out.ws)
+            if self._frames is not None:
+                frames: SharedFrames = self.out.ws.app.state.frames
+                self.follower.on_ready = lambda: frames.ready(self)
             while True:
                 event = await self.follower.next_event()
                 async with self.out._sending:
@@ -337,6 +404,34 @@ class ThreadStream:
                         metrics.EVENTS_DELIVERED.inc()
         except (WebSocketDisconnect, RuntimeError, OSError):
             return  # the client is gone
+        finally:
+            self.follower.on_ready = None
+            self._frames = None
+
+    def write_shared(self, frames: dict[int, tuple[TimelineEvent, bytes]]) -> int:
+        """Write the follower's queued events as shared frames, in order;
+        what cannot be written so is left to this stream's writer task.
+        Returns how many frames were written."""
+        writer, follower = self._frames, self.follower
+        if writer is None or follower.closing is not None:
+            return 0
+        written = 0
+        sending = self.out._sending
+        while (event := follower.take()) is not None:
+            if sending.locked() or not writer.plain():
+                # A send of its own in progress, or the socket's state is not
+                # plain: the event goes back first in line, for the writer task.
+                follower.put_back(event)
+                follower.wake()
+                break
+            if not follower.claim(event):
+                continue
+            shared = frames.get(id(event))
+            if shared is None:
+                shared = frames[id(event)] = (event, uvicorn_adapter.text_frame(event.frame))
+            writer.write(shared[1])
+            written += 1
+        return written
 
     async def handle(self, frame: Any) -> None:
         """Answer one frame about this thread (errors become ``error`` events)."""

@@ -72,6 +72,9 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
 RESYNC_BATCH = 200  # threads read per hold of the forwarding lock
+# Followers handed one frame between two yields to the event loop: a big room
+# (ten thousand sockets of one thread on a pod) must not stall the loop.
+FORWARD_SLICE = 1000
 # A thread stays in the audit this many intervals after its last frame (or its
 # follow), so an event lost right after it is read by at least one audit.
 RECENT_AUDITS = 2
@@ -424,9 +427,9 @@ class FanoutHub:
                 return  # a duplicate
             if cursor.n is not None and event.n > cursor.n + 1:
                 await self._fill(thread, cursor, until=event)
-            self._forward(thread, cursor, event)
+            await self._forward(thread, cursor, event)
 
-    def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
+    async def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
         cursor.n, cursor.id = event.n, event.id
         cursor.heard_at = time.monotonic()
         kind = event_type(event)
@@ -436,8 +439,14 @@ class FanoutHub:
             cursor.turn_open = False
         # The event id's first part is the Redis clock at commit time.
         metrics.FANOUT_LAG.observe(max(0.0, time.time() - event.key[0] / 1000))
-        for sink in list(self._followers.get(thread, ())):
-            sink.deliver(event)
+        sinks = list(self._followers.get(thread, ()))
+        for start in range(0, len(sinks), FORWARD_SLICE):
+            if start:
+                # Under the forwarding lock, so this thread's next frame waits;
+                # a follower that joins meanwhile reads this event from the log.
+                await asyncio.sleep(0)
+            for sink in sinks[start : start + FORWARD_SLICE]:
+                sink.deliver(event)
 
     def _reset(
         self, thread: ThreadId, cursor: _Cursor, n: int, last_id: str | None,
@@ -464,7 +473,7 @@ class FanoutHub:
             log.info("filled %d missed event(s) on thread %s from the log", len(missing), thread)
         for event in missing:
             if cursor.n is None or event.n > cursor.n:
-                self._forward(thread, cursor, event)
+                await self._forward(thread, cursor, event)
 
     async def _resync(self, threads: list[ThreadId]) -> None:
         """Fill every given thread whose stored event number is ahead of ours."""

@@ -5,6 +5,11 @@ A pod holds thousands of mostly idle followers, so an idle one holds no
 buffer and no task: its queue exists only while events wait in it, and the
 futures it is awaited through only while someone awaits them.
 
+An edge may take over the writing (``on_ready``): then a queue that was empty
+and gets an event calls it instead of waking the socket's writer, and the
+edge drains the queue itself (``take``), waking the writer (``wake``) for
+what it cannot write (app.ws: one frame written for every socket of a pod).
+
 The rule: a timeline event is sent only if its id is greater than the last
 one sent. Catch-up from the log (on connect or ``resume``) and live events
 from the hub may overlap; this one comparison, made at send time, drops the
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -41,7 +47,10 @@ class Follower:
     stopped reading.
     """
 
-    __slots__ = ("_closed", "_queued", "_wakeup", "closing", "max_queue", "sent", "thread", "user")
+    __slots__ = (
+        "_closed", "_queued", "_wakeup", "closing", "max_queue", "on_ready", "sent", "thread",
+        "user",
+    )  # fmt: skip
 
     def __init__(self, thread: ThreadId, max_queue: int, user: str | None = None) -> None:
         self.thread = thread
@@ -53,6 +62,8 @@ class Follower:
         self._queued: deque[TimelineEvent] | None = None
         self._wakeup: asyncio.Future[None] | None = None  # while next_event() waits
         self._closed: asyncio.Future[None] | None = None  # once must_close is asked for
+        # Called (instead of waking the writer) when the empty queue gets an event.
+        self.on_ready: Callable[[], None] | None = None
 
     @property
     def queued(self) -> int:
@@ -77,24 +88,50 @@ class Follower:
                 await self._wakeup
             finally:
                 self._wakeup = None
-        event = self._queued.popleft()
-        if not self._queued:
+        event = self.take()
+        assert event is not None
+        return event
+
+    def take(self) -> TimelineEvent | None:
+        """The next queued event, or None when none waits (no waiting)."""
+        queued = self._queued
+        if queued is None:
+            return None
+        event = queued.popleft()
+        if not queued:
             self._queued = None  # drained: give the buffer back while idle
         return event
+
+    def put_back(self, event: TimelineEvent) -> None:
+        """Return a ``take``n event to the head of the queue (not sent after all)."""
+        if self._queued is None:
+            self._queued = deque()
+        self._queued.appendleft(event)
+
+    def wake(self) -> None:
+        """Wake the writer waiting in ``next_event`` (if it waits)."""
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     def deliver(self, event: TimelineEvent) -> None:
         if self.closing is not None:
             return
-        if self._queued is None:
-            self._queued = deque()
-        elif len(self._queued) >= self.max_queue:
+        queued = self._queued
+        if queued is None:
+            self._queued = deque((event,))
+            if self.on_ready is not None:
+                self.on_ready()
+            else:
+                self.wake()
+            return
+        if len(queued) >= self.max_queue:
             # Never block the hub (it feeds every socket of the pod): drop
             # this socket instead; it resumes from its last id elsewhere.
             self.close_for(TOO_SLOW)
             return
-        self._queued.append(event)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        queued.append(event)
+        if self.on_ready is None:
+            self.wake()
 
     def control(self, message: dict[str, Any]) -> None:
         """A thread reset, its deletion, its user's removal, or a pod that
