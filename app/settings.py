@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     # "between_threads": after a thread is done), to prove a crash anywhere
     # loses and duplicates nothing.
     chat_archive_crash_at: Literal["after_commit", "between_threads"] | None = None
+    # Tests only: the process stops itself (SIGSTOP) the first time it gets
+    # to this named point, until the test continues it (app.chat.faults):
+    # "export_read" (a pod, between an export's first read and its next).
+    chat_pause_at: Literal["export_read"] | None = None
     chat_event_retention: int = Field(default=10000, ge=100)
     chat_delta_window_ms: float = Field(default=25.0, ge=0)
     chat_delta_max_bytes: int = Field(default=2048, ge=1)

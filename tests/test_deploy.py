@@ -741,3 +741,4 @@ def test_the_archive_component_is_a_configuration_the_app_accepts() -> None:
     settings = Settings(**fields, chat_archive_url="postgresql://u@db/chat")
     settings.check_startable()
     assert settings.chat_archive_after_days > 0 and settings.chat_archive_crash_at is None
+    assert settings.chat_pause_at is None

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "app.metrics": 1,
     "app.logs": 1,
     "app.chat.tasks": 1,
+    "app.chat.faults": 1,
     "app.chat.records": 2,
     "app.chat.errors": 2,
     "app.chat": 3,  # stores: scripts, lock, timeline, history, turns, threads, limits, sharded

@@ -5,7 +5,8 @@ Each sweep SCANs the threads' meta keys; a thread idle longer than
 CHAT_ARCHIVE_AFTER_DAYS, with no turn running, has every message but its
 newest CHAT_ARCHIVE_KEEP_HOT copied to PostgreSQL in one transaction, read
 back, and only then trimmed from Redis (its history and its timeline, up to
-the oldest message kept). Meta, members, read markers and the tree index
+the oldest message kept), in the step that moves the thread's archive
+watermark there (ARCHIVE_TRIM: exports read it to stay exact). Meta, members, read markers and the tree index
 stay in Redis, so the thread is listed, joined and paged as before
 (app.chat.history continues a walk into the archive).
 
@@ -31,12 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 
 from app import metrics
-from app.chat import keys
+from app.chat import faults, keys
 from app.chat.archive import Archive
 from app.chat.errors import NotFound
 from app.chat.history import message_from_entry
@@ -60,9 +59,11 @@ class Archiver:
     """One sweep at a time over every thread of a Redis."""
 
     def __init__(
-        self, redis: RedisClient, threads: Threads, archive: Archive, settings: Settings
-    ) -> None:
+        self, redis: RedisClient, scripts: Scripts, threads: Threads, archive: Archive,
+        settings: Settings,
+    ) -> None:  # fmt: skip
         self._redis = redis
+        self._scripts = scripts
         self._threads = threads
         self._archive = archive
         self._idle_ms = int(settings.chat_archive_after_days * DAY_MS)
@@ -91,7 +92,7 @@ class Archiver:
             count = await self.archive_thread(thread)
             moved += count
             if count:
-                self._crash("between_threads")
+                faults.crash_here("between_threads", self._crash_at)
         return moved, expired
 
     async def expire(self, thread: ThreadId, idle_ms: float) -> int:
@@ -127,23 +128,18 @@ class Archiver:
             return 0
         messages = [message_from_entry(entry_id, fields) for entry_id, fields in cold]
         await self._archive.store(thread, messages)
-        self._crash("after_commit")
-        # Exact trims (no ~): everything below the oldest kept id is archived.
-        await self._redis.xtrim(history, minid=oldest_kept, approximate=False)
-        await self._redis.xtrim(keys.events(thread), minid=oldest_kept, approximate=False)
-        if not await self._redis.exists(keys.meta(thread)):
+        faults.crash_here("after_commit", self._crash_at)
+        trimmed = await self._scripts.archive_trim(
+            keys=[history, keys.events(thread), keys.meta(thread), keys.tree(thread)],
+            args=[oldest_kept],
+        )
+        if not trimmed:
             # Deleted while we copied: its rows must go too.
             await self._archive.delete_thread(thread)
             return 0
         metrics.ARCHIVED_MESSAGES.inc(len(messages))
         log.info("archived %d messages of thread %s", len(messages), thread)
         return len(messages)
-
-    def _crash(self, point: str) -> None:
-        """Tests only (CHAT_ARCHIVE_CRASH_AT): die here as a kill -9 would."""
-        if self._crash_at == point:
-            log.warning("archiver killing itself at %s (CHAT_ARCHIVE_CRASH_AT)", point)
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def run(settings: Settings, once: bool = False) -> None:
@@ -152,10 +148,9 @@ async def run(settings: Settings, once: bool = False) -> None:
     handles = connect(settings)
     archive = await Archive.open(settings.chat_archive_url, settings.chat_archive_pool_size)
     # Deletes by retention are not any member's: no owner check, as with auth off.
-    threads = Threads(
-        handles.commands, Scripts(handles.commands), handles.publish_command, open_access=True
-    )
-    archiver = Archiver(handles.commands, threads, archive, settings)
+    scripts = Scripts(handles.commands)
+    threads = Threads(handles.commands, scripts, handles.publish_command, open_access=True)
+    archiver = Archiver(handles.commands, scripts, threads, archive, settings)
     try:
         while True:
             try:

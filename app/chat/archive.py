@@ -171,13 +171,20 @@ class Archive:
         messages = [_message(r) for r in reversed(rows)]
         return messages, bool(messages) and messages[0].parent_id is not None
 
-    async def messages(self, thread: ThreadId) -> AsyncIterator[Message]:
-        """Every archived message of the thread, oldest first (exports)."""
+    async def messages(
+        self, thread: ThreadId, after: str | None = None, below: str | None = None
+    ) -> AsyncIterator[Message]:
+        """The thread's archived messages after ``after`` and below ``below``
+        (either end open when None), oldest first (exports)."""
+        low = split_id(after) if after else (-1, -1)
+        high = split_id(below) if below else None
+        bound = "" if high is None else " AND (ms, seq) < (%s, %s)"
         async with self._pool.connection() as conn, conn.transaction():
             cur = conn.cursor("export", row_factory=dict_row)
             await cur.execute(
-                f"SELECT {_COLUMNS} FROM archived_messages WHERE thread_id = %s ORDER BY ms, seq",
-                (thread,),
+                f"SELECT {_COLUMNS} FROM archived_messages WHERE thread_id = %s"
+                f" AND (ms, seq) > (%s, %s){bound} ORDER BY ms, seq",
+                (thread, *low, *(high or ())),
             )
             async for row in cur:
                 yield _message(row)

@@ -18,7 +18,7 @@ whichever tier a message is in.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, cast
 
 import orjson
@@ -33,6 +33,8 @@ from app.chat.scripts import Scripts
 
 # The seed protocol's whole-branch reads, a page at a time.
 _ALL_PAGE = 200
+# Messages per Redis read of an export.
+EXPORT_PAGE = 100
 # How much of the context budget a window that outgrew it starts again with
 # (see HistoryReader.context): the rest is room for the turns that follow.
 REFILL = 0.6
@@ -105,6 +107,10 @@ class ColdHistory(Protocol):
     async def path(
         self, thread: ThreadId, start: str, limit: int
     ) -> tuple[list[Message], bool]: ...
+
+    def messages(
+        self, thread: ThreadId, after: str | None = None, below: str | None = None
+    ) -> AsyncIterator[Message]: ...
 
 
 class HistoryReader:
@@ -186,6 +192,42 @@ class HistoryReader:
             dataclasses.replace(m, siblings=tuple((c or m.id).split(",")))
             for m, c in zip(messages, children, strict=True)
         ], more
+
+    async def everything(
+        self, thread: ThreadId, pause: Callable[[], None] = lambda: None
+    ) -> AsyncIterator[Message]:
+        """Every message of the thread, every branch, both tiers, each once,
+        oldest first (the owner's export), exact while the archiver moves
+        messages meanwhile.
+
+        Each Redis read (HISTORY_SLICE) comes with the thread's archive
+        watermark: Redis then held no message below it, and the archive,
+        committed before the trim that moved it, every one. So whatever was
+        trimmed since the previous read is in the archive between the last
+        message given and the watermark, read from there before the slice
+        (which starts at the watermark or later); a message in both tiers
+        (an archiver stopped between its commit and its trim) is above the
+        watermark, and comes from Redis only. ``pause`` runs between two
+        reads (tests force an archiver's sweep there)."""
+        after = ""
+        while True:
+            reply = await self._scripts.history_slice(
+                keys=[keys.history(thread), keys.meta(thread)], args=[after, EXPORT_PAGE]
+            )
+            pause()
+            mark, page = reply[0], reply[1:]
+            if (
+                self._archive is not None
+                and mark
+                and (not after or keys.event_id(after) < keys.event_id(mark))
+            ):
+                async for message in self._archive.messages(thread, after or None, mark):
+                    yield message
+            for entry_id, flat in page:
+                yield message_from_entry(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                after = entry_id
+            if len(page) < EXPORT_PAGE:
+                return
 
     async def all(self, thread: ThreadId) -> list[Message]:
         """The active branch, root first (the seed protocol's GET_HISTORY)."""

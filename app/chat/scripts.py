@@ -734,6 +734,45 @@ return out
 """
 )
 
+# ARCHIVE_TRIM: the archiver's last step for one thread, once PostgreSQL
+# holds (committed, read back) every message older than the oldest one kept.
+# KEYS[1] history, [2] events, [3] meta, [4] tree
+# ARGV[1] the oldest message kept in Redis
+# Returns 1, or 0 when the thread no longer exists (deleted while it was
+# copied: the caller removes its rows).
+# Trims the history and the timeline below ARGV[1] (exact: every id below it
+# was copied, and stream ids only grow) and moves the thread's archive
+# watermark, meta field `archived`, to it in the same step: Redis then holds
+# no message below the watermark, and PostgreSQL every one, so a reader that
+# gets the watermark with a page of history (HISTORY_SLICE) knows which of
+# the messages it has not seen yet only the archive has.
+ARCHIVE_TRIM = (
+    _TREE
+    + r"""
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[1])
+local mark = redis.call('HGET', KEYS[3], 'archived')
+if not mark or id_less(mark, ARGV[1]) then redis.call('HSET', KEYS[3], 'archived', ARGV[1]) end
+return 1
+"""
+)
+
+# HISTORY_SLICE: history entries in id order, with the archive watermark.
+# KEYS[1] history, [2] meta
+# ARGV[1] the id to start after ('' = from the first), ARGV[2] how many at most
+# Returns {watermark or '', {id, {field, value...}}...}. One step, so the
+# watermark tells exactly what the entries cannot include (see ARCHIVE_TRIM).
+HISTORY_SLICE = r"""
+local from = '-'
+if ARGV[1] ~= '' then from = '(' .. ARGV[1] end
+local out = {redis.call('HGET', KEYS[2], 'archived') or ''}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', ARGV[2])) do
+  out[#out + 1] = e
+end
+return out
+"""
+
 # ERASE_AUTHOR: take what user U wrote out of one thread (erasing U's data).
 # KEYS[1] history, [2] events, [3] reads, [4] presence, [5] roles
 # ARGV[1] U, ARGV[2...] ids of U's messages in the archive (the model's
@@ -1232,6 +1271,8 @@ class Scripts:
         self.unqueue_prompt: AsyncScript = redis.register_script(UNQUEUE_PROMPT)
         self.history_path: AsyncScript = redis.register_script(HISTORY_PATH)
         self.erase_author: AsyncScript = redis.register_script(ERASE_AUTHOR)
+        self.archive_trim: AsyncScript = redis.register_script(ARCHIVE_TRIM)
+        self.history_slice: AsyncScript = redis.register_script(HISTORY_SLICE)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
         self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)

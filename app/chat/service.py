@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
-from app.chat import keys
+from app.chat import faults, keys
 from app.chat.archive import Archive
 from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
 from app.chat.fanout import FanoutHub, Probe
@@ -58,9 +58,6 @@ from app.llm.tools import ToolBox, load_tools
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Messages per Redis read of an export.
-_EXPORT_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,26 +695,8 @@ class ChatService:
         """Every message of the thread, every branch, oldest first, from both
         tiers (the owner's export). Checked now; read as it is iterated."""
         await self.threads.require_owner(thread, user)
-        return self._export(thread)
-
-    async def _export(self, thread: ThreadId) -> AsyncIterator[Message]:
-        # The archive first, then Redis after the newest archived id: a
-        # message in both tiers (an archiver stopped before its trim) is
-        # given once, and one trimmed meanwhile was already in the archive.
-        after = "-"
-        if self.archive is not None:
-            async for message in self.archive.messages(thread):
-                after = f"({message.id}"
-                yield message
-        while True:
-            page = entries_of(
-                await self.redis.xrange(keys.history(thread), after, "+", count=_EXPORT_PAGE)
-            )
-            for entry_id, fields in page:
-                yield message_from_entry(entry_id, fields)
-            if len(page) < _EXPORT_PAGE:
-                return
-            after = f"({page[-1][0]}"
+        at = self.settings.chat_pause_at
+        return self.history.everything(thread, lambda: faults.pause_here("export_read", at))
 
     async def history_page(
         self, thread: ThreadId, before: str | None, limit: int, user: UserId | None = None,

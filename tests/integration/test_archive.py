@@ -12,8 +12,10 @@ reaches the archived start of a thread; deleting a thread removes its rows.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ import psycopg
 import pytest
 
 from app.chat import keys
+from app.chat.history import EXPORT_PAGE
 from tests import procs
 from tests.integration.conftest import require_postgres, require_redis, track_pods
 from tests.integration.helpers import Event, get_history, open_ready, read_until, send
@@ -269,6 +272,63 @@ async def test_archiving_killed_anywhere_changes_nothing_a_client_reads(
         assert (await http.delete(f"/v1/threads/{threads[0]}")).status_code == 204
     left = rows(postgres.url, "SELECT DISTINCT thread_id FROM archived_messages")
     assert left == [(threads[1],)]
+
+
+@pytest.fixture(scope="module")
+def race_pod(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
+) -> Iterator[procs.Server]:  # fmt: skip
+    """A pod that stops itself (SIGSTOP) between its first export's first
+    read and its next, until the test continues it."""
+    yield from running_pod(
+        request, tmp_path_factory.mktemp("race"), redis_db, postgres, CHAT_PAUSE_AT="export_read"
+    )
+
+
+async def stopped(pid: int) -> None:
+    """Wait until the process has stopped itself (state T in /proc)."""
+
+    def state() -> str:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    for _ in range(500):
+        if state() == "T":
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop itself")
+
+
+async def test_an_export_racing_the_first_sweep_gives_every_message_once(
+    race_pod: procs.Server, redis_db: procs.RedisServer, postgres: procs.PostgresServer
+) -> None:
+    """The pod has read the first page of a thread's history (more than a
+    page of messages, none archived yet) when the archiver's first sweep of
+    the thread copies and trims it past that page; the export then goes on,
+    and still gives every message once."""
+    thread = "export-race"
+    history = keys.history(keys.thread_id(thread))
+    ws, _ = await open_ready(race_pod.ws, thread)
+    try:
+        for i in range((EXPORT_PAGE + KEEP_HOT) // 2 + 4):
+            await turn(ws, f"racing words {i}")
+    finally:
+        await ws.close()
+    r = redis_db.client()
+    assert r.xlen(history) > EXPORT_PAGE + KEEP_HOT + 1
+    assert not rows(postgres.url, "SELECT 1 FROM archived_messages WHERE thread_id = %s", thread)
+
+    exporting = asyncio.create_task(export(race_pod, thread))
+    await stopped(race_pod.pid)
+    try:
+        swept = await asyncio.to_thread(cli, redis_db, postgres, "archiver", "--once")
+        assert swept.returncode == 0, swept.stderr
+        # Trimmed past the page the export has read.
+        assert r.xlen(history) == KEEP_HOT
+    finally:
+        os.kill(race_pod.pid, signal.SIGCONT)
+    assert await exporting == everything_sent(thread)
 
 
 ADMIN = "root-admin"
