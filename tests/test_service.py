@@ -447,11 +447,12 @@ async def test_a_connect_reads_in_one_round_trip(
     make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Round trips of a connect (every command or pipeline sent on any
-    connection, the subscriber's included), once the pod is warm: the join's
-    reads (the hub's event number, the meta, the turn record, the queue, the
-    last message) are one pipeline. What is left: the thread's open (a
-    script, plus one write when it is created), the SUBSCRIBE for a thread
-    new to the pod, and presence (a script)."""
+    connection, the subscriber's included), once the pod is warm: the
+    thread's creation, the membership check, every read ``ready`` needs, the
+    catch-up and the presence entry are one script (JOIN_THREAD). A thread
+    new to the pod adds its SUBSCRIBE, nothing else; a thread it follows is
+    one round trip, a resume with ``after`` included. (Against a real
+    redis-server and pod: tests/integration/test_redis_layout.py.)"""
     service = await make_service()
     await service.open(keys.thread_id("warm"), USER, None, None)  # connections, scripts
     sent: list[bytes] = []
@@ -466,15 +467,23 @@ async def test_a_connect_reads_in_one_round_trip(
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
 
-    def pipelines() -> int:
-        return sum(1 for c in sent if b"HMGET" in c and b"XRANGE" in c)
-
     fresh = keys.thread_id("fresh")
     new = await service.open(fresh, USER, None, None)
-    assert len(sent) == 5, sent  # open, created (ZADD), SUBSCRIBE, the reads, presence
-    assert pipelines() == 1 and sum(b"SUBSCRIBE" in c for c in sent) == 1
+    assert len(sent) == 2, sent  # SUBSCRIBE, JOIN_THREAD (it created the thread)
+    assert sum(b"SUBSCRIBE" in c for c in sent) == 1 and b"EVALSHA" in sent[1]
+    assert await redis.zscore(keys.user_threads(USER), fresh) is not None
     sent.clear()
     again = await service.open(fresh, USER, None, None)
-    assert len(sent) == 3, sent  # open, the reads, presence
-    assert pipelines() == 1
+    assert len(sent) == 1 and b"EVALSHA" in sent[0], sent
     assert again.ready.last_event_id == new.ready.last_event_id
+    assert again.ready.epoch == new.ready.epoch
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
+    await service.prompt(fresh, USER, "hello", None)
+    await idle(service, fresh)
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    log = await stored(redis, fresh)
+    sent.clear()
+    resumed = await service.open(fresh, USER, log[0][0], again.ready.epoch)
+    assert len(sent) == 1, sent  # the replay too
+    assert resumed.ready.recovered is True
+    assert [e.id for e in resumed.replay] == [i for i, _ in log[1:]]

@@ -51,9 +51,9 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import orjson
 from redis.exceptions import RedisError
@@ -108,6 +108,20 @@ class Sink(Protocol):
     def deliver(self, event: TimelineEvent) -> None: ...
 
     def control(self, message: dict[str, Any]) -> None: ...
+
+
+class Baseline(Protocol):
+    """A join's own read of a thread (``follow``'s ``read``): it carries the
+    thread's event number and last event id, the hub's baseline."""
+
+    @property
+    def event_n(self) -> int: ...
+
+    @property
+    def last_event_id(self) -> str | None: ...
+
+
+B = TypeVar("B", bound=Baseline)
 
 
 class InboxSink(Protocol):
@@ -201,15 +215,22 @@ class FanoutHub:
 
     # --- following ----------------------------------------------------------
 
+    @overload
+    async def follow(self, thread: ThreadId, sink: Sink) -> None: ...
+
+    @overload
+    async def follow(self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]]) -> B: ...
+
     async def follow(
-        self, thread: ThreadId, sink: Sink, also: Callable[[Any], object] | None = None
-    ) -> list[Any]:
+        self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]] | None = None
+    ) -> B | None:
         """Start feeding ``sink`` the thread's frames; returns once the channel is
         subscribed, so anything published from then on reaches the sink.
 
-        The thread's stored event number is read once subscribed, in one
-        pipeline with whatever ``also`` queues on it (a connect's own reads:
-        app.chat.service), whose replies are returned: one round trip for both.
+        The thread's stored event number is read once subscribed: by ``read``
+        when given (a connect's own reads, app.chat.joins, which return it
+        with everything else: one round trip for both), whose result is
+        returned; else by the hub itself.
         """
         # A follower still joining reads the thread's state only after this
         # returns, so it is up to date whatever happened before: a reset found
@@ -217,7 +238,7 @@ class FanoutHub:
         # must not close it too.
         self._joining.add(sink)
         try:
-            return await self._follow(thread, sink, also)
+            return await self._follow(thread, sink, read)
         except BaseException:
             await self.unfollow(thread, sink)
             raise
@@ -225,8 +246,8 @@ class FanoutHub:
             self._joining.discard(sink)
 
     async def _follow(
-        self, thread: ThreadId, sink: Sink, also: Callable[[Any], object] | None
-    ) -> list[Any]:
+        self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]] | None
+    ) -> B | None:
         sinks = self._followers.setdefault(thread, set())
         sinks.add(sink)
         channel = keys.live(thread)
@@ -249,23 +270,26 @@ class FanoutHub:
         # Read outside the forwarding lock: a join never waits for other
         # threads' frames (a reconnect storm's thousands of joins would each
         # hold back every live frame of the pod, one round trip at a time).
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.meta(thread), "event_n", "last_event_id")
-            if also is not None:
-                also(pipe)
-            replies = await pipe.execute()
-        n, last_id = optional_texts(replies[0])
+        result: B | None = None
+        if read is not None:
+            result = await read()
+            n, last_id = result.event_n, result.last_event_id
+        else:
+            n_text, last_id = optional_texts(
+                await self._redis.hmget(keys.meta(thread), "event_n", "last_event_id")
+            )
+            n = int(n_text or 0)
         cursor = self._cursors.get(thread)
         if cursor is None:
-            return replies[1:]  # unfollowed meanwhile
+            return result  # unfollowed meanwhile
         if cursor.n is None:
             # The baseline: no frame was forwarded since the cursor was made
             # (check and set with no await between), and everything up to
             # the read is in the log, which a new follower reads itself.
-            cursor.n, cursor.id = int(n or 0), last_id
-        elif int(n or 0) < cursor.n:
+            cursor.n, cursor.id = n, last_id
+        elif n < cursor.n:
             await self._confirm_reset(thread, sink)
-        return replies[1:]
+        return result
 
     async def _confirm_reset(self, thread: ThreadId, sink: Sink) -> None:
         """The stored number read outside the lock is older than the cursor:

@@ -32,6 +32,7 @@ import orjson
 from app.chat import keys
 from app.chat.fanout import FanoutHub
 from app.chat.follower import Follower
+from app.chat.joins import PresenceEntry
 from app.chat.keys import ThreadId, UserId
 from app.chat.redis_types import RedisClient, texts
 from app.chat.scripts import Scripts, run_many
@@ -74,13 +75,16 @@ class Presence:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def enter(self, follower: Follower, user: UserId) -> None:
-        """A socket joined a thread: it appears, and is sent who is there."""
-        thread = follower.thread
-        entry = f"{user}|{secrets.token_hex(6)}"
-        self._local.setdefault(thread, {})[follower] = entry
-        present = await self._call(thread, "add", [entry], nudge=True)
-        self._show(thread, present, [follower])
+    def joining(self, user: UserId) -> PresenceEntry:
+        """A new presence entry of ``user``, for a join to add (app.chat.joins:
+        in the same step as the join's reads)."""
+        return PresenceEntry(self._lease_ms, f"{user}|{secrets.token_hex(6)}", NUDGE)
+
+    def entered(self, follower: Follower, entry: str, present: list[str]) -> None:
+        """A socket's join added ``entry``: renew it from now on, and send the
+        socket who is there (``present``, the entries after the join)."""
+        self._local.setdefault(follower.thread, {})[follower] = entry
+        self._show(follower.thread, _users(present), [follower])
 
     async def exit(self, follower: Follower) -> None:
         """A socket left a thread (closed, or ``leave``)."""

@@ -78,3 +78,14 @@ def scored(reply: object) -> list[tuple[str, float]]:
 def fields(reply: object) -> dict[str, str]:
     """A hash (HGETALL)."""
     return cast("dict[str, str]", reply)
+
+
+def lua_hash(reply: object) -> dict[str, str]:
+    """A hash read inside a Lua script (a flat field, value, ... list)."""
+    flat = cast("list[str]", reply)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def lua_entries(reply: object) -> list[Entry]:
+    """A stream read inside a Lua script: (id, flat fields) pairs."""
+    return [(entry_id, lua_hash(flat)) for entry_id, flat in cast("list[list[Any]]", reply)]

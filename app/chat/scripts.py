@@ -858,31 +858,44 @@ redis.call(ARGV[2], KEYS[2], ARGV[3])
 return gen
 """
 
-# ENSURE_THREAD: create a thread's metadata on first use.
-# KEYS[1] meta, KEYS[2] members, KEYS[3] fence
-# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms), ARGV[4] title or '',
-#     ARGV[5] publish command (a new thread's card goes to its owner's inbox)
-# Returns {epoch, owner, created}: created is 1 (just created), 0 (it existed),
-#     or -1 (it was deleted recently: its fence is a tombstone, see
-#     DELETE_THREAD; nothing is created).
+# _ENSURE (prepended after _TREE and _INBOX): a thread's creation on first use.
+# ensure(meta, members, fence, epoch, user, now, title, publish) creates the
+#     thread's metadata, owned by `user`, if it has none; returns 1 (just
+#     created), 0 (it existed) or -1 (it was deleted recently: its fence is a
+#     tombstone, see DELETE_THREAD; nothing is created). A new thread's card
+#     goes to its owner's inbox (`publish`: see tell_members).
 # The epoch is set exactly once per life of the thread's data: if Redis loses
 # the thread, the next use draws a new epoch, and resumes from the old one fail
 # loudly instead of silently skipping what was lost. A live thread's fence
 # never has a TTL, so a TTL on it can only be a delete's tombstone.
+_ENSURE = r"""
+local function ensure(meta, members, fence, epoch, user, now, title, publish)
+  if redis.call('HEXISTS', meta, 'epoch') == 0 and redis.call('PTTL', fence) > 0 then
+    return -1
+  end
+  local created = redis.call('HSETNX', meta, 'epoch', epoch)
+  if created == 1 then
+    redis.call('HSET', meta, 'owner', user, 'created_at', now, 'updated_at', now)
+    if title ~= '' then redis.call('HSET', meta, 'title', title) end
+    redis.call('SADD', members, user)
+    tell_members(meta, sibling(meta, 'history'), publish)
+  end
+  return created
+end
+"""
+
+# ENSURE_THREAD: create a thread's metadata on first use (_ENSURE).
+# KEYS[1] meta, KEYS[2] members, KEYS[3] fence
+# ARGV[1] new epoch, ARGV[2] owner user id, ARGV[3] now (ms), ARGV[4] title or '',
+#     ARGV[5] publish command
+# Returns {epoch, owner, created}: created as ensure's (-1: nothing created).
 ENSURE_THREAD = (
     _TREE
     + _INBOX
+    + _ENSURE
     + r"""
-if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 and redis.call('PTTL', KEYS[3]) > 0 then
-  return {'', '', -1}
-end
-local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
-if created == 1 then
-  redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created_at', ARGV[3], 'updated_at', ARGV[3])
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[4]) end
-  redis.call('SADD', KEYS[2], ARGV[2])
-  tell_members(KEYS[1], sibling(KEYS[1], 'history'), ARGV[5])
-end
+local created = ensure(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if created < 0 then return {'', '', -1} end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'owner')
 return {meta[1], meta[2] or '', created}
 """
@@ -1051,31 +1064,116 @@ return out
 """
 )
 
-# PRESENCE: who has a socket on a thread, across pods.
-# KEYS[1] the thread's presence (Sorted set: '<user>|<socket>' -> lease
-#     expiry in ms), KEYS[2] live channel
-# ARGV[1] lease in ms, ARGV[2] publish command, ARGV[3] a control frame to
-#     publish when the set may have changed (every pod then reads it again,
-#     coalesced) or '', ARGV[4] 'add' or 'remove', ARGV[5...] entries
-# Returns the entries present after the change.
+# _PRESENCE: who has a socket on a thread, across pods.
+# present(key, channel, lease, publish, nudge, add, entries): the thread's
+#     presence (Sorted set: '<user>|<socket>' -> lease expiry in ms) after
+#     adding (`add`) or removing `entries`; `nudge`, when not '', is a control
+#     frame published on the thread's channel as the set may have changed
+#     (every pod then reads it again, coalesced). Returns the entries present.
 # The clock is Redis's, as for the socket leases: a crashed pod renews
 # nothing, so its entries expire, and the next read (any pod's heartbeat)
 # drops them.
-PRESENCE = r"""
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-for i = 5, #ARGV do
-  if ARGV[4] == 'add' then
-    redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[1]), ARGV[i])
-  else
-    redis.call('ZREM', KEYS[1], ARGV[i])
+_PRESENCE = r"""
+local function present(key, channel, lease, publish, nudge, add, entries)
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ms)
+  for _, e in ipairs(entries) do
+    if add then
+      redis.call('ZADD', key, ms + tonumber(lease), e)
+    else
+      redis.call('ZREM', key, e)
+    end
   end
+  if #entries > 0 then redis.call('PEXPIRE', key, lease) end
+  if nudge ~= '' then redis.call(publish, channel, nudge) end
+  return redis.call('ZRANGE', key, 0, -1)
 end
-if #ARGV >= 5 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-if ARGV[3] ~= '' then redis.call(ARGV[2], KEYS[2], ARGV[3]) end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
+
+# PRESENCE: change or read a thread's presence (_PRESENCE).
+# KEYS[1] the thread's presence, KEYS[2] live channel
+# ARGV[1] lease in ms, ARGV[2] publish command, ARGV[3] nudge frame or '',
+#     ARGV[4] 'add' or 'remove', ARGV[5...] entries
+# Returns the entries present after the change.
+PRESENCE = (
+    _PRESENCE
+    + r"""
+local entries = {}
+for i = 5, #ARGV do entries[#entries + 1] = ARGV[i] end
+return present(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4] == 'add', entries)
+"""
+)
+
+# JOIN_THREAD: a socket's start on a thread, in one step (one round trip,
+#     app.chat.joins): the thread's creation (_ENSURE) or its existence, the
+#     caller's membership, everything `ready` and the catch-up need, and the
+#     socket's presence entry (_PRESENCE).
+# KEYS[1] meta, [2] members, [3] fence, [4] turn, [5] queue, [6] history,
+#     [7] events, [8] presence, [9] live channel, [10...] with one Redis
+#     only: the creator's lists a new thread joins (their thread list, and
+#     owned threads when counted)
+# ARGV[1] new epoch, [2] user, [3] now (ms), [4] publish command, [5] '1'
+#     to create the thread if it is new ('0': report it absent), [6] '1'
+#     when only members may join, [7] `after` or '', [8] the client's epoch
+#     or '', [9] presence lease (ms), [10] presence entry, [11] nudge frame
+# Returns {'deleted'}, {'absent'}, {'forbidden'}, or {'ok', epoch, owner, created,
+#     event_n, last_event_id or '', active leaf or '', turn record (flat
+#     HGETALL), queue (XRANGE), recovered ('1', '0', or '' without `after`),
+#     replay (XRANGE of the events to send before the live ones), present}.
+# Why the creator's lists only with one Redis: on a Cluster they live on the
+# user's slot, which a script of the thread's slot cannot touch; there
+# app.chat.threads adds them after, as for ENSURE_THREAD. The replay is what
+# the client misses: with `after` (same epoch, and nothing after it trimmed:
+# its event is the newest, or the oldest kept is at or before it) the events
+# after it; without, a running turn's events so far (a new client joining
+# mid-reply sees the reply so far).
+JOIN_THREAD = (
+    _TREE
+    + _INBOX
+    + _ENSURE
+    + _PRESENCE
+    + r"""
+local created = 0
+if ARGV[5] == '1' then
+  created = ensure(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], '', ARGV[4])
+  if created < 0 then return {'deleted'} end
+elseif redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
+  return {'absent'}
+end
+if created == 1 then
+  local thread = string.match(KEYS[1], '{(.*)}')
+  for i = 10, #KEYS do redis.call('ZADD', KEYS[i], ARGV[3], thread) end
+elseif ARGV[6] == '1' and redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then
+  return {'forbidden'}
+end
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'event_n', 'last_event_id', 'owner')
+local last, after = m[3], ARGV[7]
+local turn = redis.call('HGETALL', KEYS[4])
+local recovered, replay = '', {}
+if after ~= '' then
+  recovered = '0'
+  if (ARGV[8] == '' or ARGV[8] == m[1]) and last and not id_less(last, after) then
+    local covered = not id_less(after, last)
+    if not covered then
+      local oldest = redis.call('XRANGE', KEYS[7], '-', '+', 'COUNT', 1)[1]
+      covered = oldest ~= nil and not id_less(after, oldest[1])
+    end
+    if covered then
+      recovered = '1'
+      replay = redis.call('XRANGE', KEYS[7], '(' .. after, '+')
+    end
+  end
+elseif field(turn, 'generation_id') then
+  replay = redis.call('XRANGE', KEYS[7], field(turn, 'start_id') or '0-0', '+')
+end
+local users = present(KEYS[8], KEYS[9], ARGV[9], ARGV[4], ARGV[11], true, {ARGV[10]})
+local leaf = active_leaf(KEYS[1], KEYS[6])
+local queue = redis.call('XRANGE', KEYS[5], '-', '+')
+return {'ok', m[1], m[4] or '', created, m[2] or '0', last or '', leaf, turn, queue, recovered,
+  replay, users}
+"""
+)
 
 # CLAIM_TITLE: may this pod title the thread (app.chat.titles)?
 # KEYS[1] meta, KEYS[2] history
@@ -1275,6 +1373,7 @@ class Scripts:
         self.history_slice: AsyncScript = redis.register_script(HISTORY_SLICE)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)
+        self.join_thread: AsyncScript = redis.register_script(JOIN_THREAD)
         self.delete_thread: AsyncScript = redis.register_script(DELETE_THREAD)
         self.update_thread: AsyncScript = redis.register_script(UPDATE_THREAD)
         self.change_member: AsyncScript = redis.register_script(CHANGE_MEMBER)

@@ -15,9 +15,8 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -29,11 +28,12 @@ from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
 from app.chat.inbox import Inbox
+from app.chat.joins import Joins, JoinState
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
 from app.chat.lock import Lease, TurnLock
 from app.chat.presence import Presence
-from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen, waiting_of
+from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen
 from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message, PromptPolicy, ThreadCard
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
@@ -50,7 +50,7 @@ from app.chat.timeline import (
     message_event_data,
 )
 from app.chat.titles import AutoTitles
-from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits, turn_record
+from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits
 from app.chat.usage import UsageStore
 from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
@@ -158,6 +158,9 @@ class ChatService:
         self.presence = Presence(
             redis, self.scripts, self.hub, publish_command, settings.chat_socket_lease_ms
         )
+        self.joins = Joins(
+            redis, self.scripts, self.threads, publish_command, settings.auth_enabled
+        )
         self.draining = False
         # What the history may fill of the model's context: the system
         # prompt and the tools' schemas are spoken for.
@@ -212,64 +215,46 @@ class ChatService:
         return opened
 
     async def join(
-        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
-    ) -> Opened:
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None,
+        create: bool = True,
+    ) -> Opened:  # fmt: skip
         """Follow a thread on a socket that already counts against the limits
-        (a user socket's ``join``): as ``open`` without the count."""
+        (a user socket's ``join``, which never creates the thread: ``create``
+        False): as ``open`` without the count."""
         async with self._joins:
-            return await self._join(thread, user, after, epoch)
+            return await self._join(thread, user, after, epoch, create)
 
     async def _join(
-        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
-    ) -> Opened:
-        info = await self.threads.open(thread, user)
-        if not info.created and not await self._may_access(thread, user):
-            raise Forbidden("you are not a member of this thread")
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None,
+        create: bool,
+    ) -> Opened:  # fmt: skip
         follower = Follower(thread, self.settings.chat_send_queue, user)
+        presence = self.presence.joining(user)
 
-        def reads(pipe: Any) -> None:
-            pipe.hmget(keys.meta(thread), "last_event_id", "leaf")
-            pipe.hgetall(keys.turn(thread))
-            pipe.xrange(keys.queue(thread), "-", "+")
-            # A thread written before trees has no leaf: its last message is.
-            pipe.xrevrange(keys.history(thread), count=1)
+        def read() -> Awaitable[JoinState]:
+            return self.joins.join(thread, user, after, epoch, presence, create)
 
         # Follow first, read second: whatever is published after the follow
         # reaches the queue, whatever was published before is in the log. The
-        # reads go in the hub's own pipeline, once subscribed: one round trip.
-        meta, turn, queued, newest = await self.hub.follow(thread, follower, reads)
+        # join's reads, its catch-up and its presence entry are one script,
+        # once subscribed: one round trip (app.chat.joins).
+        state = await self.hub.follow(thread, follower, read)
         try:
-            last_id, leaf = optional_texts(meta)
-            if leaf is None:
-                last = entries_of(newest)
-                leaf = last[0][0] if last else None
-            record = turn_record(turn)
-            waiting = waiting_of(queued)
-            recovered: bool | None = None
-            replay: list[TimelineEvent] = []
-            if after is not None:
-                recovered = (epoch is None or epoch == info.epoch) and await self.timeline.covers(
-                    thread, after, last_id
-                )
-                if recovered:
-                    replay = await self.timeline.read_after(thread, after)
-                    follower.restart_from(keys.event_id(after))
-            elif record is not None:
-                # A new client joining mid-reply sees the reply so far.
-                replay = await self.timeline.read_from(thread, record.start_id)
-            if not recovered and last_id is not None and not replay:
-                follower.restart_from(keys.event_id(last_id))
-            await self.presence.enter(follower, user)
+            if state.recovered:
+                follower.restart_from(keys.event_id(after or ""))
+            if not state.recovered and state.last_event_id is not None and not state.replay:
+                follower.restart_from(keys.event_id(state.last_event_id))
+            self.presence.entered(follower, presence.entry, state.present)
         except BaseException:
             await self.leave(follower)
             raise
+        turn = state.turn
         ready = Joined(
-            thread_id=thread, epoch=info.epoch, last_event_id=last_id,
-            generating=record is not None,
-            generation_id=record.generation_id if record else None, leaf_id=leaf,
-            queue=tuple(waiting), recovered=recovered,
+            thread_id=thread, epoch=state.epoch, last_event_id=state.last_event_id,
+            generating=turn is not None, generation_id=turn.generation_id if turn else None,
+            leaf_id=state.leaf, queue=tuple(state.queue), recovered=state.recovered,
         )  # fmt: skip
-        return Opened(ready, replay, follower)
+        return Opened(ready, state.replay, follower)
 
     async def close(self, follower: Follower) -> None:
         await self.leave(follower)
@@ -283,11 +268,7 @@ class ChatService:
         """A user socket's ``join``: as ``join``, but never creates the thread,
         and says Forbidden for a thread that does not exist as for one the
         user is not in (no leak of which ids exist)."""
-        try:
-            await self.threads.require_member(thread, user)
-        except NotFound:
-            raise Forbidden("you are not a member of this thread") from None
-        return await self.join(thread, user, after, epoch)
+        return await self.join(thread, user, after, epoch, create=False)
 
     async def leave(self, follower: Follower) -> None:
         """Stop following a joined thread."""

@@ -114,14 +114,14 @@ class Threads:
 
     async def _create(self, thread: ThreadId, user: UserId, title: str) -> ThreadInfo | None:
         if self._max_threads:
-            await self._reserve(user, thread)
+            await self.reserve(user, thread)
         try:
             info = await self._ensure(thread, user, title)
         except BaseException:
-            await self._unreserve(user, thread)
+            await self.unreserve(user, thread)
             raise
         if info is None or (not info.created and info.owner != user):
-            await self._unreserve(user, thread)
+            await self.unreserve(user, thread)
         return info
 
     async def _ensure(self, thread: ThreadId, user: UserId, title: str) -> ThreadInfo | None:
@@ -133,15 +133,32 @@ class Threads:
         if int(created) < 0:
             return None
         if int(created):
-            await self._notices.changed(thread, [user])
-            async with self._redis.pipeline(transaction=False) as pipe:
-                if not self._open:  # with auth off there is no one to count
-                    pipe.zadd(keys.user_owned(user), {thread: now_ms})
-                pipe.zadd(keys.user_threads(user), {thread: now_ms})
-                await pipe.execute()
+            await self.created(thread, user, now_ms)
         return ThreadInfo(epoch=epoch, owner=owner, created=bool(int(created)))
 
-    async def _reserve(self, user: UserId, thread: ThreadId) -> None:
+    def creator_lists(self, user: UserId) -> list[str]:
+        """The lists of ``user`` a thread they create joins: their thread
+        list, and their owned threads when counted."""
+        owned = [] if self._open else [keys.user_owned(user)]  # auth off: no one to count
+        return [keys.user_threads(user), *owned]
+
+    async def created(self, thread: ThreadId, user: UserId, now_ms: int) -> None:
+        """A thread ``user`` created was committed: its card to their inbox
+        and the thread into their lists (both on the user's slot)."""
+        await self._notices.changed(thread, [user])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in self.creator_lists(user):
+                pipe.zadd(key, {thread: now_ms})
+            await pipe.execute()
+
+    @property
+    def counts_creations(self) -> bool:
+        """Whether a new thread is counted against its creator's quota first."""
+        return bool(self._max_threads)
+
+    async def reserve(self, user: UserId, thread: ThreadId) -> None:
+        """Count ``thread`` against ``user``'s quota before creating it;
+        RateLimited when they own the most allowed."""
         args: list[str | int] = [thread, self._max_threads, int(time.time() * 1000)]
         owned = keys.user_owned(user)
         if await self._scripts.reserve_thread(keys=[owned], args=args):
@@ -155,7 +172,8 @@ class Threads:
             retryable=False,
         )
 
-    async def _unreserve(self, user: UserId, thread: ThreadId) -> None:
+    async def unreserve(self, user: UserId, thread: ThreadId) -> None:
+        """Release a reservation whose thread was not created by ``user``."""
         if self._max_threads:
             try:
                 await self._redis.zrem(keys.user_owned(user), thread)

@@ -4,10 +4,20 @@ documented types, and no lock or turn left once the thread is free."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 from app.chat.usage import utc_day
-from tests.integration.helpers import KEY_LAYOUT, open_ready, turn, undocumented, unique
+from tests.integration.helpers import (
+    KEY_LAYOUT,
+    Event,
+    open_ready,
+    recv_event,
+    turn,
+    undocumented,
+    unique,
+)
 
 TYPES = {
     "history": "stream",
@@ -97,3 +107,51 @@ async def test_keys_after_turns_follow_the_documented_layout(redis_server, pod_f
     assert active is not None and started_ms <= active <= time.time() * 1000  # ms, as all scores
     assert db.hgetall(t + "dedup") == {"cm-1": second[0]["id"]}
     assert 0 < db.ttl(t + "dedup") <= 86400  # expires (CHAT_DEDUP_TTL_S)
+
+
+def _commands_until(monitor: Any, marker: str) -> list[dict[str, Any]]:
+    """What MONITOR saw up to the ``ECHO marker`` (Redis runs commands one at
+    a time, so every command sent before the marker is in the list)."""
+    seen = []
+    for command in monitor.listen():
+        if command["command"] == f"ECHO {marker}":
+            return seen
+        seen.append(command)
+    return seen
+
+
+async def test_a_connect_is_one_round_trip_on_a_followed_thread(redis_server, pod_factory):
+    """Round trips a real pod sends a real Redis for a connect, counted with
+    MONITOR (commands scripts run are not round trips: left out): a thread new
+    to the pod is its SUBSCRIBE and one JOIN_THREAD (here the thread is new to
+    Redis too: created by it); a thread the pod follows, one; a resume with
+    ``after``, one, the missed events included."""
+    pod = pod_factory(redis_server, CHAT_FAKE_REPLY_TOKENS=3, CHAT_FAKE_TOKEN_DELAY_MS=0)
+    warm, _ = await open_ready(pod.ws, unique("warm"))  # connections, scripts loaded
+    db, marker = redis_server.client(), unique("marker")
+    thread = unique("counted")
+    sockets = [warm]
+
+    async def counted(query: str = "") -> tuple[Event, list[str]]:
+        with redis_server.client().monitor() as monitor:
+            ws, ready = await open_ready(pod.ws, thread, query)
+            sockets.append(ws)
+            db.echo(marker)
+            seen = await asyncio.to_thread(_commands_until, monitor, marker)
+        ours = [c["command"] for c in seen if c.get("client_type") != "lua"]
+        return ready, [c for c in ours if f"{{{thread}}}" in c]
+
+    try:
+        ready, new = await counted()
+        assert [c.split()[0] for c in new] == ["SUBSCRIBE", "EVALSHA"], new
+        ready, followed = await counted()
+        assert [c.split()[0] for c in followed] == ["EVALSHA"], followed
+        events = await turn(sockets[-1], "hello")
+        ready, resumed = await counted(f"?after={events[0]['id']}&epoch={ready['epoch']}")
+        assert [c.split()[0] for c in resumed] == ["EVALSHA"], resumed
+        assert ready["recovered"] is True
+        replay = [await recv_event(sockets[-1]) for _ in events[1:]]
+        assert [e["id"] for e in replay] == [e["id"] for e in events[1:]]
+    finally:
+        for ws in sockets:
+            await ws.close()
