@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.chat import keys
+from app.chat import keys, limits
 from app.chat.errors import PodFull, RateLimited
 from app.chat.limits import Limits
 from app.chat.scripts import Scripts
@@ -119,6 +119,35 @@ async def test_renewed_leases_keep_live_sockets_counted(
         await a.renew_leases()
     with pytest.raises(RateLimited):
         await b.claim_socket(ALICE)
+
+
+async def test_many_users_leases_are_renewed_in_one_call(
+    pods: Callable[..., Any], redis: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one Redis a pod's renewals are one script call per RENEW_BATCH
+    sockets, however many users they belong to (not one call per user)."""
+    monkeypatch.setattr(limits, "RENEW_BATCH", 5)
+    a, b = pods(chat_max_sockets_per_user=2, chat_socket_lease_ms=1000)
+    users = [keys.user_id(f"u{i}") for i in range(6)]
+    for user in users:
+        await a.claim_socket(user)
+        await a.claim_socket(user)
+    calls = 0
+    renew = a._scripts.renew_sockets
+
+    async def counted(**kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await renew(**kw)
+
+    monkeypatch.setattr(a._scripts, "renew_sockets", counted)
+    for _ in range(3):
+        clock.advance(0.9)
+        await a.renew_leases()
+    assert calls == 3 * 2  # 12 sockets: 3 users (6) in a call, then the 3 others
+    for user in users:  # every lease still counts
+        with pytest.raises(RateLimited):
+            await b.claim_socket(user)
 
 
 async def test_the_pod_ceiling_is_local(pods: Callable[..., Any]) -> None:

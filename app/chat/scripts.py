@@ -1251,17 +1251,27 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, 0}
 """
 
-# RENEW_SOCKETS: extend the leases of one user's sockets on this pod.
-# KEYS[1] the user's sockets; ARGV[1] lease in ms, ARGV[2...] socket ids
+# RENEW_SOCKETS: extend the leases of this pod's sockets, of any number of users.
+# KEYS[1...] the users' sockets
+# ARGV[1] lease in ms, then for each key in order: how many of its sockets
+#     follow, then their ids
 # Returns the number of leases renewed. Sockets still open are put back even
 # if a stall of this pod let them expire: they are open, so they count.
+# Many users in one call (app.chat.limits: one call per pod tick, not one per
+# user) only with one Redis: on a Cluster each user's key has its own slot,
+# and a call holds the keys of one slot.
 RENEW_SOCKETS = r"""
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local until_ms = ms + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], until_ms, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return #ARGV - 1
+local at, renewed = 2, 0
+for _, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[at])
+  for i = at + 1, at + count do redis.call('ZADD', key, until_ms, ARGV[i]) end
+  redis.call('PEXPIRE', key, ARGV[1])
+  at, renewed = at + count + 1, renewed + count
+end
+return renewed
 """
 
 # RESERVE_THREAD: count a new thread against its creator's quota, before it exists.
