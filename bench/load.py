@@ -21,8 +21,10 @@ writes what it measured to RESULT. Two modes:
 
 ``idle``
     Opens ``sockets`` idle sockets on one server (``sockets_per_thread`` to a
-    thread), timing the connects, then reads the server's RSS and, over
-    ``idle_s``, its CPU use while they sit idle.
+    thread), timing the connects, waits until every socket has answered the
+    server's first keep-alive ping (and ``settle_s`` has passed), then reads
+    the server's RSS and, over ``idle_s`` (one keep-alive interval), its CPU
+    use and the keep-alive pings while they sit idle.
 
 The clients are bench.wsclient (one minimal protocol, the same for every
 system), speaking each system's own protocol: durable-chat's v1, Socket.IO
@@ -90,6 +92,7 @@ class Conn:
         self.ready = asyncio.get_running_loop().create_future()
         self.done = asyncio.Event()
         self.failed = False
+        self.eio_pings = 0  # Engine.IO's own keep-alive pings (Socket.IO)
         self.on_message: Callable[[bytes, float], None] = (
             self._on_socketio if system in SOCKETIO else self._on_frame
         )
@@ -113,6 +116,7 @@ class Conn:
         if data.startswith(b'42["chat"'):
             self._on_frame(data, now)
         elif data == b"2":  # Engine.IO ping
+            self.eio_pings += 1
             self.client.send_text(b"3")
         elif data.startswith(b'42["ready"'):
             if not self.ready.done():
@@ -155,6 +159,12 @@ class Conn:
             host, port, self.path(), self.on_message, on_open=self._bind
         )
         await self.ready
+
+    @property
+    def keepalives(self) -> int:
+        """The server's keep-alive pings this socket answered: WebSocket
+        pings and, for Socket.IO, Engine.IO's."""
+        return self.eio_pings + (self.client.pings if self.client is not None else 0)
 
     def _bind(self, client: wsclient.WSClient) -> None:
         self.client = client
@@ -362,17 +372,34 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     rss0 = rss_kb(pid)
     connect_s, failed = await _open_all(plan, spec.get("connect_concurrency", 100))
+    held_conns = [conn for conn, _ in plan if conn.ready.done() and not conn.ready.cancelled()]
     # What the idle server sends Redis: every command but this one's own.
     redis = aioredis.Redis.from_url(spec["redis_url"]) if spec.get("redis_url") else None
     try:
-        await asyncio.sleep(spec.get("settle_s", 2.0))
+        # Idle means after the first keep-alive ping: every socket has answered
+        # one (and at least settle_s has passed), so the window below is the
+        # steady state, pings and their timers included.
+        settled = time.perf_counter()
+        deadline = settled + spec.get("keepalive_wait_s", 60.0)
+        while any(conn.keepalives == 0 for conn in held_conns):
+            if time.perf_counter() > deadline:
+                raise RuntimeError(
+                    f"{sum(c.keepalives == 0 for c in held_conns)} of {len(held_conns)} sockets "
+                    f"had no keep-alive ping within {spec.get('keepalive_wait_s', 60.0)} s"
+                )
+            await asyncio.sleep(0.25)
+        first_ping_s = time.perf_counter() - settled
+        await asyncio.sleep(max(0.0, spec.get("settle_s", 2.0) - first_ping_s))
         rss1 = rss_kb(pid)
         if redis is not None:
             await redis.config_resetstat()
+        pings0 = sum(conn.keepalives for conn in held_conns)
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        # The window is one keep-alive interval: every socket is pinged once in it.
         await asyncio.sleep(spec.get("idle_s", 5.0))
         elapsed = time.perf_counter() - t0
         idle_cpu = (cpu_seconds(pid) - cpu0) / elapsed
+        pings = sum(conn.keepalives for conn in held_conns) - pings0
         rss2 = rss_kb(pid)
         stats_now = await redis.info("commandstats") if redis is not None else {}
     finally:
@@ -390,6 +417,9 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         "rss0_kb": rss0, "rss1_kb": rss1, "rss2_kb": rss2,
         "rss_per_socket_kb": (max(rss1, rss2) - rss0) / held if held else None,
         "idle_cpu_fraction": idle_cpu, "errors": dict(stats.errors.most_common(5)),
+        "idle_s": elapsed, "first_ping_s": first_ping_s,
+        "keepalive_interval_s": spec.get("keepalive_interval_s"),
+        "keepalives_per_socket": pings / held if held else None,
         "redis_commands_per_s": calls / elapsed if redis is not None else None,
         "redis_commands": {
             k.removeprefix("cmdstat_"): v["calls"] for k, v in stats_now.items() if k not in ours

@@ -21,6 +21,8 @@ NAMES = {
 }
 PEERS = ("socketio", "node", "broadcaster")
 
+IDLE_KEEPALIVE_FIGURES = ("keepalive_interval_s", "keepalives_per_socket", "redis_commands_per_s")
+
 # Targets from the issue: (key, text).
 TARGETS = (
     ("peer_ratio", "Deliveries per second at least 3x the best peer's"),
@@ -28,6 +30,9 @@ TARGETS = (
     ("redis_limit", "At least 40% of the raw redis-py pub/sub limit"),
     ("round_trips", "At most one Redis round trip per delta batch"),
     ("idle_kb", "Idle socket under 40 KB"),
+    ("idle_cpu", "Idle CPU per socket, keep-alive pings included, at most 1.2x broadcaster's"),
+    ("storm_exact", "Reconnect storm: nothing lost or doubled on any socket"),
+    ("storm_p99", "Reconnect storm: p99 emit-to-receive of pod B's streams under 50 ms"),
 )
 
 
@@ -130,6 +135,15 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             kb, cpu = r["rss_per_socket_kb"], r["idle_cpu_fraction"]
             out["idle"][s] = {
                 **{k: r[k] for k in ("sockets", "held", "connect_per_s", "idle_cpu_fraction")},
+                **{
+                    k: r.get(k)
+                    for k in (
+                        "keepalive_interval_s",
+                        "keepalives_per_socket",
+                        "redis_commands_per_s",
+                    )
+                },
+                "idle_cpu_pct_per_1000": 100 * cpu * 1000 / r["held"] if r["held"] else None,
                 "rss_per_socket_kb": kb,
                 # One core, 8 GiB for sockets, idle sockets using at most half the core.
                 "sockets_per_8gib": int(8 * 1024 * 1024 / kb) if kb else None,
@@ -191,6 +205,31 @@ def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
         kb = idle["rss_per_socket_kb"]
         # "40 KB" read as 40 KiB, the unit RSS is reported in.
         t["idle_kb"] = {"measured": f"{kb:.1f} KiB", "met": kb < 40}
+    theirs = d.get("idle", {}).get("broadcaster", {})
+    if idle.get("idle_cpu_pct_per_1000") and theirs.get("idle_cpu_pct_per_1000"):
+        ratio = idle["idle_cpu_pct_per_1000"] / theirs["idle_cpu_pct_per_1000"]
+        t["idle_cpu"] = {
+            "measured": f"{ratio:.2f}x: {idle['idle_cpu_pct_per_1000']:.3f}% of a core per "
+            f"1,000 sockets ({idle['held']:,} sockets) vs {theirs['idle_cpu_pct_per_1000']:.3f}% "
+            f"({theirs['held']:,})",
+            "met": ratio <= 1.2,
+        }
+    storm = results.get("storm", {})
+    if "resumed" in storm:
+        bad = storm["lost"] + storm["doubled"] + storm["behind_at_end"]
+        t["storm_exact"] = {
+            "measured": f"{storm['resumed']:,} of {storm['sockets']:,} sockets resumed on pod B in "
+            f"{storm['storm_s']:.1f} s; {storm['events']:,} events checked: {storm['lost']} lost, "
+            f"{storm['doubled']} doubled, {storm['behind_at_end']} sockets behind at the end",
+            "met": bad == 0 and storm["failed_to_resume"] == 0,
+        }
+        p99 = storm["latency_storm"].get("p99_ms")
+        if p99 is not None:
+            t["storm_p99"] = {
+                "measured": f"{p99:.1f} ms during the {storm['storm_s']:.1f} s storm "
+                f"({storm['latency_calm'].get('p99_ms', 0):.1f} ms before it)",
+                "met": p99 < 50,
+            }
     return t
 
 
@@ -229,6 +268,8 @@ def markdown(results: dict[str, Any], d: dict[str, Any]) -> str:
         lines += _idle_md(results, d)
     if "cost" in d:
         lines += _cost_md(d)
+    if "resumed" in results.get("storm", {}):
+        lines += _storm_md(results)
     lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for key, text in TARGETS:
         t = d["targets"].get(key)
@@ -350,27 +391,44 @@ def _idle_md(results: dict[str, Any], d: dict[str, Any]) -> list[str]:
         "",
         "Sockets opened with 100 handshakes in flight, each on its own thread (durable-chat "
         "creates the thread and subscribes the pod to it); RSS growth of the server process "
-        "over the sockets held, then its CPU use and the Redis commands it sent over 10 s of "
-        "idleness (durable-chat after 12 s of settling: past its audit's window for fresh "
-        "follows). 'Sockets per 8 GiB' and 'at half a core' extrapolate from these.",
+        "over the sockets held. Then, once every socket has answered the server's first "
+        "keep-alive ping (durable-chat also at least 12 s after its last connect: past its "
+        "audit's window for fresh follows), the server's CPU use and the Redis commands it "
+        "sent over one keep-alive interval (each socket pinged once in it). 'Sockets per 8 "
+        "GiB' extrapolates from the RSS. Ratios: durable-chat's figure over this row's.",
         "",
-        "| system | sockets held | RSS KiB / socket | ratio (ours / this) | connects/s "
-        "| ratio (ours / this) | idle CPU % of a core | Redis commands/s idle "
-        "| sockets per 8 GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | sockets held | RSS KiB / socket | ratio | connects/s | ratio "
+        "| keep-alive interval s | pings / socket in the window | idle CPU % of a core "
+        "| % per 1,000 sockets | ratio | Redis commands/s idle | sockets per 8 GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for s, f in d["idle"].items():
         if "failed" in f:
-            lines.append(f"| {NAMES[s]} | failed |" + " |" * 7)
+            lines.append(f"| {NAMES[s]} | failed: {f['failed'][:120]!r} |" + " |" * 11)
             continue
         lines.append(
-            f"| {NAMES[s]} | {_n(f['held'])} | {_n(f['rss_per_socket_kb'], 1)} "
-            f"| {_ratio(ours.get('rss_per_socket_kb'), f['rss_per_socket_kb'])} "
+            f"| {NAMES[s]} | {_n(f['held'])} | {_n(_grew(f['rss_per_socket_kb']), 1)} "
+            f"| {_ratio(ours.get('rss_per_socket_kb'), _grew(f['rss_per_socket_kb']))} "
             f"| {_n(f['connect_per_s'])} | {_ratio(ours.get('connect_per_s'), f['connect_per_s'])} "
-            f"| {_n(100 * f['idle_cpu_fraction'], 1)} | {_n(f.get('redis_commands_per_s'), 1)} "
-            f"| {_n(f['sockets_per_8gib'])} |"
-        )
+            f"| {_n(f.get('keepalive_interval_s'))} | {_n(f.get('keepalives_per_socket'), 2)} "
+            f"| {_n(100 * f['idle_cpu_fraction'], 2)} | {_n(f.get('idle_cpu_pct_per_1000'), 3)} "
+            f"| {_ratio(ours.get('idle_cpu_pct_per_1000'), f.get('idle_cpu_pct_per_1000'))} "
+            f"| {_n(f.get('redis_commands_per_s'), 1)} | {_n(_grew(f['sockets_per_8gib']))} |"
+        )  # fmt: skip
+    if any((f.get("rss_per_socket_kb") or 1) <= 0 for f in d["idle"].values()):
+        lines += [
+            "",
+            "A '-' for RSS: the process's RSS did not grow with the sockets (a garbage "
+            "collector, V8's in Node, gave back more of its start-up heap than the sockets took), "
+            "so this run says nothing of its memory per socket.",
+        ]
     return [*lines, ""]
+
+
+def _grew(x: float | None) -> float | None:
+    """A growth figure, or None when it is not one (zero or negative)."""
+    return x if x is not None and x > 0 else None
 
 
 def _cost_md(d: dict[str, Any]) -> list[str]:
@@ -405,6 +463,51 @@ def _cost_md(d: dict[str, Any]) -> list[str]:
             f"Round trips per turn by command ({c['pods']} pods, {c['listeners']} listeners per "
             "thread): " + ", ".join(f"{k} {v:g}" for k, v in c["client_commands_per_turn"].items()),
         ]
+    return [*lines, ""]
+
+
+def _storm_md(results: dict[str, Any]) -> list[str]:
+    r = results["storm"]
+    off = r["offline"]
+    lines = [
+        "## Reconnect storm (durable-chat)",
+        "",
+        f"Two pods. Pod A holds {r['sockets']:,} sockets over {r['threads']:,} threads; "
+        f"{r['active_threads']} of the threads stream turns from pod B (one token per 20 ms, no "
+        f"coalescing window), each with {r['listeners']} sockets there. Pod A gets SIGTERM: its "
+        "drain closes every socket (close codes: "
+        + ", ".join(f"{k} x {v:,}" for k, v in r["close_codes"].items())
+        + "), and each client reconnects to pod B with `after` and `epoch`, backing off as "
+        "app/client.py does. Every socket of both pods checks the timeline's `n` across it.",
+        "",
+        "| | |",
+        "| --- | ---: |",
+        f"| storm: SIGTERM to the last socket's `ready` on pod B | {r['storm_s']:.2f} s |",
+        f"| pod A closed its last socket after | {r['closed_s']:.2f} s |",
+        f"| sockets resumed / failed | {r['resumed']:,} / {r['failed_to_resume']:,} |",
+        f"| connect attempts | {r['attempts']:,} |",
+        f"| time without a socket, p50 / p99 / max | {off.get('p50_s', 0):.2f} / "
+        f"{off.get('p99_s', 0):.2f} / {off.get('max_s', 0):.2f} s |",
+        f"| events checked (both pods' sockets) | {r['events']:,} |",
+        f"| lost / doubled / sockets behind at the end | {r['lost']} / {r['doubled']} / "
+        f"{r['behind_at_end']} |",
+        f"| resumes answered `recovered: false` | {r['not_recovered']} |",
+        f"| pod B's CPU during the storm | {r['pod_b_cores_in_storm']:.2f} cores |",
+        "",
+        "Emit-to-receive of the tokens pod B's own sockets received:",
+        "",
+        "| window | tokens | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, text in (("latency_calm", "calm, before"), ("latency_storm", "during the storm")):
+        lat = r[key]
+        lines.append(
+            f"| {text} | {lat.get('count', 0):,} | {_n(lat.get('p50_ms'), 1)} "
+            f"| {_n(lat.get('p90_ms'), 1)} | {_n(lat.get('p99_ms'), 1)} "
+            f"| {_n(lat.get('p999_ms'), 1)} | {_n(lat.get('max_ms'), 1)} |"
+        )
+    if r.get("errors"):
+        lines += ["", "Errors: " + "; ".join(f"{k} (x{v})" for k, v in r["errors"].items())]
     return [*lines, ""]
 
 

@@ -24,6 +24,9 @@ idle
 cost
     Redis commands and round trips per turn and per delta, as listeners
     and pods grow (MONITOR tally plus INFO commandstats).
+storm
+    durable-chat only: a pod drained under load, its sockets resuming on the
+    other pod (bench.storm).
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report, soak
+from bench import report, soak, storm
 from bench.peers import node
-from bench.peers.common import TurnConfig, run_turn
+from bench.peers.common import PING_ENV, TurnConfig, run_turn
 from tests import procs
 from tests.procs import ROOT, RedisServer, Server, running
 
@@ -55,7 +58,16 @@ PEER_MODULES = {
     "broadcaster": "bench.peers.broadcaster_server",
     "bare": "bench.peers.bare_ws",
 }
-PHASES = ("limits", "fanout", "latency", "idle", "cost")
+PHASES = ("limits", "fanout", "latency", "idle", "cost", "storm")
+# Each system's keep-alive ping interval, in seconds (its default): the idle
+# phase measures one such interval, after every socket's first ping.
+# durable-chat: CHAT_WS_PING_INTERVAL_S (WebSocket pings, by uvicorn).
+# python-socketio: Engine.IO's ping_interval (25), and uvicorn's WebSocket
+# pings (its ws_ping_interval, 20) under it. Node Socket.IO: Engine.IO's
+# pingInterval (25; the ws library sends no pings of its own). broadcaster,
+# bare: uvicorn's WebSocket pings (20).
+# --keepalive-s replaces them all (the quick run: 5 s, to wait less).
+KEEPALIVE_S = {"durable": 20.0, "socketio": 25.0, "node": 25.0, "broadcaster": 20.0, "bare": 20.0}
 # A durable-chat pod under load: the fake model stamping its tokens and no
 # per-user limits (one load generator plays every user).
 DURABLE_ENV = {
@@ -89,21 +101,30 @@ class Config:
     # idle sockets
     idle_sockets: int = 10000
     idle_peer_sockets: int = 2000
+    keepalive_s: float = 0.0  # 0: each system's own keep-alive interval (KEEPALIVE_S)
     # cost matrix: (pods, listeners per thread)
     cost_matrix: tuple[tuple[int, int], ...] = ((1, 2), (2, 2), (2, 8), (3, 8))
     cost_threads: int = 10
     cost_duration_s: float = 4.0
     # raw redis-py pub/sub
     limit_duration_s: float = 5.0
+    # reconnect storm (bench.storm): sockets on the drained pod, their threads,
+    # the threads streaming from the other pod and their sockets there
+    storm_sockets: int = 5000
+    storm_threads: int = 500
+    storm_active: int = 10
+    storm_listeners: int = 5
+    storm_calm_s: float = 3.0
 
     @classmethod
     def quick(cls) -> Config:
         return cls(
             threads=20, listeners=4, reply_tokens=200, warmup_s=1.0, duration_s=3.0,
             latency_threads=50, latency_listeners=4, latency_active=10, latency_tokens=50,
-            latency_windows=(0.0,), idle_sockets=500, idle_peer_sockets=300,
+            latency_windows=(0.0,), idle_sockets=500, idle_peer_sockets=300, keepalive_s=5.0,
             cost_matrix=((1, 2), (2, 4)), cost_threads=4, cost_duration_s=2.0,
-            limit_duration_s=2.0,
+            limit_duration_s=2.0, storm_sockets=500, storm_threads=50, storm_active=4,
+            storm_listeners=3, storm_calm_s=2.0,
         )  # fmt: skip
 
 
@@ -143,7 +164,9 @@ class Bench:
         result_path = self.tmp / f"result{self.runs}.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        timeout = 120 + spec.get("warmup_s", 0) + spec.get("duration_s", 0)
+        timeout = 120 + sum(
+            spec.get(k, 0) for k in ("warmup_s", "duration_s", "idle_s", "keepalive_wait_s")
+        )
         proc = subprocess.run(
             [sys.executable, "-m", module, str(spec_path), str(result_path)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
@@ -278,18 +301,24 @@ class Bench:
         for system in self.systems:
             sockets = c.idle_sockets if system == "durable" else c.idle_peer_sockets
             print(f"idle: {system}, {sockets} sockets on one server", flush=True)
-            servers = self._servers(system, 1, self.full_speed_env(), None)
+            interval = c.keepalive_s or KEEPALIVE_S[system]
+            env = self.full_speed_env()
+            if c.keepalive_s:
+                env |= {"CHAT_WS_PING_INTERVAL_S": str(interval), PING_ENV: str(interval)}
+            servers = self._servers(system, 1, env, None)
             try:
                 with running(servers):
-                    # durable-chat settles past its audit's window for fresh
-                    # follows (2 x CHAT_FANOUT_AUDIT_S), and every system is
-                    # measured over two audit intervals: the idle figures are
-                    # those of threads nobody has typed in for a while.
+                    # Measured after every socket's first keep-alive ping,
+                    # over one ping interval (each socket is pinged once in
+                    # it); durable-chat also past its audit's window for fresh
+                    # follows (2 x CHAT_FANOUT_AUDIT_S): the figures are those
+                    # of threads nobody has typed in for a while.
                     spec = {
                         "mode": "idle", "system": system, "run_id": f"r{self.runs}",
                         "endpoints": [["127.0.0.1", servers[0].port]], "sockets": sockets,
                         "server_pids": [servers[0].pid], "redis_url": self.redis.url,
-                        "settle_s": 12.0 if system == "durable" else 2.0, "idle_s": 10.0,
+                        "settle_s": 12.0 if system == "durable" else 2.0, "idle_s": interval,
+                        "keepalive_wait_s": interval + 15.0, "keepalive_interval_s": interval,
                     }  # fmt: skip
                     out[system] = self._load(spec)
             except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
@@ -298,6 +327,8 @@ class Bench:
             print(
                 f"  {r.get('rss_per_socket_kb', 0) or 0:.1f} KiB/socket, "
                 f"{r.get('connect_per_s', 0):,.0f} connects/s, "
+                f"{100 * r.get('idle_cpu_fraction', 0):.2f}% of a core idle "
+                f"({r.get('keepalives_per_socket') or 0:.2f} pings/socket in the window), "
                 f"{r.get('redis_commands_per_s') or 0:,.1f} Redis commands/s idle",
                 flush=True,
             )
@@ -317,6 +348,9 @@ class Bench:
             out.append(result)
             _say(result)
         return out
+
+    def phase_storm(self) -> dict[str, Any]:
+        return storm.phase(self)
 
 
 def turn_frames(tokens: int) -> list[str]:

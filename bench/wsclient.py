@@ -59,6 +59,8 @@ class WSClient(asyncio.Protocol):
         self._buf = b""
         self._handshaken = False
         self._fragments: list[bytes] = []
+        self.pings = 0  # the server's keep-alive pings (WebSocket PING frames) answered
+        self.close_code: int | None = None  # the server's close frame's code, once it came
 
     # --- asyncio.Protocol ----------------------------------------------------
 
@@ -124,8 +126,10 @@ class WSClient(asyncio.Protocol):
                     on_message(b"".join(self._fragments), now)
                     self._fragments = []
             elif opcode == _OP_PING:
+                self.pings += 1
                 self._write(_frame(_OP_PONG, payload))
             elif opcode == _OP_CLOSE:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 self._write(_frame(_OP_CLOSE, payload[:2]))
                 if self.transport is not None:
                     self.transport.close()

@@ -14,7 +14,9 @@ What a peer does not do is everything durable-chat does besides fan-out: no
 lock, no fencing, no history or timeline Stream, no event numbers, no resume.
 
 The configuration is read from the same variables as a pod's, so one
-dictionary configures both.
+dictionary configures both. BENCH_PING_INTERVAL_S, when set, replaces every
+peer's keep-alive ping interval (the quick run's idle phase uses it to wait
+less); unset, each keeps its own default.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ import uvicorn
 from app.llm.fake import reply_tokens
 
 Frame = dict[str, Any]
+PING_ENV = "BENCH_PING_INTERVAL_S"
+
+
+def ping_interval_s(default: float) -> float:
+    """The keep-alive ping interval: BENCH_PING_INTERVAL_S, or ``default``."""
+    return float(os.environ.get(PING_ENV) or default)
+
+
 Publish = Callable[[str, Frame], Awaitable[None]]
 
 
@@ -143,4 +153,7 @@ def serve(make_app: Callable[[str], Any], description: str | None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", default="", help="the Redis URL (not for the bare peer)")
     args = parser.parse_args()
-    uvicorn.run(make_app(args.redis), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(
+        make_app(args.redis), host="127.0.0.1", port=args.port, log_level="warning",
+        ws_ping_interval=ping_interval_s(20.0),  # uvicorn's default
+    )  # fmt: skip

@@ -19,14 +19,14 @@ from typing import Any
 
 import socketio
 
-from bench.peers.common import Frame, TurnConfig, run_turn, serve
+from bench.peers.common import Frame, TurnConfig, ping_interval_s, run_turn, serve
 
 
 def create_app(redis_url: str) -> Any:
     manager = socketio.AsyncRedisManager(redis_url)
     sio = socketio.AsyncServer(
         async_mode="asgi", client_manager=manager, cors_allowed_origins="*", logger=False,
-        engineio_logger=False,
+        engineio_logger=False, ping_interval=ping_interval_s(25.0),  # Engine.IO's default
     )  # fmt: skip
     config = TurnConfig.from_env()
     turns: set[asyncio.Task[None]] = set()

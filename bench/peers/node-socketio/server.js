@@ -21,7 +21,8 @@
 // variables as a pod). Client protocol (Engine.IO 4 over a WebSocket,
 // /socket.io/?EIO=4&transport=websocket): 42["join","<thread>"] -> 42["ready",{...}];
 // 42["prompt",{"thread","content"}]; frames arrive as 42["chat",{...}].
-// Keep-alive: Engine.IO's ping every pingInterval (25 s, the default).
+// Keep-alive: Engine.IO's ping every pingInterval: 25 s, its default, or
+// BENCH_PING_INTERVAL_S (bench/peers/common.py).
 "use strict";
 
 const http = require("node:http");
@@ -185,7 +186,11 @@ async function main() {
   }
   await Promise.all([pubClient.connect(), subClient.connect()]);
   const httpServer = http.createServer();
-  const io = new Server(httpServer, { serveClient: false, adapter: createAdapter(pubClient, subClient) });
+  const io = new Server(httpServer, {
+    serveClient: false,
+    adapter: createAdapter(pubClient, subClient),
+    pingInterval: 1000 * Number(process.env.BENCH_PING_INTERVAL_S || 25),
+  });
   io.on("connection", (socket) => {
     socket.on("join", (thread) => {
       socket.join(thread);

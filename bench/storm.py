@@ -1,0 +1,326 @@
+"""The reconnect storm: a pod drains, and its sockets resume on the other one.
+
+``phase(bench)`` is bench.run's ``storm`` phase; ``python -m bench.storm
+SPEC.json RESULT.json`` is its load generator (its own process, as
+bench.load is).
+
+Two durable-chat pods, A and B, on one Redis. Pod A holds ``storm_sockets``
+sockets spread over ``storm_threads`` threads. On pod B, each of the first
+``storm_active`` threads has ``storm_listeners`` sockets, the first of which
+sends prompts back to back, so the turns run on pod B at an LLM's pace (one
+token per 20 ms, no coalescing window) and pod A's sockets on those threads
+receive them through Redis. After a warm-up (every streaming thread has
+finished turns) and a calm window, pod A gets SIGTERM: its drain closes every
+socket with 1012, and each client reconnects to pod B, the one pod left, with
+``after`` (its last event's id) and ``epoch``, backing off between failed
+attempts as app/client.py does (50 ms first).
+
+Checked, for every socket of both pods, from the timeline's ``n`` (1, 2, 3, …
+per thread): nothing lost (a hole in ``n``) or doubled (an ``n`` seen again),
+across the reconnect; and once the prompts stop, every socket ends on its
+thread's last event. Measured: the storm's duration (SIGTERM to the last
+socket's ``ready`` on pod B), each socket's time without a socket, and the
+emit-to-receive latency of the tokens pod B's own sockets received during
+the storm, against the calm window before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from bench import load, wsclient
+from tests.procs import cpu_seconds, running
+
+if TYPE_CHECKING:
+    from bench.run import Bench
+
+# app/client.py's reconnect delays: the first attempt after 50 ms, then backing off.
+RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+MAX_ATTEMPTS = 50
+CONNECT_TIMEOUT_S = 10.0
+STORM_TIMEOUT_S = 120.0
+CATCH_UP_TIMEOUT_S = 20.0
+STAMP = "[t="
+
+
+class Run:
+    """What every socket of the run shares (one event loop: no locks)."""
+
+    def __init__(self) -> None:
+        self.phase: str | None = None  # "calm" or "storm" while latency is recorded
+        self.latencies: dict[str, list[float]] = {"calm": [], "storm": []}
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.progress = asyncio.Event()  # set by every timeline event received
+
+
+class Sock:
+    """One client of one thread: durable-chat's protocol, with the position
+    (last event id, ``n``, epoch) a client keeps to resume exactly."""
+
+    def __init__(self, run: Run, thread: str, probe: bool) -> None:
+        self.run = run
+        self.thread = thread
+        self.probe = probe  # parse the stamps (pod B's connected streams)
+        self.client: wsclient.WSClient | None = None
+        self.ready = asyncio.Event()
+        self.done = asyncio.Event()
+        self.failed = False
+        self.epoch: str | None = None
+        self.last_id: str | None = None
+        self.last_n: int | None = None
+        self.events = 0
+        self.lost = 0  # events skipped: holes in n
+        self.doubled = 0  # events received again
+        self.not_recovered = 0
+        self.closed_at: float | None = None
+        self.close_code: int | None = None
+        self.resumed_at: float | None = None
+        self.attempts = 0
+
+    def path(self) -> str:
+        query = f"?after={self.last_id}&epoch={self.epoch}" if self.last_id else ""
+        return f"/v1/threads/{self.thread}/ws{query}"
+
+    def on_message(self, data: bytes, now: float) -> None:
+        frame = json.loads(data)
+        n = frame.get("n")
+        kind = frame.get("type")
+        if n is not None:
+            self.events += 1
+            if self.last_n is not None and n <= self.last_n:
+                self.doubled += 1
+                return
+            if self.last_n is not None and n > self.last_n + 1:
+                self.lost += n - self.last_n - 1
+            self.last_n, self.last_id = n, frame["id"]
+            self.run.progress.set()
+            if kind == "delta" and self.probe and self.run.phase is not None:
+                record = self.run.latencies[self.run.phase].append
+                for part in frame["text"].split(STAMP)[1:]:
+                    record(now - float(part[: part.find("]")]))
+            elif kind == "done":
+                self.done.set()
+        elif kind == "ready":
+            self.epoch = frame["epoch"]
+            if frame.get("recovered") is False:
+                self.not_recovered += 1
+            if self.last_id is None and not frame["generating"]:
+                # As app/client.py: a first join of an idle thread resumes from here.
+                self.last_id = frame["last_event_id"]
+            self.ready.set()
+        elif kind == "error":
+            self.run.errors[f"{frame.get('code')}: {frame.get('message')}"[:200]] += 1
+            self.failed = True
+            self.done.set()
+
+    async def connect(self, endpoint: tuple[str, int]) -> None:
+        self.ready = asyncio.Event()
+        self.client = await wsclient.connect(*endpoint, self.path(), self.on_message)
+        await self.ready.wait()
+
+    async def move(self, endpoint: tuple[str, int]) -> None:
+        """Wait for the drain to close this socket, then resume on ``endpoint``."""
+        assert self.client is not None
+        await self.client.closed
+        self.closed_at, self.close_code = time.time(), self.client.close_code
+        while self.attempts < MAX_ATTEMPTS:
+            await asyncio.sleep(RECONNECT_DELAYS[min(self.attempts, len(RECONNECT_DELAYS) - 1)])
+            self.attempts += 1
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await self.connect(endpoint)
+            except (OSError, TimeoutError, wsclient.HandshakeError) as exc:
+                self.run.errors[f"reconnect: {type(exc).__name__}: {exc}"[:120]] += 1
+                if self.client is not None:
+                    self.client.abort()
+                continue
+            self.resumed_at = time.time()
+            return
+
+
+async def _open(socks: list[Sock], endpoint: tuple[str, int], concurrency: int = 100) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(sock: Sock) -> None:
+        async with gate, asyncio.timeout(load.CONNECT_TIMEOUT_S):
+            await sock.connect(endpoint)
+
+    await asyncio.gather(*(one(s) for s in socks))
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    values = sorted(values)
+    n = len(values)
+    return {
+        "p50_s": values[n // 2], "p99_s": values[min(n - 1, int(0.99 * n))], "max_s": values[-1]
+    }  # fmt: skip
+
+
+async def storm(spec: dict[str, Any]) -> dict[str, Any]:
+    run = Run()
+    pod_a, pod_b = (tuple(e) for e in spec["endpoints"])
+    run_id = spec["run_id"]
+    threads = [f"{run_id}-s{i}" for i in range(spec["threads"])]
+    active = threads[: spec["active_threads"]]
+    listeners = spec["listeners"]
+    on_b = [Sock(run, t, probe=True) for t in active for _ in range(listeners)]
+    on_a = [Sock(run, threads[i % len(threads)], probe=False) for i in range(spec["sockets"])]
+    await _open(on_b, pod_b)
+    started = time.perf_counter()
+    await _open(on_a, pod_a)
+    connect_s = time.perf_counter() - started
+    moves = [asyncio.create_task(s.move(pod_b)) for s in on_a]
+    drivers = on_b[::listeners]
+    stopping = asyncio.Event()
+    turns = collections.Counter[str]()
+
+    async def drive(driver: Sock, k: int) -> None:
+        turn = 0
+        while not stopping.is_set():
+            driver.done.clear()
+            driver.failed = False
+            assert driver.client is not None
+            driver.client.send_text(
+                json.dumps({"type": "prompt", "content": f"storm prompt {k} {turn}"})
+            )
+            try:
+                async with asyncio.timeout(load.TURN_TIMEOUT_S):
+                    await driver.done.wait()
+            except TimeoutError:
+                run.errors["turn timed out"] += 1
+                continue
+            if driver.failed:
+                await asyncio.sleep(0.05)
+                continue
+            turns[driver.thread] += 1
+            turn += 1
+
+    driving = [asyncio.create_task(drive(d, k)) for k, d in enumerate(drivers)]
+    b_pid, a_pid = spec["server_pids"][1], spec["server_pids"][0]
+    try:
+        await asyncio.sleep(spec["warmup_s"])
+        run.phase = "calm"
+        await asyncio.sleep(spec["calm_s"])
+        unchecked = sum(1 for s in on_a if s.thread in turns and s.last_n is None)
+        cpu0 = cpu_seconds(b_pid)
+        run.phase = "storm"
+        t0 = time.time()
+        os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
+        async with asyncio.timeout(STORM_TIMEOUT_S):
+            await asyncio.gather(*moves)
+        t_end = time.time()
+        run.phase = None
+        b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
+        await asyncio.sleep(spec.get("after_s", 1.0))
+    finally:
+        run.phase = None
+        stopping.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(load.TURN_TIMEOUT_S):
+                await asyncio.gather(*driving, return_exceptions=True)
+        for task in [*driving, *moves]:
+            task.cancel()
+    # Every socket ends on its thread's last event (the driver's, on pod B).
+    final = {d.thread: d.last_n for d in drivers}
+    everyone = on_a + on_b
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CATCH_UP_TIMEOUT_S):
+            while any(s.last_n != final[s.thread] for s in everyone if s.thread in final):
+                run.progress.clear()
+                await run.progress.wait()
+    behind = sum(1 for s in everyone if s.thread in final and s.last_n != final[s.thread])
+    b_closed = sum(1 for s in on_b if s.client is not None and s.client.closed.done())
+    for s in everyone:
+        if s.client is not None:
+            s.client.close()
+    resumed = [s for s in on_a if s.resumed_at is not None]
+    return {
+        "mode": "storm", "sockets": len(on_a), "threads": len(threads),
+        "active_threads": len(active), "listeners": listeners, "connect_s": connect_s,
+        "turns": sum(turns.values()),
+        "storm_s": t_end - t0,
+        "closed_s": max((s.closed_at or t0) for s in on_a) - t0,
+        "close_codes": dict(collections.Counter(str(s.close_code) for s in on_a)),
+        "resumed": len(resumed), "failed_to_resume": len(on_a) - len(resumed),
+        "attempts": sum(s.attempts for s in on_a),
+        "not_recovered": sum(s.not_recovered for s in on_a),
+        "offline": _spread([s.resumed_at - s.closed_at for s in resumed if s.closed_at]),
+        "events": sum(s.events for s in everyone), "lost": sum(s.lost for s in everyone),
+        "doubled": sum(s.doubled for s in everyone), "behind_at_end": behind,
+        "unchecked_sockets": unchecked,
+        "b_sockets_closed": b_closed,
+        "latency_calm": load._percentiles(run.latencies["calm"]),
+        "latency_storm": load._percentiles(run.latencies["storm"]),
+        "pod_b_cores_in_storm": b_cores,
+        "errors": dict(run.errors.most_common(10)),
+    }  # fmt: skip
+
+
+def phase(bench: Bench) -> dict[str, Any]:
+    """bench.run's ``storm`` phase: two pods, pod A drained under load."""
+    c = bench.config
+    print(
+        f"storm: {c.storm_sockets} sockets on pod A over {c.storm_threads} threads, "
+        f"{c.storm_active} streaming from pod B ({c.storm_listeners} sockets each there); "
+        "pod A drained",
+        flush=True,
+    )
+    env = {
+        "CHAT_FAKE_REPLY_TOKENS": "100", "CHAT_FAKE_TOKEN_DELAY_MS": "20",
+        "CHAT_DELTA_WINDOW_MS": "0", "CHAT_DELTA_MAX_BYTES": "2048",
+    }  # fmt: skip
+    servers = bench._servers("durable", 2, env, None)
+    try:
+        with running(servers):
+            spec = {
+                "mode": "storm", "run_id": f"r{bench.runs}",
+                "endpoints": [["127.0.0.1", s.port] for s in servers],
+                "server_pids": [s.pid for s in servers],
+                "sockets": c.storm_sockets, "threads": c.storm_threads,
+                "active_threads": c.storm_active, "listeners": c.storm_listeners,
+                "warmup_s": c.warmup_s + 2.0, "calm_s": c.storm_calm_s,
+                "duration_s": STORM_TIMEOUT_S,
+            }  # fmt: skip
+            r = bench._load(spec, module="bench.storm")
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
+        print(f"  storm: FAILED: {exc}", file=sys.stderr)
+        return {"failed": str(exc)[-2000:]}
+    calm, during = r["latency_calm"], r["latency_storm"]
+    print(
+        f"  {r['resumed']}/{r['sockets']} resumed on pod B in {r['storm_s']:.2f} s; "
+        f"lost {r['lost']}, doubled {r['doubled']}, behind {r['behind_at_end']} "
+        f"({r['events']:,} events checked); pod B's streams p99 {during.get('p99_ms', 0):.1f} ms "
+        f"in the storm, {calm.get('p99_ms', 0):.1f} ms before",
+        flush=True,
+    )
+    return r
+
+
+def main() -> None:
+    spec_path, result_path = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    load._raise_fd_limit()
+    try:
+        import uvloop
+
+        result = uvloop.run(storm(spec))
+    except ImportError:
+        result = asyncio.run(storm(spec))
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
