@@ -6,9 +6,10 @@ CHAT_ARCHIVE_AFTER_DAYS, with no turn running, has every message but its
 newest CHAT_ARCHIVE_KEEP_HOT copied to PostgreSQL in one transaction, read
 back, and only then trimmed from Redis (its history and its timeline, up to
 the oldest message kept), in the step that moves the thread's archive
-watermark there (ARCHIVE_TRIM: exports read it to stay exact). Meta, members, read markers and the tree index
-stay in Redis, so the thread is listed, joined and paged as before
-(app.chat.history continues a walk into the archive).
+watermark there (ARCHIVE_TRIM: exports read it to stay exact). Meta,
+members, read markers and the tree index stay in Redis, so the thread is
+listed, joined and paged as before (app.chat.history continues a walk into
+the archive).
 
 Why a crash anywhere loses and duplicates nothing: nothing leaves Redis
 before PostgreSQL has it (committed and verified), the rows are keyed by
