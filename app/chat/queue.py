@@ -83,6 +83,7 @@ class PromptQueue:
             keys=[
                 keys.meta(thread), keys.events(thread), keys.live(thread), keys.queue(thread),
                 keys.dedup(thread), keys.lock(thread), keys.history(thread),
+                keys.tree(thread),
             ],
             args=[
                 self._publish, self._retention, queued_event_data(thread, waiting),

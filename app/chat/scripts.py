@@ -135,6 +135,13 @@ local function children_of(tree, history, p)
   return nil
 end
 
+-- Whether id is a message of the thread: in its history, or archived (the
+-- tree index keeps the chain of every message written with trees, and the
+-- archiver gives one to every message it moves).
+local function known(tree, history, id)
+  return entry(history, id) ~= nil or redis.call('HEXISTS', tree, 'k:' .. id) == 1
+end
+
 local function chain_of(tree, id)
   return redis.call('HGET', tree, 'k:' .. id) or redis.call('HGET', tree, 'legacy')
 end
@@ -390,7 +397,9 @@ return 0
 #     'regenerate', [11] for a prompt its parent: '' (follow the active
 #     leaf), '-' (a new root) or a message id; for a regenerate the message
 #     to answer again, [12] the queued prompt's queue id (it must be the
-#     queue's head) or '', [13...] history entry fields (name, value)*
+#     queue's head); for a regenerate, the user message the pod found it
+#     answers reading both tiers (used only where Redis no longer holds the
+#     messages: archived); or '', [13...] history entry fields (name, value)*
 # The turn record also keeps the user its tokens are charged to (the
 # `user_id` among the entry fields; a regenerate passes just that field):
 # whoever ends the turn, the reaper included, charges them.
@@ -440,12 +449,22 @@ local answered
 local first
 if ARGV[10] == 'regenerate' then
   local target = entry(KEYS[5], ARGV[11])
-  if not target then return {'not_found'} end
-  answered = target[1]
-  if field(target[2], 'role') ~= 'user' then
-    answered = parent_of(KEYS[5], target[1], target[2])
-    local asked = answered ~= '' and entry(KEYS[5], answered)
-    if not asked or field(asked[2], 'role') ~= 'user' then return {'not_user'} end
+  local cold = ARGV[12] ~= '' and redis.call('HEXISTS', KEYS[8], 'k:' .. ARGV[12]) == 1
+  if target then
+    answered = target[1]
+    if field(target[2], 'role') ~= 'user' then
+      answered = parent_of(KEYS[5], target[1], target[2])
+      local asked = answered ~= '' and entry(KEYS[5], answered)
+      if asked then
+        if field(asked[2], 'role') ~= 'user' then return {'not_user'} end
+      elseif not (cold and answered == ARGV[12]) then
+        return {'not_user'}
+      end
+    end
+  elseif cold then
+    answered = ARGV[12]
+  else
+    return {'not_found'}
   end
   first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], retention)
 else
@@ -455,7 +474,7 @@ else
     parent = before
   elseif parent == '-' then
     parent = ''
-  elseif not entry(KEYS[5], parent) then
+  elseif not known(KEYS[8], KEYS[5], parent) then
     return {'not_found'}
   end
   answered = next_event_id(KEYS[2])
@@ -497,7 +516,7 @@ return {'ok', answered, lid}
 # ENQUEUE_PROMPT: a prompt waits for the running turn (prompt_policy queue
 # or interrupt): timeline event `queued`, and an entry in the thread's queue.
 # KEYS[1] meta, [2] events, [3] live channel, [4] queue, [5] dedup, [6] lock,
-#     [7] history
+#     [7] history, [8] tree
 # ARGV[1] publish command, [2] event retention, [3] `queued` event JSON
 #     (\1 = queue id), [4] client_msg_id or '', [5] dedup TTL seconds,
 #     [6] most prompts queued, [7] parent as BEGIN_TURN takes it ('', '-' or a
@@ -520,8 +539,9 @@ if ARGV[4] ~= '' then
   if seen then return {'dup', seen} end
 end
 local parent = ARGV[7]
-if parent ~= '' and parent ~= '-' and not redis.call('XRANGE', KEYS[7], parent, parent)[1] then
-  return {'not_found'}
+if parent ~= '' and parent ~= '-' and not redis.call('XRANGE', KEYS[7], parent, parent)[1]
+    and redis.call('HEXISTS', KEYS[8], 'k:' .. parent) == 0 then
+  return {'not_found'}  -- neither in Redis nor archived (see known())
 end
 local running = redis.call('EXISTS', KEYS[6])
 local waiting = redis.call('XLEN', KEYS[4])
@@ -686,7 +706,7 @@ SWITCH_BRANCH = (
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
-if not entry(KEYS[5], ARGV[5]) then return {'not_found'} end
+if not known(KEYS[6], KEYS[5], ARGV[5]) then return {'not_found'} end
 if redis.call('EXISTS', KEYS[7]) == 1 then return {'busy'} end
 local leaf = newest_leaf(KEYS[6], KEYS[5], ARGV[5])
 redis.call('HSET', KEYS[2], 'leaf', leaf)

@@ -23,7 +23,14 @@ from redis.exceptions import RedisError
 
 from app.chat import faults, keys
 from app.chat.archive import Archive
-from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
+from app.chat.errors import (
+    BudgetExceeded,
+    Draining,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    ThreadBusy,
+)
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
@@ -392,11 +399,25 @@ class ChatService:
                 return original
         await self.limits.take_prompt(user)
         await self.usage.check(user)  # over today's budget: not even queued
-        return await self._open(thread, user, message, anchor, client_msg_id)
+        answers = ""
+        if message is None and self.archive is not None:
+            answers = await self._answered(thread, anchor)
+        return await self._open(thread, user, message, anchor, client_msg_id, answers)
+
+    async def _answered(self, thread: ThreadId, message_id: str) -> str:
+        """The user message a regenerate of ``message_id`` answers: itself,
+        or its parent. Read from both tiers, since BEGIN_TURN sees only Redis
+        and either may be archived. NotFound, or InvalidRequest when it
+        answers no user message."""
+        path, _ = await self.history.page(thread, None, 2, leaf=message_id)
+        asked = path[-1] if path[-1].role == "user" else path[0] if len(path) > 1 else None
+        if asked is None or asked.role != "user":
+            raise InvalidRequest("that message answers no user message")
+        return asked.id
 
     async def _open(
         self, thread: ThreadId, user: UserId, message: Message | None, anchor: str,
-        client_msg_id: str | None,
+        client_msg_id: str | None, answers: str = "",
     ) -> str | None:  # fmt: skip
         """_turn() once the user may: commit the message and start the turn,
         or, while a turn runs, refuse, queue or interrupt as the thread's
@@ -420,7 +441,7 @@ class ChatService:
                     await self.turns.index_add(thread)
                     result = await self.turns.begin(
                         thread, lease, message, loading, self.settings.chat_pod_id, anchor,
-                        client_msg_id, charge_to=user,
+                        client_msg_id, charge_to=user, answers=answers,
                     )  # fmt: skip
                 except BaseException:
                     await self._release(thread, lease)

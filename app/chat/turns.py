@@ -135,6 +135,7 @@ class TurnStore:
     async def begin(
         self, thread: ThreadId, lease: Lease, message: Message | None, loading: Loading,
         pod: str, anchor: str = "", client_msg_id: str | None = None, charge_to: str = "",
+        answers: str = "",
     ) -> Begun | Duplicate | Orphaned | Waits:  # fmt: skip
         """Commit the user's ``message`` under ``anchor`` ('' = the active
         leaf, '-' = as a new root, else a message id) and open the turn; or,
@@ -144,6 +145,8 @@ class TurnStore:
         must be closed first. NotFound when the thread is gone (deleted under
         an open socket) or ``anchor`` is not one of its messages;
         InvalidRequest when a regenerated reply would answer no user message.
+        A regenerate's ``answers``: the user message it answers as found in
+        both tiers (app.chat.history), for when Redis no longer holds it.
         The turn's tokens are charged to the message's user, or ``charge_to``.
         A ``message`` with a ``queue_id`` is a queued prompt: the queue's head,
         taken from the queue in the same step."""
@@ -161,7 +164,7 @@ class TurnStore:
                     lease.fence, self._publish, self._retention,
                     message_event_data(thread, message) if message else "", event_data(loading),
                     client_msg_id or "", self._dedup_ttl_s, loading.generation_id, pod, kind,
-                    anchor, (message.queue_id or "") if message else "",
+                    anchor, (message.queue_id or "") if message else answers,
                     *(entry_fields(message) if message else ("user_id", charge_to)),
                 ],
             )  # fmt: skip

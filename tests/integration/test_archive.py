@@ -274,6 +274,86 @@ async def test_archiving_killed_anywhere_changes_nothing_a_client_reads(
     assert left == [(threads[1],)]
 
 
+async def regenerate(ws: Any, message_id: str) -> tuple[Event, Event]:
+    """A regenerate's new reply and its ``done``."""
+    await send(ws, {"type": "regenerate", "message_id": message_id})
+    events = await read_until(ws, lambda e: e["type"] in ("done", "error"))
+    assert events[-1]["type"] == "done", events[-1]
+    (reply,) = [e["message"] for e in events if e["type"] == "message"]
+    return reply, events[-1]
+
+
+def ids(page: Event) -> list[str]:
+    return [m["id"] for m in page["messages"]]
+
+
+async def test_edit_regenerate_and_switch_reach_archived_messages(
+    pod: procs.Server, redis_db: procs.RedisServer, postgres: procs.PostgresServer
+) -> None:
+    """Tree operations on messages only the archive holds: the new branch is
+    appended in Redis, its history reads on into the archive with the right
+    siblings, and the model sees that branch."""
+    thread = "cold-edits"
+    ws, _ = await open_ready(pod.ws, thread)
+    try:
+        # q1 r1 q2 r2, then q2 edited (e1 re1), then two more turns on it.
+        q1, r1, _ = await turn(ws, "first question here")
+        q2, r2, _ = await turn(ws, "second question")
+        e1, re1, _ = await turn(ws, "second question edited", parent_id=r1["id"])
+        l0q, l0r, _ = await turn(ws, "later words zero")
+        await turn(ws, "later words one")
+        assert cli(redis_db, postgres, "archiver", "--once").returncode == 0
+        hot = {e[0] for e in redis_db.client().xrange(keys.history(keys.thread_id(thread)))}
+        assert len(hot) == KEEP_HOT and l0r["id"] in hot and l0q["id"] not in hot
+
+        # switch to q2: the branch q1 r1 q2 r2, whose leaf is archived.
+        await send(ws, {"type": "switch", "message_id": q2["id"]})
+        branch = await read_until(ws, "branch")
+        assert branch[-1]["leaf_id"] == r2["id"]
+        page = await get_history(ws, limit=100)
+        assert ids(page) == [q1["id"], r1["id"], q2["id"], r2["id"]]
+        assert page["messages"][2]["siblings"] == [q2["id"], e1["id"]]
+        assert page["messages"] == [
+            {**m, "siblings": page["messages"][i]["siblings"]}
+            for i, m in enumerate([q1, r1, q2, r2])
+        ]
+
+        # edit q2 again: a third sibling under r1 (archived), appended in Redis.
+        e2, re2, done = await turn(ws, "second question edited twice", parent_id=r1["id"])
+        assert e2["parent_id"] == r1["id"] and re2["parent_id"] == e2["id"]
+        assert done["usage"]["input_tokens"] == words([q1, r1, e2])
+        page = await get_history(ws, limit=100)
+        assert ids(page) == [q1["id"], r1["id"], e2["id"], re2["id"]]
+        assert page["messages"][2]["siblings"] == [q2["id"], e1["id"], e2["id"]]
+        short = await get_history(ws, limit=2, before=e2["id"])
+        assert ids(short) == [q1["id"], r1["id"]] and short["has_more"] is False
+
+        # regenerate r1 (archived): a new reply to q1 (archived).
+        n1, done = await regenerate(ws, r1["id"])
+        assert n1["parent_id"] == q1["id"] and done["usage"]["input_tokens"] == words([q1])
+        page = await get_history(ws, limit=100)
+        assert ids(page) == [q1["id"], n1["id"]]
+        assert page["messages"][1]["siblings"] == [r1["id"], n1["id"]]
+
+        # regenerate l0r (still hot) whose question l0q is archived.
+        n2, done = await regenerate(ws, l0r["id"])
+        assert n2["parent_id"] == l0q["id"]
+        assert done["usage"]["input_tokens"] == words([q1, r1, e1, re1, l0q])
+        page = await get_history(ws, limit=100)
+        assert ids(page) == [q1["id"], r1["id"], e1["id"], re1["id"], l0q["id"], n2["id"]]
+        assert page["messages"][-1]["siblings"] == [l0r["id"], n2["id"]]
+
+        # Ids of no message of the thread are still refused.
+        await send(ws, {"type": "regenerate", "message_id": "1-1"})
+        error = await read_until(ws, "error")
+        assert error[-1]["code"] == "not_found"
+        await send(ws, {"type": "switch", "message_id": "1-1"})
+        error = await read_until(ws, "error")
+        assert error[-1]["code"] == "not_found"
+    finally:
+        await ws.close()
+
+
 @pytest.fixture(scope="module")
 def race_pod(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
