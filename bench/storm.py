@@ -31,6 +31,7 @@ import collections
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -60,6 +61,17 @@ class Run:
         self.latencies: dict[str, list[float]] = {"calm": [], "storm": []}
         self.errors: collections.Counter[str] = collections.Counter()
         self.progress = asyncio.Event()  # set by every timeline event received
+        # How late this process's own event loop runs (a 5 ms ticker): tokens
+        # read late because the load generator was busy are not the pod's.
+        self.lag: dict[str, list[float]] = {"calm": [], "storm": []}
+
+    async def tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0.005)
+            if self.phase is not None:
+                self.lag[self.phase].append(loop.time() - started - 0.005)
 
 
 class Sock:
@@ -157,6 +169,11 @@ async def _open(socks: list[Sock], endpoint: tuple[str, int], concurrency: int =
     await asyncio.gather(*(one(s) for s in socks))
 
 
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -207,13 +224,14 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
             turn += 1
 
     driving = [asyncio.create_task(drive(d, k)) for k, d in enumerate(drivers)]
+    ticker = asyncio.create_task(run.tick())
     b_pid, a_pid = spec["server_pids"][1], spec["server_pids"][0]
     try:
         await asyncio.sleep(spec["warmup_s"])
         run.phase = "calm"
         await asyncio.sleep(spec["calm_s"])
         unchecked = sum(1 for s in on_a if s.thread in turns and s.last_n is None)
-        cpu0 = cpu_seconds(b_pid)
+        cpu0, self0 = cpu_seconds(b_pid), _self_cpu()
         run.phase = "storm"
         t0 = time.time()
         os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
@@ -222,6 +240,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         t_end = time.time()
         run.phase = None
         b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
+        loadgen_cores = (_self_cpu() - self0) / (t_end - t0)
         await asyncio.sleep(spec.get("after_s", 1.0))
     finally:
         run.phase = None
@@ -229,7 +248,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(load.TURN_TIMEOUT_S):
                 await asyncio.gather(*driving, return_exceptions=True)
-        for task in [*driving, *moves]:
+        for task in [*driving, *moves, ticker]:
             task.cancel()
     # Every socket ends on its thread's last event (the driver's, on pod B).
     final = {d.thread: d.last_n for d in drivers}
@@ -262,7 +281,9 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         "b_sockets_closed": b_closed,
         "latency_calm": load._percentiles(run.latencies["calm"]),
         "latency_storm": load._percentiles(run.latencies["storm"]),
-        "pod_b_cores_in_storm": b_cores,
+        "pod_b_cores_in_storm": b_cores, "loadgen_cores_in_storm": loadgen_cores,
+        "loadgen_lag_calm": load._percentiles(run.lag["calm"]),
+        "loadgen_lag_storm": load._percentiles(run.lag["storm"]),
         "errors": dict(run.errors.most_common(10)),
     }  # fmt: skip
 
