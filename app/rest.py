@@ -274,6 +274,14 @@ class ErasureReport(BaseModel):
         description="their messages and the replies to them, redacted in Redis"
     )
     archived_messages_erased: int = Field(description="the same, in the archive")
+    queued_prompts_dropped: int = Field(
+        description="their prompts still waiting in a queue, which never ran"
+    )
+    titles_cleared: int = Field(description="thread titles the model made from their prompts")
+    sockets_closed: int = Field(
+        description="their sockets open when the erase began, on every server (0 without "
+        "CHAT_MAX_SOCKETS_PER_USER, which keeps their count)"
+    )
     user_keys_deleted: int = Field(description="their lists, usage, limits and sockets")
 
 

@@ -7,7 +7,8 @@ own channel (app.chat.inbox): one subscription per user socket, whatever
 the number of threads. ``join``/``leave`` follow threads on the socket with
 exactly the thread socket's code (app.ws.ThreadStream), so a joined thread's
 stream is a thread socket's, frame for frame. One slow socket is closed
-(1013) as a thread socket is, whichever of its queues overflowed.
+(1013) as a thread socket is, whichever of its queues overflowed; erasing
+the user's data closes it (1008, from the hub's ``chat:erased`` channel).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.websockets import WebSocketDisconnect
 from app import metrics
 from app.auth import chosen_subprotocol
 from app.chat import keys
-from app.chat.errors import ChatError, InvalidRequest, RateLimited
+from app.chat.errors import ChatError, Forbidden, InvalidRequest, RateLimited
 from app.chat.fanout import FanoutUnavailable
 from app.chat.follower import THREAD_RESET, TOO_SLOW, InboxFollower
 from app.chat.inbox import parse_notice
@@ -57,7 +58,7 @@ async def user_socket(ws: WebSocket) -> None:
     await ws.accept(subprotocol=chosen_subprotocol(ws))
     try:
         slot = await service.limits.claim_socket(user)
-    except (RateLimited, RedisError, OSError) as exc:
+    except (Forbidden, RateLimited, RedisError, OSError) as exc:
         await close_unopened(ws, None, user, exc)
         return
     session = UserSession(ws, service, user)

@@ -28,7 +28,7 @@ from app.chat import keys
 from app.chat import tasks as background
 from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadBusy
 from app.chat.fanout import FanoutUnavailable
-from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, TOO_SLOW, Follower
+from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, TOO_SLOW, USER_ERASED, Follower
 from app.chat.keys import ThreadId, UserId
 from app.chat.service import ChatService, Opened
 from app.chat.timeline import TimelineEvent
@@ -573,7 +573,7 @@ async def supervise(
 
 async def _close_for_resume(ws: WebSocket, reason: str) -> None:
     """Close 1013 so the client resumes with ``after`` (1008 when the thread
-    was deleted or its user removed: resuming would be refused). A client that
+    was deleted, its user removed or erased: resuming would be refused). A client that
     stopped reading cannot even receive the close frame (uvicorn waits for the
     buffer to drain before any send), so after CLOSE_TIMEOUT_S its connection is cut."""
     log.info("closing a socket for resume: %s", reason)
@@ -581,7 +581,7 @@ async def _close_for_resume(ws: WebSocket, reason: str) -> None:
         metrics.SLOW_CLIENT_DROPS.inc()
     code = (
         status.WS_1008_POLICY_VIOLATION
-        if reason in (THREAD_DELETED, ACCESS_REVOKED)
+        if reason in (THREAD_DELETED, ACCESS_REVOKED, USER_ERASED)
         else status.WS_1013_TRY_AGAIN_LATER
     )
     try:

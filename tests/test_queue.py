@@ -1,7 +1,8 @@
 """The prompt queue (app.chat.queue) through ChatService, on fakeredis: what
 each prompt_policy does with a prompt sent while a turn runs, the order and
 uniqueness of queued turns, cancelling, the queue limit, a new prompt never
-overtaking waiting ones, and the reaper starting what waits on a free thread."""
+overtaking waiting ones, the reaper starting what waits on a free thread,
+and a removed member's prompts never running."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from app.chat import keys
 from app.chat.errors import Forbidden, NotFound, QueueFull, ThreadBusy
+from app.chat.records import Message
 from app.chat.service import ChatService
 from tests.conftest import USER, wait_until
 
@@ -140,3 +142,35 @@ async def test_the_reaper_starts_what_waits_on_a_free_thread(
     await service.reaper("test").sweep()
     await turns_done(redis, 1)
     assert [p[0] for p in prompts(await log(redis))] == ["stranded"]
+
+
+async def test_a_removed_members_prompts_never_run(make_service: MakeService, redis: Any) -> None:
+    """A removal is final for every later commit: a prompt of theirs already
+    past the membership check is refused by the queue and by the turn's
+    commit themselves, and one waiting in the queue leaves it (``revoked``)
+    when its turn comes."""
+    service = await make_service(
+        tokens=200, delay_ms=5, chat_prompt_policy="queue", chat_auth="jwt",
+        chat_auth_secret="x" * 40,
+    )  # fmt: skip
+    await service.open(T, USER, None, None)
+    await service.threads.add_member(T, USER, BOB)
+    await service.prompt(T, USER, "running", None)
+    await service.prompt(T, BOB, "bob waits", None)
+    (waiting,) = await service.queue.waiting(T)
+    await service.threads.remove_member(T, USER, BOB)
+    in_flight = Message(
+        id="", role="user", content="bob in flight", user_id=BOB, created_at=0, status="complete"
+    )
+    with pytest.raises(Forbidden):  # past _check_writer: ENQUEUE_PROMPT refuses
+        await service._open(T, BOB, in_flight, "", None)
+    await service.cancel(T, None)
+    await turns_done(redis, 1)
+    with pytest.raises(Forbidden):  # the thread is free: BEGIN_TURN refuses
+        await service._open(T, BOB, in_flight, "", None)
+    events = await log(redis)
+    assert [(e["queue_id"], e["reason"]) for e in events if e["type"] == "unqueued"] == [
+        (waiting.queue_id, "revoked")
+    ]  # fmt: skip
+    assert [p[0] for p in prompts(events)] == ["running"]
+    assert not await redis.exists(keys.lock(T), keys.queue(T))

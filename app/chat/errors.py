@@ -116,3 +116,11 @@ class Draining(ChatError):
 
     code = "unavailable"
     retryable = True
+
+
+class StillRunning(ChatError):
+    """A turn that must end first did not end in time (erasing a user waits
+    for theirs); the caller may retry."""
+
+    code = "unavailable"
+    retryable = True

@@ -42,6 +42,13 @@ heard again ``hearing`` is False, and the pod reports not ready. A pod that
 stays deaf for the probe's ``move_after_s`` tells its followers to move: its
 sockets close (1013) and reconnect, through the load balancer, to a pod that
 hears.
+
+Besides its threads and its users' inbox channels, every pod listens on one
+more channel, ``chat:erased``: a user id published there (erasing that
+user's data, app.chat.service) closes every local socket of that user,
+thread, SSE and user sockets alike. Like any pub/sub message it reaches the
+pods subscribed at that moment; the erase publishes it at its start and
+again at its end.
 """
 
 from __future__ import annotations
@@ -125,11 +132,13 @@ B = TypeVar("B", bound=Baseline)
 
 
 class InboxSink(Protocol):
-    """A local user socket's inbox. Both calls must return at once (no I/O)."""
+    """A local user socket's inbox. Every call must return at once (no I/O)."""
 
     def notice(self, raw: str) -> None: ...
 
     def resync(self) -> None: ...
+
+    def control(self, message: dict[str, Any]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -391,7 +400,7 @@ class FanoutHub:
             # Under the lock: a follow() that came before is in this list; one
             # that comes after finds us connected and subscribes its own.
             channels = [keys.live(t) for t in self._followers] + list(self._inboxes)
-            await pubsub.subscribe(self._probe.channel, *channels)
+            await pubsub.subscribe(self._probe.channel, keys.ERASED_CHANNEL, *channels)
             self.connected = True
         self._probe_now.set()
         await self._resync(list(self._followers))
@@ -411,6 +420,9 @@ class FanoutHub:
             if channel == self._probe.channel:
                 if kind == "message":
                     self._heard(message["data"])
+            elif channel == keys.ERASED_CHANNEL:
+                if kind == "message":
+                    self._erased(message["data"])
             elif kind == "message":  # (app.chat.sharded names shard messages the same)
                 inboxes = self._inboxes.get(channel)
                 if inboxes is not None:
@@ -423,6 +435,20 @@ class FanoutHub:
                 if confirmed is not None and not confirmed.done():
                     confirmed.set_result(None)
         raise SubscriberDeaf("the subscriber missed its probe's deadline")
+
+    def _erased(self, user: str) -> None:
+        """A user's data was erased: every local socket of theirs closes,
+        whatever it follows. Rare, so a walk over every local follower."""
+        control = {"control": "erased", "user_id": user}
+        for sinks in list(self._followers.values()):
+            for sink in list(sinks):
+                sink.control(control)
+        try:
+            channel = keys.user_inbox(keys.user_id(user))
+        except keys.InvalidId:
+            return
+        for inbox in list(self._inboxes.get(channel, ())):
+            inbox.control(control)
 
     async def _on_frame(self, thread: ThreadId, frame: str) -> None:
         sinks = self._followers.get(thread)

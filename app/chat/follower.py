@@ -32,9 +32,11 @@ from app.chat.timeline import TimelineEvent, ephemeral
 TOO_SLOW = "too slow: resume with after"
 THREAD_RESET = "thread data was reset: resume to learn the new epoch"
 SERVER_DEAF = "this server cannot hear Redis: resume on another"
-# A deleted thread or a removed member: reconnecting is then refused (1008).
+# A deleted thread, a removed member or an erased user: reconnecting is then
+# refused (1008).
 THREAD_DELETED = "thread deleted"
 ACCESS_REVOKED = "removed from the thread"
+USER_ERASED = "user data erased"
 
 
 class Follower:
@@ -134,9 +136,9 @@ class Follower:
             self.wake()
 
     def control(self, message: dict[str, Any]) -> None:
-        """A thread reset, its deletion, its user's removal, or a pod that
-        cannot hear Redis (all from the hub) closes the socket; cancels are
-        for turns."""
+        """A thread reset, its deletion, its user's removal or erasure, or a
+        pod that cannot hear Redis (all from the hub) closes the socket;
+        cancels are for turns."""
         kind = message.get("control")
         if kind == "reset":
             self.close_for(THREAD_RESET)
@@ -146,6 +148,8 @@ class Follower:
             self.close_for(THREAD_DELETED)
         elif kind == "revoke" and message.get("user_id") == self.user:
             self.close_for(ACCESS_REVOKED)
+        elif kind == "erased" and message.get("user_id") == self.user:
+            self.close_for(USER_ERASED)
         elif kind == "typing" and message.get("user_id") != self.user:
             typing = {"type": "typing", "thread_id": self.thread, "user_id": message.get("user_id")}
             self.deliver(ephemeral(orjson.dumps(typing).decode()))

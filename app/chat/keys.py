@@ -67,6 +67,9 @@ _MAX_ID_PART = 2**64 - 1
 PREFIX = "chat"
 TURN_INDEX = f"{PREFIX}:turns"
 REAPER_LEADER = f"{PREFIX}:reaper:leader"
+# Every pod listens here: a message (a user id) closes that user's sockets on
+# every pod, whatever threads they follow (erasing a user's data).
+ERASED_CHANNEL = f"{PREFIX}:erased"
 
 # How long a deleted thread's fence stays behind as a tombstone. While it
 # exists the thread id cannot be created again, and any write still in flight
@@ -223,6 +226,11 @@ def user_owned(u: UserId) -> str:
 
 def user_sockets(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:sockets"
+
+
+def user_erasing(u: UserId) -> str:
+    """Set while the user's data is being erased: their new sockets are refused."""
+    return f"{PREFIX}:user:{{{u}}}:erasing"
 
 
 def user_prompt_bucket(u: UserId) -> str:

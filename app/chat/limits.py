@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.chat import keys, tasks
-from app.chat.errors import PodFull, RateLimited
+from app.chat.errors import Forbidden, PodFull, RateLimited
 from app.chat.keys import UserId
 from app.chat.redis_types import RedisClient
 from app.chat.scripts import Scripts
@@ -92,7 +92,8 @@ class Limits:
 
     async def claim_socket(self, user: UserId) -> str:
         """Count a new socket of ``user`` on this pod and across pods; its id,
-        for ``release_socket``. PodFull or RateLimited when over a limit."""
+        for ``release_socket``. PodFull or RateLimited when over a limit,
+        Forbidden while the user's data is being erased."""
         if len(self._local) >= self._max_pod_sockets:
             raise PodFull("this server is full; try again", retry_after_ms=POD_FULL_RETRY_MS)
         socket_id = f"{self._pod}:{secrets.token_hex(8)}"
@@ -103,12 +104,15 @@ class Limits:
             return socket_id
         try:
             admitted, retry_after_ms = await self._scripts.admit_socket(
-                keys=[keys.user_sockets(user)],
+                keys=[keys.user_sockets(user), keys.user_erasing(user)],
                 args=[socket_id, self._max_user_sockets, self._lease_ms],
             )
         except BaseException:
             self._local.pop(socket_id, None)
             raise
+        if admitted == -1:
+            self._local.pop(socket_id, None)
+            raise Forbidden("this user's data is being erased")
         if not admitted:
             self._local.pop(socket_id, None)
             raise RateLimited(

@@ -59,21 +59,24 @@ class PromptQueue:
 
     def __init__(
         self, redis: RedisClient, scripts: Scripts, publish: str, retention: int,
-        dedup_ttl_s: int, max_queued: int,
+        dedup_ttl_s: int, max_queued: int, members_only: bool = False,
     ) -> None:  # fmt: skip
+        """``members_only``: only a member of the thread may queue (authentication on)."""
         self._redis = redis
         self._scripts = scripts
         self._publish = publish
         self._retention = retention
         self._dedup_ttl_s = dedup_ttl_s
         self._max = max_queued
+        self._members_only = "1" if members_only else "0"
 
     async def enqueue(
         self, thread: ThreadId, message: Message, anchor: str
     ) -> Enqueued | Idle | Seen:
         """Queue ``message`` (a user prompt, to be committed under ``anchor``)
         behind the running turn. QueueFull at CHAT_MAX_QUEUED, NotFound for an
-        anchor not of this thread or a thread that is gone."""
+        anchor not of this thread or a thread that is gone, Forbidden when
+        the sender is no longer a member (``members_only``)."""
         waiting = Queued("", message.user_id, message.content, message.client_msg_id)
         fields = ["user_id", message.user_id, "content", message.content,
                   "created_at", str(message.created_at)]  # fmt: skip
@@ -87,7 +90,8 @@ class PromptQueue:
             ],
             args=[
                 self._publish, self._retention, queued_event_data(thread, waiting),
-                message.client_msg_id or "", self._dedup_ttl_s, self._max, anchor, *fields,
+                message.client_msg_id or "", self._dedup_ttl_s, self._max, anchor,
+                self._members_only, *fields,
             ],
         )  # fmt: skip
         if reply[0] == "queued":
@@ -100,6 +104,8 @@ class PromptQueue:
             raise QueueFull(f"{self._max} prompts already wait in this thread; try again later")
         if reply[0] == "gone":
             raise NotFound("this thread no longer exists")
+        if reply[0] == "forbidden":
+            raise Forbidden("you are not a member of this thread")
         raise NotFound("no such message in this thread")
 
     async def cancel(

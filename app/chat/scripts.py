@@ -399,7 +399,8 @@ return 0
 #     to answer again, [12] the queued prompt's queue id (it must be the
 #     queue's head); for a regenerate, the user message the pod found it
 #     answers reading both tiers (used only where Redis no longer holds the
-#     messages: archived); or '', [13...] history entry fields (name, value)*
+#     messages: archived); or '', [13] '1' when only a member's turn may
+#     begin (authentication on), [14...] history entry fields (name, value)*
 # The turn record also keeps the user its tokens are charged to (the
 # `user_id` among the entry fields; a regenerate passes just that field):
 # whoever ends the turn, the reaper included, charges them.
@@ -414,8 +415,10 @@ return 0
 #     of this thread's, {'not_user'} when a regenerated reply answers no user
 #     message, {'queue_first'} when prompts wait in the queue (a new prompt
 #     must not overtake them), {'moved'} when a queued prompt is no longer
-#     the queue's head (cancelled meanwhile); error STALE_FENCE when the lock
-#     was lost before the commit.
+#     the queue's head (cancelled meanwhile), {'forbidden'} when its user
+#     (the `user_id` field) is no longer a member: removed, or being erased,
+#     after the caller checked (a removal is final for every later commit);
+#     error STALE_FENCE when the lock was lost before the commit.
 # Atomic: the message, its tree links, the active leaf, its dedup entry, its
 # event, and the turn record exist together or not at all, so a crash can
 # neither lose a message the sender saw nor leave a turn without its user
@@ -438,6 +441,15 @@ if ARGV[6] ~= '' and not queued then
   if seen then return {'dup', seen} end
 end
 if running[1] then return {'orphan'} end
+if ARGV[13] == '1' then
+  local author = ''
+  for i = 14, #ARGV, 2 do
+    if ARGV[i] == 'user_id' then author = ARGV[i + 1] end
+  end
+  if redis.call('SISMEMBER', sibling(KEYS[2], 'members'), author) == 0 then
+    return {'forbidden'}
+  end
+end
 if queued then
   local head = redis.call('XRANGE', KEYS[9], '-', '+', 'COUNT', 1)[1]
   if not head or head[1] ~= ARGV[12] then return {'moved'} end
@@ -480,7 +492,7 @@ else
   answered = next_event_id(KEYS[2])
   link(KEYS[8], KEYS[5], answered, parent)
   local fields = {'parent', parent}
-  for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
   if queued then
     redis.call('XDEL', KEYS[9], ARGV[12])
     -- An empty stream stays a key: drop it, as an empty list would be.
@@ -505,7 +517,7 @@ if ARGV[10] ~= 'regenerate' then
 end
 redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
   'start_id', lid, 'user_message_id', answered)
-for i = 13, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
 end
 tell_members(KEYS[2], KEYS[5], ARGV[2])
@@ -520,12 +532,14 @@ return {'ok', answered, lid}
 # ARGV[1] publish command, [2] event retention, [3] `queued` event JSON
 #     (\1 = queue id), [4] client_msg_id or '', [5] dedup TTL seconds,
 #     [6] most prompts queued, [7] parent as BEGIN_TURN takes it ('', '-' or a
-#     message id), [8...] the queue entry's fields (name, value)*
+#     message id), [8] '1' when only a member may queue (authentication on),
+#     [9...] the queue entry's fields (name, value)*
 # Returns {'queued', queue_id, running}: running is 0 when the thread is free
 #     (the caller starts the queue's head); {'idle'} when the thread is free
 #     and nothing waits (the caller begins the turn itself); {'dup', event_id}
 #     for a client_msg_id seen before; {'full'}; {'not_found'} for a parent
-#     not of this thread; {'gone'} when the thread no longer exists.
+#     not of this thread; {'gone'} when the thread no longer exists;
+#     {'forbidden'} when the sender is no longer a member (as BEGIN_TURN).
 # Atomic with the lock check: a prompt is queued only while a turn holds the
 # thread, or behind prompts already waiting, and every end of a turn looks
 # at the queue after freeing it, so no queued prompt is left without a turn
@@ -538,6 +552,14 @@ if ARGV[4] ~= '' then
   local seen = redis.call('HGET', KEYS[5], ARGV[4])
   if seen then return {'dup', seen} end
 end
+if ARGV[8] == '1' then
+  local sender = ''
+  for i = 9, #ARGV, 2 do
+    if ARGV[i] == 'user_id' then sender = ARGV[i + 1] end
+  end
+  local members = string.sub(KEYS[1], 1, -5) .. 'members'
+  if redis.call('SISMEMBER', members, sender) == 0 then return {'forbidden'} end
+end
 local parent = ARGV[7]
 if parent ~= '' and parent ~= '-' and not redis.call('XRANGE', KEYS[7], parent, parent)[1]
     and redis.call('HEXISTS', KEYS[8], 'k:' .. parent) == 0 then
@@ -549,7 +571,7 @@ if running == 0 and waiting == 0 then return {'idle'} end
 if waiting >= tonumber(ARGV[6]) then return {'full'} end
 local qid = next_event_id(KEYS[1])
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[4], qid, 'parent', parent, unpack(fields))
 emit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], qid, fill(ARGV[3], qid), tonumber(ARGV[2]))
 if ARGV[4] ~= '' then
@@ -794,10 +816,14 @@ return out
 """
 
 # ERASE_AUTHOR: take what user U wrote out of one thread (erasing U's data).
-# KEYS[1] history, [2] events, [3] reads, [4] presence, [5] roles
-# ARGV[1] U, ARGV[2...] ids of U's messages in the archive (the model's
-#     replies to them may still be here)
-# Returns how many messages were redacted here.
+# KEYS[1] history, [2] events, [3] reads, [4] presence, [5] roles, [6] meta,
+#     [7] turn
+# ARGV[1] U, ARGV[2] publish command, ARGV[3...] ids of U's messages in the
+#     archive (the model's replies to them may still be here)
+# Returns {'ok', messages redacted here, titles cleared (0 or 1)}, or
+#     {'busy', generation id} when a turn of U's, or one answering a message
+#     of U's, is running: nothing is changed; the caller stops it and calls
+#     again once it has ended (its reply is then committed, and redacted).
 # U's messages, and the model's replies to them, keep their place in the
 # tree (id, parent, role, status, usage) but lose their content, author,
 # client_msg_id and tool calls. Stream entries cannot be edited, so the
@@ -805,14 +831,40 @@ return out
 # key, then XSETID back to the last id it had generated); in one script, so
 # no reader sees it half rebuilt. The timeline up to the newest redacted
 # message is trimmed (its frames carried the text; a resume from before it
-# gets the history instead, as after any trim). U's read marker, unread
-# count, role and presence entries go too. O(messages held in Redis).
+# gets the history instead, as after any trim), and U's `queued` events
+# still in it (prompts that never ran) lose their author and content in a
+# rebuild of the timeline like the history's (same ids and numbers n, so it
+# stays contiguous; a trim could cut a running turn of someone else's, which
+# may surround them). An auto-title made from one of U's prompts is cleared (the
+# thread goes untitled; it is not titled again). U's read marker, unread
+# count, role and presence entries go too. The busy check is in the same
+# step as the redaction, so no reply made from U's text can be committed
+# after it. O(messages and events held in Redis).
 ERASE_AUTHOR = (
     _TREE
+    + _INBOX
     + r"""
+local function last_generated(stream)
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return info[i + 1] end
+  end
+end
+
+-- Write the stream's entries again under their own ids, some of them
+-- replaced (id -> new fields), and its last id back as it was.
+local function rebuild(stream, entries, replaced)
+  local last = last_generated(stream)
+  redis.call('DEL', stream)
+  for _, e in ipairs(entries) do
+    redis.call('XADD', stream, e[1], unpack(replaced[e[1]] or e[2]))
+  end
+  redis.call('XSETID', stream, last)
+end
+
 local u = ARGV[1]
 local theirs = {}
-for i = 2, #ARGV do theirs[ARGV[i]] = true end
+for i = 3, #ARGV do theirs[ARGV[i]] = true end
 local entries = redis.call('XRANGE', KEYS[1], '-', '+')
 local doomed, count, newest = {}, 0, nil
 for _, e in ipairs(entries) do
@@ -825,17 +877,15 @@ for _, e in ipairs(entries) do
     newest = e[1]
   end
 end
+local running = redis.call('HMGET', KEYS[7], 'generation_id', 'user_id', 'user_message_id')
+if running[1] and (running[2] == u or theirs[running[3] or '']) then
+  return {'busy', running[1]}
+end
 if count > 0 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  local last = nil
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-  end
-  redis.call('DEL', KEYS[1])
+  local replaced = {}
   for _, e in ipairs(entries) do
-    local f = e[2]
     if doomed[e[1]] then
-      local kept = {}
+      local f, kept = e[2], {}
       for i = 1, #f, 2 do
         local name = f[i]
         if name == 'content' or name == 'user_id' then
@@ -846,20 +896,37 @@ if count > 0 then
           kept[#kept + 1] = f[i + 1]
         end
       end
-      f = kept
+      replaced[e[1]] = kept
     end
-    redis.call('XADD', KEYS[1], e[1], unpack(f))
   end
-  redis.call('XSETID', KEYS[1], last)
+  rebuild(KEYS[1], entries, replaced)
   local ms = tonumber(string.match(newest, '^(%d+)'))
   redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', ms + 1))
+end
+local events = redis.call('XRANGE', KEYS[2], '-', '+')
+local queued = nil
+for _, e in ipairs(events) do
+  local data = field(e[2], 'data') or ''
+  if string.sub(data, 1, 16) == '{"type":"queued"' and cjson.decode(data).user_id == u then
+    queued = queued or {}
+    queued[e[1]] = {'n', field(e[2], 'n'), 'data',
+      string.match(data, '^(.-"queue_id":"[^"]*")') .. ',"user_id":"","content":""}'}
+  end
+end
+if queued then rebuild(KEYS[2], events, queued) end
+local titled = 0
+local from = redis.call('HGET', KEYS[6], 'title_from')
+if from and theirs[from] then
+  redis.call('HDEL', KEYS[6], 'title', 'title_from')
+  tell_members(KEYS[6], KEYS[1], ARGV[2])
+  titled = 1
 end
 redis.call('HDEL', KEYS[3], 'm:' .. u, 'u:' .. u)
 redis.call('HDEL', KEYS[5], u)
 for _, member in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
   if string.sub(member, 1, #u + 1) == u .. '|' then redis.call('ZREM', KEYS[4], member) end
 end
-return count
+return {'ok', count, titled}
 """
 )
 
@@ -962,11 +1029,15 @@ return {'ok', meta[2] or '', unpack(members)}
 # KEYS[1] meta, KEYS[2] history; ARGV[1] caller, ARGV[2] '1' when only the
 #     owner may, ARGV[3] publish command, ARGV[4] '1' for an auto-title: set
 #     only while the thread has no title, ARGV[5...] (field, value)*
-# Returns 'ok', 'not_found', 'forbidden' or 'titled' (an auto-title came
-# after a title: the owner's rename wins). Members' inboxes hear it.
+# Returns 'ok', 'not_found', 'forbidden', 'titled' (an auto-title came
+# after a title: the owner's rename wins) or 'erased' (an auto-title whose
+# prompt was erased meanwhile: ERASE_AUTHOR). Members' inboxes hear it.
+# An auto-title keeps the prompt it was made from (`title_from`, the claim's
+# `titling`), so erasing that prompt's author clears it; a rename drops it.
 # In Lua so that an update racing a delete cannot recreate a meta hash
-# without epoch or owner (a plain HSET would), and so that an auto-title
-# can never overwrite a rename made meanwhile.
+# without epoch or owner (a plain HSET would), so that an auto-title can
+# never overwrite a rename made meanwhile, and so that one made from a
+# prompt erased while the model worked is never set.
 UPDATE_THREAD = (
     _TREE
     + _INBOX
@@ -977,6 +1048,17 @@ if ARGV[2] == '1' and meta[2] ~= ARGV[1] then return 'forbidden' end
 if ARGV[4] == '1' and (meta[3] or '') ~= '' then return 'titled' end
 local values = {}
 for i = 5, #ARGV do values[#values + 1] = ARGV[i] end
+if ARGV[4] == '1' then
+  local from = redis.call('HGET', KEYS[1], 'titling')
+  local prompt = from and entry(KEYS[2], from)
+  if prompt then
+    if (field(prompt[2], 'user_id') or '') == '' then return 'erased' end
+    values[#values + 1] = 'title_from'
+    values[#values + 1] = from
+  end
+elseif field(values, 'title') then
+  redis.call('HDEL', KEYS[1], 'title_from')
+end
 redis.call('HSET', KEYS[1], unpack(values))
 tell_members(KEYS[1], KEYS[2], ARGV[3])
 return 'ok'
@@ -1198,10 +1280,12 @@ return {'ok', m[1], m[4] or '', created, m[2] or '0', last or '', leaf, turn, qu
 # CLAIM_TITLE: may this pod title the thread (app.chat.titles)?
 # KEYS[1] meta, KEYS[2] history
 # Returns the thread's first prompt, once per thread and only while it has
-# no title, or nil (titled, claimed before, gone, or no message yet).
-# Claimed in the thread's meta, so one pod titles it, once: a failed title
-# is not tried again by the next turn. A script so that a claim racing a
-# delete cannot recreate a meta hash without epoch or owner.
+# no title, or nil (titled, claimed before, gone, no message yet, or the
+# first prompt was erased).
+# Claimed in the thread's meta (`titling`: the id of the prompt the title is
+# made from), so one pod titles it, once: a failed title is not tried again
+# by the next turn. A script so that a claim racing a delete cannot recreate
+# a meta hash without epoch or owner.
 CLAIM_TITLE = (
     _TREE
     + r"""
@@ -1209,7 +1293,8 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'title', 'titling')
 if not meta[1] or (meta[2] or '') ~= '' or meta[3] then return false end
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
 if not first or field(first[2], 'role') ~= 'user' then return false end
-redis.call('HSET', KEYS[1], 'titling', '1')
+if (field(first[2], 'content') or '') == '' then return false end
+redis.call('HSET', KEYS[1], 'titling', first[1])
 return field(first[2], 'content')
 """
 )
@@ -1250,15 +1335,19 @@ return {allowed, retry}
 """
 
 # ADMIT_SOCKET: count a user's open sockets across pods; admit one more if allowed.
-# KEYS[1] the user's sockets (Sorted set: socket id -> lease expiry in ms)
+# KEYS[1] the user's sockets (Sorted set: socket id -> lease expiry in ms),
+#     KEYS[2] the user's erasing marker (app.chat.keys.user_erasing)
 # ARGV[1] socket id, ARGV[2] max sockets, ARGV[3] lease in ms
-# Returns {1, 0} when admitted, or {0, retry_after_ms}: when the oldest lease
-#     runs out (a crashed pod's socket stops counting then).
+# Returns {1, 0} when admitted, {0, retry_after_ms}: when the oldest lease
+#     runs out (a crashed pod's socket stops counting then), or {-1, 0} while
+#     the user's data is being erased (checked in the same step, so no socket
+#     admitted after the erase began escapes its closing of every socket).
 # Pods renew their sockets' leases (heartbeat) and remove them on close; a
 # crashed pod does neither, so its sockets expire here instead of counting
 # forever. Pruning, counting and adding are one step so concurrent opens on
 # several pods cannot together exceed the limit.
 ADMIT_SOCKET = r"""
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)

@@ -23,18 +23,20 @@ from redis.exceptions import RedisError
 
 from app.chat import faults, keys
 from app.chat.archive import Archive
+from app.chat.backoff import Backoff
 from app.chat.errors import (
     BudgetExceeded,
     Draining,
     Forbidden,
     InvalidRequest,
     NotFound,
+    StillRunning,
     ThreadBusy,
 )
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
 from app.chat.history import HistoryReader, message_from_entry
-from app.chat.inbox import Inbox
+from app.chat.inbox import Inbox, Notices
 from app.chat.joins import Joins, JoinState
 from app.chat.keys import ThreadId, UserId
 from app.chat.limits import Limits
@@ -65,6 +67,14 @@ from app.llm.tools import ToolBox, load_tools
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# How long a user's erasing marker lives without being refreshed (an erase
+# whose pod died mid-way stops refusing the user's sockets after this).
+ERASING_TTL_S = 300
+# Erasing a user waits for a turn of theirs to end: this much past the
+# reaper's own bound, polling Redis at these delays.
+ERASE_WAIT_MARGIN_S = 5.0
+ERASE_POLL = Backoff(0.02, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +170,10 @@ class ChatService:
         self.queue = PromptQueue(
             redis, self.scripts, publish_command, settings.chat_event_retention,
             settings.chat_dedup_ttl_s, settings.chat_max_queued,
+            members_only=settings.auth_enabled,
         )  # fmt: skip
+        self._publish = publish_command
+        self._notices = Notices(redis, self.scripts, publish_command)
         self.titles = AutoTitles(redis, self.scripts, self.threads, model)
         self.presence = Presence(
             redis, self.scripts, self.hub, publish_command, settings.chat_socket_lease_ms
@@ -521,6 +534,16 @@ class ChatService:
                 result = await self.turns.begin(
                     thread, lease, head.message, loading, self.settings.chat_pod_id, head.anchor
                 )
+            except Forbidden:
+                # Its sender is no longer a member (removed, or being erased):
+                # it never runs, and leaves the queue. The next head, same lease.
+                await self.usage.release(UserId(head.message.user_id), generation_id)
+                with contextlib.suppress(NotFound):
+                    await self.queue.cancel(
+                        thread, head.message.queue_id or "", head.message.user_id, False,
+                        reason="revoked",
+                    )  # fmt: skip
+                continue
             except BaseException:
                 await self.lock.release(thread, lease)
                 await self.usage.release(UserId(head.message.user_id), generation_id)
@@ -652,46 +675,110 @@ class ChatService:
         """Erase ``target``'s data, for the user themself or an admin
         (CHAT_ADMIN_USERS); what was removed, by kind.
 
-        Threads they own are deleted whole, from both tiers. In every other
-        thread (every thread is visited: one may hold their messages after
-        they left it) their messages and the model's replies to them are
-        redacted (ERASE_AUTHOR, Archive.erase_author), and their membership,
-        read marker, role and presence go. Then every key of the user
-        (lists, usage, limits, sockets) is deleted. Prompts of theirs still
-        waiting in a queue run first: erase after they did."""
+        While it runs the user's new sockets are refused (their erasing
+        marker, checked by ADMIT_SOCKET), and every open socket of theirs, on
+        every pod, is told to close (ERASED_CHANNEL), at the start and again
+        at the end. Threads they own are deleted whole, from both tiers. In
+        every other thread (every thread is visited: one may hold their
+        messages after they left it) their membership goes first, so nothing
+        of theirs can be committed or queued there any more (BEGIN_TURN and
+        ENQUEUE_PROMPT check it); then their queued prompts leave the queue
+        (``unqueued``, reason ``revoked``); then a turn of theirs, or one
+        answering them, still running is stopped and waited for; then their
+        messages, the model's replies to them and a title made from their
+        prompt are taken out (ERASE_AUTHOR, Archive.erase_author) with their
+        read marker, role and presence. Last, every key of the user (lists,
+        usage, limits, sockets) is deleted. StillRunning when a turn to wait
+        for outlives the reaper's bound: erasing again finishes the job."""
         if caller != target and caller not in self.settings.admin_users:
             raise Forbidden("only the user themself or an admin may erase a user's data")
         report = dict.fromkeys(
             ("threads_deleted", "memberships_removed", "messages_erased",
-             "archived_messages_erased", "user_keys_deleted"), 0,
+             "archived_messages_erased", "queued_prompts_dropped", "titles_cleared",
+             "sockets_closed", "user_keys_deleted"), 0,
         )  # fmt: skip
+        erasing = keys.user_erasing(target)
+        await self.redis.set(erasing, "1", ex=ERASING_TTL_S)
+        report["sockets_closed"] = await self.redis.zcount(
+            keys.user_sockets(target), int(time.time() * 1000), "+inf"
+        )
+        await self.redis.execute_command(self._publish, keys.ERASED_CHANNEL, target)
         archived = await self.archive.ids_by(target) if self.archive is not None else {}
+        visited = 0
         async for key in self.redis.scan_iter(match=keys.META_PATTERN, count=500):
             thread = keys.thread_of_meta(key if isinstance(key, str) else key.decode())
             if thread is None:
                 continue
+            visited += 1
+            if visited % 500 == 0:  # a long erase keeps refusing their sockets
+                await self.redis.expire(erasing, ERASING_TTL_S)
             if text(await self.redis.hget(keys.meta(thread), "owner")) == target:
                 with contextlib.suppress(NotFound):
                     await self.delete_thread(thread, target)
                     report["threads_deleted"] += 1
                 continue
-            report["messages_erased"] += await self.scripts.erase_author(
-                keys=[
-                    keys.history(thread), keys.events(thread), keys.reads(thread),
-                    keys.presence(thread), keys.roles(thread),
-                ],
-                args=[target, *archived.get(thread, [])],
-            )  # fmt: skip
             if await self.threads.is_member(thread, target):
                 with contextlib.suppress(NotFound):
                     await self.threads.remove_member(thread, target, target)
                     report["memberships_removed"] += 1
+            report["queued_prompts_dropped"] += await self._drop_queued(thread, target)
+            erased, titles = await self._erase_author(thread, target, archived.get(thread, []))
+            report["messages_erased"] += erased
+            report["titles_cleared"] += titles
         if self.archive is not None:
             report["archived_messages_erased"] = await self.archive.erase_author(target)
         async for key in self.redis.scan_iter(match=keys.user_keys_pattern(target), count=500):
-            report["user_keys_deleted"] += await self.redis.delete(key)
+            if key != erasing:
+                report["user_keys_deleted"] += await self.redis.delete(key)
+        # Again: a socket whose opening began before the marker was set may
+        # have missed the first message.
+        await self.redis.execute_command(self._publish, keys.ERASED_CHANNEL, target)
+        await self.redis.delete(erasing)
         log.info("erased the data of user %s: %s", target, report)
         return report
+
+    async def _drop_queued(self, thread: ThreadId, user: UserId) -> int:
+        """Take ``user``'s waiting prompts out of the thread's queue; how many."""
+        dropped = 0
+        for waiting in await self.queue.waiting(thread):
+            if waiting.user_id == user:
+                with contextlib.suppress(NotFound):  # it started meanwhile: a turn now
+                    await self.queue.cancel(thread, waiting.queue_id, user, False, reason="revoked")
+                    dropped += 1
+        return dropped
+
+    async def _erase_author(
+        self, thread: ThreadId, user: UserId, archived: list[str]
+    ) -> tuple[int, int]:
+        """ERASE_AUTHOR on one thread: (messages redacted, titles cleared).
+        A running turn of the user's, or answering them, is cancelled first
+        and waited for: it ends within moments on a live pod, or is closed
+        by the reaper within CHAT_LOCK_TTL_MS + CHAT_REAPER_INTERVAL_MS if
+        its pod died; past that (and a margin), StillRunning."""
+        bound_s = (
+            self.settings.chat_lock_ttl_ms + self.settings.chat_reaper_interval_ms
+        ) / 1000 + ERASE_WAIT_MARGIN_S
+        deadline = time.monotonic() + bound_s
+        delays = iter(ERASE_POLL)
+        while True:
+            reply = await self.scripts.erase_author(
+                keys=[
+                    keys.history(thread), keys.events(thread), keys.reads(thread),
+                    keys.presence(thread), keys.roles(thread), keys.meta(thread),
+                    keys.turn(thread),
+                ],
+                args=[user, self._publish, *archived],
+            )  # fmt: skip
+            if reply[0] == "ok":
+                if int(reply[2]):
+                    await self._notices.changed(thread)
+                return int(reply[1]), int(reply[2])
+            if time.monotonic() >= deadline:
+                raise StillRunning(
+                    f"a turn of thread {thread} did not end within {bound_s:.0f}s; erase again"
+                )
+            await self.turns.request_cancel(thread, text(reply[1]))
+            await asyncio.sleep(next(delays))
 
     async def export(self, thread: ThreadId, user: UserId) -> AsyncIterator[Message]:
         """Every message of the thread, every branch, oldest first, from both

@@ -19,7 +19,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from app.chat import keys
-from app.chat.errors import InvalidRequest, LockLost, NotFound, ThreadBusy
+from app.chat.errors import Forbidden, InvalidRequest, LockLost, NotFound, ThreadBusy
 from app.chat.history import entry_fields
 from app.chat.inbox import Notices
 from app.chat.keys import ThreadId
@@ -113,13 +113,17 @@ class TurnStore:
     """Fenced writes of turns and the records the reaper reads."""
 
     def __init__(
-        self, redis: RedisClient, scripts: Scripts, publish: str, retention: int, dedup_ttl_s: int
-    ) -> None:
+        self, redis: RedisClient, scripts: Scripts, publish: str, retention: int,
+        dedup_ttl_s: int, members_only: bool = False,
+    ) -> None:  # fmt: skip
+        """``members_only``: a turn begins only for a member of the thread
+        (authentication on), checked in the commit itself."""
         self._redis = redis
         self._scripts = scripts
         self._publish = publish
         self._retention = retention
         self._dedup_ttl_s = dedup_ttl_s
+        self._members_only = "1" if members_only else "0"
         self._notices = Notices(redis, scripts, publish)
 
     @classmethod
@@ -129,8 +133,9 @@ class TurnStore:
         """The store as pods and the standalone reaper use it (CHAT_EVENT_RETENTION,
         CHAT_DEDUP_TTL_S)."""
         return cls(
-            redis, scripts, publish, settings.chat_event_retention, settings.chat_dedup_ttl_s
-        )
+            redis, scripts, publish, settings.chat_event_retention, settings.chat_dedup_ttl_s,
+            members_only=settings.auth_enabled,
+        )  # fmt: skip
 
     async def begin(
         self, thread: ThreadId, lease: Lease, message: Message | None, loading: Loading,
@@ -143,7 +148,8 @@ class TurnStore:
         message ``anchor`` again. Or find it was asked for before
         (``client_msg_id``, default the message's), or that a dead pod's turn
         must be closed first. NotFound when the thread is gone (deleted under
-        an open socket) or ``anchor`` is not one of its messages;
+        an open socket) or ``anchor`` is not one of its messages; Forbidden
+        when the message's user is no longer a member (``members_only``);
         InvalidRequest when a regenerated reply would answer no user message.
         A regenerate's ``answers``: the user message it answers as found in
         both tiers (app.chat.history), for when Redis no longer holds it.
@@ -165,6 +171,7 @@ class TurnStore:
                     message_event_data(thread, message) if message else "", event_data(loading),
                     client_msg_id or "", self._dedup_ttl_s, loading.generation_id, pod, kind,
                     anchor, (message.queue_id or "") if message else answers,
+                    self._members_only,
                     *(entry_fields(message) if message else ("user_id", charge_to)),
                 ],
             )  # fmt: skip
@@ -178,6 +185,8 @@ class TurnStore:
             raise NotFound("this thread no longer exists")
         if reply[0] == "not_found":
             raise NotFound("no such message in this thread")
+        if reply[0] == "forbidden":
+            raise Forbidden("you are not a member of this thread")
         if reply[0] == "not_user":
             raise InvalidRequest("that message answers no user message")
         if reply[0] in ("queue_first", "moved"):

@@ -260,7 +260,7 @@ class Stopwatch:
 _T, _U = keys.ThreadId("T"), keys.UserId("U")
 _USER_KEYS = (
     keys.user_threads, keys.user_owned, keys.user_sockets, keys.user_prompt_bucket,
-    keys.user_inflight,
+    keys.user_inflight, keys.user_erasing,
 )  # fmt: skip
 KEY_LAYOUT = re.compile(
     rf"chat:\{{(?P<thread>{keys.THREAD_ID_PATTERN})\}}:"
