@@ -222,6 +222,70 @@ async def test_a_thread_written_before_trees_reads_as_one_line_and_branches(
     assert q
 
 
+async def write_old_line(redis: Any, thread: ThreadId, count: int) -> list[str]:
+    """``count`` messages in the history format from before trees (no parent)."""
+    old = []
+    for i in range(count):
+        message = Message(
+            id="", role="user" if i % 2 == 0 else "assistant", content=f"old{i}", user_id="u",
+            created_at=1, status="complete",
+        )  # fmt: skip
+        flat = entry_fields(message)
+        old.append(
+            await redis.xadd(keys.history(thread), dict(zip(flat[::2], flat[1::2], strict=True)))
+        )
+    return old
+
+
+async def every_read(reader: HistoryReader, thread: ThreadId, ids: list[str]) -> list[Any]:
+    """Each message's branch up to it and the page before it."""
+    reads: list[Any] = [await reader.page(thread, None, 50)]
+    for i in ids:
+        reads.append(await reader.page(thread, None, 50, leaf=i))
+        reads.append(await reader.page(thread, i, 2))
+    return reads
+
+
+async def test_linking_a_thread_written_before_trees_changes_no_read(
+    drive: Driver, reader: HistoryReader, thread: ThreadId, redis: Any, scripts: Scripts
+) -> None:
+    old = await write_old_line(redis, thread, 4)
+    q, r = await drive.turn("new")
+    e, er = await drive.turn("old2 edited", anchor=old[1])
+    root, rr = await drive.turn("root", anchor="-")
+    everything = [*old, q, r, e, er, root, rr]
+    before = await every_read(reader, thread, everything)
+    last_id = (await redis.xinfo_stream(keys.history(thread)))["last-generated-id"]
+
+    linked = await scripts.link_legacy(keys=[keys.history(thread), keys.tree(thread)])
+    assert linked == "linked"
+    assert await every_read(reader, thread, everything) == before
+    entries = await redis.xrange(keys.history(thread))
+    assert [i for i, _ in entries] == everything
+    assert [f["parent"] for i, f in entries[:4]] == ["", *old[:3]]
+    assert await redis.hget(keys.tree(thread), "legacy") is None
+    assert (await redis.xinfo_stream(keys.history(thread)))["last-generated-id"] == last_id
+    # The same newest leaves; once linked, nothing more to do.
+    assert await drive.switch(old[2]) == r and await drive.switch(old[1]) == er
+    assert await scripts.link_legacy(keys=[keys.history(thread), keys.tree(thread)]) == "linked"
+    # A message without parent after linked ones (an old pod's, mid-upgrade): left alone.
+    flat = entry_fields(user_message("late"))
+    await redis.xadd(keys.history(thread), dict(zip(flat[::2], flat[1::2], strict=True)))
+    assert await scripts.link_legacy(keys=[keys.history(thread), keys.tree(thread)]) == "mixed"
+
+
+async def test_linking_a_thread_never_written_since_trees(
+    drive: Driver, reader: HistoryReader, thread: ThreadId, redis: Any, scripts: Scripts
+) -> None:
+    old = await write_old_line(redis, thread, 3)
+    before = await every_read(reader, thread, old)
+    assert await scripts.link_legacy(keys=[keys.history(thread), keys.tree(thread)]) == "linked"
+    assert await every_read(reader, thread, old) == before
+    assert await drive.switch(old[0]) == old[2]
+    await drive.turn("next")
+    assert await path(reader, thread) == ["old0", "old1", "old2", "next", "re next"]
+
+
 async def test_refusals_write_nothing(
     store: TurnStore, lock: TurnLock, drive: Driver, thread: ThreadId, redis: Any
 ) -> None:

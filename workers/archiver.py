@@ -115,17 +115,27 @@ class Archiver:
         history = keys.history(thread)
         if await self._redis.exists(keys.lock(thread), keys.turn(thread)):
             return 0  # a turn runs: not idle after all
+        if await self._redis.xlen(history) <= self._keep:
+            return 0
         linked, legacy = await self._redis.hmget(keys.tree(thread), ["v", "legacy"])
         if linked is None or legacy is not None:
             # Messages from before trees carry no parent link: their parent
-            # is the entry before them, which a trim would take away.
-            return 0
+            # is the entry before them, which a trim would take away. They
+            # get the links reads already gave them, stored (once).
+            done = await self._scripts.link_legacy(keys=[history, keys.tree(thread)])
+            if done != "linked":
+                log.warning(
+                    "thread %s not archived: messages without parent links follow linked"
+                    " ones (written by pods older than conversation trees)", thread,
+                )  # fmt: skip
+                return 0
         kept = entries_of(await self._redis.xrevrange(history, count=self._keep))
-        if len(kept) < self._keep:
-            return 0
         oldest_kept = kept[-1][0]
         cold = entries_of(await self._redis.xrange(history, "-", f"({oldest_kept}"))
         if not cold:
+            return 0
+        if any("parent" not in fields for _, fields in cold):
+            log.warning("thread %s not archived: messages without parent links", thread)
             return 0
         messages = [message_from_entry(entry_id, fields) for entry_id, fields in cold]
         await self._archive.store(thread, messages)

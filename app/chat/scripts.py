@@ -776,6 +776,60 @@ return out
 """
 )
 
+# LINK_LEGACY: give a thread written before trees the links it would have
+# had, so that it can be archived (a trim would take away the entry before
+# its oldest kept message, which is that message's only parent link).
+# KEYS[1] history, [2] tree
+# Returns 'linked' (done, or nothing to do) or 'mixed' when entries without
+# a parent follow linked ones (written by old pods during the upgrade to
+# trees): left as they are, and not archived.
+# Every entry without `parent` gets the one reads already gave it (the entry
+# before it, '' for the first), and the tree index the links it implied
+# (k: its chain, the pre-tree line's first message; c: of its parent, its
+# first child; the line's tip when no linked message was ever written),
+# without `legacy`: every read answers as before, from stored links now.
+# The history is rebuilt under the same ids (explicit-id XADDs on the
+# emptied key; its last id is still the newest entry's, as history is never
+# trimmed at its end), in one script so no reader sees it half rebuilt: once
+# per thread, O(messages).
+LINK_LEGACY = (
+    _TREE
+    + r"""
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+local n = 0
+for i, e in ipairs(entries) do
+  if not field(e[2], 'parent') then
+    if n < i - 1 then return 'mixed' end
+    n = i
+  end
+end
+if n == 0 then return 'linked' end
+local head = entries[1][1]
+local prev = ''
+for i = 1, n do
+  local id = entries[i][1]
+  redis.call('HSETNX', KEYS[2], 'k:' .. id, head)
+  redis.call('HSETNX', KEYS[2], 'c:' .. prev, id)
+  prev = id
+end
+if redis.call('HSETNX', KEYS[2], 'v', '1') == 1 then
+  redis.call('HSET', KEYS[2], 't:' .. head, prev, 'N:' .. head, prev)
+end
+redis.call('HDEL', KEYS[2], 'legacy')
+redis.call('DEL', KEYS[1])
+prev = ''
+for i, e in ipairs(entries) do
+  if i <= n then
+    redis.call('XADD', KEYS[1], e[1], 'parent', prev, unpack(e[2]))
+    prev = e[1]
+  else
+    redis.call('XADD', KEYS[1], e[1], unpack(e[2]))
+  end
+end
+return 'linked'
+"""
+)
+
 # ARCHIVE_TRIM: the archiver's last step for one thread, once PostgreSQL
 # holds (committed, read back) every message older than the oldest one kept.
 # KEYS[1] history, [2] events, [3] meta, [4] tree
@@ -1489,6 +1543,7 @@ class Scripts:
         self.history_path: AsyncScript = redis.register_script(HISTORY_PATH)
         self.erase_author: AsyncScript = redis.register_script(ERASE_AUTHOR)
         self.archive_trim: AsyncScript = redis.register_script(ARCHIVE_TRIM)
+        self.link_legacy: AsyncScript = redis.register_script(LINK_LEGACY)
         self.history_slice: AsyncScript = redis.register_script(HISTORY_SLICE)
         self.request_cancel: AsyncScript = redis.register_script(REQUEST_CANCEL)
         self.ensure_thread: AsyncScript = redis.register_script(ENSURE_THREAD)

@@ -354,6 +354,60 @@ async def test_edit_regenerate_and_switch_reach_archived_messages(
         await ws.close()
 
 
+async def test_a_thread_written_before_trees_is_archived_along_its_line(
+    pod: procs.Server, redis_db: procs.RedisServer, postgres: procs.PostgresServer
+) -> None:
+    """A first-edition thread (history entries without parent links, no tree
+    index) is linked, archived with the parents reads gave it, and reads,
+    continues and branches as before."""
+    thread = "first-edition"
+    history = keys.history(keys.thread_id(thread))
+    ws, _ = await open_ready(pod.ws, thread)  # its meta, as any thread's
+    await ws.close()
+    r = redis_db.client()
+    old = [
+        r.xadd(history, {
+            "role": "user" if i % 2 == 0 else "assistant", "content": f"old words {i}",
+            "user_id": "anonymous", "status": "complete", "created_at": str(1000 + i),
+        })
+        for i in range(7)
+    ]  # fmt: skip
+    assert not r.exists(keys.tree(keys.thread_id(thread)))
+    ws, _ = await open_ready(pod.ws, thread)
+    try:
+        before = await views(ws, old[3])
+        line = before[0]["messages"]
+        assert [(m["id"], m["parent_id"]) for m in line] == list(
+            zip(old, [None, *old[:-1]], strict=True)
+        )
+
+        assert cli(redis_db, postgres, "archiver", "--once").returncode == 0
+        assert r.xlen(history) == KEEP_HOT
+        archived = rows(
+            postgres.url, "SELECT ms, seq, parent_ms, parent_seq FROM archived_messages"
+            " WHERE thread_id = %s ORDER BY ms, seq", thread,
+        )  # fmt: skip
+        cold = len(old) - KEEP_HOT
+        assert [f"{a}-{b}" for a, b, _, _ in archived] == old[:cold]
+        assert [p and f"{p}-{s}" for _, _, p, s in archived] == [None, *old[: cold - 1]]
+        assert await views(ws, old[3]) == before
+        exported = await export(pod, thread)
+        assert [(m["id"], m["parent_id"], m["content"]) for m in exported] == [
+            (m["id"], m["parent_id"], m["content"]) for m in line
+        ]  # fmt: skip
+
+        # It goes on (the model sees the whole line) and branches.
+        q, _, done = await turn(ws, "new words")
+        assert q["parent_id"] == old[-1]
+        assert done["usage"]["input_tokens"] == words(line) + 2
+        e, _, _ = await turn(ws, "edited words", parent_id=old[0])
+        page = await get_history(ws, limit=100)
+        assert ids(page)[:2] == [old[0], e["id"]]
+        assert page["messages"][1]["siblings"] == [old[1], e["id"]]
+    finally:
+        await ws.close()
+
+
 @pytest.fixture(scope="module")
 def race_pod(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
