@@ -457,8 +457,9 @@ class QueuedEvent(TimelineFrame):
 
 
 class UnqueuedEvent(TimelineFrame):
-    """A waiting prompt left the queue without running (``reason``: cancelled,
-    or budget_exceeded: its sender spent the day's tokens before it started)."""
+    """A waiting prompt left the queue without running (``reason``: cancelled;
+    budget_exceeded: its sender spent the day's tokens before it started;
+    revoked: its sender is no longer a member of the thread)."""
 
     type: Literal["unqueued"] = "unqueued"
     thread_id: str

@@ -183,6 +183,17 @@ async def test_the_thread_quota(access: Threads, redis: Any) -> None:
     await access.open(keys.thread_id("elsewhere"), OWNER)
 
 
+async def test_no_thread_is_created_while_its_creator_is_erased(
+    access: Threads, redis: Any
+) -> None:
+    await redis.set(keys.user_erasing(OWNER), "1")
+    with pytest.raises(Forbidden):
+        await access.create(keys.thread_id("during"), OWNER, "")
+    with pytest.raises(Forbidden):
+        await access.open(keys.thread_id("during"), OWNER)
+    assert not await redis.exists(keys.meta(keys.thread_id("during")), keys.user_owned(OWNER))
+
+
 async def test_pages_of_a_users_threads_newest_activity_first(access: Threads, redis: Any) -> None:
     big = Threads(redis, access._scripts, max_threads=100)
     names = [f"p{i}" for i in range(7)]

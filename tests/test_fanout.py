@@ -13,6 +13,7 @@ from app import metrics
 from app.chat import fanout, keys
 from app.chat.backoff import Backoff
 from app.chat.fanout import FanoutHub, FanoutUnavailable
+from app.chat.follower import USER_ERASED, Follower, InboxFollower
 from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
 from app.chat.records import Delta, Done, Loading, Message
@@ -230,6 +231,26 @@ async def test_control_frames_go_to_every_sink(
     await wait_until(lambda: a.controls and b.controls, what="control frames")
     assert a.controls == b.controls == [{"control": "cancel", "generation_id": "g"}]
     assert a.events == []
+
+
+async def test_an_erased_user_s_followers_are_told_to_close_on_every_thread(
+    hub: FanoutHub, thread: ThreadId, threads: Threads, redis: Any
+) -> None:
+    """chat:erased reaches every pod: each closes its followers of that user
+    (on any thread, and their inbox), and no one else's."""
+    other = keys.thread_id("t2")
+    await threads.open(other, USER)
+    theirs, also_theirs, mine = Follower(thread, 10, "bob"), Follower(other, 10, "bob"), Sink()
+    inbox = InboxFollower(ThreadId(""), 10, "bob")
+    await hub.follow(thread, theirs)
+    await hub.follow(other, also_theirs)
+    await hub.follow(thread, mine)
+    await hub.follow_inbox(keys.user_inbox(keys.user_id("bob")), inbox)
+    await redis.publish(keys.ERASED_CHANNEL, "bob")
+    followers = (theirs, also_theirs, inbox)
+    await wait_until(lambda: all(f.closing for f in followers), what="bob's followers to close")
+    assert {f.closing for f in followers} == {USER_ERASED}
+    assert mine.controls == [{"control": "erased", "user_id": "bob"}]  # told, not its user
 
 
 async def test_frames_of_unknown_shape_are_dropped(

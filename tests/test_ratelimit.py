@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from app.chat import keys, limits
-from app.chat.errors import PodFull, RateLimited
+from app.chat.errors import Forbidden, PodFull, RateLimited
 from app.chat.limits import Limits
 from app.chat.scripts import Scripts
 from app.settings import Settings
@@ -95,6 +95,19 @@ async def test_sockets_per_user_across_pods(pods: Callable[..., Any], redis: Any
     await a.release_socket(held[0])
     await b.claim_socket(ALICE)
     assert await redis.zcard(keys.user_sockets(ALICE)) == 3
+
+
+async def test_no_socket_is_admitted_while_the_user_is_erased(
+    pods: Callable[..., Any], redis: Any
+) -> None:
+    a, _ = pods()
+    await redis.set(keys.user_erasing(ALICE), "1")
+    with pytest.raises(Forbidden):
+        await a.claim_socket(ALICE)
+    assert a.local_sockets == 0 and not await redis.exists(keys.user_sockets(ALICE))
+    await a.claim_socket(BOB)
+    await redis.delete(keys.user_erasing(ALICE))
+    await a.claim_socket(ALICE)
 
 
 async def test_a_crashed_pods_sockets_stop_counting(

@@ -1438,9 +1438,12 @@ return renewed
 """
 
 # RESERVE_THREAD: count a new thread against its creator's quota, before it exists.
-# KEYS[1] the user's owned threads (Sorted set: thread id -> created ms)
+# KEYS[1] the user's owned threads (Sorted set: thread id -> created ms),
+#     KEYS[2] the user's erasing marker (app.chat.keys.user_erasing)
 # ARGV[1] thread id, ARGV[2] max threads, ARGV[3] now (ms)
-# Returns 1 when reserved (or already counted), 0 when the user owns the maximum.
+# Returns 1 when reserved (or already counted), 0 when the user owns the
+# maximum, -1 while the user's data is being erased (the erase deletes every
+# thread counted here before it ends, so none may be added meanwhile).
 # A separate step from ENSURE_THREAD because on a Redis Cluster the user's
 # keys and the thread's live on different shards. Reserving first means
 # concurrent creations cannot pass the quota together; a reservation whose
@@ -1448,6 +1451,7 @@ return renewed
 # in between) is released, or pruned when the quota is next full (see
 # Threads._prune_owned for the one narrow race that pruning allows).
 RESERVE_THREAD = r"""
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])

@@ -45,7 +45,7 @@ from app.chat.presence import Presence
 from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen
 from app.chat.reaper import Reaper
 from app.chat.records import Joined, Loading, Message, PromptPolicy, ThreadCard
-from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text
+from app.chat.redis_types import RedisClient, Subscriber, optional_texts, text, texts
 from app.chat.redis_types import entries as entries_of
 from app.chat.runner import TurnContext, TurnManager, TurnSetup
 from app.chat.scripts import Scripts
@@ -687,8 +687,11 @@ class ChatService:
         answering them, still running is stopped and waited for; then their
         messages, the model's replies to them and a title made from their
         prompt are taken out (ERASE_AUTHOR, Archive.erase_author) with their
-        read marker, role and presence. Last, every key of the user (lists,
-        usage, limits, sockets) is deleted. StillRunning when a turn to wait
+        read marker, role and presence. The threads their lists still name
+        then (created or joined while the scan ran: their creation needs a
+        reservation, which the marker refuses from the start) get the same.
+        Last, every key of the user (lists, usage, limits, sockets) is
+        deleted. StillRunning when a turn to wait
         for outlives the reaper's bound: erasing again finishes the job."""
         if caller != target and caller not in self.settings.admin_users:
             raise Forbidden("only the user themself or an admin may erase a user's data")
@@ -712,19 +715,17 @@ class ChatService:
             visited += 1
             if visited % 500 == 0:  # a long erase keeps refusing their sockets
                 await self.redis.expire(erasing, ERASING_TTL_S)
-            if text(await self.redis.hget(keys.meta(thread), "owner")) == target:
-                with contextlib.suppress(NotFound):
-                    await self.delete_thread(thread, target)
-                    report["threads_deleted"] += 1
-                continue
-            if await self.threads.is_member(thread, target):
-                with contextlib.suppress(NotFound):
-                    await self.threads.remove_member(thread, target, target)
-                    report["memberships_removed"] += 1
-            report["queued_prompts_dropped"] += await self._drop_queued(thread, target)
-            erased, titles = await self._erase_author(thread, target, archived.get(thread, []))
-            report["messages_erased"] += erased
-            report["titles_cleared"] += titles
+            await self._erase_in(thread, target, archived.get(thread, []), report)
+        # A thread created by them (before the marker: RESERVE_THREAD), or
+        # one they were added to, while the scan ran may have been missed by
+        # it. Their lists name every such thread (the scan took the others out).
+        listed: set[str] = set()
+        for key in (keys.user_threads(target), keys.user_owned(target)):
+            listed.update(texts(await self.redis.zrange(key, 0, -1)))
+        for name in sorted(listed):
+            with contextlib.suppress(keys.InvalidId):
+                thread = keys.thread_id(name)
+                await self._erase_in(thread, target, archived.get(thread, []), report)
         if self.archive is not None:
             report["archived_messages_erased"] = await self.archive.erase_author(target)
         async for key in self.redis.scan_iter(match=keys.user_keys_pattern(target), count=500):
@@ -736,6 +737,24 @@ class ChatService:
         await self.redis.delete(erasing)
         log.info("erased the data of user %s: %s", target, report)
         return report
+
+    async def _erase_in(
+        self, thread: ThreadId, target: UserId, archived: list[str], report: dict[str, int]
+    ) -> None:
+        """Erase ``target`` from one thread (see ``erase_user``), counted in ``report``."""
+        if text(await self.redis.hget(keys.meta(thread), "owner")) == target:
+            with contextlib.suppress(NotFound):
+                await self.delete_thread(thread, target)
+                report["threads_deleted"] += 1
+            return
+        if await self.threads.is_member(thread, target):
+            with contextlib.suppress(NotFound):
+                await self.threads.remove_member(thread, target, target)
+                report["memberships_removed"] += 1
+        report["queued_prompts_dropped"] += await self._drop_queued(thread, target)
+        erased, titles = await self._erase_author(thread, target, archived)
+        report["messages_erased"] += erased
+        report["titles_cleared"] += titles
 
     async def _drop_queued(self, thread: ThreadId, user: UserId) -> int:
         """Take ``user``'s waiting prompts out of the thread's queue; how many."""

@@ -158,13 +158,18 @@ class Threads:
 
     async def reserve(self, user: UserId, thread: ThreadId) -> None:
         """Count ``thread`` against ``user``'s quota before creating it;
-        RateLimited when they own the most allowed."""
+        RateLimited when they own the most allowed, Forbidden while their
+        data is being erased."""
         args: list[str | int] = [thread, self._max_threads, int(time.time() * 1000)]
-        owned = keys.user_owned(user)
-        if await self._scripts.reserve_thread(keys=[owned], args=args):
+        lists = [keys.user_owned(user), keys.user_erasing(user)]
+        reserved = await self._scripts.reserve_thread(keys=lists, args=args)
+        if reserved == -1:
+            raise Forbidden("this user's data is being erased")
+        if reserved:
             return
-        if await self._prune_owned(user) and await self._scripts.reserve_thread(
-            keys=[owned], args=args
+        if (
+            await self._prune_owned(user)
+            and await self._scripts.reserve_thread(keys=lists, args=args) == 1
         ):
             return
         raise RateLimited(
