@@ -235,7 +235,7 @@ export interface TypingEvent {
   user_id: string;
 }
 
-/** A waiting prompt left the queue without running (``reason``: cancelled, or budget_exceeded: its sender spent the day's tokens before it started). */
+/** A waiting prompt left the queue without running (``reason``: cancelled; budget_exceeded: its sender spent the day's tokens before it started; revoked: its sender is no longer a member of the thread). */
 export interface UnqueuedEvent {
   id: string;
   n: number;
