@@ -102,10 +102,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         announcer = asyncio.create_task(
             announce_ready(service, settings.chat_pod_id, described), name="ready-announcer"
         )
+        helpers = [announcer]
+        if settings.chat_loop_lag_probe_ms:
+            lag = metrics.probe_loop_lag(settings.chat_loop_lag_probe_ms / 1000)
+            helpers.append(asyncio.create_task(lag, name="loop-lag-probe"))
         try:
             yield
         finally:
-            await tasks.stop(announcer, tasks.RELEASE_S)
+            await tasks.stop_all(helpers, tasks.RELEASE_S)
             # Every step is bounded (app.chat.tasks), so the pod exits even
             # when Redis answers nothing: app.process adds up the bounds.
             log.info("pod %s draining", settings.chat_pod_id)

@@ -7,6 +7,7 @@ one pod process. Gauges that mirror live state are read at scrape time.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -90,6 +91,30 @@ def _tasks() -> int:
         return len(asyncio.all_tasks())
     except RuntimeError:  # scraped outside the pod's event loop
         return 0
+
+
+LOOP_LAG = Histogram(
+    f"{_PREFIX}_loop_lag_seconds",
+    "How late the event loop woke its lag probe (CHAT_LOOP_LAG_PROBE_MS): by the wall "
+    "clock (clock=wall: what sockets feel, the host's scheduling included) and by the "
+    "loop's own CPU time (clock=cpu: the pod's own stalls)",
+    ["clock"],
+    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0),
+)
+
+
+async def probe_loop_lag(interval_s: float) -> None:
+    """Sleep ``interval_s`` again and again; record how late each wake-up was.
+    The CPU-clock figure counts only what the loop's thread ran meanwhile (a
+    callback that ran long), not the time the host gave other processes."""
+    loop = asyncio.get_running_loop()
+    wall, cpu = LOOP_LAG.labels("wall"), LOOP_LAG.labels("cpu")
+    while True:
+        asleep, ran = loop.time(), time.thread_time()
+        await asyncio.sleep(interval_s)
+        late = max(0.0, loop.time() - asleep - interval_s)
+        wall.observe(late)
+        cpu.observe(min(late, max(0.0, time.thread_time() - ran - interval_s)))
 
 
 def bind_live_gauges(followed: Callable[[], int], running: Callable[[], int]) -> None:

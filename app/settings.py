@@ -186,6 +186,10 @@ class Settings(BaseSettings):
     # rest of an idle socket, and the small JSON frames of a stream (deltas of
     # a few tokens) gain little from it. Turn on for slow links, at that price.
     chat_ws_deflate: bool = False
+    # Every CHAT_LOOP_LAG_PROBE_MS the pod measures how late its event loop
+    # wakes a sleeper (durable_chat_loop_lag_seconds): a stall of the loop
+    # holds back every socket's frames. 0 (the default): not measured.
+    chat_loop_lag_probe_ms: float = Field(default=0.0, ge=0)
     # Seconds between keep-alive comments on an idle SSE stream (app.sse), well
     # under the idle timeouts of common proxies (60 s).
     chat_sse_keepalive_s: float = Field(default=15.0, gt=0)

@@ -27,6 +27,9 @@ cost
 storm
     durable-chat only: a pod drained under load, its sockets resuming on the
     other pod (bench.storm).
+bigroom
+    one thread with ``--bigroom-listeners`` sockets on one server beside a
+    few ordinary threads: loop lag and the others' p99 (bench.bigroom).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report, soak, storm
+from bench import bigroom, report, soak, storm
 from bench.peers import node
 from bench.peers.common import PING_ENV, TurnConfig, run_turn
 from tests import procs
@@ -58,7 +61,7 @@ PEER_MODULES = {
     "broadcaster": "bench.peers.broadcaster_server",
     "bare": "bench.peers.bare_ws",
 }
-PHASES = ("limits", "fanout", "latency", "idle", "cost", "storm")
+PHASES = ("limits", "fanout", "latency", "idle", "cost", "storm", "bigroom")
 # Each system's keep-alive ping interval, in seconds (its default): the idle
 # phase measures one such interval, after every socket's first ping.
 # durable-chat: CHAT_WS_PING_INTERVAL_S (WebSocket pings, by uvicorn).
@@ -115,6 +118,9 @@ class Config:
     storm_active: int = 10
     storm_listeners: int = 5
     storm_calm_s: float = 3.0
+    # big rooms (bench.bigroom)
+    bigroom_listeners: int = 10000
+    bigroom_token_delay_ms: float = 250.0
 
     @classmethod
     def quick(cls) -> Config:
@@ -124,7 +130,7 @@ class Config:
             latency_windows=(0.0,), idle_sockets=500, idle_peer_sockets=300, keepalive_s=5.0,
             cost_matrix=((1, 2), (2, 4)), cost_threads=4, cost_duration_s=2.0,
             limit_duration_s=2.0, storm_sockets=500, storm_threads=50, storm_active=4,
-            storm_listeners=3, storm_calm_s=2.0,
+            storm_listeners=3, storm_calm_s=2.0, bigroom_listeners=2000,
         )  # fmt: skip
 
 
@@ -333,6 +339,9 @@ class Bench:
                 flush=True,
             )
         return out
+
+    def phase_bigroom(self) -> dict[str, Any]:
+        return bigroom.phase(self)
 
     def phase_cost(self) -> dict[str, Any]:
         c = self.config
