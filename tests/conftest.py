@@ -23,7 +23,7 @@ from app.chat.lock import TurnLock
 from app.chat.scripts import Scripts
 from app.chat.service import ChatService
 from app.chat.threads import Threads
-from app.chat.timeline import Timeline
+from app.chat.timeline import BATCH, Timeline
 from app.chat.turns import TurnStore
 from app.llm.fake import FakeModel
 from app.settings import Settings
@@ -170,12 +170,15 @@ async def wait_until(
 
 
 class Listener:
-    """A raw subscriber of one channel, collecting its messages in order."""
+    """A raw subscriber of one channel, collecting its frames in order: a
+    message holding several frames (app.chat.timeline.BATCH) counts as its
+    frames in ``messages``, and as one in ``published``."""
 
     def __init__(self, redis: Any, channel: str) -> None:
         self._pubsub = redis.pubsub()
         self._channel = channel
         self.messages: list[str] = []
+        self.published: list[str] = []
 
     async def __aenter__(self) -> Listener:
         await self._pubsub.subscribe(self._channel)
@@ -187,13 +190,15 @@ class Listener:
         await self._pubsub.aclose()
 
     async def drain(self, timeout: float = 0.05) -> list[str]:
-        """Every message published so far (waits ``timeout`` for the next)."""
+        """Every frame published so far (waits ``timeout`` for the next message)."""
         while True:
             message = await self._pubsub.get_message(timeout=timeout)
             if message is None:
                 return self.messages
             if message["type"] == "message":
-                self.messages.append(message["data"])
+                data = message["data"]
+                self.published.append(data)
+                self.messages += data[1:].split(BATCH) if data.startswith(BATCH) else [data]
 
 
 @pytest.fixture

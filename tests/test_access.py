@@ -133,7 +133,7 @@ async def test_delete_removes_every_key_and_blocks_the_id_for_a_while(
     # The turn that was running cannot write another byte.
     delta = Delta(thread_id=thread, generation_id="g1", seq=0, text="zombie")
     with pytest.raises(LockLost):
-        await store.append_delta(thread, running, delta)
+        await store.append_deltas(thread, running, [delta])
     # Nor can a prompt from a socket still open on it, even with a fresh lease.
     fresh = await lock.acquire(thread)
     assert fresh is not None and fresh.fence > running.fence

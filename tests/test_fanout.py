@@ -18,7 +18,7 @@ from app.chat.keys import ThreadId
 from app.chat.lock import TurnLock
 from app.chat.records import Delta, Done, Loading, Message
 from app.chat.threads import Threads
-from app.chat.timeline import Timeline, TimelineEvent, frame_from_entry
+from app.chat.timeline import BATCH, Timeline, TimelineEvent, frame_from_entry
 from app.chat.turns import TurnStore
 from tests.conftest import USER, wait_until
 
@@ -75,7 +75,7 @@ async def run_turn(
     )  # fmt: skip
     for seq in range(deltas):
         delta = Delta(thread_id=thread, generation_id=generation_id, seq=seq, text=f"{seq} ")
-        await store.append_delta(thread, lease, delta)
+        await store.append_deltas(thread, lease, [delta])
     reply = Message(
         id="", role="assistant", content="r", user_id="assistant", created_at=1, status="complete"
     )
@@ -280,8 +280,8 @@ async def test_gap_is_filled_from_the_log(
     await store.begin(
         thread, lease, message, Loading(thread_id=thread, generation_id="g", model="f"), "pod"
     )
-    await store.append_delta(
-        thread, lease, Delta(thread_id=thread, generation_id="g", seq=0, text="a")
+    await store.append_deltas(
+        thread, lease, [Delta(thread_id=thread, generation_id="g", seq=0, text="a")]
     )
     await wait_until(lambda: len(sink.events) >= 3, what="events 1..3")
     assert sink.numbers == [1, 2, 3]
@@ -297,6 +297,34 @@ async def test_gap_is_filled_from_the_log(
     await flushed(redis, thread, sink)
     assert sink.numbers == [1, 2, 3, 4, 5]
     assert [e.frame for e in sink.events[3:]] == [fourth.frame, fifth.frame]
+    assert sink.controls == []
+
+
+async def test_a_batch_is_forwarded_as_its_events_and_its_gap_filled_first(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    """Events one script appended arrive as one message (app.chat.timeline.BATCH):
+    the hub forwards each in order, fills a gap before any of them, and drops
+    the ones it has already forwarded."""
+    sink = Sink()
+    await hub.follow(thread, sink)
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(sink.events) >= 4, what="the turn")
+    lost = await write_unpublished(redis, thread, "lost")
+    batch = [await write_unpublished(redis, thread, text) for text in ("b1", "b2")]
+    await redis.publish(keys.live(thread), BATCH + BATCH.join(e.frame for e in batch))
+    await wait_until(lambda: len(sink.events) >= 7, what="the gap and the batch")
+    # The whole batch again, and one that overlaps what was forwarded.
+    fresh = await write_unpublished(redis, thread, "fresh")
+    await redis.publish(keys.live(thread), BATCH + BATCH.join(e.frame for e in batch))
+    await redis.publish(keys.live(thread), BATCH + BATCH.join((batch[1].frame, fresh.frame)))
+    await flushed(redis, thread, sink)
+    assert sink.numbers == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [e.frame for e in sink.events[4:]] == [
+        lost.frame,
+        *(e.frame for e in batch),
+        fresh.frame,
+    ]
     assert sink.controls == []
 
 

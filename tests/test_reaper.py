@@ -44,7 +44,7 @@ async def dead_turn(
     assert isinstance(begun, Begun)
     for seq, text in enumerate(pieces):
         delta = Delta(thread_id=thread, generation_id=generation_id, seq=seq, text=text)
-        await service.turns.append_delta(thread, lease, delta)
+        await service.turns.append_deltas(thread, lease, [delta])
     return lease
 
 
@@ -76,8 +76,8 @@ async def test_sweep_closes_a_dead_pods_turn(service: ChatService, redis: Any) -
     assert await redis.exists(keys.lock(thread)) == 0
     # The dead turn, should it wake up, can never write again.
     with pytest.raises(LockLost):
-        await service.turns.append_delta(
-            thread, dead, Delta(thread_id=thread, generation_id="g", seq=3, text="zombie")
+        await service.turns.append_deltas(
+            thread, dead, [Delta(thread_id=thread, generation_id="g", seq=3, text="zombie")]
         )
     # A second sweep finds nothing to do.
     assert await reaper.sweep() == 0

@@ -242,8 +242,8 @@ async def test_a_prompt_on_a_dead_pods_turn_closes_it_and_starts_anew(
     )
     assert isinstance(begun, Begun)
     for seq, text in enumerate(["half ", "done"]):
-        await service.turns.append_delta(
-            T, lease, Delta(thread_id=T, generation_id="dead", seq=seq, text=text)
+        await service.turns.append_deltas(
+            T, lease, [Delta(thread_id=T, generation_id="dead", seq=seq, text=text)]
         )
     await redis.delete(keys.lock(T))
 

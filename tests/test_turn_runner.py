@@ -392,8 +392,8 @@ class LostReplyStore(TurnStore):
         super().__init__(*args, **kwargs)
         self.lost = 0
 
-    async def append_delta(self, thread: ThreadId, lease: Any, delta: Any) -> bool:
-        cancel = await super().append_delta(thread, lease, delta)
+    async def append_deltas(self, thread: ThreadId, lease: Any, deltas: Any) -> bool:
+        cancel = await super().append_deltas(thread, lease, deltas)
         if self.lost == 0:
             self.lost += 1
             raise RedisConnectionError("connection lost before the reply")
@@ -424,11 +424,11 @@ class RefusedOnceStore(TurnStore):
         super().__init__(*args, **kwargs)
         self.refused = 0
 
-    async def append_delta(self, thread: ThreadId, lease: Any, delta: Any) -> bool:
+    async def append_deltas(self, thread: ThreadId, lease: Any, deltas: Any) -> bool:
         if self.refused == 0:
             self.refused += 1
             raise RedisConnectionError("connection refused")
-        return await super().append_delta(thread, lease, delta)
+        return await super().append_deltas(thread, lease, deltas)
 
 
 async def test_a_refused_delta_is_sent_again_and_nothing_is_lost(
@@ -449,12 +449,16 @@ async def test_a_refused_delta_is_sent_again_and_nothing_is_lost(
 
 
 class SilentStore(TurnStore):
-    """A TurnStore whose delta writes never answer: a Redis that took the
+    """A TurnStore whose turn writes never answer: a Redis that took the
     connection and then said nothing (no error to retry on)."""
 
-    async def append_delta(self, thread: ThreadId, lease: Any, delta: Any) -> bool:
+    async def append_deltas(self, thread: ThreadId, lease: Any, deltas: Any) -> bool:
         await asyncio.Event().wait()
         return False
+
+    async def end(self, *args: Any, **kwargs: Any) -> str | None:
+        await asyncio.Event().wait()
+        return None
 
 
 async def test_final_writes_give_up_within_write_retry_s_even_when_redis_is_silent(
@@ -502,3 +506,54 @@ async def test_a_turn_ends_even_when_its_renewer_loses_a_cancel(
     assert lock.swallowed
     _, message, done = await outcome(redis, thread, "g")
     assert done["status"] == "complete" and message["content"] == expected_reply(PROMPT, 5)
+
+
+class CountingStore(TurnStore):
+    """A TurnStore that records its turn-write calls and how many deltas each carried."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, int]] = []
+
+    async def append_deltas(self, thread: ThreadId, lease: Any, deltas: Any) -> bool:
+        self.calls.append(("append", len(deltas)))
+        return await super().append_deltas(thread, lease, deltas)
+
+    async def end(self, *args: Any, **kwargs: Any) -> str | None:
+        deltas = args[4] if len(args) > 4 else kwargs.get("deltas", ())
+        self.calls.append(("end", len(deltas)))
+        return await super().end(*args, **kwargs)
+
+
+def coalesced(pieces: list[str], max_bytes: int) -> list[str]:
+    """The deltas of pieces taken one at a time: cut once the buffer reaches max_bytes."""
+    out: list[str] = []
+    buffer = ""
+    for piece in pieces:
+        buffer += piece
+        if len(buffer) >= max_bytes:
+            out.append(buffer)
+            buffer = ""
+    return out + ([buffer] if buffer else [])
+
+
+async def test_a_model_ahead_of_redis_costs_one_call_for_what_it_had_ready(
+    redis: Any, scripts: Scripts, lock: TurnLock, thread: ThreadId
+) -> None:
+    """A model faster than the round trip (here, all at once) has its deltas
+    cut exactly as one piece at a time would, and what is ready when the
+    turn ends goes with the end: one call, each delta its own event."""
+    store = CountingStore(redis, scripts, "PUBLISH", retention=10000, dedup_ttl_s=3600)
+    ctx = await begin_turn(store, lock, thread, "g")
+    model = FakeModel(tokens=120, delay_ms=0)
+    runner = TurnRunner(ctx, TurnSetup(model, store, lock, window_ms=25, max_bytes=64))
+    await asyncio.wait_for(runner.run(), 5)
+    texts, message, done = await outcome(redis, thread, "g")
+    expected = coalesced(reply_tokens(PROMPT, 120), 64)
+    assert len(expected) > 5
+    assert texts == expected
+    assert message["content"] == "".join(expected) == expected_reply(PROMPT, 120)
+    assert done["status"] == "complete"
+    assert store.calls == [("end", len(expected))]
+    seqs = [e["seq"] for e in await generation_events(redis, thread, "g") if e["type"] == "delta"]
+    assert seqs == list(range(len(expected)))

@@ -17,7 +17,7 @@ from app.chat.lock import Lease, TurnLock
 from app.chat.records import Delta, Done, Loading, Message, ToolCallEvent, ToolResultEvent, ToolUse
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
-from app.chat.timeline import frame_from_entry, parse_frame
+from app.chat.timeline import BATCH, frame_from_entry, parse_frame, parse_message
 from app.chat.turns import Begun, Duplicate, Orphaned, Partial, TurnStore
 from app.chat.usage import utc_day
 from tests.conftest import USER, Listener, open_thread
@@ -166,8 +166,8 @@ async def test_published_frames_equal_the_stored_events(
 ) -> None:
     async with Listener(redis, keys.live(thread)) as live:
         lease, _ = await begin(store, lock, thread, generation_id="g")
-        await store.append_delta(thread, lease, delta(thread, "g", 0, 'quote " and \\ é \n'))
-        await store.append_delta(thread, lease, delta(thread, "g", 1, "more"))
+        await store.append_deltas(thread, lease, [delta(thread, "g", 0, 'quote " and \\ é \n')])
+        await store.append_deltas(thread, lease, [delta(thread, "g", 1, "more")])
         await store.end(thread, lease, assistant_message("x"), done(thread, "g"))
         published = await live.drain()
     stored = await redis.xrange(keys.events(thread), "-", "+")
@@ -277,14 +277,14 @@ async def test_stale_fence_cannot_append_or_end(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:
     first, _ = await begin(store, lock, thread, generation_id="g1")
-    await store.append_delta(thread, first, delta(thread, "g1", 0, "a"))
+    await store.append_deltas(thread, first, [delta(thread, "g1", 0, "a")])
     await redis.delete(keys.lock(thread))
     newer = await lock.acquire(thread)
     assert newer is not None
     before = await snapshot(redis, thread)
     async with Listener(redis, keys.live(thread)) as live:
         with pytest.raises(LockLost):
-            await store.append_delta(thread, first, delta(thread, "g1", 1, "b"))
+            await store.append_deltas(thread, first, [delta(thread, "g1", 1, "b")])
         with pytest.raises(LockLost):
             await store.end(thread, first, assistant_message("ab"), done(thread, "g1"))
         assert await live.drain() == []
@@ -298,7 +298,7 @@ async def test_lock_lost_is_a_chat_error_not_a_response_error(
 ) -> None:
     stale, _ = await stale_and_current(lock, redis, thread)
     with pytest.raises(LockLost) as info:
-        await store.append_delta(thread, stale, delta(thread, "g", 0, "x"))
+        await store.append_deltas(thread, stale, [delta(thread, "g", 0, "x")])
     assert "newer" in str(info.value)
 
 
@@ -309,8 +309,8 @@ async def test_append_delta_emits_a_numbered_event(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
-    assert await store.append_delta(thread, lease, delta(thread, "g", 0, "Hel")) is False
-    assert await store.append_delta(thread, lease, delta(thread, "g", 1, "lo")) is False
+    assert await store.append_deltas(thread, lease, [delta(thread, "g", 0, "Hel")]) is False
+    assert await store.append_deltas(thread, lease, [delta(thread, "g", 1, "lo")]) is False
     stored = await events(redis, thread)
     assert [(e["type"], e["n"]) for _, e in stored] == [
         ("message", 1),
@@ -323,16 +323,60 @@ async def test_append_delta_emits_a_numbered_event(
     assert await redis.hget(keys.turn(thread), "seq") == "1"
 
 
+async def test_deltas_ready_together_are_one_call_one_message_and_their_own_events(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    lease, _ = await begin(store, lock, thread, generation_id="g")
+    async with Listener(redis, keys.live(thread)) as live:
+        texts = ["one ", "two ", "three"]
+        deltas = [delta(thread, "g", seq, text) for seq, text in enumerate(texts)]
+        assert await store.append_deltas(thread, lease, deltas) is False
+        frames = await live.drain()
+        assert len(live.published) == 1 and live.published[0].startswith(BATCH)
+    stored = await events(redis, thread)
+    assert [(e["type"], e["n"], e.get("seq")) for _, e in stored[2:]] == [
+        ("delta", 3, 0), ("delta", 4, 1), ("delta", 5, 2)
+    ]  # fmt: skip
+    assert frames == [frame_from_entry(i, f).frame for i, f in await redis.xrange(
+        keys.events(thread), stored[2][0], "+")]  # fmt: skip
+    assert [e.n for f in live.published for e in parse_message(f) if e] == [3, 4, 5]
+    # A retry of the same batch, or of part of it, appends nothing again.
+    before = await snapshot(redis, thread)
+    assert await store.append_deltas(thread, lease, deltas[1:]) is False
+    assert await snapshot(redis, thread) == before
+
+
+async def test_end_publishes_the_last_deltas_then_the_message_and_done_as_one_message(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    lease, _ = await begin(store, lock, thread, generation_id="g")
+    await store.append_deltas(thread, lease, [delta(thread, "g", 0, "a")])
+    last = [delta(thread, "g", 1, "b"), delta(thread, "g", 2, "c")]
+    async with Listener(redis, keys.live(thread)) as live:
+        mid = await store.end(thread, lease, assistant_message("abc"), done(thread, "g"), last)
+        frames = [orjson.loads(f) for f in await live.drain()]
+        assert len(live.published) == 1
+    assert [(f["type"], f.get("seq"), f["n"]) for f in frames] == [
+        ("delta", 1, 4), ("delta", 2, 5), ("message", None, 6), ("done", None, 7)
+    ]  # fmt: skip
+    assert frames[2]["message"]["id"] == mid and frames[3]["message_id"] == mid
+    # A retried end (its reply lost) writes nothing twice, deltas included.
+    before = await snapshot(redis, thread)
+    again = await store.end(thread, lease, assistant_message("abc"), done(thread, "g"), last)
+    assert again is None
+    assert await snapshot(redis, thread) == before
+
+
 async def test_append_delta_retry_of_a_seq_writes_nothing(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
-    await store.append_delta(thread, lease, delta(thread, "g", 0, "a"))
-    await store.append_delta(thread, lease, delta(thread, "g", 1, "b"))
+    await store.append_deltas(thread, lease, [delta(thread, "g", 0, "a")])
+    await store.append_deltas(thread, lease, [delta(thread, "g", 1, "b")])
     before = await snapshot(redis, thread)
     async with Listener(redis, keys.live(thread)) as live:
-        await store.append_delta(thread, lease, delta(thread, "g", 1, "b"))
-        await store.append_delta(thread, lease, delta(thread, "g", 0, "a"))
+        await store.append_deltas(thread, lease, [delta(thread, "g", 1, "b")])
+        await store.append_deltas(thread, lease, [delta(thread, "g", 0, "a")])
         assert await live.drain() == []
     assert await snapshot(redis, thread) == before
 
@@ -341,20 +385,20 @@ async def test_append_delta_reports_a_requested_cancel(
     store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
-    assert await store.append_delta(thread, lease, delta(thread, "g", 0, "a")) is False
+    assert await store.append_deltas(thread, lease, [delta(thread, "g", 0, "a")]) is False
     assert await store.request_cancel(thread, "g") == "g"
-    assert await store.append_delta(thread, lease, delta(thread, "g", 1, "b")) is True
+    assert await store.append_deltas(thread, lease, [delta(thread, "g", 1, "b")]) is True
 
 
 async def test_partial_text_is_the_generations_deltas(
     store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g1")
-    await store.append_delta(thread, lease, delta(thread, "g1", 0, "first "))
+    await store.append_deltas(thread, lease, [delta(thread, "g1", 0, "first ")])
     await store.end(thread, lease, assistant_message("first "), done(thread, "g1"))
     lease, _ = await begin(store, lock, thread, generation_id="g2")
     for seq, text in enumerate(["Once", " upon", " a time"]):
-        await store.append_delta(thread, lease, delta(thread, "g2", seq, text))
+        await store.append_deltas(thread, lease, [delta(thread, "g2", seq, text)])
     record = await store.record(thread)
     assert record is not None
     assert await store.partial(thread, record) == Partial("Once upon a time", 3, ())
@@ -367,7 +411,7 @@ async def test_end_commits_the_reply_and_frees_the_thread(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:
     lease, begun = await begin(store, lock, thread, generation_id="g")
-    await store.append_delta(thread, lease, delta(thread, "g", 0, "Hi there"))
+    await store.append_deltas(thread, lease, [delta(thread, "g", 0, "Hi there")])
     message_id = await store.end(thread, lease, assistant_message("Hi there"), done(thread, "g"))
     assert message_id is not None
 
@@ -482,7 +526,7 @@ async def test_event_ids_strictly_increase_within_one_millisecond(
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
     for seq in range(300):
-        await store.append_delta(thread, lease, delta(thread, "g", seq, "x"))
+        await store.append_deltas(thread, lease, [delta(thread, "g", seq, "x")])
     await store.end(thread, lease, assistant_message("x" * 300), done(thread, "g"))
     stored = await redis.xrange(keys.events(thread), "-", "+")
     ids = [keys.event_id(i) for i, _ in stored]
@@ -512,7 +556,7 @@ async def test_event_numbers_are_contiguous_across_turns(
     for turn in range(3):
         gen = f"g{turn}"
         lease, _ = await begin(store, lock, thread, generation_id=gen)
-        await store.append_delta(thread, lease, delta(thread, gen, 0, "a"))
+        await store.append_deltas(thread, lease, [delta(thread, gen, 0, "a")])
         await store.end(thread, lease, assistant_message("a"), done(thread, gen))
     stored = await events(redis, thread)
     assert [e["n"] for _, e in stored] == list(range(1, 16))
@@ -532,7 +576,7 @@ async def test_events_are_trimmed_at_turn_boundaries_only(
     # One long turn: nothing of it is trimmed while it runs.
     lease, _ = await begin(store, lock, thread, generation_id="long")
     for seq in range(250):
-        await store.append_delta(thread, lease, delta(thread, "long", seq, "y"))
+        await store.append_deltas(thread, lease, [delta(thread, "long", seq, "y")])
     assert await redis.xlen(keys.events(thread)) == 252
     record = await store.record(thread)
     assert record is not None
@@ -546,7 +590,7 @@ async def test_events_are_trimmed_at_turn_boundaries_only(
         gen = f"g{turn}"
         lease, _ = await begin(store, lock, thread, generation_id=gen)
         for seq in range(5):
-            await store.append_delta(thread, lease, delta(thread, gen, seq, "z"))
+            await store.append_deltas(thread, lease, [delta(thread, gen, seq, "z")])
         await store.end(thread, lease, assistant_message("zzzzz"), done(thread, gen))
         assert await redis.xlen(keys.events(thread)) < 2 * retention
     assert await redis.xlen(keys.events(thread)) >= retention
@@ -568,7 +612,7 @@ async def test_close_orphan_commits_the_published_text_as_interrupted(
     dead, _ = await begin(store, lock, thread, generation_id="dead")
     await store.index_add(thread)
     for seq, text in enumerate(["par", "tial"]):
-        await store.append_delta(thread, dead, delta(thread, "dead", seq, text))
+        await store.append_deltas(thread, dead, [delta(thread, "dead", seq, text)])
     await redis.delete(keys.lock(thread))
     lease = await lock.acquire(thread)
     assert lease is not None
@@ -586,7 +630,7 @@ async def test_close_orphan_commits_the_published_text_as_interrupted(
     assert await store.index_threads() == [thread]
     # The dead turn can never write again.
     with pytest.raises(LockLost):
-        await store.append_delta(thread, dead, delta(thread, "dead", 2, "zombie"))
+        await store.append_deltas(thread, dead, [delta(thread, "dead", 2, "zombie")])
 
 
 async def test_index_lists_threads_and_drops_foreign_members(store: TurnStore, redis: Any) -> None:
@@ -647,7 +691,7 @@ async def test_partial_keeps_finished_tool_calls_at_their_offsets(
     store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
-    await store.append_delta(thread, lease, delta(thread, "g", 0, "Let me see. "))
+    await store.append_deltas(thread, lease, [delta(thread, "g", 0, "Let me see. ")])
     await store.append_once(thread, lease, tool_call(thread, "g", "done-call"))
     await store.append_once(thread, lease, tool_call(thread, "g", "cut-call"))
     await store.append_once(thread, lease, tool_result(thread, "g", "done-call", "12:00"))

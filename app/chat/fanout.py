@@ -71,7 +71,7 @@ from app.chat.backoff import Backoff
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
 from app.chat.redis_types import RedisClient, Subscriber, optional_texts
-from app.chat.timeline import Timeline, TimelineEvent, event_type, parse_frame
+from app.chat.timeline import Timeline, TimelineEvent, event_type, parse_message
 
 log = logging.getLogger(__name__)
 
@@ -463,21 +463,23 @@ class FanoutHub:
             for sink in list(sinks):
                 sink.control(message)
             return
-        event = parse_frame(frame)
-        if event is None:
-            log.warning("dropping a frame of unknown shape on thread %s", thread)
-            return
+        # One event, or the several one script appended (app.chat.timeline.BATCH).
+        events = parse_message(frame)
         async with self._forwarding:
-            cursor = self._cursors.get(thread)
-            if cursor is None:
-                return
-            if cursor.n is not None and cursor.id is not None and event.n <= cursor.n:
-                if event.key > keys.event_id(cursor.id):
-                    self._reset(thread, cursor, event.n, event.id)
-                return  # a duplicate
-            if cursor.n is not None and event.n > cursor.n + 1:
-                await self._fill(thread, cursor, until=event)
-            await self._forward(thread, cursor, event)
+            for event in events:
+                if event is None:
+                    log.warning("dropping a frame of unknown shape on thread %s", thread)
+                    continue
+                cursor = self._cursors.get(thread)
+                if cursor is None:
+                    return
+                if cursor.n is not None and cursor.id is not None and event.n <= cursor.n:
+                    if event.key > keys.event_id(cursor.id):
+                        self._reset(thread, cursor, event.n, event.id)
+                    continue  # a duplicate
+                if cursor.n is not None and event.n > cursor.n + 1:
+                    await self._fill(thread, cursor, until=event)
+                await self._forward(thread, cursor, event)
 
     async def _forward(self, thread: ThreadId, cursor: _Cursor, event: TimelineEvent) -> None:
         cursor.n, cursor.id = event.n, event.id

@@ -7,9 +7,13 @@ cancelled (a ``cancel`` from any pod), error (the model failed), or
 interrupted (this pod is draining). If the pod dies instead, the reaper
 (app.chat.reaper) ends the turn.
 
-Tokens are coalesced into deltas: the buffer is flushed when it reaches
-CHAT_DELTA_MAX_BYTES or when its oldest piece is CHAT_DELTA_WINDOW_MS old,
-so a fast model costs one Redis round trip per window, not one per token.
+Tokens are coalesced into deltas: the buffer is cut into a delta when it
+reaches CHAT_DELTA_MAX_BYTES or when its oldest piece is CHAT_DELTA_WINDOW_MS
+old, so a fast model costs one Redis round trip per window, not one per
+token. Deltas cut while the model ran ahead of Redis go in one call (each
+still its own event), and those still to publish when the turn ends go with
+its end: at full model speed a turn is two script calls, its start and its
+end.
 
 Tools: when a model call ends asking for tools, the text so far is flushed,
 each call is announced (``tool_call``, once per call id, fenced like every
@@ -25,6 +29,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -90,6 +95,48 @@ class _ToolRound:
     done: asyncio.Future[None]
 
 
+class _Inbox:
+    """The turn's queue: the model's pieces, then what ends the turn or asks
+    for tools, in order; a stop may come from outside at any time. Not an
+    asyncio.Queue: a model at full speed puts a piece every few microseconds,
+    and the consumer takes everything waiting at once."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def put(self, item: object) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def take_all(self) -> deque[object]:
+        items, self._items = self._items, deque()
+        return items
+
+    def give_back(self, items: deque[object]) -> None:
+        """Put what was taken but not handled back at the front."""
+        items.extend(self._items)
+        self._items = items
+
+    async def wait(self) -> None:
+        """Until something waits in the queue."""
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                # A waiter cancelled late (a tool round's stop watch) must not
+                # take the place of the one waiting now.
+                if self._waiter is waiter:
+                    self._waiter = None
+
+
 class _LeftToReaper(Exception):
     """Redis stayed unreachable past WRITE_RETRY_S: the reaper will close the turn."""
 
@@ -141,12 +188,13 @@ class TurnRunner:
         self._turn_tools = TurnTools(
             setup.tools, ctx.thread, ctx.generation_id, self._publish_tool_event
         )
-        self._inbox: asyncio.Queue[object] = asyncio.Queue()
-        self._pending: list[str] = []
+        self._inbox = _Inbox()
+        self._pending: list[str] = []  # pieces of the delta being coalesced
         self._pending_bytes = 0
+        self._ready: list[str] = []  # deltas cut, not sent yet
         self._published: list[str] = []
-        self._inflight: Delta | None = None
-        self._seq = 0
+        self._inflight: list[Delta] = []  # sent, not acknowledged: retried as they are
+        self._seq = 0  # the next delta's
         self.status: MessageStatus | None = None
         # JSON log lines carry these as fields (app.logs).
         self.log_context = {"thread_id": ctx.thread, "generation_id": ctx.generation_id}
@@ -155,7 +203,7 @@ class TurnRunner:
 
     def stop(self, status: MessageStatus) -> None:
         """Ask the turn to end now with ``status`` (cancelled or interrupted)."""
-        self._inbox.put_nowait(_Stop(status))
+        self._inbox.put(_Stop(status))
 
     def deliver(self, event: TimelineEvent) -> None:
         """Hub sink: a turn does not need its own thread's frames."""
@@ -199,28 +247,31 @@ class TurnRunner:
                 self._calls.append(usage)
                 calls: list[ToolCall] = []
                 stream = self._model.stream(self._context(), usage, self._tools.specs)
+                keep, put = self._text.append, self._inbox.put
                 async for item in stream:
-                    if isinstance(item, ToolCall):
-                        calls.append(item)
-                    elif item:
+                    if isinstance(item, str):
+                        if not item:
+                            continue
                         if first:
                             metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
                             first = False
-                        self._text.append(item)
-                        self._inbox.put_nowait(item)
+                        keep(item)
+                        put(item)
+                    else:
+                        calls.append(item)
                 if not calls:
-                    self._inbox.put_nowait(_END)
+                    self._inbox.put(_END)
                     return
                 if rounds == self._max_tool_rounds:
                     raise LLMError(f"The model kept calling tools; stopped after {rounds} rounds.")
                 done = asyncio.get_running_loop().create_future()
-                self._inbox.put_nowait(_ToolRound(calls, done))
+                self._inbox.put(_ToolRound(calls, done))
                 await done
         except LLMError as exc:
-            self._inbox.put_nowait(exc)
+            self._inbox.put(exc)
         except Exception:
             log.exception("model %s failed unexpectedly", self._model.name, extra=self.log_context)
-            self._inbox.put_nowait(LLMError("the model failed unexpectedly"))
+            self._inbox.put(LLMError("the model failed unexpectedly"))
 
     def _context(self) -> Sequence[Message]:
         """What the model reads: the thread's history, then (after a tool
@@ -237,38 +288,49 @@ class TurnRunner:
     async def _consume(self) -> tuple[MessageStatus, LLMError | None]:
         """Coalesce the model's pieces into deltas until the turn ends."""
         loop = asyncio.get_running_loop()
+        window_s, max_bytes = self._window_s, self._max_bytes
         deadline: float | None = None  # when the buffered text must go out (loop time)
         while True:
             if deadline is not None and loop.time() >= deadline:
                 deadline = None
+                self._cut()
                 if await self._try_flush():
                     return "cancelled", None
                 continue
-            if not self._inbox.empty():
-                item = self._inbox.get_nowait()
-            else:
+            if not self._inbox:
                 try:
-                    # asyncio.timeout, not wait_for: no task per token.
+                    # asyncio.timeout, not wait_for: no task per wait.
                     async with asyncio.timeout_at(deadline):
-                        item = await self._inbox.get()
+                        await self._inbox.wait()
                 except TimeoutError:
                     continue  # the window closed: flushed at the top
-            if isinstance(item, str):
-                self._pending.append(item)
+            items = self._inbox.take_all()
+            pending = self._pending
+            while items:
+                item = items.popleft()
+                if not isinstance(item, str):
+                    self._inbox.give_back(items)
+                    break
+                pending.append(item)
                 self._pending_bytes += len(item)
                 if deadline is None:
-                    deadline = loop.time() + self._window_s
-                if self._pending_bytes >= self._max_bytes or self._window_s == 0:
+                    deadline = loop.time() + window_s
+                if self._pending_bytes >= max_bytes or window_s == 0:
                     deadline = None
-                    if await self._try_flush():
-                        return "cancelled", None
-            elif item is _END:
+                    self._cut()
+            else:
+                # Every piece waiting is handled: what was cut goes out now,
+                # in one call however many deltas it is.
+                if self._ready and await self._try_flush():
+                    return "cancelled", None
+                continue
+            if item is _END:
                 return "complete", None
-            elif isinstance(item, _Stop):
+            if isinstance(item, _Stop):
                 return item.status, None
-            elif isinstance(item, LLMError):
+            if isinstance(item, LLMError):
                 return "error", item
-            elif isinstance(item, _ToolRound):
+            if isinstance(item, _ToolRound):
                 deadline = None
                 stopped = await self._tool_round(item)
                 if stopped is not None:
@@ -289,9 +351,10 @@ class TurnRunner:
         """The status of the next stop asked for (the producer sends nothing
         while its tools run, so nothing else is taken from the queue)."""
         while True:
-            item = await self._inbox.get()
-            if isinstance(item, _Stop):
-                return item.status
+            await self._inbox.wait()
+            for item in self._inbox.take_all():
+                if isinstance(item, _Stop):
+                    return item.status
 
     async def _publish_tool_event(self, event: ToolCallEvent | ToolResultEvent) -> bool:
         cancel: bool = await self._must(
@@ -310,34 +373,54 @@ class TurnRunner:
             )
             return False
 
-    async def _flush(self) -> bool:
-        """Publish the buffered text as the next delta.
-
-        A delta that failed is retried exactly as it was (same seq, same
-        text): its first attempt may have been applied with only the reply
-        lost, and the script drops a seq it has seen. Text that arrived since
-        waits for the next delta, or it would be dropped with the duplicate.
-        """
-        if self._inflight is None:
-            if not self._pending:
-                return False
-            self._inflight = Delta(
-                thread_id=self.ctx.thread, generation_id=self.ctx.generation_id,
-                seq=self._seq, text="".join(self._pending),
-            )  # fmt: skip
+    def _cut(self) -> None:
+        """The text coalescing so far becomes a delta, ready to send."""
+        if self._pending:
+            self._ready.append("".join(self._pending))
             self._pending.clear()
             self._pending_bytes = 0
-        delta = self._inflight
-        cancel = await self._store.append_delta(self.ctx.thread, self.ctx.lease, delta)
-        metrics.DELTAS_PUBLISHED.inc()
-        self._published.append(delta.text)
-        self._inflight = None
-        self._seq += 1
+
+    def _deltas(self, texts: list[str]) -> list[Delta]:
+        ctx = self.ctx
+        return [
+            Delta(thread_id=ctx.thread, generation_id=ctx.generation_id, seq=seq, text=text)
+            for seq, text in enumerate(texts, self._seq)
+        ]
+
+    def _sent(self, deltas: list[Delta]) -> None:
+        metrics.DELTAS_PUBLISHED.inc(len(deltas))
+        self._published.extend(delta.text for delta in deltas)
+        self._seq += len(deltas)
+
+    async def _flush(self) -> bool:
+        """Publish the deltas that are ready, in one call.
+
+        Deltas that failed are retried exactly as they were (same seqs, same
+        texts), in a call of their own: their first attempt may have been
+        applied with only the reply lost, and the script drops a seq it has
+        seen. Deltas cut since go in the next call.
+        """
+        cancel = False
+        if self._inflight:
+            cancel = await self._store.append_deltas(
+                self.ctx.thread, self.ctx.lease, self._inflight
+            )
+            self._sent(self._inflight)
+            self._inflight = []
+        if self._ready:
+            self._inflight = self._deltas(self._ready)
+            self._ready = []
+            cancel = (
+                await self._store.append_deltas(self.ctx.thread, self.ctx.lease, self._inflight)
+                or cancel
+            )
+            self._sent(self._inflight)
+            self._inflight = []
         return cancel
 
     async def _flush_all(self) -> None:
-        while self._inflight is not None or self._pending:
-            await self._flush()
+        self._cut()
+        await self._flush()
 
     async def _finish(self, status: MessageStatus, error: LLMError | None) -> None:
         ctx = self.ctx
@@ -345,8 +428,12 @@ class TurnRunner:
         for call_usage in self._calls:
             ctx.usage.add(call_usage)
         usage = ctx.usage.wire()
+        # The text still to publish goes with the end (retried as it is).
+        self._cut()
+        last = self._deltas(self._ready)
+        content = "".join(self._published) + "".join(self._ready)
         assistant = Message(
-            id="", role="assistant", content="".join(self._published), user_id="assistant",
+            id="", role="assistant", content=content, user_id="assistant",
             created_at=int(time.time() * 1000), status=status,
             tool_calls=tuple(self._turn_tools.answered), usage=usage,
         )  # fmt: skip
@@ -359,7 +446,9 @@ class TurnRunner:
                 "turn %s ended with a model error: %s", ctx.generation_id, error.message,
                 extra=self.log_context,
             )  # fmt: skip
-        await self._store.end(ctx.thread, ctx.lease, assistant, done)
+        await self._store.end(ctx.thread, ctx.lease, assistant, done, last)
+        self._sent(last)
+        self._ready = []
         log.info(
             "turn %s ended %s after %d deltas", ctx.generation_id, status, self._seq,
             extra=self.log_context,
@@ -373,12 +462,14 @@ class TurnRunner:
         await self._store.index_remove(ctx.thread)
 
     async def _final_writes(self, status: MessageStatus, error: LLMError | None) -> None:
-        """Publish what is still buffered, then commit the end (see _must);
-        starting over is safe: a delta is retried as it was, and an end
-        already committed is not committed again."""
+        """Publish the deltas whose call failed, then commit the end with the
+        text still buffered (see _must); starting over is safe: a delta is
+        retried as it was, and an end already committed is not committed
+        again."""
 
         async def both() -> None:
-            await self._flush_all()
+            if self._inflight:
+                await self._flush()
             await self._finish(status, error)
 
         await self._must(both)

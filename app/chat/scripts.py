@@ -37,7 +37,13 @@ from app.chat.redis_types import RedisClient
 # emit: appends one event to the timeline (XADD events), numbers it with the
 #   thread's contiguous event number n (pods use n to notice a lost pub/sub
 #   message), and publishes the finished wire frame. The frame is the event
-#   JSON with "id" and "n" spliced in front, so pods forward it as is.
+#   JSON with "id" and "n" spliced in front, so pods forward it as is. Given
+#   a batch (a table), it keeps the frame there instead, and publish_batch
+#   sends the script's frames as one pub/sub message: a script that appends
+#   several events (a turn's start, its deltas, its end) costs every pod one
+#   message to read, not one per event. A batch of two or more is a newline
+#   followed by the frames separated by newlines (app.chat.timeline.BATCH:
+#   JSON from orjson never holds a raw newline); a batch of one is the frame.
 _PRELUDE = r"""
 local function next_event_id(meta)
   local now = redis.call('TIME')
@@ -53,7 +59,7 @@ local function next_event_id(meta)
   return string.format('%d-0', ms)
 end
 
-local function emit(meta, events, channel, publish, id, data, maxlen)
+local function emit(meta, events, channel, publish, id, data, maxlen, batch)
   local n = redis.call('HINCRBY', meta, 'event_n', 1)
   redis.call('HSET', meta, 'last_event_id', id)
   if maxlen > 0 then
@@ -62,8 +68,20 @@ local function emit(meta, events, channel, publish, id, data, maxlen)
     redis.call('XADD', events, id, 'n', n, 'data', data)
   end
   local frame = '{"id":"' .. id .. '","n":' .. n .. ',' .. string.sub(data, 2)
-  redis.call(publish, channel, frame)
+  if batch then
+    batch[#batch + 1] = frame
+  else
+    redis.call(publish, channel, frame)
+  end
   return id
+end
+
+local function publish_batch(channel, publish, batch)
+  if #batch == 1 then
+    redis.call(publish, channel, batch[1])
+  elseif #batch > 1 then
+    redis.call(publish, channel, '\n' .. table.concat(batch, '\n'))
+  end
 end
 
 local function check_fence(fence_key, fence)
@@ -457,6 +475,7 @@ elseif ARGV[10] == 'prompt' and redis.call('XLEN', KEYS[9]) > 0 then
   return {'queue_first'}
 end
 local retention = tonumber(ARGV[3])
+local batch = {}
 local answered
 local first
 if ARGV[10] == 'regenerate' then
@@ -478,7 +497,8 @@ if ARGV[10] == 'regenerate' then
   else
     return {'not_found'}
   end
-  first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], retention)
+  first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], retention,
+    batch)
 else
   local parent = ARGV[11]
   local before = active_leaf(KEYS[2], KEYS[5])
@@ -502,7 +522,7 @@ else
   redis.call('HSET', KEYS[2], 'leaf', answered)
   count_new(KEYS[2], KEYS[5], field(fields, 'user_id') or '', answered, parent == before)
   emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], answered,
-    fill_parent(fill(ARGV[4], answered), parent), retention)
+    fill_parent(fill(ARGV[4], answered), parent), retention, batch)
   first = answered
   redis.call('HINCRBY', KEYS[2], 'message_count', 1)
   redis.call('HSET', KEYS[2], 'updated_at', string.match(answered, '^(%d+)'))
@@ -513,8 +533,9 @@ if ARGV[6] ~= '' and not queued then
 end
 local lid = first
 if ARGV[10] ~= 'regenerate' then
-  lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], 0)
+  lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], 0, batch)
 end
+publish_batch(KEYS[4], ARGV[2], batch)
 redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
   'start_id', lid, 'user_message_id', answered)
 for i = 14, #ARGV, 2 do
@@ -611,9 +632,12 @@ return 'ok'
 """
 )
 
-# APPEND_DELTA: one coalesced delta of the running turn.
+# APPEND_DELTA: coalesced deltas of the running turn, one or more (a model
+# faster than the round trip leaves several ready at once: each is its own
+# event, as it would have been alone, and they go in one call).
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] turn
-# ARGV[1] fencing number, [2] publish command, [3] `delta` event JSON, [4] its seq
+# ARGV[1] fencing number, [2] publish command, [3] the first delta's seq,
+#     [4...] the deltas' event JSON, in seq order
 # Returns the turn's `cancel` field (a cancel was asked for) or nil; error
 # STALE_FENCE when the lock was lost. Returning the cancel flag here lets the
 # turn notice a cancel without a round trip of its own. A seq already
@@ -623,11 +647,20 @@ APPEND_DELTA = (
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
-if tonumber(redis.call('HGET', KEYS[5], 'seq') or '-1') < tonumber(ARGV[4]) then
-  emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[3], 0)
-  redis.call('HSET', KEYS[5], 'seq', ARGV[4])
+local turn = redis.call('HMGET', KEYS[5], 'seq', 'cancel')
+local seen = tonumber(turn[1] or '-1')
+local first = tonumber(ARGV[3])
+local batch = {}
+for i = 4, #ARGV do
+  if first + i - 4 > seen then
+    emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[i], 0, batch)
+  end
 end
-return redis.call('HGET', KEYS[5], 'cancel')
+if #batch > 0 then
+  redis.call('HSET', KEYS[5], 'seq', first + #ARGV - 4)
+  publish_batch(KEYS[4], ARGV[2], batch)
+end
+return turn[2]
 """
 )
 
@@ -658,7 +691,12 @@ return redis.call('HGET', KEYS[5], 'cancel')
 #     [4] assistant `message` event JSON (\1 = message id, "\2" = parent id),
 #     [5] `done` event JSON (\1 = message id), [6] lock owner token,
 #     [7] generation id, [8] input tokens, [9] output tokens, [10] UTC day
-#     number, [11...] history entry fields (name, value)*
+#     number, [11] the seq of the first of the turn's last deltas, [12] how
+#     many (k), [13...12+k] their event JSON, [13+k...] history entry fields
+#     (name, value)*
+# The turn's last deltas (the text still buffered when it ended) are
+# appended first, as APPEND_DELTA would, so a turn that ends with text to
+# publish costs one call, and its last events reach pods as one message.
 # Returns the message id, or nil when that generation's turn is already
 # closed (a retry after a lost reply: nothing is written twice);
 # error STALE_FENCE when another grant came since.
@@ -681,15 +719,23 @@ END_TURN = (
     + r"""
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
-local turn = redis.call('HMGET', KEYS[6], 'generation_id', 'user_message_id', 'user_id')
+local turn = redis.call('HMGET', KEYS[6], 'generation_id', 'user_message_id', 'user_id', 'seq')
 if turn[1] ~= ARGV[7] then return false end
 local parent = turn[2] or ''
 local retention = tonumber(ARGV[3])
+local batch = {}
+local seen = tonumber(turn[4] or '-1')
+local first, last = tonumber(ARGV[11]), 12 + tonumber(ARGV[12])
+for i = 13, last do
+  if first + i - 13 > seen then
+    emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[i], 0, batch)
+  end
+end
 local mid = next_event_id(KEYS[2])
 local before = active_leaf(KEYS[2], KEYS[5])
 link(KEYS[8], KEYS[5], mid, parent)
 local fields = {'parent', parent}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = last + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[8])
 redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[9])
 if turn[3] then
@@ -699,8 +745,10 @@ end
 redis.call('XADD', KEYS[5], mid, unpack(fields))
 redis.call('HSET', KEYS[2], 'leaf', mid)
 count_new(KEYS[2], KEYS[5], '', mid, parent == before)
-emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill_parent(fill(ARGV[4], mid), parent), 0)
-emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[5], mid), 0)
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill_parent(fill(ARGV[4], mid), parent), 0,
+  batch)
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[5], mid), 0, batch)
+publish_batch(KEYS[4], ARGV[2], batch)
 redis.call('DEL', KEYS[6])
 if redis.call('GET', KEYS[7]) == ARGV[6] then redis.call('DEL', KEYS[7]) end
 redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', retention)

@@ -2,9 +2,12 @@
 
 A timeline event is stored once in ``chat:{T}:events`` (fields ``n`` and
 ``data``) and published once on ``chat:{T}:live`` as its finished wire frame
-``{"id":"<id>","n":<n>,...}``. This module owns that format: building event
-JSON for the commit scripts, turning stored entries back into frames for
-resume, and reading a frame's id and number without decoding the rest.
+``{"id":"<id>","n":<n>,...}``; the events one script appends (a turn's start,
+its deltas, its end) are published together, as one message: ``BATCH`` (a
+newline), then their frames separated by newlines. This module owns that
+format: building event JSON for the commit scripts, turning stored entries
+back into frames for resume, and reading a frame's id and number without
+decoding the rest.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ MESSAGE_ID_PLACEHOLDER = "\x01"
 PARENT_ID_PLACEHOLDER = '"\x02"'
 
 _HEAD = '{"id":"'
+# Starts a published message holding several frames, and separates them. No
+# frame holds a raw newline: event JSON comes from orjson, which escapes every
+# control character in strings, and the scripts add only ids and numbers.
+# (A pod of an earlier version drops such a message as of unknown shape, and
+# reads its events from the log when the next frame shows the gap.)
+BATCH = "\n"
 _TYPE = ',"type":"'
 
 
@@ -193,6 +202,14 @@ def parse_frame(frame: str) -> TimelineEvent | None:
     n_start = end + len('","n":')
     n_end = frame.index(",", n_start)
     return TimelineEvent(event_id, keys.event_id(event_id), int(frame[n_start:n_end]), frame)
+
+
+def parse_message(message: str) -> list[TimelineEvent | None]:
+    """The frames of one published message, each read as ``parse_frame`` does:
+    one, or several for a ``BATCH``."""
+    if message.startswith(BATCH):
+        return [parse_frame(frame) for frame in message[1:].split(BATCH)]
+    return [parse_frame(message)]
 
 
 def event_type(event: TimelineEvent) -> str:

@@ -12,6 +12,7 @@ record and the lock, and drops index entries that point at neither.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,15 +221,16 @@ class TurnStore:
         await self._notices.changed(thread)
         return leaf
 
-    async def append_delta(self, thread: ThreadId, lease: Lease, delta: Delta) -> bool:
-        """Publish one delta; True when a cancel of the turn was asked for."""
+    async def append_deltas(self, thread: ThreadId, lease: Lease, deltas: Sequence[Delta]) -> bool:
+        """Publish deltas of consecutive seqs, in one call; True when a cancel
+        of the turn was asked for."""
         try:
             cancel = await self._scripts.append_delta(
                 keys=[
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.turn(thread),
                 ],
-                args=[lease.fence, self._publish, event_data(delta), delta.seq],
+                args=[lease.fence, self._publish, deltas[0].seq, *map(event_data, deltas)],
             )  # fmt: skip
         except ResponseError as exc:
             raise _fenced(exc) from exc
@@ -253,11 +255,13 @@ class TurnStore:
         return cancel is not None
 
     async def end(
-        self, thread: ThreadId, lease: Lease, assistant: Message, done: Done
-    ) -> str | None:
-        """Commit the assistant's message, publish ``done``, free the thread,
-        add the turn's tokens (``done.usage``) to the thread's totals and put
-        the user's charge in the thread's usage outbox (app.chat.usage).
+        self, thread: ThreadId, lease: Lease, assistant: Message, done: Done,
+        deltas: Sequence[Delta] = (),
+    ) -> str | None:  # fmt: skip
+        """Publish the turn's last ``deltas`` (consecutive seqs), commit the
+        assistant's message, publish ``done``, free the thread, add the
+        turn's tokens (``done.usage``) to the thread's totals and put the
+        user's charge in the thread's usage outbox (app.chat.usage).
 
         None when this generation was already closed (a retried call)."""
         usage = done.usage or {}
@@ -273,6 +277,7 @@ class TurnStore:
                     message_event_data(thread, assistant), done_event_data(done),
                     lease.token, done.generation_id,
                     usage.get("input_tokens", 0), usage.get("output_tokens", 0), utc_day(),
+                    deltas[0].seq if deltas else 0, len(deltas), *map(event_data, deltas),
                     *entry_fields(assistant),
                 ],
             )  # fmt: skip
