@@ -525,8 +525,10 @@ async def test_event_ids_strictly_increase_within_one_millisecond(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
-    for seq in range(300):
-        await store.append_deltas(thread, lease, [delta(thread, "g", seq, "x")])
+    # Ten deltas a call: the events of one call share a millisecond.
+    for first in range(0, 300, 10):
+        batch = [delta(thread, "g", seq, "x") for seq in range(first, first + 10)]
+        await store.append_deltas(thread, lease, batch)
     await store.end(thread, lease, assistant_message("x" * 300), done(thread, "g"))
     stored = await redis.xrange(keys.events(thread), "-", "+")
     ids = [keys.event_id(i) for i, _ in stored]
