@@ -2,17 +2,19 @@
 one redis-server and a PostgreSQL of the test's own (the archive's fixtures
 and scan helpers, tests/integration/test_archive.py).
 
-The user has a thread socket open on one pod and their user socket on the
-other, a prompt of theirs waits in a thread's queue behind someone else's
-running turn, the thread's auto-title was made from their first prompt, and
-that prompt is already archived. Erasing them closes both sockets (1008),
-drops the queued prompt so that it never runs, clears the title, and leaves
-nothing of theirs in either store.
+The user has a thread socket open on one pod, their user socket and an
+event stream on the other, a prompt of theirs waits in a thread's queue
+behind someone else's running turn, the thread's auto-title was made from
+their first prompt, and that prompt is already archived. Erasing them
+closes both sockets (1008) and ends the stream, drops the queued prompt so
+that it never runs, clears the title, and leaves nothing of theirs in
+either store. A reply being generated to them is stopped and redacted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from tests.integration.helpers import (
     refusal,
     send,
 )
+from tests.integration.sse import open_stream
 from tests.integration.test_archive import archive_url, cli, everything_in_redis, rows
 from tests.integration.tokens import AUTH_ENV, bearer
 
@@ -91,6 +94,7 @@ async def test_erasing_a_connected_user_closes_drops_clears_and_leaves_nothing(
     r = redis_db.client()
     alice, _ = await open_ready(a.ws, thread, additional_headers=bearer(ALICE))
     http = httpx.AsyncClient(base_url=a.http, timeout=30)
+    on_b = AsyncExitStack()
     try:
         patched = await http.patch(
             f"/v1/threads/{thread}", json={"prompt_policy": "queue"}, headers=bearer(ALICE)
@@ -103,6 +107,9 @@ async def test_erasing_a_connected_user_closes_drops_clears_and_leaves_nothing(
             f"{b.ws}/v1/ws", additional_headers=bearer(BOB), open_timeout=10, max_queue=None
         )
         await expect(bob_user, "inbox")
+        b_http = await on_b.enter_async_context(httpx.AsyncClient(base_url=b.http, timeout=30))
+        bob_sse = await on_b.enter_async_context(open_stream(b_http, thread, headers=bearer(BOB)))
+        await bob_sse.until("ready")
 
         # Bob's first prompt names the thread (the fake model: its first six
         # words), and is archived with everything but the newest message.
@@ -123,15 +130,18 @@ async def test_erasing_a_connected_user_closes_drops_clears_and_leaves_nothing(
         erased = await http.delete(f"/v1/users/{BOB}/data", headers=bearer(ADMIN))
         assert erased.status_code == 200, erased.text
         report = erased.json()
-        assert report["sockets_closed"] == 2 and report["queued_prompts_dropped"] == 1
+        assert report["sockets_closed"] == 3 and report["queued_prompts_dropped"] == 1
         assert report["titles_cleared"] == 1 and report["memberships_removed"] == 1
         # Bob's first prompt (archived) and the model's reply to it (hot).
         assert report["messages_erased"] == 1 and report["archived_messages_erased"] == 1
 
-        # Both of Bob's sockets close 1008, on both pods.
+        # Both of Bob's sockets close 1008, on both pods, and his event stream ends.
         for ws in (bob_thread, bob_user):
             _, code = await close_code(ws)
             assert code == 1008
+        with pytest.raises(EOFError):
+            while True:
+                await bob_sse.next()
         unqueued = await read_until(alice, "unqueued")
         assert unqueued[-1]["queue_id"] == queue_id and unqueued[-1]["reason"] == "revoked"
 
@@ -170,6 +180,7 @@ async def test_erasing_a_connected_user_closes_drops_clears_and_leaves_nothing(
     finally:
         await alice.close()
         await http.aclose()
+        await on_b.aclose()
 
 
 async def test_erasing_oneself_mid_reply_stops_the_reply_and_redacts_it(
