@@ -131,6 +131,8 @@ export class DurableChatClient {
     WS;
     fetchFn;
     mode;
+    /** In `auto`: until when (ms since the epoch) reconnects use SSE after a WebSocket failed. */
+    sseUntil = 0;
     link = null;
     listeners = new Set();
     stateListeners = new Set();
@@ -150,6 +152,7 @@ export class DurableChatClient {
             reconnectDelaysMs: options.reconnectDelaysMs ?? [50, 100, 250, 500, 1000, 2000, 5000],
             maxReconnects: options.maxReconnects ?? 50,
             openTimeoutMs: options.openTimeoutMs ?? 10000,
+            webSocketRetryMs: options.webSocketRetryMs ?? 60000,
         };
         const platformWS = globalThis.WebSocket ?? null;
         this.WS = options.WebSocket === undefined ? platformWS : options.WebSocket;
@@ -178,7 +181,8 @@ export class DurableChatClient {
     }
     /** The transport in use (or to be used next). */
     get transport() {
-        return this.link?.transport ?? (this.mode === "sse" ? "sse" : "websocket");
+        const onSse = this.mode === "sse" || (this.mode === "auto" && Date.now() < this.sseUntil);
+        return this.link?.transport ?? (onSse ? "sse" : "websocket");
     }
     /** Call `listener` with every event, in order, across reconnects; returns an unsubscribe. */
     on(listener) {
@@ -323,7 +327,7 @@ export class DurableChatClient {
         const attempt = ++this.attempt;
         try {
             let link;
-            if (this.mode === "sse") {
+            if (this.mode === "sse" || (this.mode === "auto" && Date.now() < this.sseUntil)) {
                 link = await this.openSse(base, attempt);
             }
             else {
@@ -334,9 +338,11 @@ export class DurableChatClient {
                     if (this.mode === "websocket" || !(error instanceof NoWebSocket))
                         throw error;
                     // A WebSocket could not be opened here: the same thread over SSE + HTTP.
-                    // If that works, stay on it (a proxy that breaks sockets breaks them all).
+                    // Reconnects stay on SSE for a while (a proxy that breaks sockets
+                    // breaks them all), then try a WebSocket again: the failure may as
+                    // well have been a pod going away mid-rollout.
                     link = await this.openSse(base, attempt);
-                    this.mode = "sse";
+                    this.sseUntil = Date.now() + this.opts.webSocketRetryMs;
                 }
             }
             if (attempt !== this.attempt || this.closed) {

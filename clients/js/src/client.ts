@@ -49,6 +49,9 @@ export interface ClientOptions {
   maxReconnects?: number;
   /** How long an attempt may take to reach `ready`. */
   openTimeoutMs?: number;
+  /** In `auto`, after a WebSocket could not be opened, how long to stay on SSE
+   * before a reconnect tries a WebSocket again (default 60 s). */
+  webSocketRetryMs?: number;
   /** Injected platform parts (tests, or Node 20 without `--experimental-websocket`). */
   WebSocket?: typeof WebSocket | null;
   fetch?: typeof fetch;
@@ -174,11 +177,16 @@ export class DurableChatClient {
   private readonly urls: string[];
   private urlIndex = 0;
   private readonly opts: Required<
-    Pick<ClientOptions, "reconnectDelaysMs" | "maxReconnects" | "openTimeoutMs">
+    Pick<
+      ClientOptions,
+      "reconnectDelaysMs" | "maxReconnects" | "openTimeoutMs" | "webSocketRetryMs"
+    >
   >;
   private readonly WS: typeof WebSocket | null;
   private readonly fetchFn: typeof fetch;
   private mode: "auto" | Transport;
+  /** In `auto`: until when (ms since the epoch) reconnects use SSE after a WebSocket failed. */
+  private sseUntil = 0;
   private link: Link | null = null;
   private readonly listeners = new Set<Listener>();
   private readonly stateListeners = new Set<(state: ConnectionState) => void>();
@@ -200,6 +208,7 @@ export class DurableChatClient {
       reconnectDelaysMs: options.reconnectDelaysMs ?? [50, 100, 250, 500, 1000, 2000, 5000],
       maxReconnects: options.maxReconnects ?? 50,
       openTimeoutMs: options.openTimeoutMs ?? 10000,
+      webSocketRetryMs: options.webSocketRetryMs ?? 60000,
     };
     const platformWS = (globalThis as { WebSocket?: typeof WebSocket }).WebSocket ?? null;
     this.WS = options.WebSocket === undefined ? platformWS : options.WebSocket;
@@ -230,7 +239,8 @@ export class DurableChatClient {
 
   /** The transport in use (or to be used next). */
   get transport(): Transport {
-    return this.link?.transport ?? (this.mode === "sse" ? "sse" : "websocket");
+    const onSse = this.mode === "sse" || (this.mode === "auto" && Date.now() < this.sseUntil);
+    return this.link?.transport ?? (onSse ? "sse" : "websocket");
   }
 
   /** Call `listener` with every event, in order, across reconnects; returns an unsubscribe. */
@@ -385,7 +395,7 @@ export class DurableChatClient {
     const attempt = ++this.attempt;
     try {
       let link: Link;
-      if (this.mode === "sse") {
+      if (this.mode === "sse" || (this.mode === "auto" && Date.now() < this.sseUntil)) {
         link = await this.openSse(base, attempt);
       } else {
         try {
@@ -393,9 +403,11 @@ export class DurableChatClient {
         } catch (error) {
           if (this.mode === "websocket" || !(error instanceof NoWebSocket)) throw error;
           // A WebSocket could not be opened here: the same thread over SSE + HTTP.
-          // If that works, stay on it (a proxy that breaks sockets breaks them all).
+          // Reconnects stay on SSE for a while (a proxy that breaks sockets
+          // breaks them all), then try a WebSocket again: the failure may as
+          // well have been a pod going away mid-rollout.
           link = await this.openSse(base, attempt);
-          this.mode = "sse";
+          this.sseUntil = Date.now() + this.opts.webSocketRetryMs;
         }
       }
       if (attempt !== this.attempt || this.closed) {

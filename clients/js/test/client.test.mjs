@@ -176,6 +176,68 @@ test("a proxy that breaks WebSockets: the client falls back to SSE by itself", {
   }
 });
 
+test("after a failed WebSocket the client tries one again on a later reconnect", { skip, timeout: 20000 }, async () => {
+  // The first upgrade fails (a pod going away mid-rollout looks the same as a
+  // proxy that breaks sockets); the next ones work.
+  let upgrades = 0;
+  class OnceBrokenSocket extends WebSocket {
+    constructor(url, protocols) {
+      upgrades += 1;
+      super(upgrades === 1 ? url.replace(/\/ws(\?|$)/, "/no-such-socket$1") : url, protocols);
+    }
+  }
+  // An event stream the test can cut, as a pod restart does.
+  let cut = null;
+  const cuttableFetch = async (url, init) => {
+    const response = await fetch(url, init);
+    if (!String(url).includes("/events") || response.body === null) return response;
+    const upstream = response.body.getReader();
+    const body = new ReadableStream({
+      start(controller) {
+        cut = () => {
+          controller.error(new Error("cut by the test"));
+          void upstream.cancel();
+        };
+      },
+      async pull(controller) {
+        const next = await upstream.read().catch(() => ({ done: true }));
+        if (next.done) controller.close();
+        else controller.enqueue(next.value);
+      },
+    });
+    return new Response(body, { status: response.status, headers: response.headers });
+  };
+  const chat = client([PODS[1]], threadId("retryws"), {
+    WebSocket: OnceBrokenSocket,
+    fetch: cuttableFetch,
+    webSocketRetryMs: 0,
+  });
+  try {
+    await chat.connect();
+    assert.equal(chat.transport, "sse");
+    const first = collect(chat, isDone, "the turn over SSE");
+    await chat.prompt("over sse");
+    await first;
+    const reconnected = new Promise((resolve) => {
+      const off = chat.onStateChange((state) => {
+        if (state === "live") {
+          off();
+          resolve();
+        }
+      });
+    });
+    cut();
+    await reconnected;
+    assert.equal(chat.transport, "websocket");
+    assert.equal(upgrades, 2);
+    const second = collect(chat, isDone, "the turn after the reconnect");
+    await chat.prompt("over a websocket again");
+    assertWholeTurn(await second);
+  } finally {
+    chat.close();
+  }
+});
+
 test("a prompt lost with its connection is sent again after the reconnect, and kept once", {
   skip,
 }, async () => {
