@@ -30,10 +30,20 @@ TOKENS = 150
 
 
 def _fill(db) -> None:
-    """Store 1 MiB, then cap Redis half a MiB below what it holds: full, and
-    it stays full (noeviction) until the junk is deleted."""
-    db.set("junk", "x" * 2**20)
-    db.config_set("maxmemory", int(db.info("memory")["used_memory"]) - 2**19)
+    """Store 8 MiB, then cap Redis 4 MiB above what it held before: full, and
+    it stays full (noeviction) until the junk is deleted. (Measured before
+    the SET: right after it Redis also counts the SET's own 8 MiB query
+    buffer, which it frees a moment later.)"""
+    before = int(db.info("memory")["used_memory"])
+    db.set("junk", "x" * 2**23)
+    db.config_set("maxmemory", before + 2**22)
+
+
+def _refused_writes(db) -> int:
+    """Commands Redis answered with an error, since it started: while it is
+    full, the turn's retried writes (refused for want of memory, or a script
+    it cannot load)."""
+    return sum(int(stat["count"]) for stat in db.info("errorstats").values())
 
 
 async def test_a_full_redis_refuses_retryably_and_recovers(redis_server, pod_factory):
@@ -55,7 +65,11 @@ async def test_a_full_redis_refuses_retryably_and_recovers(redis_server, pod_fac
         async with httpx.AsyncClient() as http:
             for pod in (pod_a, pod_b):
                 assert (await http.get(f"{pod.http}/healthz")).status_code == 200
-        await asyncio.sleep(1.0)  # the turn's writes keep failing meanwhile
+        # The turn's writes keep being refused meanwhile, and it waits for room.
+        so_far = _refused_writes(db)
+        await asyncio.to_thread(
+            wait_until, lambda: _refused_writes(db) > so_far, 10, what="a refused write of the turn"
+        )
         assert of_type(writer.events, "done") == []
         db.delete("junk")
         await writer.until(lambda ev: len(of_type(ev, "done")) == 1, 20, "the turn to end")
