@@ -235,10 +235,13 @@ class SentinelGroup:
         self.wait_healthy()
 
     def _wait_switched(self, old: int) -> None:
+        # Usually a second or two; but an election that fails (two sentinels
+        # asking for votes at once, or a slow one on a loaded machine) is
+        # tried again only after twice the failover timeout: allow a few.
         for i in range(len(self.sentinel_ports)):
             wait_until(
                 lambda i=i: self.primary_port(i) != old,
-                15,
+                45,
                 what=f"sentinel {i} to name a new primary",
             )
 
