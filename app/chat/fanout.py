@@ -325,12 +325,7 @@ class FanoutHub:
             return
         del self._followers[thread]
         self._cursors.pop(thread, None)
-        channel = keys.live(thread)
-        self._confirmed.pop(channel, None)
-        async with self._commanding:
-            if self._pubsub is not None and self.connected:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._pubsub.unsubscribe(channel)
+        await self._unsubscribe(keys.live(thread))
 
     async def follow_inbox(self, channel: str, sink: InboxSink) -> None:
         """Feed ``sink`` what is published on a user's inbox ``channel``;
@@ -361,6 +356,12 @@ class FanoutHub:
         if sinks:
             return
         del self._inboxes[channel]
+        await self._unsubscribe(channel)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        """Drop ``channel``'s subscription once nobody here follows it. A
+        lost connection has dropped it already (a reconnect subscribes only
+        to what is still followed), so errors are ignored."""
         self._confirmed.pop(channel, None)
         async with self._commanding:
             if self._pubsub is not None and self.connected:
