@@ -218,7 +218,8 @@ def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
     if "resumed" in storm:
         bad = storm["lost"] + storm["doubled"] + storm["behind_at_end"]
         t["storm_exact"] = {
-            "measured": f"{storm['resumed']:,} of {storm['sockets']:,} sockets resumed on pod B in "
+            "measured": f"{storm['resumed']:,} of {storm['sockets']:,} sockets resumed on pod B "
+            f"{'(then the run gave up waiting) ' if storm.get('timed_out') else ''}in "
             f"{storm['storm_s']:.1f} s; {storm['events']:,} events checked: {storm['lost']} lost, "
             f"{storm['doubled']} doubled, {storm['behind_at_end']} sockets behind at the end",
             "met": bad == 0 and storm["failed_to_resume"] == 0,
@@ -482,10 +483,13 @@ def _storm_md(results: dict[str, Any]) -> list[str]:
         "",
         "| | |",
         "| --- | ---: |",
-        f"| storm: SIGTERM to the last socket's `ready` on pod B | {r['storm_s']:.2f} s |",
+        f"| storm: SIGTERM to the last socket's `ready` on pod B | {r['storm_s']:.2f} s"
+        f"{' (gave up waiting)' if r.get('timed_out') else ''} |",
         f"| pod A closed its last socket after | {r['closed_s']:.2f} s |",
         f"| sockets resumed / failed | {r['resumed']:,} / {r['failed_to_resume']:,} |",
-        f"| connect attempts | {r['attempts']:,} |",
+        f"| connect attempts during the storm (first connects: {r['sockets']:,} sockets, "
+        f"{r['connect_attempts']:,} attempts) | {r['attempts']:,} |",
+        f"| sockets closed again after resuming | {r['closed_again']:,} |",
         f"| time without a socket, p50 / p99 / max | {off.get('p50_s', 0):.2f} / "
         f"{off.get('p99_s', 0):.2f} / {off.get('max_s', 0):.2f} s |",
         f"| events checked (both pods' sockets) | {r['events']:,} |",
@@ -511,7 +515,13 @@ def _storm_md(results: dict[str, Any]) -> list[str]:
             f"| {_n(lat.get('p999_ms'), 1)} | {_n(lat.get('max_ms'), 1)} |"
         )
     if r.get("errors"):
-        lines += ["", "Errors: " + "; ".join(f"{k} (x{v})" for k, v in r["errors"].items())]
+        lines += [
+            "",
+            "Client errors: " + "; ".join(f"`{k}` (x{v})" for k, v in r["errors"].items()),
+        ]
+    if r.get("pod_log_warnings"):
+        lines += ["", "The pods' warnings and errors, most frequent first:", ""]
+        lines += [f"- `{k}` (x{v:,})" for k, v in r["pod_log_warnings"].items()]
     return [*lines, ""]
 
 

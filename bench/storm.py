@@ -31,6 +31,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -39,7 +40,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bench import load, wsclient
-from tests.procs import cpu_seconds, running
+from tests.procs import Server, cpu_seconds, running
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 MAX_ATTEMPTS = 50
 CONNECT_TIMEOUT_S = 10.0
-STORM_TIMEOUT_S = 120.0
+STORM_TIMEOUT_S = 60.0
 CATCH_UP_TIMEOUT_S = 20.0
 STAMP = "[t="
 
@@ -61,9 +62,16 @@ class Run:
         self.latencies: dict[str, list[float]] = {"calm": [], "storm": []}
         self.errors: collections.Counter[str] = collections.Counter()
         self.progress = asyncio.Event()  # set by every timeline event received
+        self.moving = 0  # pod A's sockets not yet resumed on pod B (nor given up)
+        self.moved = asyncio.Event()
         # How late this process's own event loop runs (a 5 ms ticker): tokens
         # read late because the load generator was busy are not the pod's.
         self.lag: dict[str, list[float]] = {"calm": [], "storm": []}
+
+    def settled(self) -> None:
+        self.moving -= 1
+        if self.moving == 0:
+            self.moved.set()
 
     async def tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,6 +104,7 @@ class Sock:
         self.closed_at: float | None = None
         self.close_code: int | None = None
         self.resumed_at: float | None = None
+        self.closed_again = 0  # closes after the first (not the drain's)
         self.attempts = 0
 
     def path(self) -> str:
@@ -135,36 +144,61 @@ class Sock:
             self.done.set()
 
     async def connect(self, endpoint: tuple[str, int]) -> None:
+        """One attempt: returns once ``ready`` came, raises if the socket
+        could not be opened or was closed before it."""
         self.ready = asyncio.Event()
         self.client = await wsclient.connect(*endpoint, self.path(), self.on_message)
-        await self.ready.wait()
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            await asyncio.wait([ready, self.client.closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self.ready.is_set():
+            raise ConnectionError(f"closed before ready ({self.client.close_code})")
 
-    async def move(self, endpoint: tuple[str, int]) -> None:
-        """Wait for the drain to close this socket, then resume on ``endpoint``."""
-        assert self.client is not None
-        await self.client.closed
-        self.closed_at, self.close_code = time.time(), self.client.close_code
-        while self.attempts < MAX_ATTEMPTS:
-            await asyncio.sleep(RECONNECT_DELAYS[min(self.attempts, len(RECONNECT_DELAYS) - 1)])
+    async def open(self, endpoint: tuple[str, int], first_delay: bool) -> bool:
+        """Connect, trying again as app/client.py does (its delays, before
+        each attempt after a drop; False after MAX_ATTEMPTS failed)."""
+        for failures in range(MAX_ATTEMPTS):
+            if failures or first_delay:
+                await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
             self.attempts += 1
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     await self.connect(endpoint)
+                return True
             except (OSError, TimeoutError, wsclient.HandshakeError) as exc:
-                self.run.errors[f"reconnect: {type(exc).__name__}: {exc}"[:120]] += 1
+                self.run.errors[f"connect: {type(exc).__name__}: {exc}"[:120]] += 1
                 if self.client is not None:
                     self.client.abort()
-                continue
-            self.resumed_at = time.time()
-            return
+        return False
+
+    async def keep(self, endpoint: tuple[str, int], moving: bool) -> None:
+        """Whenever this socket closes (the drain, or anything else), resume on
+        ``endpoint``, the pod left; ``moving``: one of the drained pod's."""
+        while self.client is not None:
+            await self.client.closed
+            if self.closed_at is None:
+                self.closed_at, self.close_code = time.time(), self.client.close_code
+            else:
+                self.closed_again += 1
+            resumed = await self.open(endpoint, first_delay=True)
+            if moving and self.resumed_at is None:
+                self.resumed_at = time.time() if resumed else None
+                self.run.settled()
+            if not resumed:
+                return
 
 
 async def _open(socks: list[Sock], endpoint: tuple[str, int], concurrency: int = 100) -> None:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(sock: Sock) -> None:
-        async with gate, asyncio.timeout(load.CONNECT_TIMEOUT_S):
-            await sock.connect(endpoint)
+        async with gate:
+            if not await sock.open(endpoint, first_delay=False):
+                raise RuntimeError(
+                    f"a socket of {sock.thread} could not connect: {sock.run.errors}"
+                )
 
     await asyncio.gather(*(one(s) for s in socks))
 
@@ -197,7 +231,10 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     await _open(on_a, pod_a)
     connect_s = time.perf_counter() - started
-    moves = [asyncio.create_task(s.move(pod_b)) for s in on_a]
+    run.moving = len(on_a)
+    moving = set(on_a)
+    connect_attempts = sum(s.attempts for s in on_a)
+    keeping = [asyncio.create_task(s.keep(pod_b, s in moving)) for s in on_a + on_b]
     drivers = on_b[::listeners]
     stopping = asyncio.Event()
     turns = collections.Counter[str]()
@@ -235,8 +272,9 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         run.phase = "storm"
         t0 = time.time()
         os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
-        async with asyncio.timeout(STORM_TIMEOUT_S):
-            await asyncio.gather(*moves)
+        with contextlib.suppress(TimeoutError):  # reported: failed_to_resume, timed_out
+            async with asyncio.timeout(STORM_TIMEOUT_S):
+                await run.moved.wait()
         t_end = time.time()
         run.phase = None
         b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
@@ -248,7 +286,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(load.TURN_TIMEOUT_S):
                 await asyncio.gather(*driving, return_exceptions=True)
-        for task in [*driving, *moves, ticker]:
+        for task in [*driving, ticker]:
             task.cancel()
     # Every socket ends on its thread's last event (the driver's, on pod B).
     final = {d.thread: d.last_n for d in drivers}
@@ -259,7 +297,9 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
                 run.progress.clear()
                 await run.progress.wait()
     behind = sum(1 for s in everyone if s.thread in final and s.last_n != final[s.thread])
-    b_closed = sum(1 for s in on_b if s.client is not None and s.client.closed.done())
+    b_closed = sum(1 for s in on_b if s.closed_at is not None)
+    for task in keeping:
+        task.cancel()
     for s in everyone:
         if s.client is not None:
             s.client.close()
@@ -268,11 +308,13 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         "mode": "storm", "sockets": len(on_a), "threads": len(threads),
         "active_threads": len(active), "listeners": listeners, "connect_s": connect_s,
         "turns": sum(turns.values()),
-        "storm_s": t_end - t0,
+        "storm_s": t_end - t0, "timed_out": not run.moved.is_set(),
         "closed_s": max((s.closed_at or t0) for s in on_a) - t0,
         "close_codes": dict(collections.Counter(str(s.close_code) for s in on_a)),
         "resumed": len(resumed), "failed_to_resume": len(on_a) - len(resumed),
-        "attempts": sum(s.attempts for s in on_a),
+        "attempts": sum(s.attempts for s in on_a) - connect_attempts,
+        "connect_attempts": connect_attempts,
+        "closed_again": sum(s.closed_again for s in on_a),
         "not_recovered": sum(s.not_recovered for s in on_a),
         "offline": _spread([s.resumed_at - s.closed_at for s in resumed if s.closed_at]),
         "events": sum(s.events for s in everyone), "lost": sum(s.lost for s in everyone),
@@ -316,7 +358,8 @@ def phase(bench: Bench) -> dict[str, Any]:
             r = bench._load(spec, module="bench.storm")
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
         print(f"  storm: FAILED: {exc}", file=sys.stderr)
-        return {"failed": str(exc)[-2000:]}
+        return {"failed": str(exc)[-2000:], "pod_log_warnings": _warnings(servers)}
+    r["pod_log_warnings"] = _warnings(servers)
     calm, during = r["latency_calm"], r["latency_storm"]
     print(
         f"  {r['resumed']}/{r['sockets']} resumed on pod B in {r['storm_s']:.2f} s; "
@@ -326,6 +369,17 @@ def phase(bench: Bench) -> dict[str, Any]:
         flush=True,
     )
     return r
+
+
+def _warnings(servers: list[Server]) -> dict[str, int]:
+    """The pods' warnings and errors, by kind (thread ids left out), most first."""
+    kinds: collections.Counter[str] = collections.Counter()
+    for pod, server in zip(("pod A", "pod B"), servers, strict=True):
+        for line in server.logs().splitlines():
+            if (" WARNING [" in line or " ERROR [" in line) and "CHAT_LLM is FAKE" not in line:
+                text = re.sub(r"\S+-s\d+", "<thread>", line.split("] ", 1)[-1])
+                kinds[f"{pod}: {text}"[:160]] += 1
+    return dict(kinds.most_common(8))
 
 
 def main() -> None:
