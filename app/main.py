@@ -1,7 +1,8 @@
 """The FastAPI application: create_app(settings) and the pod's lifespan.
 
 The lifespan owns every long-lived resource of a pod: the Redis clients, the
-chat service (its fan-out hub and running turns) and the in-pod reaper. On
+chat service (its fan-out hub and running turns), the in-pod reaper and,
+with CHAT_ARCHIVER_IN_POD, the in-pod archiver. On
 shutdown it drains: new sockets and turns are refused (readiness fails),
 running turns get CHAT_DRAIN_GRACE_S to finish and are then committed as
 interrupted, and only then is Redis let go.
@@ -24,6 +25,7 @@ from app import metrics, rest, schema, seed, sse, usersock, ws
 from app.auth import Authenticator, AuthError
 from app.chat import tasks
 from app.chat.archive import Archive
+from app.chat.archiver import Archiver
 from app.chat.service import ChatService
 from app.llm import make_model
 from app.llm.tools import load_tools
@@ -88,9 +90,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lambda: service.hub.followed_threads, lambda: service.manager.running
         )
         reaper_task = None
+        # The reaper's leader lease names its holder so: the in-pod archiver
+        # sweeps while its own pod holds it.
+        holder = f"pod:{settings.chat_pod_id}"
         if settings.chat_reaper_in_pod:
-            reaper = service.reaper(holder=f"pod:{settings.chat_pod_id}")
+            reaper = service.reaper(holder=holder)
             reaper_task = asyncio.create_task(reaper.run_forever(), name="reaper")
+        archiver_task = None
+        if settings.chat_archiver_in_pod and archive is not None:
+            archiver = Archiver.configured(
+                handles.commands, handles.publish_command, archive, settings
+            )
+            archiver_task = asyncio.create_task(
+                archiver.run_forever(leader=holder), name="archiver"
+            )
         # Everything loaded so far (the modules, the app, the clients) lives as
         # long as the pod: out of the collector's sight, so that a full
         # collection scans only what sockets and turns create. Without this, a
@@ -113,10 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Every step is bounded (app.chat.tasks), so the pod exits even
             # when Redis answers nothing: app.process adds up the bounds.
             log.info("pod %s draining", settings.chat_pod_id)
-            reaper_stopped = (
-                tasks.stop(reaper_task, tasks.RELEASE_S) if reaper_task else asyncio.sleep(0)
-            )
-            await asyncio.gather(service.drain(), reaper_stopped)
+            stopped = [tasks.stop(t, tasks.RELEASE_S) for t in (reaper_task, archiver_task) if t]
+            await asyncio.gather(service.drain(), *stopped)
             await tasks.within(model.aclose(), tasks.RELEASE_S, "closing the model client")
             await tasks.within(handles.aclose(), tasks.RELEASE_S, "closing the Redis clients")
             if archive is not None:

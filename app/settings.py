@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     # Connections of one process's pool to PostgreSQL (a pod's reads, or
     # the archiver): the bound PostgreSQL's max_connections is sized by.
     chat_archive_pool_size: int = Field(default=4, ge=1, le=100)
+    # Archive from the pods instead of `durable-chat archiver`: the pod whose
+    # reaper holds the leader lease sweeps (needs CHAT_REAPER_IN_POD).
+    chat_archiver_in_pod: bool = False
     # Retention: whole threads idle longer than this are deleted from both
     # tiers by the archiver's sweep (unset: kept for ever). Runs with the
     # archiver, so it needs CHAT_ARCHIVE_URL too.
@@ -294,6 +297,11 @@ class Settings(BaseSettings):
                     "CHAT_LLM=openai needs OPENAI_API_KEY, or OPENAI_BASE_URL for a "
                     "self-hosted OpenAI-compatible server."
                 )
+        if self.chat_archiver_in_pod and not (self.chat_archive_url and self.chat_reaper_in_pod):
+            raise ConfigError(
+                "CHAT_ARCHIVER_IN_POD needs CHAT_ARCHIVE_URL, and CHAT_REAPER_IN_POD: the pod "
+                "whose reaper holds the leader lease is the one that archives."
+            )
         if self.redis_cluster and not self.redis_url:
             raise ConfigError("REDIS_CLUSTER=1 needs REDIS_URL (a seed node of the cluster).")
         if self.redis_sentinels:

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "app.chat.titles": 4,
     "app.chat.runner": 4,
     "app.chat.reaper": 4,
+    "app.chat.archiver": 4,
     "app.chat.service": 4,
     "app": 5,  # edges: protocol, ws, seed, rest, auth, origins, ops, client
     "app.web": 5,

@@ -138,6 +138,7 @@ async def turn(ws: Any, content: str, **extra: Any) -> tuple[Event, Event, Event
     seen: list[Event] = []
 
     def ours(event: Event) -> bool:
+        assert event["type"] != "error", event
         seen.append(event)
         message = event.get("message", {})
         if not start and message.get("role") == "user" and message.get("content") == content:
@@ -601,16 +602,70 @@ async def test_retention_deletes_idle_threads_from_both_tiers(
     assert not r.zscore(keys.user_threads(keys.user_id("anonymous")), thread)
 
 
-def expired_count(port: int) -> float:
-    """durable_chat_threads_expired_total as the archiver serves it (0 until up)."""
+def counter(url: str, name: str) -> float:
+    """A counter as a process serves it on /metrics (0 until up)."""
     try:
-        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        body = httpx.get(f"{url}/metrics", timeout=2).text
     except httpx.HTTPError:
         return 0
     for line in body.splitlines():
-        if line.startswith("durable_chat_threads_expired_total "):
+        if line.startswith(f"{name} "):
             return float(line.split()[1])
     return 0
+
+
+def expired_count(port: int) -> float:
+    return counter(f"http://127.0.0.1:{port}", "durable_chat_threads_expired_total")
+
+
+async def test_pods_archive_behind_the_reapers_leader_lease(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    postgres: procs.PostgresServer, migrated: str,
+) -> None:  # fmt: skip
+    """CHAT_ARCHIVER_IN_POD: of two pods (on a Redis of their own), the one
+    whose reaper holds the leader lease archives; the other never does."""
+    workdir = tmp_path_factory.mktemp("in-pod")
+    redis = procs.RedisServer(workdir / "redis").start()
+    try:
+        settings = dict(
+            CHAT_ARCHIVE_URL=archive_url(postgres), CHAT_ARCHIVER_IN_POD=1,
+            CHAT_ARCHIVE_AFTER_DAYS=0, CHAT_ARCHIVE_KEEP_HOT=KEEP_HOT, CHAT_ARCHIVE_INTERVAL_S=0.1,
+            CHAT_FAKE_TOKEN_DELAY_MS=1, CHAT_FAKE_REPLY_TOKENS=6, CHAT_RATE_PROMPTS_PER_MIN=0,
+            CHAT_LOG_LEVEL="INFO",
+        )  # fmt: skip
+        pods = [
+            procs.pod(f"in-pod-{i}", redis.url, workdir / f"pod{i}.log", **settings)
+            for i in range(2)
+        ]
+        track_pods(request).extend(pods)
+        thread = "in-pod"
+        history = keys.history(keys.thread_id(thread))
+        with procs.running(pods):
+            ws, _ = await open_ready(pods[1].ws, thread)
+            try:
+                for i in range(4):
+                    await turn(ws, f"archived by a pod {i}")
+            finally:
+                await ws.close()
+            r = redis.client()
+            cold = 8 - KEEP_HOT
+            for _ in range(300):
+                archived = rows(
+                    postgres.url, "SELECT count(*) FROM archived_messages WHERE thread_id = %s",
+                    thread,
+                )[0][0]  # fmt: skip
+                if archived == cold and r.xlen(history) == KEEP_HOT:
+                    break
+                await asyncio.sleep(0.05)
+            assert (archived, r.xlen(history)) == (cold, KEEP_HOT)
+            leader = r.get(keys.REAPER_LEADER)
+            counts = {
+                f"pod:{p.name}": counter(p.http, "durable_chat_archived_messages_total")
+                for p in pods
+            }
+        assert counts == {name: cold if name == leader else 0 for name in counts}, counts
+    finally:
+        redis.stop()
 
 
 def test_a_history_page_is_primary_key_lookups_only(migrated: str) -> None:
