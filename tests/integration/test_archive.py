@@ -6,8 +6,13 @@ What a client reads never changes while messages move: full pages, short
 pages walked with ``before``, another branch by ``leaf``, ``has_more`` and
 siblings are the same before archiving, after each crash and after the last
 sweep; the archive holds every cold message once; the owner's export is
-every message ever sent, once, whichever tier holds it; the model's context still
-reaches the archived start of a thread; deleting a thread removes its rows.
+every message ever sent, once, whichever tier holds it, also when a sweep
+trims the thread between two of its reads (the pod stops itself there:
+CHAT_PAUSE_AT); the model's context still reaches the archived start of a
+thread; edits, regenerates and switches reach archived messages; a thread
+written before trees is archived along its line; pods archive behind the
+reaper's leader lease (CHAT_ARCHIVER_IN_POD); deleting a thread removes
+its rows.
 """
 
 from __future__ import annotations
@@ -153,10 +158,10 @@ async def turn(ws: Any, content: str, **extra: Any) -> tuple[Event, Event, Event
     return messages[0], messages[-1], done
 
 
-async def export(pod: procs.Server, thread: str) -> list[Event]:
+async def export(pod: procs.Server, thread: str, **headers: str) -> list[Event]:
     """The thread's export: its JSON lines, each a message."""
     async with httpx.AsyncClient(base_url=pod.http, timeout=10) as http:
-        got = await http.get(f"/v1/threads/{thread}/export")
+        got = await http.get(f"/v1/threads/{thread}/export", headers=headers)
     assert got.status_code == 200, got.text
     assert got.headers["content-type"] == "application/x-ndjson"
     return [orjson.loads(line) for line in got.text.splitlines()]
@@ -409,18 +414,6 @@ async def test_a_thread_written_before_trees_is_archived_along_its_line(
         await ws.close()
 
 
-@pytest.fixture(scope="module")
-def race_pod(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-    redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
-) -> Iterator[procs.Server]:  # fmt: skip
-    """A pod that stops itself (SIGSTOP) between its first export's first
-    read and its next, until the test continues it."""
-    yield from running_pod(
-        request, tmp_path_factory.mktemp("race"), redis_db, postgres, CHAT_PAUSE_AT="export_read"
-    )
-
-
 async def stopped(pid: int) -> None:
     """Wait until the process has stopped itself (state T in /proc)."""
 
@@ -435,37 +428,6 @@ async def stopped(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop itself")
 
 
-async def test_an_export_racing_the_first_sweep_gives_every_message_once(
-    race_pod: procs.Server, redis_db: procs.RedisServer, postgres: procs.PostgresServer
-) -> None:
-    """The pod has read the first page of a thread's history (more than a
-    page of messages, none archived yet) when the archiver's first sweep of
-    the thread copies and trims it past that page; the export then goes on,
-    and still gives every message once."""
-    thread = "export-race"
-    history = keys.history(keys.thread_id(thread))
-    ws, _ = await open_ready(race_pod.ws, thread)
-    try:
-        for i in range((EXPORT_PAGE + KEEP_HOT) // 2 + 4):
-            await turn(ws, f"racing words {i}")
-    finally:
-        await ws.close()
-    r = redis_db.client()
-    assert r.xlen(history) > EXPORT_PAGE + KEEP_HOT + 1
-    assert not rows(postgres.url, "SELECT 1 FROM archived_messages WHERE thread_id = %s", thread)
-
-    exporting = asyncio.create_task(export(race_pod, thread))
-    await stopped(race_pod.pid)
-    try:
-        swept = await asyncio.to_thread(cli, redis_db, postgres, "archiver", "--once")
-        assert swept.returncode == 0, swept.stderr
-        # Trimmed past the page the export has read.
-        assert r.xlen(history) == KEEP_HOT
-    finally:
-        os.kill(race_pod.pid, signal.SIGCONT)
-    assert await exporting == everything_sent(thread)
-
-
 ADMIN = "root-admin"
 MARKER = "zq-private-words"
 
@@ -475,10 +437,44 @@ def auth_pod(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
     redis_db: procs.RedisServer, postgres: procs.PostgresServer, migrated: str,
 ) -> Iterator[procs.Server]:  # fmt: skip
+    """With authentication, and stopping itself (SIGSTOP) between its first
+    export's first read and its next, until the test continues it."""
     yield from running_pod(
         request, tmp_path_factory.mktemp("auth"), redis_db, postgres,
-        **AUTH_ENV, CHAT_ADMIN_USERS=ADMIN,
+        **AUTH_ENV, CHAT_ADMIN_USERS=ADMIN, CHAT_PAUSE_AT="export_read",
     )  # fmt: skip
+
+
+async def test_an_export_racing_the_first_sweep_gives_every_message_once(
+    auth_pod: procs.Server, redis_db: procs.RedisServer, postgres: procs.PostgresServer
+) -> None:
+    """The pod has read the first page of a thread's history (more than a
+    page of messages, none archived yet) when the archiver's first sweep of
+    the thread copies and trims it past that page (the pod stops itself
+    there: CHAT_PAUSE_AT); the export then goes on, and still gives every
+    message once."""
+    thread, owner = "export-race", "racer"
+    history = keys.history(keys.thread_id(thread))
+    ws, _ = await open_ready(auth_pod.ws, thread, additional_headers=bearer(owner))
+    try:
+        for i in range((EXPORT_PAGE + KEEP_HOT) // 2 + 4):
+            await turn(ws, f"racing words {i}")
+    finally:
+        await ws.close()
+    r = redis_db.client()
+    assert r.xlen(history) > EXPORT_PAGE + KEEP_HOT + 1
+    assert not rows(postgres.url, "SELECT 1 FROM archived_messages WHERE thread_id = %s", thread)
+
+    exporting = asyncio.create_task(export(auth_pod, thread, **bearer(owner)))
+    await stopped(auth_pod.pid)
+    try:
+        swept = await asyncio.to_thread(cli, redis_db, postgres, "archiver", "--once")
+        assert swept.returncode == 0, swept.stderr
+        # Trimmed past the page the export has read.
+        assert r.xlen(history) == KEEP_HOT
+    finally:
+        os.kill(auth_pod.pid, signal.SIGCONT)
+    assert await exporting == everything_sent(thread)
 
 
 # How to read each kind of key whole.
