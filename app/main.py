@@ -89,13 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.bind_live_gauges(
             lambda: service.hub.followed_threads, lambda: service.manager.running
         )
-        reaper_task = None
         # The reaper's leader lease names its holder so: the in-pod archiver
         # sweeps while its own pod holds it.
         holder = f"pod:{settings.chat_pod_id}"
-        if settings.chat_reaper_in_pod:
-            reaper = service.reaper(holder=holder)
-            reaper_task = asyncio.create_task(reaper.run_forever(), name="reaper")
+        # Beside a standalone reaper (CHAT_REAPER_IN_POD=false) a pod still
+        # starts the queued prompts a dead or drained pod left: the worker
+        # has no model to run them.
+        reaper = service.reaper(holder=holder, close_orphans=settings.chat_reaper_in_pod)
+        reaper_task = asyncio.create_task(reaper.run_forever(), name="reaper")
         archiver_task = None
         if settings.chat_archiver_in_pod and archive is not None:
             archiver = Archiver.configured(

@@ -96,6 +96,32 @@ async def test_sweep_leaves_a_live_turn_alone(service: ChatService, redis: Any) 
     assert await redis.zscore(keys.TURN_INDEX, thread) is not None
 
 
+async def test_a_queue_starter_leaves_a_dead_turn_to_the_worker(
+    service: ChatService, redis: Any
+) -> None:
+    """Beside a standalone worker, a pod's sweep only starts queues: a dead
+    pod's turn stays as it is (the worker closes it), and the starter holds
+    a lease of its own, not the worker's."""
+    thread = keys.thread_id("for-the-worker")
+    await dead_turn(service, thread, "g", ["left ", "open"])
+    await redis.delete(keys.lock(thread))  # the lease ran out
+    before = await redis.xrange(keys.events(thread), "-", "+")
+    starter = service.reaper(holder="pod:a", close_orphans=False)
+    run = asyncio.create_task(starter.run_forever())
+    try:
+        await wait_until(lambda: redis.get(keys.QUEUE_LEADER), what="the starter's lease")
+        assert await redis.get(keys.QUEUE_LEADER) == "pod:a"
+        assert await redis.get(keys.REAPER_LEADER) is None
+        assert await starter.sweep() == 0
+    finally:
+        await tasks.stop(run, 1.0)
+    assert await redis.xrange(keys.events(thread), "-", "+") == before
+    record = await service.turns.record(thread)
+    assert record is not None and record.generation_id == "g"
+    assert await redis.zscore(keys.TURN_INDEX, thread) is not None
+    assert await redis.exists(keys.lock(thread)) == 0  # released again
+
+
 async def test_sweep_drops_an_index_entry_without_a_turn(service: ChatService, redis: Any) -> None:
     thread = keys.thread_id("finished")
     await service.threads.open(thread, USER)

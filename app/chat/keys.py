@@ -38,7 +38,8 @@ Layout (see the README for the redis-cli view of each):
     chat:user:{U}:usage:{day}   Hash   the user's model tokens of a UTC day (expires)
     chat:user:{U}:inflight      Hash   budget room held by the user's running turns
     chat:turns         Sorted set  threads with a running turn, by start (ms)
-    chat:reaper:leader String   the in-pod reaper's leader lease
+    chat:reaper:leader String   the reaper's leader lease (a pod's or the worker's)
+    chat:queues:leader String   with a standalone reaper: the pods' queue starter's lease
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _MAX_ID_PART = 2**64 - 1
 PREFIX = "chat"
 TURN_INDEX = f"{PREFIX}:turns"
 REAPER_LEADER = f"{PREFIX}:reaper:leader"
+QUEUE_LEADER = f"{PREFIX}:queues:leader"
 # Every pod listens here: a message (a user id) closes that user's sockets on
 # every pod, whatever threads they follow (erasing a user's data).
 ERASED_CHANNEL = f"{PREFIX}:erased"

@@ -17,6 +17,11 @@ It runs inside every pod (app.main) or on its own as ``durable-chat worker``
 sweeps, so pods do not race each other (if they did, the lock would still let
 only one close a turn). It needs only the turn lock and the turn store, never
 a model or a fan-out hub.
+
+The standalone worker has no model, so it cannot start a queued prompt: with
+it, pods run the same sweep as a queue starter only (``close_orphans=False``,
+behind a lease of its own), which leaves dead turns to the worker and starts
+the next queued prompt of a thread that has none running.
 """
 
 from __future__ import annotations
@@ -52,12 +57,16 @@ class Reaper:
         interval_ms: int,
         holder: str,
         start_next: Callable[[ThreadId, Lease | None], Awaitable[bool]] | None = None,
+        close_orphans: bool = True,
     ) -> None:
         self._scripts = scripts
         # In a pod: starts a thread's next queued prompt (taking over the
         # lease it is given), for threads whose pod died or drained with
         # prompts waiting. The standalone worker has no model, so none.
         self._start_next = start_next
+        # False in pods beside a standalone worker: they only start queues.
+        self._close_orphans = close_orphans
+        self._leader_key = keys.REAPER_LEADER if close_orphans else keys.QUEUE_LEADER
         self._lock = lock
         self._turns = turns
         self._usage = usage
@@ -69,7 +78,7 @@ class Reaper:
         while True:
             try:
                 leader = await self._scripts.leader_lease(
-                    keys=[keys.REAPER_LEADER], args=[self._holder, lease_ms]
+                    keys=[self._leader_key], args=[self._holder, lease_ms]
                 )
                 if leader:
                     await self.sweep()
@@ -80,7 +89,8 @@ class Reaper:
             await asyncio.sleep(self._interval_s)
 
     async def sweep(self) -> int:
-        """Close every turn whose lease has expired; returns how many."""
+        """Close every turn whose lease has expired and start the next queued
+        prompts; returns how many turns were closed."""
         closed = 0
         for thread in await self._turns.index_threads():
             # A lock still held is a live turn, or one whose lease has not run
@@ -92,6 +102,8 @@ class Reaper:
             try:
                 # Read under the lock: no turn can begin or end meanwhile.
                 record = await self._turns.record(thread)
+                if record is not None and not self._close_orphans:
+                    continue  # a dead pod's turn: the standalone worker closes it
                 if record is not None:
                     log.info(
                         "closing turn %s left open by pod %s", record.generation_id, record.pod,

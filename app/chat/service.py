@@ -194,12 +194,14 @@ class ChatService:
         # longest reply.
         self._room_per_turn = self._context_budget + settings.chat_max_tokens
 
-    def reaper(self, holder: str) -> Reaper:
-        """The reaper a pod runs beside this service, sweeping as ``holder``."""
+    def reaper(self, holder: str, *, close_orphans: bool = True) -> Reaper:
+        """The reaper a pod runs beside this service, sweeping as ``holder``;
+        beside a standalone worker (``close_orphans=False``), only its queue
+        starter."""
         return Reaper(
             self.scripts, self.lock, self.turns, self.usage,
             interval_ms=self.settings.chat_reaper_interval_ms, holder=holder,
-            start_next=self.start_next,
+            start_next=self.start_next, close_orphans=close_orphans,
         )  # fmt: skip
 
     async def start(self) -> None:

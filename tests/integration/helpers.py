@@ -269,7 +269,7 @@ KEY_LAYOUT = re.compile(
     rf"|chat:user:\{{(?P<user>{keys.USER_ID_PATTERN})\}}:"
     rf"({'|'.join(re.escape(k(_U).removeprefix('chat:user:{U}:')) for k in _USER_KEYS)}"
     rf"|usage:[0-9]+)"
-    rf"|{re.escape(keys.TURN_INDEX)}|{re.escape(keys.REAPER_LEADER)}"
+    rf"|{re.escape(keys.TURN_INDEX)}|{re.escape(keys.REAPER_LEADER)}|{re.escape(keys.QUEUE_LEADER)}"
 )
 
 

@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import Any
 
+from app.chat import keys
 from app.chat.usage import utc_day
 from tests.integration.helpers import (
     KEY_LAYOUT,
@@ -18,6 +19,7 @@ from tests.integration.helpers import (
     undocumented,
     unique,
 )
+from tests.procs import wait_until
 
 TYPES = {
     "history": "stream",
@@ -147,6 +149,9 @@ async def test_a_connect_is_one_round_trip_on_a_followed_thread(redis_server, po
         ready, followed = await counted()
         assert [c.split()[0] for c in followed] == ["EVALSHA"], followed
         events = await turn(sockets[-1], "hello")
+        # The turn's auto-title is written off the turn's path: not in the count.
+        meta = keys.meta(keys.thread_id(thread))
+        await asyncio.to_thread(wait_until, lambda: db.hget(meta, "title"), 10, what="the title")
         ready, resumed = await counted(f"?after={events[0]['id']}&epoch={ready['epoch']}")
         assert [c.split()[0] for c in resumed] == ["EVALSHA"], resumed
         assert ready["recovered"] is True

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.integration
 
 
 async def test_standalone_worker_closes_a_dead_pods_turn(redis_server, pod_factory):
+    """The worker closes the dead pod's turn; the prompt queued behind it is
+    then started by a surviving pod's queue starter (the worker has no model)."""
     no_reaper = {
         "CHAT_REAPER_IN_POD": "false", "CHAT_LOCK_TTL_MS": 1500,
+        "CHAT_REAPER_INTERVAL_MS": 300, "CHAT_PROMPT_POLICY": "queue",
         "CHAT_FAKE_TOKEN_DELAY_MS": 20, "CHAT_FAKE_REPLY_TOKENS": 200,
     }  # fmt: skip
     doomed = pod_factory(redis_server, **no_reaper)
@@ -36,6 +39,9 @@ async def test_standalone_worker_closes_a_dead_pods_turn(redis_server, pod_facto
         await send(sender, {"type": "prompt", "content": "orphan me"})
         while (await recv_event(watcher))["type"] != "delta":
             pass
+        await send(sender, {"type": "prompt", "content": "queued behind it"})
+        while (await recv_event(watcher))["type"] != "queued":
+            pass
         doomed.kill()
         killed_at = time.monotonic()
         seen = await until_done(watcher, timeout=15)
@@ -43,6 +49,11 @@ async def test_standalone_worker_closes_a_dead_pods_turn(redis_server, pod_facto
         assert time.monotonic() - killed_at < 1.5 + 0.3 + 2.0
         holder = redis_server.client().get("chat:reaper:leader")
         assert holder is not None and holder.startswith("worker:")
+        seen = await until_done(watcher, timeout=20)
+        [message] = [e["message"] for e in seen if e["type"] == "message"][:1]
+        assert message["content"] == "queued behind it"
+        assert seen[-1]["status"] == "complete"
+        assert redis_server.client().get("chat:queues:leader") == f"pod:{survivor.name}"
     finally:
         await watcher.close()
         worker.terminate()
