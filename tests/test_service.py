@@ -91,6 +91,27 @@ async def test_the_model_sees_the_conversation(make_service: MakeService) -> Non
     assert events[-2]["message"]["content"] == expected_reply("second", 5)
 
 
+async def test_a_prompt_waits_out_a_lock_held_by_no_turn(
+    make_service: MakeService, redis: Any
+) -> None:
+    """A reaper sweep holds a free thread's lock for a moment (just after its
+    turn ended, say): a prompt then starts its turn instead of thread_busy."""
+    service = await make_service()
+    opened = await service.open(T, USER, None, None)
+    sweep = await service.lock.acquire(T)
+    assert sweep is not None
+
+    async def sweep_passes() -> None:
+        await asyncio.sleep(0.03)
+        await service.lock.release(T, sweep)
+
+    passing = asyncio.create_task(sweep_passes())
+    await service.prompt(T, USER, "right after a turn", None)
+    await passing
+    events = await until_done(opened.follower)
+    assert events[-1]["status"] == "complete"
+
+
 async def test_a_second_prompt_while_running_is_busy(make_service: MakeService, redis: Any) -> None:
     service = await make_service(tokens=400, delay_ms=5)
     await service.open(T, USER, None, None)

@@ -75,6 +75,9 @@ ERASING_TTL_S = 300
 # reaper's own bound, polling Redis at these delays.
 ERASE_WAIT_MARGIN_S = 5.0
 ERASE_POLL = Backoff(0.02, 0.5)
+# A prompt that finds its thread's lock held by no turn looks again after
+# this: a reaper sweep holds a free thread's lock for a few round trips.
+LOCK_PASSING_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,9 +444,10 @@ class ChatService:
         generation_id = secrets.token_hex(8)
         loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
         policy = "reject" if message is None else await self.threads.prompt_policy(thread)
-        # A few times at most: after closing a turn a dead pod left open, or
-        # when the thread freed itself between a refused lock and the queue.
-        for _attempt in range(3):
+        # A few times at most: after closing a turn a dead pod left open,
+        # when the thread freed itself between a refused lock and the queue,
+        # or when its lock was held by no turn.
+        for _attempt in range(4):
             lease = await self.lock.acquire(thread)
             result: Begun | Duplicate | Orphaned | Waits | None = None
             if lease is not None:
@@ -489,6 +493,13 @@ class ChatService:
             if lease is not None:
                 await self._release(thread, lease)
             if message is None or policy == "reject":
+                if lease is None and await self.turns.record(thread) is None:
+                    # Locked with no turn running: a reaper sweep passing by
+                    # (it holds each indexed thread's lock for a few round
+                    # trips, just after a turn ended, say), or a turn about to
+                    # begin. Look again rather than refuse a free thread.
+                    await asyncio.sleep(LOCK_PASSING_S)
+                    continue
                 raise ThreadBusy("a reply is being generated in this thread")
             queued = await self.queue.enqueue(thread, message, anchor)
             if not isinstance(queued, Idle):  # Idle: the thread freed itself meanwhile
