@@ -99,12 +99,16 @@ class Presence:
 
     def nudged(self, thread: ThreadId) -> None:
         """Someone joined or left the thread (from the hub): read it again
-        once the window closes, whatever else comes meanwhile."""
+        once the window closes, whatever else comes meanwhile, together with
+        every other thread nudged in the window (one round trip for all: a
+        reconnect storm's thousand joins are not a thousand reads at once,
+        which would take every connection of the pool)."""
         if thread in self._local and thread not in self._pending:
             self._pending.add(thread)
-            task = asyncio.create_task(self._refresh_later(thread))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if len(self._pending) == 1:
+                task = asyncio.create_task(self._refresh_later())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def typing(self, thread: ThreadId, user: UserId) -> bool:
         """Tell the thread's other users ``user`` types; False when throttled
@@ -133,15 +137,16 @@ class Presence:
         )
         return _users(texts(present))
 
-    async def _refresh_later(self, thread: ThreadId) -> None:
+    async def _refresh_later(self) -> None:
         try:
             await asyncio.sleep(PRESENCE_WINDOW_S)
         finally:
-            self._pending.discard(thread)
+            threads = [t for t in self._pending if t in self._local]
+            self._pending.clear()
         try:
-            self._show(thread, await self._call(thread, "add", []))
+            await self._read(threads)
         except Exception as exc:  # the next heartbeat tries again
-            log.warning("presence of %s not read: %s", thread, exc)
+            log.warning("presence of %d threads not read: %s", len(threads), exc)
 
     def _show(
         self, thread: ThreadId, users: list[str], followers: list[Follower] | None = None
@@ -156,20 +161,25 @@ class Presence:
 
     async def renew(self) -> None:
         """Renew this pod's entries and show every changed set (one round trip)."""
-        threads = list(self._local.items())
-        if not threads:
+        await self._read(list(self._local))
+
+    async def _read(self, threads: list[ThreadId]) -> None:
+        """Renew this pod's entries of ``threads`` and show every changed set
+        (one round trip)."""
+        calls = [(thread, list(self._local.get(thread, {}).values())) for thread in threads]
+        if not calls:
             return
         replies = await run_many(
             self._redis, self._scripts.presence,
             [
                 (
                     [keys.presence(thread), keys.live(thread)],
-                    [self._lease_ms, self._publish, "", "add", *local.values()],
+                    [self._lease_ms, self._publish, "", "add", *entries],
                 )
-                for thread, local in threads
+                for thread, entries in calls
             ],
         )  # fmt: skip
-        for (thread, _), present in zip(threads, replies, strict=True):
+        for (thread, _), present in zip(calls, replies, strict=True):
             self._show(thread, _users(texts(present)))
 
     async def _renew_forever(self) -> None:
