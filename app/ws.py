@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from fastapi import APIRouter, WebSocket
 from redis.exceptions import RedisError
 from starlette import status
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from app import metrics, uvicorn_adapter
@@ -188,10 +190,32 @@ async def thread_socket(ws: WebSocket) -> None:
         await service.close(session.follower)
 
 
-# A plain Starlette route, not FastAPI's: the socket needs no dependency
-# injection, and FastAPI's machinery cost a sixth of a connect's CPU and
-# frames kept for the socket's whole life.
+# The route says where the socket is (app.schema documents the pod's sockets
+# from its routes); ThreadSockets below serves it before any routing.
 router.add_websocket_route("/v1/threads/{thread_id}/ws", thread_socket)
+THREAD_SOCKET_PATH = re.compile(r"/v1/threads/([^/]+)/ws")
+
+
+class ThreadSockets:
+    """ASGI middleware that serves ``/v1/threads/{thread_id}/ws`` itself:
+    a thread socket's upgrade goes straight to ``thread_socket``, past the
+    routers and exception middleware of the app (no route of the socket
+    needs them: it answers its own errors). That machinery was about a
+    tenth of a connect's CPU, and kept frames alive for the socket's whole
+    life. Everything else passes through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            path, root = scope["path"], scope.get("root_path", "")
+            match = THREAD_SOCKET_PATH.fullmatch(path.removeprefix(root) if root else path)
+            if match is not None:
+                scope["path_params"] = {"thread_id": match.group(1)}
+                await thread_socket(WebSocket(scope, receive, send))
+                return
+        await self.app(scope, receive, send)
 
 
 async def _open_session(

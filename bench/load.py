@@ -371,7 +371,9 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
     ]
     await asyncio.sleep(0.5)
     rss0 = rss_kb(pid)
+    connect_cpu0 = cpu_seconds(pid)
     connect_s, failed = await _open_all(plan, spec.get("connect_concurrency", 100))
+    connect_cpu = cpu_seconds(pid) - connect_cpu0
     held_conns = [conn for conn, _ in plan if conn.ready.done() and not conn.ready.cancelled()]
     # What the idle server sends Redis: every command but this one's own.
     redis = aioredis.Redis.from_url(spec["redis_url"]) if spec.get("redis_url") else None
@@ -414,6 +416,8 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         "mode": "idle", "system": system, "sockets": sockets, "held": held,
         "connect_failures": failed, "connect_s": connect_s,
         "connect_per_s": held / connect_s if connect_s else 0.0,
+        # The server's CPU while the sockets connected, per socket held.
+        "connect_cpu_ms": connect_cpu * 1000 / held if held else None,
         "rss0_kb": rss0, "rss1_kb": rss1, "rss2_kb": rss2,
         "rss_per_socket_kb": (max(rss1, rss2) - rss0) / held if held else None,
         "idle_cpu_fraction": idle_cpu, "errors": dict(stats.errors.most_common(5)),

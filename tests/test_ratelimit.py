@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from app.chat import keys, limits
+from app.chat import keys
+from app.chat import scripts as scripts_module
 from app.chat.errors import Forbidden, PodFull, RateLimited
 from app.chat.limits import Limits
 from app.chat.scripts import Scripts
@@ -139,7 +140,7 @@ async def test_many_users_leases_are_renewed_in_one_call(
 ) -> None:
     """With one Redis a pod's renewals are one script call per RENEW_BATCH
     sockets, however many users they belong to (not one call per user)."""
-    monkeypatch.setattr(limits, "RENEW_BATCH", 5)
+    monkeypatch.setattr(scripts_module, "RENEW_BATCH", 5)
     a, b = pods(chat_max_sockets_per_user=2, chat_socket_lease_ms=1000)
     users = [keys.user_id(f"u{i}") for i in range(6)]
     for user in users:

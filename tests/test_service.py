@@ -508,3 +508,31 @@ async def test_a_connect_reads_in_one_round_trip(
     assert len(sent) == 1, sent  # the replay too
     assert resumed.ready.recovered is True
     assert [e.id for e in resumed.replay] == [i for i, _ in log[1:]]
+
+
+async def test_presence_of_every_thread_is_renewed_in_one_call(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod's presence heartbeat, with one Redis: one RENEW_PRESENCE call for
+    the entries of all its threads (not one call per thread), each thread's
+    set read back in the same call."""
+    service = await make_service()
+    threads = [keys.thread_id(f"p{i}") for i in range(5)]
+    for thread in threads:
+        await service.open(thread, USER, None, None)
+    before = {t: await redis.zrange(keys.presence(t), 0, -1, withscores=True) for t in threads}
+    calls = 0
+    renew = service.scripts.renew_presence
+
+    async def counted(**kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await renew(**kw)
+
+    monkeypatch.setattr(service.scripts, "renew_presence", counted)
+    await asyncio.sleep(0.01)  # the Redis clock moves on
+    await service.presence.renew()
+    assert calls == 1
+    for thread in threads:
+        [(entry, expiry)] = await redis.zrange(keys.presence(thread), 0, -1, withscores=True)
+        assert entry.startswith(f"{USER}|") and expiry > before[thread][0][1]

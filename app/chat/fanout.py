@@ -272,10 +272,11 @@ class FanoutHub:
                 if self.connected and self._pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.subscribe(channel)
-        try:
-            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
-        except TimeoutError:
-            raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
+        if not confirmed.done():  # (a followed thread's is: no timer for it)
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+            except TimeoutError:
+                raise FanoutUnavailable("cannot subscribe: Redis is unreachable") from None
         # Read outside the forwarding lock: a join never waits for other
         # threads' frames (a reconnect storm's thousands of joins would each
         # hold back every live frame of the pod, one round trip at a time).

@@ -23,7 +23,7 @@ from app.chat import keys, tasks
 from app.chat.errors import Forbidden, PodFull, RateLimited
 from app.chat.keys import UserId
 from app.chat.redis_types import RedisClient
-from app.chat.scripts import Scripts
+from app.chat.scripts import Scripts, renewals
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,9 @@ log = logging.getLogger(__name__)
 # What a client refused by a full pod is told to wait (another pod may answer
 # sooner: the load balancer picks again on reconnect).
 POD_FULL_RETRY_MS = 1000
-# Sockets whose leases one RENEW_SOCKETS call renews, with one Redis: a
-# pod's renewals are a few calls per tick however many users it serves, and
-# no call holds Redis for long (a ZADD each: about a millisecond per 1,000).
-RENEW_BATCH = 2000
-# On a Cluster (one call per user: each user's key has its own slot), this
-# many users' calls at a time.
-RENEW_USERS_AT_ONCE = 100
+# Renewal calls in flight at once (on a Cluster: one per user, each user's
+# key has its own slot).
+RENEW_CALLS_AT_ONCE = 100
 
 
 class Limits:
@@ -134,28 +130,17 @@ class Limits:
     async def renew_leases(self) -> None:
         """Extend the lease of every socket open on this pod: with one Redis,
         one call per RENEW_BATCH sockets, whatever their users; on a Cluster,
-        one call per user."""
+        one call per user (app.chat.scripts.renewals)."""
         by_user: dict[UserId, list[str]] = defaultdict(list)
         for socket_id, user in list(self._local.items()):
             by_user[user].append(socket_id)
-        calls: list[tuple[list[str], list[str | int]]] = []
-        batch_keys: list[str] = []
-        batch_args: list[str | int] = [self._lease_ms]
-        held = 0  # sockets in the batch
-        for user, ids in by_user.items():
-            batch_keys.append(keys.user_sockets(user))
-            batch_args += [len(ids), *ids]
-            held += len(ids)
-            if not self._one_redis or held >= RENEW_BATCH:
-                calls.append((batch_keys, batch_args))
-                batch_keys, batch_args, held = [], [self._lease_ms], 0
-        if batch_keys:
-            calls.append((batch_keys, batch_args))
-        for start in range(0, len(calls), RENEW_USERS_AT_ONCE):
+        groups = [(keys.user_sockets(user), ids) for user, ids in by_user.items()]
+        calls = renewals(self._lease_ms, groups, self._one_redis)
+        for start in range(0, len(calls), RENEW_CALLS_AT_ONCE):
             await asyncio.gather(
                 *(
                     self._scripts.renew_sockets(keys=k, args=a)
-                    for k, a in calls[start : start + RENEW_USERS_AT_ONCE]
+                    for k, a in calls[start : start + RENEW_CALLS_AT_ONCE]
                 )
             )
 

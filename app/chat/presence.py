@@ -28,6 +28,7 @@ import secrets
 import time
 
 import orjson
+from redis.asyncio import Redis
 
 from app.chat import keys
 from app.chat.fanout import FanoutHub
@@ -35,7 +36,7 @@ from app.chat.follower import Follower
 from app.chat.joins import PresenceEntry
 from app.chat.keys import ThreadId, UserId
 from app.chat.redis_types import RedisClient, texts
-from app.chat.scripts import Scripts, run_many
+from app.chat.scripts import Scripts, renewals, run_many
 from app.chat.timeline import TimelineEvent, ephemeral
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Presence:
         self._publish = publish
         self._lease_ms = lease_ms * 2 // 3
         self._interval_s = lease_ms / 3000
+        # Whether every thread's keys are on one Redis (not a Cluster).
+        self._one_redis = isinstance(redis, Redis)
         # Followers present on each thread, with their entries.
         self._local: dict[ThreadId, dict[Follower, str]] = {}
         # What each follower was last shown.
@@ -164,22 +167,26 @@ class Presence:
         await self._read(list(self._local))
 
     async def _read(self, threads: list[ThreadId]) -> None:
-        """Renew this pod's entries of ``threads`` and show every changed set
-        (one round trip)."""
-        calls = [(thread, list(self._local.get(thread, {}).values())) for thread in threads]
-        if not calls:
+        """Renew this pod's entries of ``threads`` and show every changed set:
+        with one Redis one call per RENEW_BATCH entries, however many threads
+        (app.chat.scripts.renewals); on a Cluster one pipelined round trip of
+        a call per thread."""
+        groups = [
+            (keys.presence(thread), list(self._local.get(thread, {}).values()))
+            for thread in threads
+        ]
+        if not groups:
             return
-        replies = await run_many(
-            self._redis, self._scripts.presence,
-            [
-                (
-                    [keys.presence(thread), keys.live(thread)],
-                    [self._lease_ms, self._publish, "", "add", *entries],
-                )
-                for thread, entries in calls
-            ],
-        )  # fmt: skip
-        for (thread, _), present in zip(calls, replies, strict=True):
+        calls = renewals(self._lease_ms, groups, self._one_redis)
+        if self._one_redis:
+            replies = [
+                present
+                for k, a in calls
+                for present in await self._scripts.renew_presence(keys=k, args=a)
+            ]
+        else:
+            replies = await run_many(self._redis, self._scripts.renew_presence, calls)
+        for thread, present in zip(threads, replies, strict=True):
             self._show(thread, _users(texts(present)))
 
     async def _renew_forever(self) -> None:

@@ -1309,6 +1309,28 @@ return present(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4] == 'add', en
 """
 )
 
+# RENEW_PRESENCE: renew a pod's entries of many threads and read their sets.
+# KEYS[1...] the threads' presence
+# ARGV[1] lease in ms, then for each key in order: how many of its entries
+#     follow, then the entries
+# Returns each thread's present entries, in the order of KEYS. Many threads in
+# one call (a pod's heartbeat: one call per tick, not one per thread) only
+# with one Redis: on a Cluster a call holds the keys of one slot.
+RENEW_PRESENCE = (
+    _PRESENCE
+    + r"""
+local at, out = 2, {}
+for i, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[at])
+  local entries = {}
+  for j = at + 1, at + count do entries[#entries + 1] = ARGV[j] end
+  out[i] = present(key, '', ARGV[1], '', '', true, entries)
+  at = at + count + 1
+end
+return out
+"""
+)
+
 # JOIN_THREAD: a socket's start on a thread, in one step (one round trip,
 #     app.chat.joins): the thread's creation (_ENSURE) or its existence, the
 #     caller's membership, everything `ready` and the catch-up need, and the
@@ -1606,6 +1628,7 @@ class Scripts:
         self.read_marker: AsyncScript = redis.register_script(READ_MARKER)
         self.inbox_summaries: AsyncScript = redis.register_script(INBOX_SUMMARIES)
         self.presence: AsyncScript = redis.register_script(PRESENCE)
+        self.renew_presence: AsyncScript = redis.register_script(RENEW_PRESENCE)
         self.claim_title: AsyncScript = redis.register_script(CLAIM_TITLE)
         self.take_token: AsyncScript = redis.register_script(TAKE_TOKEN)
         self.admit_socket: AsyncScript = redis.register_script(ADMIT_SOCKET)
@@ -1614,6 +1637,35 @@ class Scripts:
         self.leader_lease: AsyncScript = redis.register_script(LEADER_LEASE)
         self.reserve_budget: AsyncScript = redis.register_script(RESERVE_BUDGET)
         self.apply_usage: AsyncScript = redis.register_script(APPLY_USAGE)
+
+
+# Members (sockets, presence entries) renewed by one call of RENEW_SOCKETS or
+# RENEW_PRESENCE: a pod's heartbeat is a few calls however many users or
+# threads it serves, and no call holds Redis for long (about a millisecond
+# per 1,000 members).
+RENEW_BATCH = 2000
+
+
+def renewals(
+    lease_ms: int, groups: Sequence[tuple[str, Sequence[str]]], one_redis: bool
+) -> list[tuple[list[str], list[str | int]]]:
+    """The (keys, args) of the RENEW_SOCKETS or RENEW_PRESENCE calls that
+    renew ``groups`` (a key and its members): with one Redis, as many keys
+    per call as RENEW_BATCH members allow; on a Cluster, one key per call."""
+    calls: list[tuple[list[str], list[str | int]]] = []
+    batch_keys: list[str] = []
+    batch_args: list[str | int] = [lease_ms]
+    held = 0
+    for key, members in groups:
+        batch_keys.append(key)
+        batch_args += [len(members), *members]
+        held += len(members)
+        if not one_redis or held >= RENEW_BATCH:
+            calls.append((batch_keys, batch_args))
+            batch_keys, batch_args, held = [], [lease_ms], 0
+    if batch_keys:
+        calls.append((batch_keys, batch_args))
+    return calls
 
 
 async def run_many(

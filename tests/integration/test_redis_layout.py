@@ -149,9 +149,14 @@ async def test_a_connect_is_one_round_trip_on_a_followed_thread(redis_server, po
         ready, followed = await counted()
         assert [c.split()[0] for c in followed] == ["EVALSHA"], followed
         events = await turn(sockets[-1], "hello")
-        # The turn's auto-title is written off the turn's path: not in the count.
+        # The turn's last writes (its auto-title, its usage settled) are off
+        # the turn's path: not in the resume's count.
         meta = keys.meta(keys.thread_id(thread))
         await asyncio.to_thread(wait_until, lambda: db.hget(meta, "title"), 10, what="the title")
+        usage, record = f"chat:{{{thread}}}:usage", f"chat:{{{thread}}}:turn"
+        await asyncio.to_thread(
+            wait_until, lambda: not db.exists(usage, record), 10, what="the turn settled"
+        )
         ready, resumed = await counted(f"?after={events[0]['id']}&epoch={ready['epoch']}")
         assert [c.split()[0] for c in resumed] == ["EVALSHA"], resumed
         assert ready["recovered"] is True
