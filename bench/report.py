@@ -271,6 +271,7 @@ def markdown(results: dict[str, Any], d: dict[str, Any]) -> str:
         lines += _cost_md(d)
     if "resumed" in results.get("storm", {}):
         lines += _storm_md(results)
+    lines += _versus_md(d)
     lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for key, text in TARGETS:
         t = d["targets"].get(key)
@@ -280,6 +281,38 @@ def markdown(results: dict[str, Any], d: dict[str, Any]) -> str:
             lines.append(f"| {text} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _versus_md(d: dict[str, Any]) -> list[str]:
+    """Every ratio of durable-chat against each peer, from the tables above."""
+    fan, idle = d.get("fanout", {}), d.get("idle", {})
+    lat = d.get("latency", {})
+    paced = lat[min(lat, key=lambda w: float(w[7:-2]))] if lat else {}
+    peers = [p for p in (*PEERS, "bare") if p in fan or p in idle or p in paced]
+    if "durable" not in (*fan, *idle, *paced) or not peers:
+        return []
+
+    def ratio(table: dict[str, Any], key: str, peer: str) -> str:
+        return _ratio(table.get("durable", {}).get(key), table.get(peer, {}).get(key))
+
+    lines = [
+        "## durable-chat against each peer",
+        "",
+        "durable-chat's figure over the peer's, from the tables above: above 1x is better for "
+        "rates, below 1x for costs and latency.",
+        "",
+        "| peer | deliveries/s | server CPU / delivery | paced p99 | idle RSS / socket "
+        "| connects/s | idle CPU / socket |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in peers:
+        lines.append(
+            f"| {NAMES[p]} | {ratio(fan, 'frames_per_s', p)} "
+            f"| {ratio(fan, 'server_cpu_s_per_1000', p)} | {ratio(paced, 'p99_ms', p)} "
+            f"| {ratio(idle, 'rss_per_socket_kb', p)} | {ratio(idle, 'connect_per_s', p)} "
+            f"| {ratio(idle, 'idle_cpu_pct_per_1000', p)} |"
+        )
+    return [*lines, ""]
 
 
 def _fanout_md(results: dict[str, Any], d: dict[str, Any]) -> list[str]:
