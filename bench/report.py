@@ -530,10 +530,10 @@ def _storm_md(results: dict[str, Any]) -> list[str]:
         f"{r['behind_at_end']} |",
         f"| resumes answered `recovered: false` | {r['not_recovered']} |",
         f"| pod B's CPU during the storm | {r['pod_b_cores_in_storm']:.2f} cores |",
-        f"| the load generator's CPU during the storm | {r['loadgen_cores_in_storm']:.2f} cores |",
-        "| the load generator's own event-loop lag, p99 calm / storm "
-        f"| {_n(r['loadgen_lag_calm'].get('p99_ms'), 1)} / "
-        f"{_n(r['loadgen_lag_storm'].get('p99_ms'), 1)} ms |",
+        f"| the reconnecting clients' CPU during the storm | {r['loadgen_cores_in_storm']:.2f} "
+        "cores |",
+        "| the streams' client's own event-loop lag, p99 calm / storm "
+        f"| {_n(r['lag_calm'].get('p99_ms'), 1)} / {_n(r['lag_storm'].get('p99_ms'), 1)} ms |",
         "",
         "Emit-to-receive of the tokens pod B's own sockets received:",
         "",

@@ -1,8 +1,10 @@
 """The reconnect storm: a pod drains, and its sockets resume on the other one.
 
 ``phase(bench)`` is bench.run's ``storm`` phase; ``python -m bench.storm
-SPEC.json RESULT.json`` is its load generator (its own process, as
-bench.load is).
+SPEC.json RESULT.json`` runs its two load generators, each a process of its
+own: pod B's own streams (``streams``: their sockets, their prompts, the
+latency), and pod A's sockets (``storm``: opened, drained, resumed), so
+that thousands of reconnects never delay the reading of the streams measured.
 
 Two durable-chat pods, A and B, on one Redis. Pod A holds ``storm_sockets``
 sockets spread over ``storm_threads`` threads. On pod B, each of the first
@@ -37,10 +39,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import load, wsclient
-from tests.procs import Server, cpu_seconds, running
+from tests.procs import ROOT, Server, cpu_seconds, running
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -58,15 +61,15 @@ class Run:
     """What every socket of the run shares (one event loop: no locks)."""
 
     def __init__(self) -> None:
-        self.phase: str | None = None  # "calm" or "storm" while latency is recorded
-        self.latencies: dict[str, list[float]] = {"calm": [], "storm": []}
+        # (received at, emit-to-receive) of every token the probing sockets read
+        self.latencies: list[tuple[float, float]] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.progress = asyncio.Event()  # set by every timeline event received
         self.moving = 0  # pod A's sockets not yet resumed on pod B (nor given up)
         self.moved = asyncio.Event()
-        # How late this process's own event loop runs (a 5 ms ticker): tokens
-        # read late because the load generator was busy are not the pod's.
-        self.lag: dict[str, list[float]] = {"calm": [], "storm": []}
+        # (when, how late) this process's own event loop ran a 5 ms ticker:
+        # tokens read late because the client was busy are not the pod's.
+        self.lag: list[tuple[float, float]] = []
 
     def settled(self) -> None:
         self.moving -= 1
@@ -78,8 +81,7 @@ class Run:
         while True:
             started = loop.time()
             await asyncio.sleep(0.005)
-            if self.phase is not None:
-                self.lag[self.phase].append(loop.time() - started - 0.005)
+            self.lag.append((time.time(), loop.time() - started - 0.005))
 
 
 class Sock:
@@ -124,10 +126,10 @@ class Sock:
                 self.lost += n - self.last_n - 1
             self.last_n, self.last_id = n, frame["id"]
             self.run.progress.set()
-            if kind == "delta" and self.probe and self.run.phase is not None:
-                record = self.run.latencies[self.run.phase].append
+            if kind == "delta" and self.probe:
+                record = self.run.latencies.append
                 for part in frame["text"].split(STAMP)[1:]:
-                    record(now - float(part[: part.find("]")]))
+                    record((now, now - float(part[: part.find("]")])))
             elif kind == "done":
                 self.done.set()
         elif kind == "ready":
@@ -218,24 +220,57 @@ def _spread(values: list[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
-async def storm(spec: dict[str, Any]) -> dict[str, Any]:
+def _window(samples: list[tuple[float, float]], start: float, end: float) -> dict[str, Any]:
+    return load._percentiles([v for at, v in samples if start <= at < end])
+
+
+async def _until(path: Path, timeout_s: float) -> dict[str, Any]:
+    """The JSON another process writes to ``path``, once it is there."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():  # noqa: ASYNC240 (another process writes it: a stat, no more)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path.name} did not come within {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)
+    result: dict[str, Any] = json.loads(path.read_text())  # noqa: ASYNC240 (a few bytes)
+    return result
+
+
+def _write(path: Path, value: object) -> None:
+    """Write ``path`` whole (renamed into place: its reader never sees half)."""
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(value))
+    os.replace(part, path)
+
+
+async def _caught_up(run: Run, socks: list[Sock], final: dict[str, int | None]) -> int:
+    """Wait (bounded) for every socket to reach its thread's last event;
+    returns how many did not."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CATCH_UP_TIMEOUT_S):
+            while any(s.last_n != final[s.thread] for s in socks if s.thread in final):
+                run.progress.clear()
+                await run.progress.wait()
+    return sum(1 for s in socks if s.thread in final and s.last_n != final[s.thread])
+
+
+def _checks(socks: list[Sock]) -> dict[str, int]:
+    return {
+        "events": sum(s.events for s in socks), "lost": sum(s.lost for s in socks),
+        "doubled": sum(s.doubled for s in socks),
+    }  # fmt: skip
+
+
+async def streams(spec: dict[str, Any]) -> dict[str, Any]:
+    """Pod B's own streams, in a process of their own (so that the storm's
+    5,000 reconnects in the other process never delay reading them): the
+    sockets of the streaming threads on pod B, their drivers, the latency."""
     run = Run()
-    pod_a, pod_b = (tuple(e) for e in spec["endpoints"])
-    run_id = spec["run_id"]
-    threads = [f"{run_id}-s{i}" for i in range(spec["threads"])]
-    active = threads[: spec["active_threads"]]
+    pod_b = tuple(spec["endpoints"][1])
     listeners = spec["listeners"]
-    on_b = [Sock(run, t, probe=True) for t in active for _ in range(listeners)]
-    on_a = [Sock(run, threads[i % len(threads)], probe=False) for i in range(spec["sockets"])]
-    await _open(on_b, pod_b)
-    started = time.perf_counter()
-    await _open(on_a, pod_a)
-    connect_s = time.perf_counter() - started
-    run.moving = len(on_a)
-    moving = set(on_a)
-    connect_attempts = sum(s.attempts for s in on_a)
-    keeping = [asyncio.create_task(s.keep(pod_b, s in moving)) for s in on_a + on_b]
-    drivers = on_b[::listeners]
+    socks = [Sock(run, t, probe=True) for t in spec["active"] for _ in range(listeners)]
+    await _open(socks, pod_b)
+    keeping = [asyncio.create_task(s.keep(pod_b, moving=False)) for s in socks]
+    drivers = socks[::listeners]
     stopping = asyncio.Event()
     turns = collections.Counter[str]()
 
@@ -262,53 +297,80 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
 
     driving = [asyncio.create_task(drive(d, k)) for k, d in enumerate(drivers)]
     ticker = asyncio.create_task(run.tick())
-    b_pid, a_pid = spec["server_pids"][1], spec["server_pids"][0]
+    _write(Path(spec["ready_path"]), {})
     try:
-        await asyncio.sleep(spec["warmup_s"])
-        run.phase = "calm"
-        await asyncio.sleep(spec["calm_s"])
-        unchecked = sum(1 for s in on_a if s.thread in turns and s.last_n is None)
-        cpu0, self0 = cpu_seconds(b_pid), _self_cpu()
-        run.phase = "storm"
-        t0 = time.time()
-        os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
-        with contextlib.suppress(TimeoutError):  # reported: failed_to_resume, timed_out
-            async with asyncio.timeout(STORM_TIMEOUT_S):
-                await run.moved.wait()
-        t_end = time.time()
-        run.phase = None
-        b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
-        loadgen_cores = (_self_cpu() - self0) / (t_end - t0)
-        await asyncio.sleep(spec.get("after_s", 1.0))
+        times = await _until(Path(spec["stop_path"]), spec["stop_wait_s"])
     finally:
-        run.phase = None
         stopping.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(load.TURN_TIMEOUT_S):
                 await asyncio.gather(*driving, return_exceptions=True)
         for task in [*driving, ticker]:
             task.cancel()
-    # Every socket ends on its thread's last event (the driver's, on pod B).
     final = {d.thread: d.last_n for d in drivers}
-    everyone = on_a + on_b
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(CATCH_UP_TIMEOUT_S):
-            while any(s.last_n != final[s.thread] for s in everyone if s.thread in final):
-                run.progress.clear()
-                await run.progress.wait()
-    behind = sum(1 for s in everyone if s.thread in final and s.last_n != final[s.thread])
-    b_closed = sum(1 for s in on_b if s.closed_at is not None)
+    _write(Path(spec["final_path"]), final)
+    behind = await _caught_up(run, socks, final)
     for task in keeping:
         task.cancel()
-    for s in everyone:
+    for s in socks:
+        if s.client is not None:
+            s.client.close()
+    calm0, t0, t_end = times["calm0"], times["t0"], times["t_end"]
+    return {
+        "turns": sum(turns.values()), **_checks(socks), "behind_at_end": behind,
+        "closed": sum(1 for s in socks if s.closed_at is not None),
+        "latency_calm": _window(run.latencies, calm0, t0),
+        "latency_storm": _window(run.latencies, t0, t_end),
+        "lag_calm": _window(run.lag, calm0, t0), "lag_storm": _window(run.lag, t0, t_end),
+        "errors": dict(run.errors.most_common(10)),
+    }  # fmt: skip
+
+
+async def storm(spec: dict[str, Any]) -> dict[str, Any]:
+    """Pod A's sockets: opened, drained with pod A, resumed on pod B."""
+    run = Run()
+    pod_a, pod_b = (tuple(e) for e in spec["endpoints"])
+    threads = [f"{spec['run_id']}-s{i}" for i in range(spec["threads"])]
+    on_a = [Sock(run, threads[i % len(threads)], probe=False) for i in range(spec["sockets"])]
+    started = time.perf_counter()
+    await _open(on_a, pod_a)
+    connect_s = time.perf_counter() - started
+    run.moving = len(on_a)
+    connect_attempts = sum(s.attempts for s in on_a)
+    keeping = [asyncio.create_task(s.keep(pod_b, moving=True)) for s in on_a]
+    b_pid, a_pid = spec["server_pids"][1], spec["server_pids"][0]
+    stop = Path(spec["stop_path"])
+    times = {"calm0": 0.0, "t0": 0.0, "t_end": 0.0}
+    try:
+        await asyncio.sleep(spec["warmup_s"])
+        times["calm0"] = time.time()
+        await asyncio.sleep(spec["calm_s"])
+        active = set(spec["active"])
+        unchecked = sum(1 for s in on_a if s.thread in active and s.last_n is None)
+        cpu0, self0 = cpu_seconds(b_pid), _self_cpu()
+        t0 = times["t0"] = time.time()
+        os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
+        with contextlib.suppress(TimeoutError):  # reported: failed_to_resume, timed_out
+            async with asyncio.timeout(STORM_TIMEOUT_S):
+                await run.moved.wait()
+        t_end = times["t_end"] = time.time()
+        b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
+        loadgen_cores = (_self_cpu() - self0) / (t_end - t0)
+        await asyncio.sleep(spec.get("after_s", 1.0))
+    finally:
+        _write(stop, times)  # the streams stop their prompts
+    final = await _until(Path(spec["final_path"]), load.TURN_TIMEOUT_S + 10)
+    behind = await _caught_up(run, on_a, final)
+    for task in keeping:
+        task.cancel()
+    for s in on_a:
         if s.client is not None:
             s.client.close()
     resumed = [s for s in on_a if s.resumed_at is not None]
     return {
         "mode": "storm", "sockets": len(on_a), "threads": len(threads),
-        "active_threads": len(active), "listeners": listeners, "connect_s": connect_s,
-        "turns": sum(turns.values()),
-        "storm_s": t_end - t0, "timed_out": not run.moved.is_set(),
+        "active_threads": len(spec["active"]), "listeners": spec["listeners"],
+        "connect_s": connect_s, "storm_s": t_end - t0, "timed_out": not run.moved.is_set(),
         "closed_s": max((s.closed_at or t0) for s in on_a) - t0,
         "close_codes": dict(collections.Counter(str(s.close_code) for s in on_a)),
         "resumed": len(resumed), "failed_to_resume": len(on_a) - len(resumed),
@@ -317,15 +379,8 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         "closed_again": sum(s.closed_again for s in on_a),
         "not_recovered": sum(s.not_recovered for s in on_a),
         "offline": _spread([s.resumed_at - s.closed_at for s in resumed if s.closed_at]),
-        "events": sum(s.events for s in everyone), "lost": sum(s.lost for s in everyone),
-        "doubled": sum(s.doubled for s in everyone), "behind_at_end": behind,
-        "unchecked_sockets": unchecked,
-        "b_sockets_closed": b_closed,
-        "latency_calm": load._percentiles(run.latencies["calm"]),
-        "latency_storm": load._percentiles(run.latencies["storm"]),
+        **_checks(on_a), "behind_at_end": behind, "unchecked_sockets": unchecked,
         "pod_b_cores_in_storm": b_cores, "loadgen_cores_in_storm": loadgen_cores,
-        "loadgen_lag_calm": load._percentiles(run.lag["calm"]),
-        "loadgen_lag_storm": load._percentiles(run.lag["storm"]),
         "errors": dict(run.errors.most_common(10)),
     }  # fmt: skip
 
@@ -344,18 +399,21 @@ def phase(bench: Bench) -> dict[str, Any]:
         "CHAT_DELTA_WINDOW_MS": "0", "CHAT_DELTA_MAX_BYTES": "2048",
     }  # fmt: skip
     servers = bench._servers("durable", 2, env, None)
+    run_id = f"r{bench.runs}"
+    files = {k: bench.tmp / f"storm{bench.runs}.{k}" for k in ("ready", "stop", "final", "streams")}
     try:
         with running(servers):
             spec = {
-                "mode": "storm", "run_id": f"r{bench.runs}",
-                "endpoints": [["127.0.0.1", s.port] for s in servers],
+                "run_id": run_id, "endpoints": [["127.0.0.1", s.port] for s in servers],
                 "server_pids": [s.pid for s in servers],
                 "sockets": c.storm_sockets, "threads": c.storm_threads,
-                "active_threads": c.storm_active, "listeners": c.storm_listeners,
-                "warmup_s": c.warmup_s + 2.0, "calm_s": c.storm_calm_s,
-                "duration_s": STORM_TIMEOUT_S,
+                "active": [f"{run_id}-s{i}" for i in range(c.storm_active)],
+                "listeners": c.storm_listeners, "warmup_s": c.warmup_s + 2.0,
+                "calm_s": c.storm_calm_s, "duration_s": STORM_TIMEOUT_S + 120,
+                "stop_wait_s": STORM_TIMEOUT_S + 180,
+                **{f"{k}_path": str(path) for k, path in files.items()},
             }  # fmt: skip
-            r = bench._load(spec, module="bench.storm")
+            r = _run(bench, spec, files)
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as exc:
         print(f"  storm: FAILED: {exc}", file=sys.stderr)
         return {"failed": str(exc)[-2000:], "pod_log_warnings": _warnings(servers)}
@@ -371,6 +429,40 @@ def phase(bench: Bench) -> dict[str, Any]:
     return r
 
 
+def _run(bench: Bench, spec: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    """The streams' process first (streaming once its file ``ready`` is
+    there), then the storm's; the two results merged."""
+    spec_path = files["streams"].with_suffix(".spec")
+    spec_path.write_text(json.dumps({**spec, "role": "streams"}))
+    streams_proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.storm", str(spec_path), str(files["streams"])],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + load.CONNECT_TIMEOUT_S * 2
+        while not files["ready"].exists():
+            if streams_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pod B's streams did not start")
+            time.sleep(0.1)
+        r = bench._load({**spec, "role": "storm"}, module="bench.storm")
+        streams_proc.wait(timeout=load.TURN_TIMEOUT_S + CATCH_UP_TIMEOUT_S + 30)
+    finally:
+        if streams_proc.poll() is None:
+            streams_proc.kill()
+            streams_proc.wait()
+    if streams_proc.returncode != 0:
+        raise RuntimeError(f"pod B's streams failed (exit {streams_proc.returncode})")
+    b = json.loads(files["streams"].read_text())
+    for key in ("events", "lost", "doubled", "behind_at_end"):
+        r[key] += b[key]
+    r["b_sockets_closed"] = b["closed"]
+    r["turns"] = b["turns"]
+    r["errors"] = {**r["errors"], **{f"pod B's streams: {k}": v for k, v in b["errors"].items()}}
+    for key in ("latency_calm", "latency_storm", "lag_calm", "lag_storm"):
+        r[key] = b[key]
+    return r
+
+
 def _warnings(servers: list[Server]) -> dict[str, int]:
     """The pods' warnings and errors, by kind (thread ids left out), most first."""
     kinds: collections.Counter[str] = collections.Counter()
@@ -382,6 +474,9 @@ def _warnings(servers: list[Server]) -> dict[str, int]:
     return dict(kinds.most_common(8))
 
 
+ROLES = {"streams": streams, "storm": storm}
+
+
 def main() -> None:
     spec_path, result_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
@@ -390,9 +485,9 @@ def main() -> None:
     try:
         import uvloop
 
-        result = uvloop.run(storm(spec))
+        result = uvloop.run(ROLES[spec["role"]](spec))
     except ImportError:
-        result = asyncio.run(storm(spec))
+        result = asyncio.run(ROLES[spec["role"]](spec))
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)
 
