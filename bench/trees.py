@@ -71,7 +71,7 @@ class Builder:
         )
         reply = await self.store.end(self.thread, lease, answer, Done(self.thread, gen, "complete"))
         assert reply is not None
-        return begun.message_id, reply
+        return begun.message_id, reply.message_id
 
 
 async def build_linear(redis: Redis, thread: ThreadId, messages: int) -> list[str]:

@@ -31,9 +31,9 @@ async def turn(
     begun = await store.begin(thread, lease, ask, Loading(thread, f"g{n}", "fake"), "p", anchor)
     assert isinstance(begun, Begun), begun
     reply = Message("", "assistant", f"answer {n}", "assistant", n, "complete")
-    mid = await store.end(thread, lease, reply, Done(thread, f"g{n}", "complete"))
-    assert mid is not None
-    return begun.message_id, mid
+    ended = await store.end(thread, lease, reply, Done(thread, f"g{n}", "complete"))
+    assert ended is not None
+    return begun.message_id, ended.message_id
 
 
 async def card(inbox: Inbox, thread: ThreadId, user: UserId) -> ThreadCard:

@@ -46,7 +46,7 @@ class Driver:
             self.thread, lease, assistant_message(f"re {content}"), done(self.thread, gen)
         )
         assert reply is not None
-        return begun.message_id, reply
+        return begun.message_id, reply.message_id
 
     async def switch(self, message_id: str) -> str:
         lease = await self.lock.acquire(self.thread)

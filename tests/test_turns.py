@@ -353,7 +353,9 @@ async def test_end_publishes_the_last_deltas_then_the_message_and_done_as_one_me
     await store.append_deltas(thread, lease, [delta(thread, "g", 0, "a")])
     last = [delta(thread, "g", 1, "b"), delta(thread, "g", 2, "c")]
     async with Listener(redis, keys.live(thread)) as live:
-        mid = await store.end(thread, lease, assistant_message("abc"), done(thread, "g"), last)
+        ended = await store.end(thread, lease, assistant_message("abc"), done(thread, "g"), last)
+        assert ended is not None
+        mid = ended.message_id
         frames = [orjson.loads(f) for f in await live.drain()]
         assert len(live.published) == 1
     assert [(f["type"], f.get("seq"), f["n"]) for f in frames] == [
@@ -365,6 +367,23 @@ async def test_end_publishes_the_last_deltas_then_the_message_and_done_as_one_me
     again = await store.end(thread, lease, assistant_message("abc"), done(thread, "g"), last)
     assert again is None
     assert await snapshot(redis, thread) == before
+
+
+async def test_end_answers_what_the_pod_does_next(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    """END_TURN says whether prompts wait, whether the thread wants a title,
+    and the usage charges to move, read in its own step."""
+    lease, _ = await begin(store, lock, thread, generation_id="g1")
+    first = await store.end(thread, lease, assistant_message("a"), done(thread, "g1"))
+    assert first is not None and not first.queued and first.untitled
+    assert first.charges == await redis.hgetall(keys.usage_outbox(thread)) != {}
+    await redis.hset(keys.meta(thread), "title", "Named")
+    lease, _ = await begin(store, lock, thread, generation_id="g2", content="again")
+    await redis.xadd(keys.queue(thread), {"user_id": USER, "content": "waits"})
+    second = await store.end(thread, lease, assistant_message("b"), done(thread, "g2"))
+    assert second is not None and second.queued and not second.untitled
+    assert set(second.charges) == {"g1", "g2"}  # g1's was not moved: both wait
 
 
 async def test_append_delta_retry_of_a_seq_writes_nothing(
@@ -412,8 +431,9 @@ async def test_end_commits_the_reply_and_frees_the_thread(
 ) -> None:
     lease, begun = await begin(store, lock, thread, generation_id="g")
     await store.append_deltas(thread, lease, [delta(thread, "g", 0, "Hi there")])
-    message_id = await store.end(thread, lease, assistant_message("Hi there"), done(thread, "g"))
-    assert message_id is not None
+    ended = await store.end(thread, lease, assistant_message("Hi there"), done(thread, "g"))
+    assert ended is not None
+    message_id = ended.message_id
 
     history = await redis.xrange(keys.history(thread), "-", "+")
     assert [i for i, _ in history] == [begun.message_id, message_id]
@@ -468,9 +488,11 @@ async def test_end_with_error_status_keeps_the_partial_text(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:
     lease, _ = await begin(store, lock, thread, generation_id="g")
-    message_id = await store.end(
+    ended = await store.end(
         thread, lease, assistant_message("half", "error"), done(thread, "g", "error")
     )
+    assert ended is not None
+    message_id = ended.message_id
     entries = await redis.xrange(keys.history(thread), message_id, message_id)
     assert entries[0][1]["status"] == "error" and entries[0][1]["content"] == "half"
     last = (await events(redis, thread))[-1][1]
@@ -620,8 +642,9 @@ async def test_close_orphan_commits_the_published_text_as_interrupted(
     assert lease is not None
     record = await store.record(thread)
     assert record is not None
-    message_id = await store.close_orphan(thread, lease, record)
-    assert message_id is not None
+    ended = await store.close_orphan(thread, lease, record)
+    assert ended is not None
+    message_id = ended.message_id
     entry = (await redis.xrange(keys.history(thread), message_id, message_id))[0][1]
     assert entry["content"] == "partial" and entry["status"] == "interrupted"
     last = (await events(redis, thread))[-1][1]

@@ -225,21 +225,25 @@ class FanoutHub:
     # --- following ----------------------------------------------------------
 
     @overload
-    async def follow(self, thread: ThreadId, sink: Sink) -> None: ...
+    async def follow(
+        self, thread: ThreadId, sink: Sink, *, reads_timeline: bool = True
+    ) -> None: ...
 
     @overload
     async def follow(self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]]) -> B: ...
 
     async def follow(
-        self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]] | None = None
-    ) -> B | None:
+        self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]] | None = None,
+        *, reads_timeline: bool = True,
+    ) -> B | None:  # fmt: skip
         """Start feeding ``sink`` the thread's frames; returns once the channel is
         subscribed, so anything published from then on reaches the sink.
 
         The thread's stored event number is read once subscribed: by ``read``
         when given (a connect's own reads, app.chat.joins, which return it
         with everything else: one round trip for both), whose result is
-        returned; else by the hub itself.
+        returned; else by the hub itself, unless the sink ``reads_timeline``
+        not (a turn, for its cancels) and the pod follows the thread already.
         """
         # A follower still joining reads the thread's state only after this
         # returns, so it is up to date whatever happened before: a reset found
@@ -247,7 +251,7 @@ class FanoutHub:
         # must not close it too.
         self._joining.add(sink)
         try:
-            return await self._follow(thread, sink, read)
+            return await self._follow(thread, sink, read, reads_timeline)
         except BaseException:
             await self.unfollow(thread, sink)
             raise
@@ -255,8 +259,9 @@ class FanoutHub:
             self._joining.discard(sink)
 
     async def _follow(
-        self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]] | None
-    ) -> B | None:
+        self, thread: ThreadId, sink: Sink, read: Callable[[], Awaitable[B]] | None,
+        reads_timeline: bool,
+    ) -> B | None:  # fmt: skip
         sinks = self._followers.setdefault(thread, set())
         sinks.add(sink)
         channel = keys.live(thread)
@@ -281,6 +286,11 @@ class FanoutHub:
         # threads' frames (a reconnect storm's thousands of joins would each
         # hold back every live frame of the pod, one round trip at a time).
         result: B | None = None
+        cursor = self._cursors.get(thread)
+        if not reads_timeline and cursor is not None and cursor.n is not None:
+            # Followed already, its baseline known, and a sink that reads no
+            # timeline (a turn following its own thread): no round trip.
+            return result
         if read is not None:
             result = await read()
             n, last_id = result.event_n, result.last_event_id

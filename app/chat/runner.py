@@ -54,7 +54,7 @@ from app.chat.records import (
 )
 from app.chat.timeline import TimelineEvent
 from app.chat.tool_calls import TurnTools
-from app.chat.turns import TurnStore
+from app.chat.turns import Ended, TurnStore
 from app.chat.usage import UsageStore
 from app.llm import ChatModel, LLMError, ToolCall, Usage
 from app.llm.tools import ToolBox
@@ -196,6 +196,9 @@ class TurnRunner:
         self._inflight: list[Delta] = []  # sent, not acknowledged: retried as they are
         self._seq = 0  # the next delta's
         self.status: MessageStatus | None = None
+        # END_TURN's answer once this turn committed its end (None: it did
+        # not, or a retry found it committed already).
+        self.ended: Ended | None = None
         # JSON log lines carry these as fields (app.logs).
         self.log_context = {"thread_id": ctx.thread, "generation_id": ctx.generation_id}
 
@@ -446,7 +449,7 @@ class TurnRunner:
                 "turn %s ended with a model error: %s", ctx.generation_id, error.message,
                 extra=self.log_context,
             )  # fmt: skip
-        await self._store.end(ctx.thread, ctx.lease, assistant, done, last)
+        ended = await self._store.end(ctx.thread, ctx.lease, assistant, done, last)
         self._sent(last)
         self._ready = []
         log.info(
@@ -458,8 +461,9 @@ class TurnRunner:
         if self._usage_store is not None:
             # Before leaving the turn index: until then the reaper would
             # settle it, should this pod die now (app.chat.usage).
-            await self._usage_store.settle(ctx.thread)
-        await self._store.index_remove(ctx.thread)
+            await self._usage_store.settle(ctx.thread, ended.charges if ended else None)
+        await self._store.index_remove(ctx.thread, ended.queued if ended else None)
+        self.ended = ended
 
     async def _final_writes(self, status: MessageStatus, error: LLMError | None) -> None:
         """Publish the deltas whose call failed, then commit the end with the
@@ -523,12 +527,13 @@ class TurnManager:
 
     def __init__(
         self, setup: TurnSetup, hub: FanoutHub,
-        on_end: Callable[[ThreadId], Awaitable[None]] | None = None,
+        on_end: Callable[[ThreadId, Ended | None], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self._setup = setup
         self._hub = hub
-        # Called once a turn is over (however it ended) and its thread free:
-        # the service starts the thread's next queued prompt from here.
+        # Called once a turn is over (however it ended) and its thread free,
+        # with END_TURN's answer when the turn committed its end: the service
+        # starts the thread's next queued prompt and its title from here.
         self._on_end = on_end
         self._running: dict[asyncio.Task[None], TurnRunner] = {}
 
@@ -548,7 +553,7 @@ class TurnManager:
     async def _run(self, runner: TurnRunner) -> None:
         thread = runner.ctx.thread
         try:
-            await self._hub.follow(thread, runner)
+            await self._hub.follow(thread, runner, reads_timeline=False)
         except Exception as exc:  # cancel still reaches us through the turn record
             log.warning(
                 "turn %s runs without live cancel: %s", runner.ctx.generation_id, exc,
@@ -562,7 +567,7 @@ class TurnManager:
             await self._hub.unfollow(thread, runner)
         if self._on_end is not None:
             try:
-                await self._on_end(thread)
+                await self._on_end(thread, runner.ended)
             except Exception as exc:  # the reaper starts what waits, if this could not
                 log.warning("after turn %s: %s", runner.ctx.generation_id, exc,
                             extra=runner.log_context)  # fmt: skip

@@ -686,7 +686,7 @@ return redis.call('HGET', KEYS[5], 'cancel')
 
 # END_TURN: commit the assistant's message, publish `done`, free the thread.
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] turn,
-#     [7] lock, [8] tree, [9] usage outbox
+#     [7] lock, [8] tree, [9] usage outbox, [10] queue
 # ARGV[1] fencing number, [2] publish command, [3] event retention,
 #     [4] assistant `message` event JSON (\1 = message id, "\2" = parent id),
 #     [5] `done` event JSON (\1 = message id), [6] lock owner token,
@@ -697,9 +697,12 @@ return redis.call('HGET', KEYS[5], 'cancel')
 # The turn's last deltas (the text still buffered when it ended) are
 # appended first, as APPEND_DELTA would, so a turn that ends with text to
 # publish costs one call, and its last events reach pods as one message.
-# Returns the message id, or nil when that generation's turn is already
-# closed (a retry after a lost reply: nothing is written twice);
-# error STALE_FENCE when another grant came since.
+# Returns {message id, prompts waiting in the queue, 1 when the thread has no
+# title and none is being made (else 0), the usage outbox's (generation,
+# charge)* pairs}: what the pod does next, so that it reads none of it
+# again (a turn's end costs no queue, title or outbox read). Or nil when
+# that generation's turn is already closed (a retry after a lost reply:
+# nothing is written twice); error STALE_FENCE when another grant came since.
 # The reply's parent is the user message the turn answers (from the turn
 # record), and it becomes the thread's active leaf.
 # Atomic: the final message, its tree links, `done`, the end of the turn
@@ -755,7 +758,9 @@ redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', retention)
 redis.call('HINCRBY', KEYS[2], 'message_count', 1)
 redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
 tell_members(KEYS[2], KEYS[5], ARGV[2])
-return mid
+local titled = redis.call('HMGET', KEYS[2], 'title', 'titling')
+local untitled = ((titled[1] or '') == '' and not titled[2]) and 1 or 0
+return {mid, redis.call('XLEN', KEYS[10]), untitled, unpack(redis.call('HGETALL', KEYS[9]))}
 """
 )
 

@@ -59,7 +59,7 @@ from app.chat.timeline import (
     message_event_data,
 )
 from app.chat.titles import AutoTitles
-from app.chat.turns import Begun, Duplicate, Orphaned, TurnStore, Waits
+from app.chat.turns import Begun, Duplicate, Ended, Orphaned, TurnStore, Waits
 from app.chat.usage import UsageStore
 from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
@@ -443,7 +443,7 @@ class ChatService:
         daily budget (app.chat.usage), taken under the thread's lock."""
         generation_id = secrets.token_hex(8)
         loading = Loading(thread_id=thread, generation_id=generation_id, model=self.model.name)
-        policy = "reject" if message is None else await self.threads.prompt_policy(thread)
+        policy: PromptPolicy | None = None  # read once the thread is busy: a free one needs none
         # A few times at most: after closing a turn a dead pod left open,
         # when the thread freed itself between a refused lock and the queue,
         # or when its lock was held by no turn.
@@ -492,6 +492,8 @@ class ChatService:
             # Busy, or prompts wait in the queue (result: Waits).
             if lease is not None:
                 await self._release(thread, lease)
+            if message is not None and policy is None:
+                policy = await self.threads.prompt_policy(thread)
             if message is None or policy == "reject":
                 if lease is None and await self.turns.record(thread) is None:
                     # Locked with no turn running: a reaper sweep passing by
@@ -600,9 +602,15 @@ class ChatService:
         if await self.queue.size(thread):
             await self.start_next(thread)
 
-    async def _after_turn(self, thread: ThreadId) -> None:
-        self.titles.after_turn(thread)
-        await self.start_next(thread)
+    async def _after_turn(self, thread: ThreadId, ended: Ended | None) -> None:
+        """A turn of this pod is over: title the thread, start what waits in
+        its queue. A turn that committed its end tells whether either is
+        wanted (END_TURN reads both in its step: a prompt queued later finds
+        the thread free and starts itself); one that did not is checked."""
+        if ended is None or ended.untitled:
+            self.titles.after_turn(thread)
+        if ended is None or ended.queued:
+            await self.start_next(thread)
 
     async def _start_turn(
         self, thread: ThreadId, lease: Lease, generation_id: str, prompt: Message | None,

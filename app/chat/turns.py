@@ -84,6 +84,19 @@ class Begun:
 
 
 @dataclass(frozen=True, slots=True)
+class Ended:
+    """END_TURN's answer: the assistant message committed, and what the pod
+    does next without reading it again: whether prompts wait in the queue,
+    whether the thread still wants a title, and the thread's pending usage
+    charges (generation id -> charge, as the outbox holds them)."""
+
+    message_id: str
+    queued: bool
+    untitled: bool
+    charges: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class Orphaned:
     """BEGIN_TURN's answer when an earlier turn was left open by a dead pod."""
 
@@ -257,7 +270,7 @@ class TurnStore:
     async def end(
         self, thread: ThreadId, lease: Lease, assistant: Message, done: Done,
         deltas: Sequence[Delta] = (),
-    ) -> str | None:  # fmt: skip
+    ) -> Ended | None:  # fmt: skip
         """Publish the turn's last ``deltas`` (consecutive seqs), commit the
         assistant's message, publish ``done``, free the thread, add the
         turn's tokens (``done.usage``) to the thread's totals and put the
@@ -266,11 +279,12 @@ class TurnStore:
         None when this generation was already closed (a retried call)."""
         usage = done.usage or {}
         try:
-            message_id: str | None = await self._scripts.end_turn(
+            reply = await self._scripts.end_turn(
                 keys=[
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.history(thread), keys.turn(thread),
                     keys.lock(thread), keys.tree(thread), keys.usage_outbox(thread),
+                    keys.queue(thread),
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
@@ -283,9 +297,12 @@ class TurnStore:
             )  # fmt: skip
         except ResponseError as exc:
             raise _fenced(exc) from exc
-        if message_id is not None:
-            await self._notices.changed(thread)
-        return message_id
+        if reply is None:
+            return None
+        await self._notices.changed(thread)
+        message_id, waiting, untitled, *outbox = reply
+        charges = dict(zip(outbox[::2], outbox[1::2], strict=True))
+        return Ended(message_id, bool(waiting), bool(untitled), charges)
 
     async def request_cancel(self, thread: ThreadId, generation_id: str | None) -> str | None:
         """Flag the running turn (if it matches) and tell every pod; its id or None."""
@@ -333,7 +350,9 @@ class TurnStore:
                 )
         return Partial("".join(pieces), len(pieces), tuple(finished))
 
-    async def close_orphan(self, thread: ThreadId, lease: Lease, record: TurnRecord) -> str | None:
+    async def close_orphan(
+        self, thread: ThreadId, lease: Lease, record: TurnRecord
+    ) -> Ended | None:
         """Close a turn whose pod died: its published text and finished tool
         calls become an ``interrupted`` assistant message, then ``done``.
         ``lease`` is a fresh grant of the thread's lock, so the dead turn can
@@ -355,11 +374,13 @@ class TurnStore:
     async def index_add(self, thread: ThreadId) -> None:
         await self._redis.zadd(keys.TURN_INDEX, {thread: int(time.time() * 1000)})
 
-    async def index_remove(self, thread: ThreadId) -> None:
+    async def index_remove(self, thread: ThreadId, queued: bool | None = None) -> None:
         """Drop the thread from the reaper's index, unless prompts wait in its
-        queue: the reaper also starts those when no pod does (a drained or
-        dead pod's thread)."""
-        if not await self._redis.xlen(keys.queue(thread)):
+        queue (``queued``, read here when not known): the reaper also starts
+        those when no pod does (a drained or dead pod's thread)."""
+        if queued is None:
+            queued = bool(await self._redis.xlen(keys.queue(thread)))
+        if not queued:
             await self._redis.zrem(keys.TURN_INDEX, thread)
 
     async def index_threads(self, limit: int = 1000) -> list[ThreadId]:

@@ -112,10 +112,12 @@ class UsageStore:
         if self.limit:
             await self._redis.hdel(keys.user_inflight(user), generation_id)
 
-    async def settle(self, thread: ThreadId) -> int:
-        """Move the thread's pending charges to their users' days; how many."""
+    async def settle(self, thread: ThreadId, pending: dict[str, str] | None = None) -> int:
+        """Move the thread's pending charges (read here unless given: a turn's
+        end has them) to their users' days; how many."""
         outbox = keys.usage_outbox(thread)
-        pending = hash_of(await self._redis.hgetall(outbox))
+        if pending is None:
+            pending = hash_of(await self._redis.hgetall(outbox))
         for generation_id, charge in pending.items():
             try:
                 user_raw, day, input_tokens, output_tokens = charge.split(" ")

@@ -14,11 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 import websockets
+from redis.asyncio.cluster import RedisCluster as AsyncCluster
 from redis.cluster import RedisCluster
 
+from app.chat import keys
+from app.chat.lock import TurnLock
+from app.chat.records import Delta, Done, Loading, Message
+from app.chat.scripts import Scripts
+from app.chat.sharded import ShardedSubscriber
+from app.chat.threads import Threads
+from app.chat.timeline import BATCH, parse_message
+from app.chat.turns import Begun, TurnStore
 from app.client import ChatClient
 from app.llm.fake import expected_reply
 from tests.integration.helpers import connect, recv_event, send, timeline, until_done
@@ -425,3 +435,53 @@ async def test_turn_survives_live_resharding_of_its_slot(redis_cluster, pod_fact
         assert text == expected_reply(prompt, tokens)
     assert [f["role"] for _, f in history] == ["user", "assistant", "user", "assistant"]
     assert history[3][1]["content"] == expected_reply("after the reshard", tokens)
+
+
+async def test_turn_scripts_batch_and_answer_on_every_shard(redis_cluster):
+    """The turn scripts' contract on a Cluster, each thread on another shard:
+    APPEND_DELTA takes several deltas and END_TURN the last ones, each delta
+    its own numbered event, and each call's events are one sharded message
+    (BATCH); END_TURN answers from the thread's own slot whether prompts
+    wait, whether the thread wants a title, and the usage charges to move."""
+    cluster = AsyncCluster(host="127.0.0.1", port=redis_cluster[0], decode_responses=True)
+    subscriber = ShardedSubscriber(cluster, f"redis://127.0.0.1:{redis_cluster[0]}")
+    scripts = Scripts(cluster)
+    store = TurnStore(cluster, scripts, "SPUBLISH", retention=1000, dedup_ttl_s=60)
+    lock = TurnLock(scripts, ttl_ms=5000)
+    user = keys.user_id("alice")
+    try:
+        for name in _threads_on_every_shard(redis_cluster, 3):
+            thread = keys.thread_id(name)
+            await Threads(cluster, scripts).open(thread, user)
+            await subscriber.subscribe(keys.live(thread))
+            assert (await subscriber.get_message(5))["type"] == "subscribe"
+            lease = await lock.acquire(thread)
+            assert lease is not None
+            ask = Message("", "user", "q", user, 1, "complete")
+            begun = await store.begin(thread, lease, ask, Loading(thread, "g", "fake"), "pod")
+            assert isinstance(begun, Begun)
+            published = [(await subscriber.get_message(5))["data"]]  # message and loading
+            deltas = [Delta(thread, "g", seq, f"{seq} ") for seq in range(5)]
+            assert await store.append_deltas(thread, lease, deltas[:3]) is False
+            published.append((await subscriber.get_message(5))["data"])
+            reply = Message("", "assistant", "0 1 2 3 4 ", "assistant", 2, "complete")
+            usage = {"input_tokens": 3, "output_tokens": 5}
+            ended = await store.end(
+                thread, lease, reply, Done(thread, "g", "complete", usage=usage), deltas[3:]
+            )
+            published.append((await subscriber.get_message(5))["data"])
+            assert ended is not None and not ended.queued and ended.untitled
+            assert list(ended.charges) == ["g"] and ended.charges["g"].endswith(" 3 5")
+            assert all(m.startswith(BATCH) for m in published)
+            frames = [e for m in published for e in parse_message(m)]
+            assert [e.n for e in frames if e] == list(range(1, 10))
+            kinds = [orjson.loads(e.frame)["type"] for e in frames if e]
+            assert kinds == ["message", "loading", *["delta"] * 5, "message", "done"]
+            stored = await cluster.xrange(keys.events(thread))
+            assert [e.frame for e in frames if e] == [
+                f'{{"id":"{i}","n":{f["n"]},{f["data"][1:]}' for i, f in stored
+            ]
+            assert frames[-2] and ended.message_id == frames[-2].id
+    finally:
+        await subscriber.aclose()
+        await cluster.aclose()
