@@ -494,7 +494,7 @@ class ChatService:
                 await self._release(thread, lease)
             if message is not None and policy is None:
                 policy = await self.threads.prompt_policy(thread)
-            if message is None or policy == "reject":
+            if message is None or policy is None or policy == "reject":
                 if lease is None and await self.turns.record(thread) is None:
                     # Locked with no turn running: a reaper sweep passing by
                     # (it holds each indexed thread's lock for a few round
