@@ -530,6 +530,11 @@ def _storm_md(results: dict[str, Any]) -> list[str]:
         f"{r['behind_at_end']} |",
         f"| resumes answered `recovered: false` | {r['not_recovered']} |",
         f"| pod B's CPU during the storm | {r['pod_b_cores_in_storm']:.2f} cores |",
+        *(
+            f"| pod B's event-loop lag during the storm, {clock} clock: p99 / max "
+            f"| {lag.get('p99_ms', '-')} / {lag.get('max_ms', '-')} ms |"
+            for clock, lag in r.get("pod_b_loop_lag", {}).items()
+        ),
         f"| the reconnecting clients' CPU during the storm | {r['loadgen_cores_in_storm']:.2f} "
         "cores |",
         "| the streams' client's own event-loop lag, p99 calm / storm "

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import load, wsclient
+from bench.bigroom import LAG_PROBE_MS, _lag, _lag_buckets
 from tests.procs import ROOT, Server, cpu_seconds, running
 
 if TYPE_CHECKING:
@@ -347,6 +348,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(spec["calm_s"])
         active = set(spec["active"])
         unchecked = sum(1 for s in on_a if s.thread in active and s.last_n is None)
+        lag0 = await asyncio.to_thread(_lag_buckets, pod_b[1])
         cpu0, self0 = cpu_seconds(b_pid), _self_cpu()
         t0 = times["t0"] = time.time()
         os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
@@ -356,6 +358,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         t_end = times["t_end"] = time.time()
         b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
         loadgen_cores = (_self_cpu() - self0) / (t_end - t0)
+        lag1 = await asyncio.to_thread(_lag_buckets, pod_b[1])
         await asyncio.sleep(spec.get("after_s", 1.0))
     finally:
         _write(stop, times)  # the streams stop their prompts
@@ -381,6 +384,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         "offline": _spread([s.resumed_at - s.closed_at for s in resumed if s.closed_at]),
         **_checks(on_a), "behind_at_end": behind, "unchecked_sockets": unchecked,
         "pod_b_cores_in_storm": b_cores, "loadgen_cores_in_storm": loadgen_cores,
+        "pod_b_loop_lag": {clock: _lag(lag0.get(clock, {}), lag1[clock]) for clock in lag1},
         "errors": dict(run.errors.most_common(10)),
     }  # fmt: skip
 
@@ -398,7 +402,8 @@ def phase(bench: Bench) -> dict[str, Any]:
         "CHAT_FAKE_REPLY_TOKENS": "100", "CHAT_FAKE_TOKEN_DELAY_MS": "20",
         "CHAT_DELTA_WINDOW_MS": "0", "CHAT_DELTA_MAX_BYTES": "2048",
     }  # fmt: skip
-    servers = bench._servers("durable", 2, env, None)
+    # The pods' own event-loop lag probe (read from pod B's /metrics around the storm).
+    servers = bench._servers("durable", 2, env, {"CHAT_LOOP_LAG_PROBE_MS": str(LAG_PROBE_MS)})
     run_id = f"r{bench.runs}"
     files = {k: bench.tmp / f"storm{bench.runs}.{k}" for k in ("ready", "stop", "final", "streams")}
     try:
