@@ -386,6 +386,23 @@ async def test_end_answers_what_the_pod_does_next(
     assert set(second.charges) == {"g1", "g2"}  # g1's was not moved: both wait
 
 
+async def test_begin_answers_the_context_start_and_the_members(
+    store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
+) -> None:
+    """What a turn's start needs besides the commit, read in its step."""
+    lease, first = await begin(store, lock, thread, generation_id="g1")
+    assert first.context_start is None and first.members == (USER,)
+    await store.end(thread, lease, assistant_message("a"), done(thread, "g1"))
+    await redis.set(keys.context_start(thread), first.message_id)
+    await redis.sadd(keys.members(thread), "bob")
+    lease, second = await begin(store, lock, thread, generation_id="g2", content="again")
+    assert second.context_start == first.message_id
+    assert sorted(second.members) == sorted([USER, "bob"])
+    # A retry of the same generation answers the same.
+    again = await store.begin(thread, lease, user_message("again"), loading(thread, "g2"), POD)
+    assert again == second
+
+
 async def test_append_delta_retry_of_a_seq_writes_nothing(
     store: TurnStore, lock: TurnLock, thread: ThreadId, redis: Any
 ) -> None:

@@ -406,7 +406,7 @@ return 0
 # BEGIN_TURN: commit the user's message (or pick the one to answer again) and
 # open the assistant's turn.
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] dedup,
-#     [7] turn, [8] tree, [9] queue
+#     [7] turn, [8] tree, [9] queue, [10] context start
 # ARGV[1] fencing number, [2] publish command (PUBLISH or SPUBLISH),
 #     [3] event retention, [4] user `message` event JSON (\1 = message id,
 #     "\2" = parent id; '' for a regenerate), [5] `loading` event JSON,
@@ -422,8 +422,10 @@ return 0
 # The turn record also keeps the user its tokens are charged to (the
 # `user_id` among the entry fields; a regenerate passes just that field):
 # whoever ends the turn, the reaper included, charges them.
-# Returns {'ok', user_message_id, loading_event_id} (also for a retry of the
-#     same generation after a lost reply: nothing is written twice),
+# Returns {'ok', user_message_id, loading_event_id, context start or '',
+#     member*} (also for a retry of the same generation after a lost reply:
+#     nothing is written twice): where the last turn's context started and
+#     who the members are come with it, so the pod reads neither again,
 #     {'dup', original_event_id} (a prompt's message, a regenerate's loading),
 #     {'orphan'} when a turn whose pod died is still open (its lease ran
 #     out before the reaper closed it: the caller closes it first),
@@ -452,7 +454,11 @@ local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
 if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {'gone'} end
 local running = redis.call('HMGET', KEYS[7], 'generation_id', 'user_message_id', 'start_id')
-if running[1] == ARGV[8] then return {'ok', running[2], running[3]} end
+local function begun(answered, lid)
+  return {'ok', answered, lid, redis.call('GET', KEYS[10]) or '',
+    unpack(redis.call('SMEMBERS', sibling(KEYS[2], 'members')))}
+end
+if running[1] == ARGV[8] then return begun(running[2], running[3]) end
 local queued = ARGV[10] == 'queued'
 if ARGV[6] ~= '' and not queued then
   local seen = redis.call('HGET', KEYS[6], ARGV[6])
@@ -542,7 +548,7 @@ for i = 14, #ARGV, 2 do
   if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
 end
 tell_members(KEYS[2], KEYS[5], ARGV[2])
-return {'ok', answered, lid}
+return begun(answered, lid)
 """
 )
 

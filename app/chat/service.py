@@ -471,7 +471,7 @@ class ChatService:
             if isinstance(result, Begun) and lease is not None:
                 await self._start_turn(thread, lease, generation_id, message, result)
                 try:
-                    await self.threads.touch_members(thread)
+                    await self.threads.touch_members(thread, result.members)
                 except RedisError as exc:  # only the members' lists go stale
                     log.warning("thread lists of %s's members not updated: %s", thread, exc)
                 return None
@@ -623,7 +623,7 @@ class ChatService:
         where the last turn's did while it fits (HistoryReader.context)."""
         try:
             start_key = keys.context_start(thread)
-            start = text(await self.redis.get(start_key))
+            start = begun.context_start  # read by BEGIN_TURN
             context = await self.history.context(
                 thread, begun.message_id, self._context_budget, message_tokens, start
             )

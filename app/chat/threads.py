@@ -21,6 +21,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -353,15 +354,17 @@ class Threads:
     async def last_event_id(self, thread: ThreadId) -> str | None:
         return text(await self._redis.hget(keys.meta(thread), "last_event_id"))
 
-    async def touch_members(self, thread: ThreadId) -> None:
+    async def touch_members(self, thread: ThreadId, members: Collection[str] | None = None) -> None:
         """Move the thread to the top of every member's list (activity is
-        shared: anyone's prompt is news for all of them).
+        shared: anyone's prompt is news for all of them); ``members`` read
+        here unless given (a turn's start has them).
 
         Separate commands, not part of the turn's commit: a user's list is
         hash-tagged by user, so on a Redis Cluster it lives on another shard
         than the thread. A crash in between only leaves the lists a little
         stale; the thread's own data is already committed."""
-        members = text_set(await self._redis.smembers(keys.members(thread)))
+        if members is None:
+            members = text_set(await self._redis.smembers(keys.members(thread)))
         now_ms = int(time.time() * 1000)
         async with self._redis.pipeline(transaction=False) as pipe:
             for member in members:

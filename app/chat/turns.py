@@ -77,10 +77,14 @@ class Partial:
 @dataclass(frozen=True, slots=True)
 class Begun:
     """BEGIN_TURN's answer: the turn is open; ``message_id`` is the user
-    message it answers (committed just now, unless it is a regenerate)."""
+    message it answers (committed just now, unless it is a regenerate);
+    ``context_start`` where the thread's last context started (None: not
+    known), and the thread's ``members``, read in the same step."""
 
     message_id: str
     loading_id: str
+    context_start: str | None = None
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,7 @@ class TurnStore:
                     keys.fence(thread), keys.meta(thread), keys.events(thread),
                     keys.live(thread), keys.history(thread), keys.dedup(thread),
                     keys.turn(thread), keys.tree(thread), keys.queue(thread),
+                    keys.context_start(thread),
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
@@ -206,7 +211,7 @@ class TurnStore:
         if reply[0] in ("queue_first", "moved"):
             return Waits(reply[0])
         await self._notices.changed(thread)
-        return Begun(reply[1], reply[2])
+        return Begun(reply[1], reply[2], reply[3] or None, tuple(reply[4:]))
 
     async def switch(self, thread: ThreadId, lease: Lease, message_id: str) -> str:
         """Make the newest leaf under ``message_id`` the active leaf and tell
