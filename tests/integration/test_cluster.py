@@ -1,17 +1,23 @@
 """durable-chat on a real 3-primary Redis Cluster: sharded pub/sub, hash-tagged
-commits, and the cross-pod, single-writer and resume guarantees."""
+commits, the cross-pod, single-writer and resume guarantees, and the user
+socket (presence, typing, inbox cards, socket leases) with each user's keys
+and each thread's keys on a shard of their own."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -22,6 +28,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncCluster
 from redis.cluster import RedisCluster
 
 from app.chat import keys
+from app.chat.keys import ThreadId, UserId
 from app.chat.lock import TurnLock
 from app.chat.records import Delta, Done, Loading, Message
 from app.chat.scripts import Scripts
@@ -31,8 +38,21 @@ from app.chat.timeline import BATCH, parse_message
 from app.chat.turns import Begun, TurnStore
 from app.client import ChatClient
 from app.llm.fake import expected_reply
-from tests.integration.helpers import connect, recv_event, send, timeline, until_done
-from tests.procs import REDIS_SERVER, wait_until
+from tests import procs
+from tests.integration.conftest import POD_SETTINGS, require_redis, track_pods
+from tests.integration.helpers import (
+    TIMEOUT_S,
+    Event,
+    close_code,
+    connect,
+    recv_any,
+    recv_event,
+    send,
+    timeline,
+    until_done,
+)
+from tests.integration.tokens import AUTH_ENV, bearer
+from tests.procs import REDIS_SERVER, Server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -485,3 +505,278 @@ async def test_turn_scripts_batch_and_answer_on_every_shard(redis_cluster):
     finally:
         await subscriber.aclose()
         await cluster.aclose()
+
+
+# --- the user socket on a Cluster ---------------------------------------------
+# A user's keys and channel (chat:user:{U}:...) and a thread's (chat:{T}:...)
+# hash to different slots: presence and typing stay on the thread's slot, the
+# inbox cards are SPUBLISHed per member after each commit, socket leases are
+# renewed with one call per user.
+
+LEASE_MS = 1500  # CHAT_SOCKET_LEASE_MS: renewals every 500 ms
+MAX_USER_SOCKETS = 2
+
+
+@pytest.fixture(scope="module")
+def cluster_pods(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[list[int], list[Server]]]:
+    """One 3-primary cluster and two authenticated pods on it (seeded on
+    different nodes), shared by the module's user-socket tests: each test has
+    its own users and threads."""
+    require_redis()
+    workdir = tmp_path_factory.mktemp("cluster-usersock")
+    settings = {
+        **POD_SETTINGS, **AUTH_ENV, "REDIS_CLUSTER": 1, "CHAT_SOCKET_LEASE_MS": LEASE_MS,
+        "CHAT_MAX_SOCKETS_PER_USER": MAX_USER_SOCKETS,
+    }  # fmt: skip
+    with contextlib.contextmanager(_start_cluster)(3, 0) as ports:
+        made = [
+            procs.pod(f"pod{i}", _Seed(port).url, workdir / f"pod{i}.log", **settings)
+            for i, port in enumerate(ports[:2])
+        ]
+        track_pods(request).extend(made)
+        try:
+            _start_all(made)
+            yield ports, made
+        finally:
+            for pod in made:
+                pod.stop()
+
+
+def _start_all(pods: list[Server]) -> None:
+    """Start the pods not running (a test may have killed one), side by side."""
+    down = [pod for pod in pods if pod.proc is None or pod.proc.poll() is not None]
+    with ThreadPoolExecutor(max(1, len(down))) as pool:
+        list(pool.map(Server.start, down))
+
+
+def _one_per_primary(ports: list[int], prefix: str, key: Callable[[str], str]) -> list[str]:
+    """Fresh names, one whose ``key(name)`` lives on each primary, in ``ports`` order."""
+    cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+    found: dict[int, str] = {}
+    try:
+        while len(found) < len(ports):
+            name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+            found.setdefault(int(cluster.get_node_from_key(key(name)).port), name)
+    finally:
+        cluster.close()
+    return [found[port] for port in ports]
+
+
+async def _user_socket(pod: Server, user: str) -> tuple[Any, Event]:
+    """A user socket (/v1/ws) of ``user`` and its first event."""
+    ws = await websockets.connect(
+        f"{pod.ws}/v1/ws", open_timeout=10, max_queue=None, additional_headers=bearer(user)
+    )
+    return ws, await recv_event(ws)
+
+
+async def _next_of(ws: Any, kind: str, thread: str) -> Event:
+    """The next ``kind`` event about ``thread``, others skipped."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while True:
+            event = await recv_any(ws)
+            about = (
+                event.get("thread", {}).get("id") if kind == "thread" else event.get("thread_id")
+            )
+            if event["type"] == kind and about == thread:
+                return event
+
+
+async def _presence(ws: Any, thread: str) -> list[str]:
+    return list((await _next_of(ws, "presence", thread))["users"])
+
+
+async def _card_where(ws: Any, thread: str, check: Callable[[Event], bool]) -> Event:
+    """The first card of ``thread`` to come for which ``check`` holds."""
+    while not check(card := dict((await _next_of(ws, "thread", thread))["thread"])):
+        pass
+    return card
+
+
+def _replied(card: Event) -> bool:
+    return bool(card["last_message"] and card["last_message"]["role"] == "assistant")
+
+
+async def _turn_seen(ws: Any, thread: str, seen: list[Event]) -> list[Event]:
+    """A turn's events on a joined user socket (after ``seen``), until both
+    its ``done`` and its thread's card after the reply have come (in
+    whichever order)."""
+    async with asyncio.timeout(TIMEOUT_S):
+        while not (
+            any(e["type"] == "done" for e in seen)
+            and any(e["type"] == "thread" and _replied(e["thread"]) for e in seen)
+        ):
+            event = await recv_event(ws)
+            if event.get("thread_id") == thread or event.get("thread", {}).get("id") == thread:
+                seen.append(event)
+    return seen
+
+
+def _leases(ports: list[int], user: str) -> list[float]:
+    """The lease ends (Redis clock, ms) of ``user``'s counted sockets."""
+    cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+    try:
+        return [
+            s for _, s in cluster.zrange(keys.user_sockets(UserId(user)), 0, -1, withscores=True)
+        ]
+    finally:
+        cluster.close()
+
+
+def _redis_ms(port: int) -> float:
+    seconds, micros = redis.Redis(port=port).time()
+    return seconds * 1000 + micros / 1000
+
+
+async def test_socket_leases_are_renewed_per_user_and_the_limit_stays_exact(
+    cluster_pods: tuple[list[int], list[Server]],
+) -> None:
+    """Three users whose socket counts live on three shards, each at the limit
+    with a socket on each pod: every pod renews every lease (one call per
+    user: a call may not touch two slots), so two leases later each user's
+    next socket is still refused, and one freed socket lets exactly one in."""
+    ports, pods = cluster_pods
+    await asyncio.to_thread(_start_all, pods)  # both, even after the kill test below
+    users = _one_per_primary(ports, "pl", lambda u: keys.user_sockets(UserId(u)))
+    sockets = {u: [(await _user_socket(pod, u))[0] for pod in pods] for u in users}
+    admitted = max(end for u in users for end in _leases(ports, u))
+
+    def renewed() -> bool:
+        leases = [_leases(ports, u) for u in users]
+        return _redis_ms(ports[0]) > admitted and all(
+            len(ends) == MAX_USER_SOCKETS and min(ends) > admitted for ends in leases
+        )
+
+    # Past the first leases' end, every socket still counts, with a later lease.
+    await asyncio.to_thread(wait_until, renewed, 3 * LEASE_MS / 1000, what="every lease renewed")
+    for user in users:
+        ws, first = await _user_socket(pods[0], user)
+        assert first["code"] == "rate_limited", first
+        assert (await close_code(ws))[1] == 1013
+    await sockets[users[0]][0].close()
+    await asyncio.to_thread(
+        wait_until, lambda: len(_leases(ports, users[0])) == 1, 5, what="the socket released"
+    )
+    again, first = await _user_socket(pods[1], users[0])
+    assert first["type"] == "inbox"
+    for pod in pods:
+        assert "not renewed" not in pod.logs()
+    for ws in (again, *sockets[users[0]][1:], *sockets[users[1]], *sockets[users[2]]):
+        await ws.close()
+
+
+async def test_user_sockets_on_two_pods_share_presence_typing_and_cards(
+    cluster_pods: tuple[list[int], list[Server]],
+) -> None:
+    """Owner A on pod A, member B and viewer V on pod B, their keys on three
+    shards, their thread's on a slot of its own: presence (the viewer too),
+    typing and a turn's inbox cards reach both pods; a read marker clears A's
+    unread on both of A's sockets; a revoked viewer is told and leaves the
+    presence; B's pod killed -9 drops B from A's presence within the lease."""
+    ports, (pod_a, pod_b) = cluster_pods
+    a, b, v = _one_per_primary(ports, "pa", lambda u: keys.user_inbox(UserId(u)))
+    _, _, thread = _one_per_primary(ports, "pt", lambda t: keys.live(ThreadId(t)))
+    inbox_a, first = await _user_socket(pod_a, a)
+    assert first == {"type": "inbox", "threads": [], "next_cursor": None}
+    tab_a, _ = await _user_socket(pod_b, a)  # A's second socket, on the other pod
+    inbox_b, _ = await _user_socket(pod_b, b)
+    inbox_v, _ = await _user_socket(pod_b, v)
+    async with httpx.AsyncClient(base_url=pod_a.http, headers=bearer(a), timeout=10) as alice:
+        assert (await alice.post("/v1/threads", json={"id": thread})).status_code == 201
+        for ws in (inbox_a, tab_a):
+            assert (await _next_of(ws, "thread", thread))["thread"]["role"] == "owner"
+        assert (await alice.put(f"/v1/threads/{thread}/members/{b}")).status_code == 204
+        viewer = await alice.put(f"/v1/threads/{thread}/members/{v}", json={"role": "viewer"})
+        assert viewer.status_code == 204
+    for ws, role in ((inbox_b, "member"), (inbox_v, "viewer")):
+        added = (await _next_of(ws, "thread", thread))["thread"]
+        assert (added["role"], added["unread"], added["generating"]) == (role, 0, False)
+
+    # Presence: each joins on their user socket; both pods show everyone
+    # joined, the viewer too.
+    await send(inbox_a, {"type": "join", "thread_id": thread})
+    await _next_of(inbox_a, "ready", thread)
+    assert await _presence(inbox_a, thread) == [a]
+    await send(inbox_b, {"type": "join", "thread_id": thread})
+    await _next_of(inbox_b, "ready", thread)
+    assert await _presence(inbox_b, thread) == sorted([a, b])
+    assert await _presence(inbox_a, thread) == sorted([a, b])
+    await send(inbox_v, {"type": "join", "thread_id": thread})
+    await _next_of(inbox_v, "ready", thread)
+    assert await _presence(inbox_v, thread) == sorted([a, b, v])
+    assert await _presence(inbox_a, thread) == sorted([a, b, v])
+    await send(inbox_v, {"type": "prompt", "thread_id": thread, "content": "may I?"})
+    assert (await _next_of(inbox_v, "error", thread))["code"] == "forbidden"
+
+    # Typing: the other pod hears it, and at most once per 2 s however many
+    # come; the typist never hears their own.
+    for _ in range(20):
+        await send(inbox_b, {"type": "typing", "thread_id": thread})
+    await send(inbox_b, {"type": "ping"})
+    assert (await recv_event(inbox_b))["type"] == "pong"  # the flood was handled
+    await send(inbox_a, {"type": "typing", "thread_id": thread})
+    assert await _next_of(inbox_b, "typing", thread) == {
+        "type": "typing", "thread_id": thread, "user_id": a
+    }  # fmt: skip
+
+    # A turn of B's, sent after the flood: on A's socket, whatever the flood
+    # published comes before the turn's first event (one channel, in order).
+    # Both pods stream the turn, and each member's inbox gets the card after
+    # it on their own shard: A and V have the prompt and the reply unread, B
+    # (its author) the reply.
+    await send(inbox_b, {"type": "prompt", "thread_id": thread, "content": "across shards"})
+    before: list[Event] = []
+    async with asyncio.timeout(TIMEOUT_S):
+        while not before or before[-1]["type"] != "message":
+            before.append(await recv_any(inbox_a))
+    typed = [e for e in before if e["type"] == "typing"]
+    assert typed == [{"type": "typing", "thread_id": thread, "user_id": b}]
+    seen_a, seen_b, seen_v = await asyncio.gather(
+        _turn_seen(inbox_a, thread, [before[-1]]),
+        _turn_seen(inbox_b, thread, []),
+        _turn_seen(inbox_v, thread, []),
+    )
+    assert timeline(seen_a) == timeline(seen_b) == timeline(seen_v)
+    reply = [e for e in seen_a if e["type"] == "message"][-1]["message"]
+    assert reply["content"] == expected_reply("across shards", 30)
+    for seen, unread in ((seen_a, 2), (seen_b, 1), (seen_v, 2)):
+        card = [e["thread"] for e in seen if e["type"] == "thread" and _replied(e["thread"])][-1]
+        assert (card["unread"], card["generating"]) == (unread, False), card
+        assert card["last_message"]["id"] == reply["id"]
+    assert (await _card_where(tab_a, thread, _replied))["last_message"]["id"] == reply["id"]
+
+    # A reads on pod A: both of A's sockets hear unread 0 (the card is
+    # published on A's shard after the marker's commit on the thread's).
+    await send(inbox_a, {"type": "read", "thread_id": thread, "message_id": reply["id"]})
+    for ws in (inbox_a, tab_a):
+        assert (await _card_where(ws, thread, lambda c: c["unread"] != 2))["unread"] == 0
+    # A fresh snapshot (the user's thread list on B's shard, the card from
+    # the thread's) agrees.
+    again, snapshot = await _user_socket(pod_a, b)
+    [summary] = snapshot["threads"]
+    assert (summary["id"], summary["unread"], summary["role"]) == (thread, 1, "member")
+    await again.close()
+
+    # Revoked, V's inbox says so (on V's shard) and V leaves the presence;
+    # B leaves and joins again: A's pod shows each change.
+    async with httpx.AsyncClient(base_url=pod_a.http, headers=bearer(a), timeout=10) as alice:
+        assert (await alice.delete(f"/v1/threads/{thread}/members/{v}")).status_code == 204
+    assert await _next_of(inbox_v, "thread_removed", thread) == {
+        "type": "thread_removed", "thread_id": thread, "reason": "revoked"
+    }  # fmt: skip
+    assert await _presence(inbox_a, thread) == sorted([a, b])
+    await send(inbox_b, {"type": "leave", "thread_id": thread})
+    assert await _presence(inbox_a, thread) == [a]
+    await send(inbox_b, {"type": "join", "thread_id": thread})
+    assert await _presence(inbox_a, thread) == sorted([a, b])
+
+    # kill -9 of B's pod: B leaves A's presence within CHAT_SOCKET_LEASE_MS
+    # (plus the time to send it). Pod B stays down: a test that needs it
+    # starts it again.
+    killed = time.monotonic()
+    pod_b.kill()
+    assert await _presence(inbox_a, thread) == [a]
+    assert time.monotonic() - killed < LEASE_MS / 1000 + 1.0
+    await inbox_a.close()
