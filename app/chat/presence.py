@@ -179,13 +179,11 @@ class Presence:
             return
         calls = renewals(self._lease_ms, groups, self._one_redis)
         if self._one_redis:
-            replies = [
-                present
-                for k, a in calls
-                for present in await self._scripts.renew_presence(keys=k, args=a)
-            ]
+            answers = [await self._scripts.renew_presence(keys=k, args=a) for k, a in calls]
         else:
-            replies = await run_many(self._redis, self._scripts.renew_presence, calls)
+            answers = await run_many(self._redis, self._scripts.renew_presence, calls)
+        # Each call answers a list of sets, one per key (on a Cluster, one).
+        replies = [present for answer in answers for present in answer]
         for thread, present in zip(threads, replies, strict=True):
             self._show(thread, _users(texts(present)))
 
