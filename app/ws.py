@@ -240,48 +240,55 @@ class SharedFrames:
     a close started) is left to its writer task, which sends the ASGI way;
     its queue, and so the slow-client rule, is the same either way.
 
-    A big room (ten thousand sockets of one thread on a pod) must not stall
-    the event loop for one frame: the list is drained in slices of at most
-    SLICE_S, and the next slice runs after the loop has polled its sockets
-    and run what else was ready (``call_soon``)."""
+    A big room (ten thousand sockets of one thread on a pod) must neither
+    stall the event loop for one frame nor hold back other threads' frames
+    behind its own: ready sockets wait per thread, each round writes at most
+    ROUND of every thread's, and the drain stops after SLICE_S; the next
+    slice runs after the loop has polled its sockets and run what else was
+    ready (``call_soon``)."""
 
-    __slots__ = ("_ready", "_scheduled")
+    __slots__ = ("_rooms", "_scheduled")
 
     def __init__(self) -> None:
-        self._ready: deque[ThreadStream] = deque()
+        # Ready sockets by thread, threads in the order they became ready.
+        self._rooms: dict[ThreadId, deque[ThreadStream]] = {}
         self._scheduled = False
 
     def ready(self, stream: ThreadStream) -> None:
-        self._ready.append(stream)
+        room = self._rooms.get(stream.thread)
+        if room is None:
+            room = self._rooms[stream.thread] = deque()
+        room.append(stream)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._drain)
 
     def _drain(self) -> None:
-        ready = self._ready
+        rooms = self._rooms
         deadline = time.perf_counter() + SLICE_S
         # Each event's frame, encoded once per slice (kept by id: the event
         # itself is held beside its bytes, so the id is not reused).
         frames: dict[int, tuple[TimelineEvent, bytes]] = {}
         written = 0
-        count = 0
-        while ready:
-            written += ready.popleft().write_shared(frames)
-            count += 1
-            if not count % SLICE_CHECK and time.perf_counter() > deadline:
-                break
+        while rooms and time.perf_counter() < deadline:
+            for thread in list(rooms):
+                room = rooms[thread]
+                for _ in range(min(ROUND, len(room))):
+                    written += room.popleft().write_shared(frames)
+                if not room:
+                    del rooms[thread]
         if written:
             metrics.EVENTS_DELIVERED.inc(written)
-        if ready:
+        if rooms:
             asyncio.get_running_loop().call_soon(self._drain)
         else:
             self._scheduled = False
 
 
 # A slice of SharedFrames' writing (the loop's longest stall for one frame is
-# about this), and how many sockets are written between two clock reads.
+# about this), and how many sockets of one thread a round writes.
 SLICE_S = 0.002
-SLICE_CHECK = 32
+ROUND = 64
 
 
 class SocketOut:

@@ -272,6 +272,8 @@ def markdown(results: dict[str, Any], d: dict[str, Any]) -> str:
     if "resumed" in results.get("storm", {}):
         lines += _storm_md(results)
     lines += _versus_md(d)
+    if "bigroom" in results:
+        lines += _bigroom_md(results)
     lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
     for key, text in TARGETS:
         t = d["targets"].get(key)
@@ -560,6 +562,37 @@ def _storm_md(results: dict[str, Any]) -> list[str]:
     if r.get("pod_log_warnings"):
         lines += ["", "The pods' warnings and errors, most frequent first:", ""]
         lines += [f"- `{k}` (x{v:,})" for k, v in r["pod_log_warnings"].items()]
+    return [*lines, ""]
+
+
+def _bigroom_md(results: dict[str, Any]) -> list[str]:
+    cfg = results["config"]
+    lines = [
+        "## Big rooms",
+        "",
+        f"One server: one thread with {cfg['bigroom_listeners']:,} sockets beside 10 threads of "
+        f"5, every thread one token per {cfg['bigroom_token_delay_ms']:g} ms with no "
+        "coalescing window (bench/bigroom.py). Loop lag: durable-chat's own probe, to its "
+        "histogram's bucket, by the wall clock and by the loop's CPU time.",
+        "",
+        "| system | run | others' p99 ms | big room deliveries/s | CPU s / 1,000 "
+        "| loop lag p99 / max ms (wall) | (loop CPU) |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for s, runs in results["bigroom"].items():
+        for label, r in runs.items():
+            run = label.replace("_", " ")
+            if "failed" in r:
+                lines.append(f"| {NAMES[s]} | {run} | failed: {r['failed'][:100]!r} | | | | |")
+                continue
+            lag = r.get("loop_lag") or {}
+            wall, cpu = lag.get("wall", {}), lag.get("cpu", {})
+            lines.append(
+                f"| {NAMES[s]} | {run} | {_n(r['others'].get('p99_ms'), 1)} "
+                f"| {_n(r['big_deliveries_per_s'])} | {_n(r['cpu_per_1000'], 3)} "
+                f"| {wall.get('p99_ms', '-')} / {wall.get('max_ms', '-')} "
+                f"| {cpu.get('p99_ms', '-')} / {cpu.get('max_ms', '-')} |"
+            )
     return [*lines, ""]
 
 
