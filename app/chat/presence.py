@@ -3,18 +3,22 @@ typing. Neither is a timeline event: nothing here is stored in the timeline
 or replayed; both reach sockets as ephemeral frames of their followers.
 
 Every socket on a thread is an entry ``<user>|<socket>`` in the thread's
-presence set, with a lease on the Redis clock (the PRESENCE script). A pod
-renews its entries every third of CHAT_SOCKET_LEASE_MS with a lease of two
-thirds, so one late renewal never drops a live socket, and a crashed pod's
-users are gone within CHAT_SOCKET_LEASE_MS: the same heartbeat reads every
-thread the pod follows (one pipelined round trip) and tells its sockets
-when the set of users changed.
+presence set, with a lease on the Redis clock (app.chat.scripts' _PRESENCE),
+added by the socket's join in the same script as its reads
+(app.chat.joins). A pod renews its entries every third of
+CHAT_SOCKET_LEASE_MS with a lease of two thirds, so one late renewal never
+drops a live socket, and a crashed pod's users are gone within
+CHAT_SOCKET_LEASE_MS: the same heartbeat reads every thread the pod follows
+and tells its sockets when the set of users changed. With one Redis that is
+one RENEW_PRESENCE call for all threads (per RENEW_BATCH entries); on a
+Cluster one call per thread, pipelined.
 
 A join or a leave publishes a nudge on the thread's channel. Each pod
-coalesces the nudges of a thread: it reads the set once per window
-(PRESENCE_WINDOW_S) however many nudges came, and sends its sockets a
-``presence`` only when the users changed. A reconnect storm of a thousand
-sockets thus costs each socket a few presence frames, not a thousand.
+coalesces the nudges: it reads every thread nudged within a window
+(PRESENCE_WINDOW_S) once, all in one round trip, however many nudges came,
+and sends its sockets a ``presence`` only when the users changed. A
+reconnect storm of a thousand sockets thus costs each socket a few presence
+frames, not a thousand, and the pod a few reads, not a thousand.
 
 Typing is throttled per user and thread, across pods (a ``SET NX PX`` of
 TYPING_INTERVAL_MS), after a local check that drops floods before Redis.
