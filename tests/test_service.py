@@ -12,7 +12,14 @@ import pytest
 from redis.asyncio.connection import AbstractConnection
 
 from app.chat import keys
-from app.chat.errors import BudgetExceeded, Draining, Forbidden, NotFound, ThreadBusy
+from app.chat.errors import (
+    BudgetExceeded,
+    Draining,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    ThreadBusy,
+)
 from app.chat.follower import Follower
 from app.chat.keys import ThreadId
 from app.chat.records import Delta, Loading, Message
@@ -508,6 +515,43 @@ async def test_a_connect_reads_in_one_round_trip(
     assert len(sent) == 1, sent  # the replay too
     assert resumed.ready.recovered is True
     assert [e.id for e in resumed.replay] == [i for i, _ in log[1:]]
+
+
+async def test_a_connect_counted_against_socket_limits_is_one_round_trip_too(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With auth on and a per-user socket limit, one Redis: the socket's
+    admission is JOIN_THREAD's first step, so a connect to a followed thread
+    is still one round trip; a socket over the limit is refused by it, and
+    leaves no count, presence entry or follower behind."""
+    service = await make_service(
+        chat_auth="jwt", chat_auth_secret="x" * 32, chat_max_sockets_per_user=2
+    )
+    thread = keys.thread_id("limited")
+    first = await service.open(thread, USER, None, None)  # creates it, loads the scripts
+    sent: list[bytes] = []
+    send = AbstractConnection.send_packed_command
+    connecting = asyncio.current_task()
+
+    async def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        if asyncio.current_task() is connecting:
+            sent.append(command if isinstance(command, bytes | bytearray) else b"".join(command))
+        await send(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    second = await service.open(thread, USER, None, None)
+    assert len(sent) == 1 and b"EVALSHA" in sent[0], sent
+    assert await redis.zcard(keys.user_sockets(USER)) == 2
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
+    with pytest.raises(RateLimited):
+        await service.open(thread, USER, None, None)
+    assert await redis.zcard(keys.user_sockets(USER)) == 2
+    assert await redis.zcard(keys.presence(thread)) == 2
+    assert service.limits.local_sockets == 2
+    assert service.hub.followed_threads == 1
+    await service.close(second.follower)
+    await service.close(first.follower)
+    assert await redis.zcard(keys.user_sockets(USER)) == 0
 
 
 async def test_presence_of_every_thread_is_renewed_in_one_call(

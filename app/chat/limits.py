@@ -15,12 +15,13 @@ import asyncio
 import logging
 import secrets
 from collections import defaultdict
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.chat import keys, tasks
-from app.chat.errors import Forbidden, PodFull, RateLimited
+from app.chat.errors import ChatError, Forbidden, PodFull, RateLimited
 from app.chat.keys import UserId
 from app.chat.redis_types import RedisClient
 from app.chat.scripts import Scripts, renewals
@@ -34,6 +35,16 @@ POD_FULL_RETRY_MS = 1000
 # Renewal calls in flight at once (on a Cluster: one per user, each user's
 # key has its own slot).
 RENEW_CALLS_AT_ONCE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A socket's count across pods, still to run: ADMIT_SOCKET's keys and
+    arguments (the user's sockets and erasing marker; the socket's id, the
+    most sockets per user, the lease)."""
+
+    keys: list[str]
+    args: list[str | int]
 
 
 class Limits:
@@ -90,6 +101,27 @@ class Limits:
         """Count a new socket of ``user`` on this pod and across pods; its id,
         for ``release_socket``. PodFull or RateLimited when over a limit,
         Forbidden while the user's data is being erased."""
+        socket_id, admission = self.claim_socket_for_join(user)
+        if admission is None:
+            return socket_id
+        try:
+            admitted, retry_after_ms = await self._scripts.admit_socket(
+                keys=admission.keys, args=admission.args
+            )
+        except BaseException:
+            self._local.pop(socket_id, None)
+            raise
+        refusal = self.refusal(admitted, retry_after_ms)
+        if refusal is not None:
+            self._local.pop(socket_id, None)
+            raise refusal
+        return socket_id
+
+    def claim_socket_for_join(self, user: UserId) -> tuple[str, Admission | None]:
+        """As ``claim_socket``, but the count across pods is left to the
+        caller when there is one (with the Admission to run: a thread's join
+        runs it in its own script, JOIN_THREAD, with one Redis); then the
+        caller releases the socket if refused. PodFull over this pod's limit."""
         if len(self._local) >= self._max_pod_sockets:
             raise PodFull("this server is full; try again", retry_after_ms=POD_FULL_RETRY_MS)
         socket_id = f"{self._pod}:{secrets.token_hex(8)}"
@@ -97,25 +129,21 @@ class Limits:
         # pod cannot all pass the check above.
         self._local[socket_id] = user
         if not self._max_user_sockets:
-            return socket_id
-        try:
-            admitted, retry_after_ms = await self._scripts.admit_socket(
-                keys=[keys.user_sockets(user), keys.user_erasing(user)],
-                args=[socket_id, self._max_user_sockets, self._lease_ms],
-            )
-        except BaseException:
-            self._local.pop(socket_id, None)
-            raise
-        if admitted == -1:
-            self._local.pop(socket_id, None)
-            raise Forbidden("this user's data is being erased")
-        if not admitted:
-            self._local.pop(socket_id, None)
-            raise RateLimited(
+            return socket_id, None
+        keys_ = [keys.user_sockets(user), keys.user_erasing(user)]
+        args: list[str | int] = [socket_id, self._max_user_sockets, self._lease_ms]
+        return socket_id, Admission(keys_, args)
+
+    def refusal(self, admitted: int, retry_after_ms: int) -> ChatError | None:
+        """The error of an ADMIT_SOCKET reply (None: admitted)."""
+        if int(admitted) == -1:
+            return Forbidden("this user's data is being erased")
+        if not int(admitted):
+            return RateLimited(
                 f"too many open sockets: at most {self._max_user_sockets} per user",
                 retry_after_ms=int(retry_after_ms),
             )
-        return socket_id
+        return None
 
     async def release_socket(self, socket_id: str) -> None:
         """The socket closed: stop counting it (on failure, its lease runs out)."""

@@ -1342,6 +1342,24 @@ return out
 """
 )
 
+# _ADMIT: admit(sockets, erasing, socket, max, lease), ADMIT_SOCKET's step (below).
+_ADMIT = r"""
+local function admit(sockets, erasing, socket, max, lease)
+  if redis.call('EXISTS', erasing) == 1 then return {-1, 0} end
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', sockets, '-inf', ms)
+  if not redis.call('ZSCORE', sockets, socket)
+      and redis.call('ZCARD', sockets) >= tonumber(max) then
+    local oldest = redis.call('ZRANGE', sockets, 0, 0, 'WITHSCORES')
+    return {0, math.max(1000, tonumber(oldest[2]) - ms)}
+  end
+  redis.call('ZADD', sockets, ms + tonumber(lease), socket)
+  redis.call('PEXPIRE', sockets, lease)
+  return {1, 0}
+end
+"""
+
 # JOIN_THREAD: a socket's start on a thread, in one step (one round trip,
 #     app.chat.joins): the thread's creation (_ENSURE) or its existence, the
 #     caller's membership, everything `ready` and the catch-up need, and the
@@ -1353,8 +1371,13 @@ return out
 # ARGV[1] new epoch, [2] user, [3] now (ms), [4] publish command, [5] '1'
 #     to create the thread if it is new ('0': report it absent), [6] '1'
 #     when only members may join, [7] `after` or '', [8] the client's epoch
-#     or '', [9] presence lease (ms), [10] presence entry, [11] nudge frame
-# Returns {'deleted'}, {'absent'}, {'forbidden'}, or {'ok', epoch, owner, created,
+#     or '', [9] presence lease (ms), [10] presence entry, [11] nudge frame,
+#     [12] with one Redis and a per-user socket limit: the socket's id, to
+#     admit first as ADMIT_SOCKET does (KEYS[10] and [11] are then the
+#     user's sockets and erasing marker, before the creator's lists), or '',
+#     [13] max sockets, [14] socket lease (ms)
+# Returns {'refused', admitted, retry_after_ms} (ADMIT_SOCKET's reply),
+#     {'deleted'}, {'absent'}, {'forbidden'}, or {'ok', epoch, owner, created,
 #     event_n, last_event_id or '', active leaf or '', turn record (flat
 #     HGETALL), queue (XRANGE), recovered ('1', '0', or '' without `after`),
 #     replay (XRANGE of the events to send before the live ones), present}.
@@ -1370,7 +1393,14 @@ JOIN_THREAD = (
     + _INBOX
     + _ENSURE
     + _PRESENCE
+    + _ADMIT
     + r"""
+local lists = 10
+if ARGV[12] ~= '' then
+  lists = 12
+  local admitted = admit(KEYS[10], KEYS[11], ARGV[12], ARGV[13], ARGV[14])
+  if admitted[1] ~= 1 then return {'refused', admitted[1], admitted[2]} end
+end
 local created = 0
 if ARGV[5] == '1' then
   created = ensure(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], '', ARGV[4])
@@ -1380,7 +1410,7 @@ elseif redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
 end
 if created == 1 then
   local thread = string.match(KEYS[1], '{(.*)}')
-  for i = 10, #KEYS do redis.call('ZADD', KEYS[i], ARGV[3], thread) end
+  for i = lists, #KEYS do redis.call('ZADD', KEYS[i], ARGV[3], thread) end
 elseif ARGV[6] == '1' and redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then
   return {'forbidden'}
 end
@@ -1480,20 +1510,16 @@ return {allowed, retry}
 # Pods renew their sockets' leases (heartbeat) and remove them on close; a
 # crashed pod does neither, so its sockets expire here instead of counting
 # forever. Pruning, counting and adding are one step so concurrent opens on
-# several pods cannot together exceed the limit.
-ADMIT_SOCKET = r"""
-if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, math.max(1000, tonumber(oldest[2]) - ms)}
-end
-redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, 0}
+# several pods cannot together exceed the limit. A socket already counted (a
+# join run again) is admitted again. The same step (_ADMIT, above
+# JOIN_THREAD) starts JOIN_THREAD with one Redis, so that a connect is one
+# round trip there with auth on too.
+ADMIT_SOCKET = (
+    _ADMIT
+    + r"""
+return admit(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 """
+)
 
 # RENEW_SOCKETS: extend the leases of this pod's sockets, of any number of users.
 # KEYS[1...] the users' sockets

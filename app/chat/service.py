@@ -39,7 +39,7 @@ from app.chat.history import HistoryReader, message_from_entry
 from app.chat.inbox import Inbox, Notices
 from app.chat.joins import Joins, JoinState
 from app.chat.keys import ThreadId, UserId
-from app.chat.limits import Limits
+from app.chat.limits import Admission, Limits
 from app.chat.lock import Lease, TurnLock
 from app.chat.presence import Presence
 from app.chat.queue import Enqueued, Head, Idle, PromptQueue, Seen
@@ -182,8 +182,9 @@ class ChatService:
             redis, self.scripts, self.hub, publish_command, settings.chat_socket_lease_ms
         )
         self.joins = Joins(
-            redis, self.scripts, self.threads, publish_command, settings.auth_enabled
-        )
+            redis, self.scripts, self.threads, self.limits, publish_command,
+            settings.auth_enabled,
+        )  # fmt: skip
         self.draining = False
         # What the history may fill of the model's context: the system
         # prompt and the tools' schemas are spoken for.
@@ -230,9 +231,14 @@ class ChatService:
         """Join a thread: count the socket against the limits, create the
         thread if new, check access, follow it live, and work out what the
         client must be sent before the live events."""
-        slot = await self.limits.claim_socket(user)
+        # With one Redis the socket's count across pods is the join's first
+        # step (JOIN_THREAD): one round trip for both.
+        if self.joins.admits:
+            slot, admission = self.limits.claim_socket_for_join(user)
+        else:
+            slot, admission = await self.limits.claim_socket(user), None
         try:
-            opened = await self.join(thread, user, after, epoch)
+            opened = await self.join(thread, user, after, epoch, admission=admission)
         except BaseException:
             await self.limits.release_socket(slot)
             raise
@@ -241,23 +247,24 @@ class ChatService:
 
     async def join(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None,
-        create: bool = True,
+        create: bool = True, admission: Admission | None = None,
     ) -> Opened:  # fmt: skip
         """Follow a thread on a socket that already counts against the limits
         (a user socket's ``join``, which never creates the thread: ``create``
-        False): as ``open`` without the count."""
+        False), or whose ``admission`` the join runs first: as ``open``
+        without the count."""
         async with self._joins:
-            return await self._join(thread, user, after, epoch, create)
+            return await self._join(thread, user, after, epoch, create, admission)
 
     async def _join(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None,
-        create: bool,
+        create: bool, admission: Admission | None,
     ) -> Opened:  # fmt: skip
         follower = Follower(thread, self.settings.chat_send_queue, user)
         presence = self.presence.joining(user)
 
         def read() -> Awaitable[JoinState]:
-            return self.joins.join(thread, user, after, epoch, presence, create)
+            return self.joins.join(thread, user, after, epoch, presence, create, admission)
 
         # Follow first, read second: whatever is published after the follow
         # reaches the queue, whatever was published before is in the log. The
