@@ -328,6 +328,30 @@ async def test_a_batch_is_forwarded_as_its_events_and_its_gap_filled_first(
     assert sink.controls == []
 
 
+async def test_a_batch_does_not_fill_a_reader_that_keeps_up(
+    hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
+) -> None:
+    """A batch longer than a socket's queue bound: a reader that sends each
+    event as soon as the loop lets it (as app.ws's shared frames do) is not
+    dropped as too slow; the hub lets it send between a batch's events."""
+    reader = Follower(thread, max_queue=2)
+    sent: list[TimelineEvent] = []
+
+    def drain() -> None:
+        while (event := reader.take()) is not None:
+            sent.append(event)
+
+    reader.on_ready = lambda: asyncio.get_running_loop().call_soon(drain)
+    await hub.follow(thread, reader)
+    await run_turn(store, lock, thread, "g", deltas=0)
+    await wait_until(lambda: len(sent) >= 4, what="the turn")
+    batch = [await write_unpublished(redis, thread, f"b{i}") for i in range(10)]
+    await redis.publish(keys.live(thread), BATCH + BATCH.join(e.frame for e in batch))
+    await wait_until(lambda: len(sent) >= 14, what="the batch")
+    assert reader.closing is None
+    assert [e.frame for e in sent[4:]] == [e.frame for e in batch]
+
+
 async def test_duplicate_frames_are_delivered_once(
     hub: FanoutHub, redis: Any, store: TurnStore, lock: TurnLock, thread: ThreadId
 ) -> None:

@@ -478,7 +478,13 @@ class FanoutHub:
         # One event, or the several one script appended (app.chat.timeline.BATCH).
         events = parse_message(frame)
         async with self._forwarding:
-            for event in events:
+            for i, event in enumerate(events):
+                if i:
+                    # Between a batch's events, the sockets write the last one
+                    # (app.ws): a turn's batch of deltas handed over at once
+                    # would fill a reader's bounded queue (CHAT_SEND_QUEUE)
+                    # and drop it as too slow however fast it reads.
+                    await asyncio.sleep(0)
                 if event is None:
                     log.warning("dropping a frame of unknown shape on thread %s", thread)
                     continue
