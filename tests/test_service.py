@@ -23,7 +23,7 @@ from app.chat.errors import (
 from app.chat.follower import Follower
 from app.chat.keys import ThreadId
 from app.chat.records import Delta, Loading, Message
-from app.chat.service import ChatService
+from app.chat.service import SOCKETS_AT_ONCE, ChatService
 from app.chat.timeline import frame_from_entry
 from app.chat.turns import Begun
 from app.llm.fake import expected_reply
@@ -96,6 +96,33 @@ async def test_the_model_sees_the_conversation(make_service: MakeService) -> Non
     events = await until_done(opened.follower)
     # The fake model answers the last user message.
     assert events[-2]["message"]["content"] == expected_reply("second", 5)
+
+
+async def test_a_drains_exits_take_a_bounded_share_of_the_pool(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of sockets closing at once (a drain, a storm) each leave
+    presence and free their place: at most SOCKETS_AT_ONCE at a time, so
+    they cannot take every connection of the pool."""
+    service = await make_service()
+    opened = [await service.open(T, USER, None, None) for _ in range(SOCKETS_AT_ONCE * 3)]
+    in_flight, most = 0, 0
+    exit_presence = service.presence.exit
+
+    async def counted_exit(follower: Any) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.005)  # a round trip
+            await exit_presence(follower)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(service.presence, "exit", counted_exit)
+    await asyncio.gather(*(service.close(o.follower) for o in opened))
+    assert most == SOCKETS_AT_ONCE
+    assert await redis.hlen(keys.presence(T)) == 0
 
 
 async def test_a_prompt_waits_out_a_lock_held_by_no_turn(

@@ -96,8 +96,12 @@ class Resumed:
     replay: list[TimelineEvent] | None
 
 
-# Joins (their Redis reads) in flight at once per pod: see ChatService.join.
-JOINS_AT_ONCE = 32
+# Sockets whose Redis work (a join's reads, a leave's presence exit, a
+# close's release of its place) is in flight at once per pod: a reconnect
+# storm's thousands of joins, and a drain's thousands of exits, would each
+# otherwise take every connection of redis-py's pool (100), failing with
+# "Too many connections" every other command of the pod meanwhile.
+SOCKETS_AT_ONCE = 32
 
 
 class ChatService:
@@ -144,7 +148,7 @@ class ChatService:
         # take a connection of the pool (redis-py's holds 100 and then fails
         # outright, "Too many connections") and starve the turns' writes;
         # past this they wait their turn here, holding nothing.
-        self._joins = asyncio.Semaphore(JOINS_AT_ONCE)
+        self._socket_work = asyncio.Semaphore(SOCKETS_AT_ONCE)
         self.turns = TurnStore.configured(redis, self.scripts, publish_command, settings)
         probe = Probe(
             keys.probe_channel(settings.chat_pod_id), publish_command,
@@ -253,7 +257,7 @@ class ChatService:
         (a user socket's ``join``, which never creates the thread: ``create``
         False), or whose ``admission`` the join runs first: as ``open``
         without the count."""
-        async with self._joins:
+        async with self._socket_work:
             return await self._join(thread, user, after, epoch, create, admission)
 
     async def _join(
@@ -292,7 +296,8 @@ class ChatService:
         await self.leave(follower)
         slot = self._slots.pop(follower, None)
         if slot is not None:
-            await self.limits.release_socket(slot)
+            async with self._socket_work:
+                await self.limits.release_socket(slot)
 
     async def join_existing(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
@@ -306,7 +311,8 @@ class ChatService:
         """Stop following a joined thread."""
         await self.hub.unfollow(follower.thread, follower)
         try:
-            await self.presence.exit(follower)
+            async with self._socket_work:
+                await self.presence.exit(follower)
         except (RedisError, OSError) as exc:  # the entry's lease runs out instead
             log.warning("presence on %s not left: %s", follower.thread, exc)
 
