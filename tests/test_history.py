@@ -173,6 +173,26 @@ async def test_context_reads_beyond_one_batch(redis: Any) -> None:
     assert [m.id for m in some] == [f"{i}-0" for i in range(76, 121)]
 
 
+async def test_context_reads_nothing_older_than_its_start(redis: Any) -> None:
+    """The walk stops where the last context started: the pages read hold
+    the window and nothing past it (here 12 messages, not pages of 8 and 16)."""
+    for i in range(1, 41):
+        await add(redis, f"{i}-0", "ab")
+    reader = reader_of(redis)
+    read: list[int] = []
+    walk = reader._scripts.history_path
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        reply = await walk(*args, **kwargs)
+        read.append(len(reply) - 2)
+        return reply
+
+    reader._scripts.history_path = counted  # type: ignore[method-assign]
+    window = await reader.context(T, "", 10_000, chars, "29-0")
+    assert [m.id for m in window] == [f"{i}-0" for i in range(29, 41)]
+    assert sum(read) == 12
+
+
 async def test_context_of_an_empty_thread(redis: Any) -> None:
     assert await reader_of(redis).context(T, "", 100, chars) == []
 

@@ -137,11 +137,13 @@ class HistoryReader:
         return await self._path(thread, "leaf", leaf or "", limit)
 
     async def _path(
-        self, thread: ThreadId, mode: str, start: str, limit: int
+        self, thread: ThreadId, mode: str, start: str, limit: int, stop: str = ""
     ) -> tuple[list[Message], bool]:
+        """A page of the walk (HISTORY_PATH), going on in the archive where
+        Redis no longer holds it; ending at ``stop`` when the walk meets it."""
         reply = await self._scripts.history_path(
             keys=[keys.history(thread), keys.tree(thread), keys.meta(thread)],
-            args=[mode, start, limit],
+            args=[mode, start, limit, stop],
         )
         if reply[0] == "not_found":
             if self._archive is None:
@@ -153,7 +155,8 @@ class HistoryReader:
             fields["parent"] = parent  # written before trees: known only from the walk
             messages.append(message_from_entry(entry_id, fields, tuple(siblings.split(","))))
         more = bool(reply[1])
-        if more and len(messages) < limit and self._archive is not None:
+        stopped = bool(stop) and bool(messages) and messages[0].id == stop
+        if more and len(messages) < limit and not stopped and self._archive is not None:
             # The walk stopped at a message Redis no longer holds: archived.
             if messages:
                 onward = messages[0].parent_id or ""
@@ -255,9 +258,10 @@ class HistoryReader:
         used = 0
         # Pages that start small and double: a budget is often met by the last
         # few messages, and every message read past it is Redis and pod time
-        # spent on every turn.
+        # spent on every turn. For the same reason no page reads past
+        # ``start`` (the walk stops there).
         count = 8
-        page, more = await self._path(thread, "leaf", leaf, count)
+        page, more = await self._path(thread, "leaf", leaf, count, start or "")
         while True:
             for message in reversed(page):
                 used += cost(message)
@@ -269,7 +273,7 @@ class HistoryReader:
             if not more:
                 return picked[::-1]
             count = min(count * 2, 256)
-            page, more = await self._path(thread, "before", page[0].id, count)
+            page, more = await self._path(thread, "before", page[0].id, count, start or "")
 
 
 def _newest(picked: list[Message], budget: int, cost: Callable[[Message], int]) -> list[Message]:

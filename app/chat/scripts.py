@@ -803,7 +803,9 @@ return {'ok', leaf, id}
 # KEYS[1] history, [2] tree, [3] meta
 # ARGV[1] where to start: 'leaf' (ARGV[2] a message id, or '' for the active
 #     leaf) or 'before' (ARGV[2] a message id: start at its parent),
-#     ARGV[3] how many messages at most
+#     ARGV[3] how many messages at most, ARGV[4] a message id to stop at (it
+#     included; '' for none: a model's context stops where the last one
+#     started, and reads nothing older it would not use)
 # Returns {'ok', has_more, {id, parent, siblings, {field, value...}}...},
 # newest first, or {'not_found'} when the start is not a message of the
 # thread. Read-only; one script so a page costs one round trip and a few
@@ -829,6 +831,7 @@ while cur ~= '' and #out - 2 < limit do
   local p = parent_of(KEYS[1], e[1], e[2])
   out[#out + 1] = {e[1], p, children_of(KEYS[2], KEYS[1], p) or e[1], e[2]}
   cur = p
+  if e[1] == ARGV[4] then break end
 end
 if cur ~= '' then out[2] = 1 end
 return out
