@@ -108,21 +108,27 @@ async def test_a_drains_exits_take_a_bounded_share_of_the_pool(
     opened = [await service.open(T, USER, None, None) for _ in range(SOCKETS_AT_ONCE * 3)]
     in_flight, most = 0, 0
     exit_presence = service.presence.exit
+    redis_answers = asyncio.Event()
 
     async def counted_exit(follower: Any) -> None:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
         try:
-            await asyncio.sleep(0.005)  # a round trip
+            await redis_answers.wait()
             await exit_presence(follower)
         finally:
             in_flight -= 1
 
     monkeypatch.setattr(service.presence, "exit", counted_exit)
+    # The sockets' handlers are not held up: their exits follow in the background.
     await asyncio.gather(*(service.close(o.follower) for o in opened))
+    await asyncio.sleep(0.05)
+    assert in_flight == SOCKETS_AT_ONCE
+    redis_answers.set()
+    await service.exits_done(30.0)  # as a drain waits for them
     assert most == SOCKETS_AT_ONCE
-    assert await redis.hlen(keys.presence(T)) == 0
+    assert await redis.zcard(keys.presence(T)) == 0
 
 
 async def test_a_prompt_waits_out_a_lock_held_by_no_turn(
@@ -578,6 +584,7 @@ async def test_a_connect_counted_against_socket_limits_is_one_round_trip_too(
     assert service.hub.followed_threads == 1
     await service.close(second.follower)
     await service.close(first.follower)
+    await service.exits_done(5.0)
     assert await redis.zcard(keys.user_sockets(USER)) == 0
 
 

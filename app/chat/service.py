@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import orjson
 from redis.exceptions import RedisError
 
-from app.chat import faults, keys
+from app.chat import faults, keys, tasks
 from app.chat.archive import Archive
 from app.chat.backoff import Backoff
 from app.chat.errors import (
@@ -102,6 +102,9 @@ class Resumed:
 # otherwise take every connection of redis-py's pool (100), failing with
 # "Too many connections" every other command of the pod meanwhile.
 SOCKETS_AT_ONCE = 32
+# A drain waits this long at least for closed sockets' exits (presence and
+# places), even with no grace for turns: a few thousand take about a second.
+EXITS_MIN_S = 2.0
 
 
 class ChatService:
@@ -144,6 +147,7 @@ class ChatService:
         )  # fmt: skip
         # The socket slot (app.chat.limits) each open follower holds.
         self._slots: dict[Follower, str] = {}
+        self._exiting: set[asyncio.Task[None]] = set()  # closed sockets' exits (close)
         # Joins reading Redis at once. A reconnect storm's joins would each
         # take a connection of the pool (redis-py's holds 100 and then fails
         # outright, "Too many connections") and starve the turns' writes;
@@ -222,10 +226,21 @@ class ChatService:
         CHAT_DRAIN_GRACE_S + DRAIN_COMMIT_S + 3 RELEASE_S (app.process),
         whatever Redis does."""
         self.draining = True
-        await self.manager.drain(self.settings.chat_drain_grace_s)
+        grace = self.settings.chat_drain_grace_s
+        # Side by side: the exits' wait ends within the turns' (which may
+        # take DRAIN_COMMIT_S past the grace), so it adds nothing to the bound.
+        exits_s = max(grace, EXITS_MIN_S)
+        await asyncio.gather(self.manager.drain(grace), self.exits_done(exits_s))
         await self.presence.stop()
         await self.titles.stop()
         await asyncio.gather(self.hub.stop(), self.limits.stop())
+
+    async def exits_done(self, timeout_s: float) -> None:
+        """Wait for closed sockets' exits; those still waiting after
+        ``timeout_s`` are left to their leases."""
+        if self._exiting:
+            _done, pending = await asyncio.wait(set(self._exiting), timeout=timeout_s)
+            await tasks.stop_all(list(pending), tasks.RELEASE_S, quiet=True)
 
     # --- opening a thread -----------------------------------------------------
 
@@ -293,11 +308,24 @@ class ChatService:
         return Opened(ready, state.replay, follower)
 
     async def close(self, follower: Follower) -> None:
-        await self.leave(follower)
-        slot = self._slots.pop(follower, None)
-        if slot is not None:
-            async with self._socket_work:
-                await self.limits.release_socket(slot)
+        """A socket closed: it stops following at once; its exit from the
+        thread's presence and the release of its place count against the
+        user's limit follow in the background (SOCKETS_AT_ONCE at a time),
+        so that a drain's thousands of closing sockets do not each wait their
+        turn for Redis (the drain waits for them, within its grace)."""
+        await self.hub.unfollow(follower.thread, follower)
+        exit_task = asyncio.create_task(self._exit(follower, self._slots.pop(follower, None)))
+        self._exiting.add(exit_task)
+        exit_task.add_done_callback(self._exiting.discard)
+
+    async def _exit(self, follower: Follower, slot: str | None) -> None:
+        async with self._socket_work:
+            await self._exit_presence(follower)
+            if slot is not None:
+                try:
+                    await self.limits.release_socket(slot)
+                except (RedisError, OSError) as exc:  # its lease runs out instead
+                    log.warning("socket's place not released: %s", exc)
 
     async def join_existing(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
@@ -310,9 +338,12 @@ class ChatService:
     async def leave(self, follower: Follower) -> None:
         """Stop following a joined thread."""
         await self.hub.unfollow(follower.thread, follower)
+        async with self._socket_work:
+            await self._exit_presence(follower)
+
+    async def _exit_presence(self, follower: Follower) -> None:
         try:
-            async with self._socket_work:
-                await self.presence.exit(follower)
+            await self.presence.exit(follower)
         except (RedisError, OSError) as exc:  # the entry's lease runs out instead
             log.warning("presence on %s not left: %s", follower.thread, exc)
 
