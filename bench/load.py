@@ -395,6 +395,11 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         rss1 = rss_kb(pid)
         if redis is not None:
             await redis.config_resetstat()
+        # The commands the server sends (round trips), apart from those its
+        # scripts run: only MONITOR tells them apart.
+        monitor = Monitor(spec["redis_port"]) if spec.get("redis_port") else None
+        if monitor is not None:
+            await monitor.start()
         pings0 = sum(conn.keepalives for conn in held_conns)
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         # The window is one keep-alive interval: every socket is pinged once in it.
@@ -403,6 +408,7 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         idle_cpu = (cpu_seconds(pid) - cpu0) / elapsed
         pings = sum(conn.keepalives for conn in held_conns) - pings0
         rss2 = rss_kb(pid)
+        monitored = await monitor.stop() if monitor is not None else {}
         stats_now = await redis.info("commandstats") if redis is not None else {}
     finally:
         for conn, _ in plan:
@@ -425,6 +431,10 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         "keepalive_interval_s": spec.get("keepalive_interval_s"),
         "keepalives_per_socket": pings / held if held else None,
         "redis_commands_per_s": calls / elapsed if redis is not None else None,
+        "redis_round_trips_per_s": (
+            sum(n for k, n in monitored.items() if k.startswith("client:")) / elapsed
+            if monitor is not None else None
+        ),
         "redis_commands": {
             k.removeprefix("cmdstat_"): v["calls"] for k, v in stats_now.items() if k not in ours
         },

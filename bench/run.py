@@ -323,6 +323,7 @@ class Bench:
                         "mode": "idle", "system": system, "run_id": f"r{self.runs}",
                         "endpoints": [["127.0.0.1", servers[0].port]], "sockets": sockets,
                         "server_pids": [servers[0].pid], "redis_url": self.redis.url,
+                        "redis_port": self.redis.port,
                         "settle_s": 12.0 if system == "durable" else 2.0, "idle_s": interval,
                         "keepalive_wait_s": interval + 15.0, "keepalive_interval_s": interval,
                     }  # fmt: skip
@@ -335,7 +336,8 @@ class Bench:
                 f"{r.get('connect_per_s', 0):,.0f} connects/s, "
                 f"{100 * r.get('idle_cpu_fraction', 0):.2f}% of a core idle "
                 f"({r.get('keepalives_per_socket') or 0:.2f} pings/socket in the window), "
-                f"{r.get('redis_commands_per_s') or 0:,.1f} Redis commands/s idle",
+                f"{r.get('redis_round_trips_per_s') or 0:,.2f} Redis round trips/s idle "
+                f"({r.get('redis_commands_per_s') or 0:,.1f} commands/s, in scripts too)",
                 flush=True,
             )
         return out
