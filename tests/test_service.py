@@ -504,6 +504,25 @@ async def test_a_queued_prompt_is_checked_against_the_budget_as_it_starts(
     assert (await service.usage.today(USER)).total == 1 + 20
 
 
+class RoundTrips:
+    """The commands the current task sends Redis while ``counting``: a
+    connect's own, not the pod's background tasks' (probe, audit, presence)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[bytes] = []
+        self.counting = True
+        send = AbstractConnection.send_packed_command
+        task = asyncio.current_task()
+
+        async def counted(conn: Any, command: Any, check_health: bool = True) -> None:
+            if self.counting and asyncio.current_task() is task:
+                joined = command if isinstance(command, bytes | bytearray) else b"".join(command)
+                self.sent.append(joined)
+            await send(conn, command, check_health)
+
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+
+
 async def test_a_connect_reads_in_one_round_trip(
     make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -516,17 +535,8 @@ async def test_a_connect_reads_in_one_round_trip(
     redis-server and pod: tests/integration/test_redis_layout.py.)"""
     service = await make_service()
     await service.open(keys.thread_id("warm"), USER, None, None)  # connections, scripts
-    sent: list[bytes] = []
-    send = AbstractConnection.send_packed_command
-    connecting = asyncio.current_task()
-
-    async def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        # The connect's own, not the pod's background tasks' (probe, audit, presence).
-        if asyncio.current_task() is connecting:
-            sent.append(command if isinstance(command, bytes | bytearray) else b"".join(command))
-        await send(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    trips = RoundTrips(monkeypatch)
+    sent = trips.sent
 
     fresh = keys.thread_id("fresh")
     new = await service.open(fresh, USER, None, None)
@@ -538,10 +548,10 @@ async def test_a_connect_reads_in_one_round_trip(
     assert len(sent) == 1 and b"EVALSHA" in sent[0], sent
     assert again.ready.last_event_id == new.ready.last_event_id
     assert again.ready.epoch == new.ready.epoch
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
+    trips.counting = False
     await service.prompt(fresh, USER, "hello", None)
     await idle(service, fresh)
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    trips.counting = True
     log = await stored(redis, fresh)
     sent.clear()
     resumed = await service.open(fresh, USER, log[0][0], again.ready.epoch)
@@ -562,20 +572,11 @@ async def test_a_connect_counted_against_socket_limits_is_one_round_trip_too(
     )
     thread = keys.thread_id("limited")
     first = await service.open(thread, USER, None, None)  # creates it, loads the scripts
-    sent: list[bytes] = []
-    send = AbstractConnection.send_packed_command
-    connecting = asyncio.current_task()
-
-    async def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        if asyncio.current_task() is connecting:
-            sent.append(command if isinstance(command, bytes | bytearray) else b"".join(command))
-        await send(self, command, check_health)
-
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    trips = RoundTrips(monkeypatch)
     second = await service.open(thread, USER, None, None)
-    assert len(sent) == 1 and b"EVALSHA" in sent[0], sent
+    assert len(trips.sent) == 1 and b"EVALSHA" in trips.sent[0], trips.sent
     assert await redis.zcard(keys.user_sockets(USER)) == 2
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
+    trips.counting = False
     with pytest.raises(RateLimited):
         await service.open(thread, USER, None, None)
     assert await redis.zcard(keys.user_sockets(USER)) == 2
