@@ -70,9 +70,10 @@ async def _failover_during_turns(group: SentinelGroup, pods, fault) -> None:
             await rec.client.prompt(f"before {rec.thread}")
         for rec in writers:
             await rec.until(lambda ev: len(of_type(ev, "delta")) >= 5, 15, "the turn to stream")
-        old = group.primary_port()
+        # The fault returns once every sentinel has named a new primary. (Not
+        # checked again after it: on a loaded machine the sentinels may fail
+        # back to the restarted node, a second failover the pods ride out too.)
         await asyncio.to_thread(fault)  # the clients keep reading meanwhile
-        assert group.primary_port() != old
         for rec in everyone:
             await rec.until(lambda ev: len(of_type(ev, "done")) == 1, 30, "the cut turn to end")
         for rec in writers:
