@@ -150,6 +150,19 @@ async def open_thread(threads: Threads, name: str, user: UserId = USER) -> Threa
     return t
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[None]:
+    """Wrap the coroutine method ``owner.name``; the list grows by one per call."""
+    calls: list[None] = []
+    method = getattr(owner, name)
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return await method(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 async def wait_until(
     predicate: Callable[[], Any | Awaitable[Any]],
     timeout: float = 5.0,

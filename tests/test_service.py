@@ -27,7 +27,7 @@ from app.chat.service import SOCKETS_AT_ONCE, ChatService
 from app.chat.timeline import frame_from_entry
 from app.chat.turns import Begun
 from app.llm.fake import expected_reply
-from tests.conftest import USER, wait_until
+from tests.conftest import USER, count_calls, wait_until
 
 MakeService = Callable[..., Awaitable[ChatService]]
 T = keys.thread_id("svc")
@@ -600,18 +600,10 @@ async def test_presence_of_every_thread_is_renewed_in_one_call(
     for thread in threads:
         await service.open(thread, USER, None, None)
     before = {t: await redis.zrange(keys.presence(t), 0, -1, withscores=True) for t in threads}
-    calls = 0
-    renew = service.scripts.renew_presence
-
-    async def counted(**kw: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await renew(**kw)
-
-    monkeypatch.setattr(service.scripts, "renew_presence", counted)
+    calls = count_calls(monkeypatch, service.scripts, "renew_presence")
     await asyncio.sleep(0.01)  # the Redis clock moves on
     await service.presence.renew()
-    assert calls == 1
+    assert len(calls) == 1
     for thread in threads:
         [(entry, expiry)] = await redis.zrange(keys.presence(thread), 0, -1, withscores=True)
         assert entry.startswith(f"{USER}|") and expiry > before[thread][0][1]
