@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.load import Conn, Stats, _open_all, _percentiles, _raise_fd_limit
+from bench.load import Conn, Stats, _open_all, _percentiles, run_process
 from tests.procs import ROOT, Server, cpu_seconds, running
 
 if TYPE_CHECKING:
@@ -258,20 +258,12 @@ async def load_others(spec: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def main() -> None:
-    spec_path, result_path = sys.argv[1], sys.argv[2]
-    with open(spec_path) as f:
-        spec = json.load(f)
-    _raise_fd_limit()
-    try:
-        import uvloop
+async def _work(spec: dict[str, Any]) -> dict[str, Any]:
+    return await (load_room(spec) if spec["role"] == "room" else load_others(spec))
 
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
-    result = run(load_room(spec) if spec["role"] == "room" else load_others(spec))
-    with open(result_path, "w") as f:
-        json.dump(result, f, indent=1)
+
+def main() -> None:
+    run_process(_work)
 
 
 if __name__ == "__main__":

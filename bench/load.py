@@ -42,7 +42,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -449,7 +449,9 @@ async def main_async(spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown mode {spec['mode']!r}")
 
 
-def main() -> None:
+def run_process(work: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]) -> None:
+    """A load generator process: read the spec (argv[1]), run ``work`` on it
+    (on uvloop when installed), write its result (argv[2])."""
     spec_path, result_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
         spec = json.load(f)
@@ -457,11 +459,15 @@ def main() -> None:
     try:
         import uvloop
 
-        result = uvloop.run(main_async(spec))
+        result = uvloop.run(work(spec))
     except ImportError:
-        result = asyncio.run(main_async(spec))
+        result = asyncio.run(work(spec))
     with open(result_path, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def main() -> None:
+    run_process(main_async)
 
 
 if __name__ == "__main__":
