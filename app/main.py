@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -21,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi_offline import FastAPIOffline
 
-from app import metrics, rest, schema, seed, sse, usersock, ws
+from app import gc_policy, metrics, rest, schema, seed, sse, usersock, ws
 from app.auth import Authenticator, AuthError
 from app.chat import tasks
 from app.chat.archive import Archive
@@ -105,18 +104,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             archiver_task = asyncio.create_task(
                 archiver.run_forever(leader=holder), name="archiver"
             )
-        # Everything loaded so far (the modules, the app, the clients) lives as
-        # long as the pod: out of the collector's sight, so that a full
-        # collection scans only what sockets and turns create. Without this, a
-        # pod's full collections took 40 to 100 ms, a stall of every stream.
-        gc.collect()
-        gc.freeze()
+        gc_policy.freeze_loaded()
         auth = f"jwt {','.join(authenticator.algorithms)}" if settings.auth_enabled else "off"
         described = f"redis={handles.description} model={model.name} auth={auth}"
         announcer = asyncio.create_task(
             announce_ready(service, settings.chat_pod_id, described), name="ready-announcer"
         )
-        helpers = [announcer]
+        collector = gc_policy.CollectionPolicy(settings.chat_gc_full_s)
+        helpers = [announcer, asyncio.create_task(collector.run_forever(), name="gc-policy")]
         if settings.chat_loop_lag_probe_ms:
             lag = metrics.probe_loop_lag(settings.chat_loop_lag_probe_ms / 1000)
             helpers.append(asyncio.create_task(lag, name="loop-lag-probe"))

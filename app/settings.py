@@ -193,6 +193,11 @@ class Settings(BaseSettings):
     # wakes a sleeper (durable_chat_loop_lag_seconds): a stall of the loop
     # holds back every socket's frames. 0 (the default): not measured.
     chat_loop_lag_probe_ms: float = Field(default=0.0, ge=0)
+    # A pod freezes what survives its young garbage collections, so that no
+    # collection stalls its loop over all its sockets' objects; at most every
+    # CHAT_GC_FULL_S, once enough was frozen since, one full collection of
+    # everything reclaims cycles among frozen objects (app.gc_policy). 0: never.
+    chat_gc_full_s: float = Field(default=600.0, ge=0)
     # Seconds between keep-alive comments on an idle SSE stream (app.sse), well
     # under the idle timeouts of common proxies (60 s).
     chat_sse_keepalive_s: float = Field(default=15.0, gt=0)
