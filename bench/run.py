@@ -19,6 +19,10 @@ fanout
 latency
     the same systems at a fixed, paced load (LLM-like token pace) with
     ``--latency-listeners`` sockets on two servers.
+heavy
+    fan-out-heavy at a paced load: few threads with many listeners each
+    (``--heavy-threads`` x ``--heavy-listeners``), durable-chat against
+    broadcaster and the bare uvicorn broadcast: server CPU per delivery.
 idle
     idle sockets held by one server: RSS per socket, connect rate, idle CPU.
 cost
@@ -61,7 +65,9 @@ PEER_MODULES = {
     "broadcaster": "bench.peers.broadcaster_server",
     "bare": "bench.peers.bare_ws",
 }
-PHASES = ("limits", "fanout", "latency", "idle", "cost", "storm", "bigroom")
+# The fan-out-heavy phase's systems: durable-chat and the two its target names.
+HEAVY_SYSTEMS = ("durable", "broadcaster", "bare")
+PHASES = ("limits", "fanout", "latency", "heavy", "idle", "cost", "storm", "bigroom")
 # Each system's keep-alive ping interval, in seconds (its default): the idle
 # phase measures one such interval, after every socket's first ping.
 # durable-chat: CHAT_WS_PING_INTERVAL_S (WebSocket pings, by uvicorn).
@@ -101,6 +107,11 @@ class Config:
     latency_tokens: int = 100
     token_delay_ms: float = 20.0
     latency_windows: tuple[float, ...] = (0.0, 25.0)
+    # fan-out-heavy, paced: every thread streaming, one token per
+    # heavy_token_delay_ms, the default 25 ms coalescing window
+    heavy_threads: int = 20
+    heavy_listeners: int = 50
+    heavy_token_delay_ms: float = 50.0
     # idle sockets
     idle_sockets: int = 10000
     idle_peer_sockets: int = 2000
@@ -127,7 +138,8 @@ class Config:
         return cls(
             threads=20, listeners=4, reply_tokens=200, warmup_s=1.0, duration_s=3.0,
             latency_threads=50, latency_listeners=4, latency_active=10, latency_tokens=50,
-            latency_windows=(0.0,), idle_sockets=500, idle_peer_sockets=300, keepalive_s=5.0,
+            latency_windows=(0.0,), heavy_threads=5, heavy_listeners=20, idle_sockets=500,
+            idle_peer_sockets=300, keepalive_s=5.0,
             cost_matrix=((1, 2), (2, 4)), cost_threads=4, cost_duration_s=2.0,
             limit_duration_s=2.0, storm_sockets=500, storm_threads=50, storm_active=4,
             storm_listeners=3, storm_calm_s=2.0, bigroom_listeners=2000,
@@ -280,6 +292,29 @@ class Bench:
                     duration_s=c.duration_s,
                 )  # fmt: skip
                 _say(out[key][system])
+        return out
+
+    def phase_heavy(self) -> dict[str, Any]:
+        c = self.config
+        env = {
+            "CHAT_FAKE_REPLY_TOKENS": str(c.latency_tokens),
+            "CHAT_FAKE_TOKEN_DELAY_MS": str(c.heavy_token_delay_ms),
+            "CHAT_DELTA_WINDOW_MS": "25",
+            "CHAT_DELTA_MAX_BYTES": "2048",
+        }
+        out = {}
+        for system in [s for s in self.systems if s in HEAVY_SYSTEMS]:
+            print(
+                f"heavy: {system} ({c.heavy_threads} threads x {c.heavy_listeners} listeners, "
+                f"all streaming, one token per {c.heavy_token_delay_ms:g} ms)",
+                flush=True,
+            )
+            out[system] = self.fanout_once(
+                system, threads=c.heavy_threads, listeners=c.heavy_listeners,
+                active=c.heavy_threads, turn_env=env, warmup_s=c.warmup_s,
+                duration_s=c.duration_s,
+            )  # fmt: skip
+            _say(out[system])
         return out
 
     def phase_limits(self) -> dict[str, Any]:
