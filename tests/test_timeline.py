@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -12,7 +13,6 @@ from app.chat.keys import ThreadId
 from app.chat.records import Delta, Done, Message
 from app.chat.timeline import (
     MESSAGE_ID_PLACEHOLDER,
-    PARENT_ID_PLACEHOLDER,
     Timeline,
     TimelineEvent,
     done_event_data,
@@ -20,6 +20,7 @@ from app.chat.timeline import (
     event_type,
     frame_from_entry,
     message_event_data,
+    message_event_parts,
     parse_frame,
 )
 
@@ -63,25 +64,22 @@ def test_parse_frame_of_a_control_frame_is_none() -> None:
     assert parse_frame("") is None
 
 
-def test_message_event_data_has_the_placeholder_for_the_id() -> None:
+def test_message_event_parts_join_around_the_ids_the_script_decides() -> None:
     message = Message(
         id="ignored", role="user", content="\x01\x02 is escaped", user_id="u", created_at=5,
         status="complete",
     )  # fmt: skip
-    data = message_event_data(T, message)
-    # Exactly one raw placeholder each: the user's own bytes were escaped by orjson.
-    assert data.count(MESSAGE_ID_PLACEHOLDER) == 1 and data.count(PARENT_ID_PLACEHOLDER) == 1
-    filled = orjson.loads(
-        data.replace(MESSAGE_ID_PLACEHOLDER, "7-0").replace(PARENT_ID_PLACEHOLDER, '"6-0"')
-    )
+    head, tail = message_event_parts(T, message)
+    # The script joins them as message_event does (app.chat.scripts).
+    filled = orjson.loads(f'{head}7-0","parent_id":"6-0"{tail}')
     assert filled["type"] == "message" and filled["thread_id"] == T
     assert filled["message"]["id"] == "7-0" and filled["message"]["parent_id"] == "6-0"
-    root = orjson.loads(
-        data.replace(MESSAGE_ID_PLACEHOLDER, "7-0").replace(PARENT_ID_PLACEHOLDER, "null")
-    )
+    root = orjson.loads(f'{head}7-0","parent_id":null{tail}')
     assert root["message"]["parent_id"] is None
     assert filled["message"]["content"] == "\x01\x02 is escaped"
     assert "client_msg_id" not in filled["message"]
+    committed = dataclasses.replace(message, id="7-0", parent_id="6-0")
+    assert message_event_data(T, committed) == f'{head}7-0","parent_id":"6-0"{tail}'
 
 
 def test_done_event_data_has_the_placeholder_for_the_message_id() -> None:

@@ -38,12 +38,19 @@ from app.chat.redis_types import RedisClient
 #   thread's contiguous event number n (pods use n to notice a lost pub/sub
 #   message), and publishes the finished wire frame. The frame is the event
 #   JSON with "id" and "n" spliced in front, so pods forward it as is. Given
-#   a batch (a table), it keeps the frame there instead, and publish_batch
-#   sends the script's frames as one pub/sub message: a script that appends
-#   several events (a turn's start, its deltas, its end) costs every pod one
-#   message to read, not one per event. A batch of two or more is a newline
-#   followed by the frames separated by newlines (app.chat.timeline.BATCH:
-#   JSON from orjson never holds a raw newline); a batch of one is the frame.
+#   a batch (a table), it keeps the frame's pieces there instead, and
+#   publish_batch sends the script's frames as one pub/sub message: a script
+#   that appends several events (a turn's start, its deltas, its end) costs
+#   every pod one message to read, not one per event. A batch of two or more
+#   is a newline followed by the frames separated by newlines
+#   (app.chat.timeline.BATCH: JSON from orjson never holds a raw newline); a
+#   batch of one is the frame.
+# Pieces, not strings: Redis's Lua hashes every byte of every string it makes
+#   (a 12 KB reply costs as much to hash as to copy), so a frame is not made
+#   as a string of its own when it goes in a batch: its pieces are joined
+#   once, into the batch's message. `body`, when given, is the pieces of the
+#   frame after its id and n (a message event's, see message_event), so
+#   that not even data's tail is copied for it.
 _PRELUDE = r"""
 local function next_event_id(meta)
   local now = redis.call('TIME')
@@ -59,7 +66,7 @@ local function next_event_id(meta)
   return string.format('%d-0', ms)
 end
 
-local function emit(meta, events, channel, publish, id, data, maxlen, batch)
+local function emit(meta, events, channel, publish, id, data, maxlen, batch, body)
   local n = redis.call('HINCRBY', meta, 'event_n', 1)
   redis.call('HSET', meta, 'last_event_id', id)
   if maxlen > 0 then
@@ -67,20 +74,27 @@ local function emit(meta, events, channel, publish, id, data, maxlen, batch)
   else
     redis.call('XADD', events, id, 'n', n, 'data', data)
   end
-  local frame = '{"id":"' .. id .. '","n":' .. n .. ',' .. string.sub(data, 2)
+  local frame = batch or {}
+  if batch then frame[#frame + 1] = '\n' end
+  frame[#frame + 1] = '{"id":"'
+  frame[#frame + 1] = id
+  frame[#frame + 1] = '","n":'
+  frame[#frame + 1] = n
+  frame[#frame + 1] = ','
+  for _, piece in ipairs(body or {string.sub(data, 2)}) do frame[#frame + 1] = piece end
   if batch then
-    batch[#batch + 1] = frame
+    batch.frames = (batch.frames or 0) + 1
   else
-    redis.call(publish, channel, frame)
+    redis.call(publish, channel, table.concat(frame))
   end
   return id
 end
 
 local function publish_batch(channel, publish, batch)
-  if #batch == 1 then
-    redis.call(publish, channel, batch[1])
-  elseif #batch > 1 then
-    redis.call(publish, channel, '\n' .. table.concat(batch, '\n'))
+  if batch.frames == 1 then
+    redis.call(publish, channel, table.concat(batch, '', 2))
+  elseif batch.frames then
+    redis.call(publish, channel, table.concat(batch))
   end
 end
 
@@ -93,6 +107,15 @@ end
 
 local function fill(data, message_id)
   return (string.gsub(data, '\1', message_id))
+end
+
+-- A message event's data from its parts (app.chat.timeline.message_event_parts)
+-- and the ids this script decided, and its frame's body for emit: the
+-- parts are joined once, and the tail (the text) is not copied again.
+local function message_event(head, id, parent, tail)
+  local middle = '","parent_id":null'
+  if parent ~= '' then middle = '","parent_id":"' .. parent .. '"' end
+  return head .. id .. middle .. tail, {string.sub(head, 2), id, middle, tail}
 end
 """
 
@@ -231,12 +254,6 @@ local function newest_leaf(tree, history, m)
   return best
 end
 
--- A message event's parent placeholder ("\2", quotes included) filled in.
-local function fill_parent(data, p)
-  local value = 'null'
-  if p ~= '' then value = '"' .. p .. '"' end
-  return (string.gsub(data, '"\2"', value, 1))
-end
 """
 
 
@@ -249,16 +266,19 @@ end
 # the same Cluster slot); app.chat.keys defines the same names, and
 # tests/test_inbox.py checks they agree.
 #
-# notice(meta, history, u): the raw summary of the thread for member u, as
-#   JSON (app.chat.inbox builds the wire summary from it).
+# notice(meta, history, u, leaf): the raw summary of the thread for member u,
+#   as JSON (app.chat.inbox builds the wire summary from it). `leaf`, when
+#   the caller just wrote the active leaf, is its entry ({id, fields}), so
+#   that a reply is not read back (and hashed again by Lua) for its preview.
 # count_new(meta, history, author, mid, linear): a message `mid` written by
 #   `author` was committed. When it continues the active branch (`linear`),
 #   every other member has one more unread (one HINCRBY each); otherwise the
 #   active branch changed shape (an edit, a regenerate) and every member's
 #   count is recounted on the new branch. The author's own marker moves to
 #   their message: sending reads the thread.
-# tell_members(meta, history, publish): every member's summary, published on
-#   their inbox channel chat:user:{U}:inbox, in the same step as the change.
+# tell_members(meta, history, publish, users, leaf): every member's summary
+#   (or `users`'; `leaf` as notice takes it), published on their inbox
+#   channel chat:user:{U}:inbox, in the same step as the change.
 #   Only with PUBLISH (one Redis): on a Cluster a user's channel lives on
 #   the user's slot, which a script of the thread's slot cannot SPUBLISH to;
 #   there the caller publishes the summaries INBOX_NOTICES returns.
@@ -323,7 +343,7 @@ local function count_new(meta, history, author, mid, linear)
   end
 end
 
-local function notice(meta, history, u)
+local function notice(meta, history, u, leaf)
   local m = redis.call('HMGET', meta, 'title', 'owner', 'created_at', 'updated_at',
     'prompt_policy', 'rev', 'input_tokens', 'output_tokens')
   local role = redis.call('HGET', sibling(meta, 'roles'), u)
@@ -337,8 +357,11 @@ local function notice(meta, history, u)
     usage = {input_tokens = tonumber(m[7] or '0'), output_tokens = tonumber(m[8] or '0')},
   }
   if m[5] then out.prompt_policy = m[5] end
-  local leaf = active_leaf(meta, history)
-  local e = leaf ~= '' and entry(history, leaf)
+  local e = leaf
+  if not e then
+    local id = active_leaf(meta, history)
+    e = id ~= '' and entry(history, id)
+  end
   if e then
     -- 800 bytes hold the 200 characters of a preview, whatever they are.
     out.last_message = {
@@ -354,11 +377,11 @@ local function inbox_channel(u)
   return 'chat:user:{' .. u .. '}:inbox'
 end
 
-local function tell_members(meta, history, publish, users)
+local function tell_members(meta, history, publish, users, leaf)
   redis.call('HINCRBY', meta, 'rev', 1)
   if publish ~= 'PUBLISH' then return end
   for _, u in ipairs(users or redis.call('SMEMBERS', sibling(meta, 'members'))) do
-    redis.call('PUBLISH', inbox_channel(u), notice(meta, history, u))
+    redis.call('PUBLISH', inbox_channel(u), notice(meta, history, u, leaf))
   end
 end
 
@@ -408,17 +431,18 @@ return 0
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] dedup,
 #     [7] turn, [8] tree, [9] queue, [10] context start
 # ARGV[1] fencing number, [2] publish command (PUBLISH or SPUBLISH),
-#     [3] event retention, [4] user `message` event JSON (\1 = message id,
-#     "\2" = parent id; '' for a regenerate), [5] `loading` event JSON,
-#     [6] client_msg_id or '', [7] dedup TTL seconds, [8] generation id,
-#     [9] pod id, [10] kind: 'prompt', 'queued' (a queued prompt starts) or
-#     'regenerate', [11] for a prompt its parent: '' (follow the active
-#     leaf), '-' (a new root) or a message id; for a regenerate the message
-#     to answer again, [12] the queued prompt's queue id (it must be the
-#     queue's head); for a regenerate, the user message the pod found it
-#     answers reading both tiers (used only where Redis no longer holds the
-#     messages: archived); or '', [13] '1' when only a member's turn may
-#     begin (authentication on), [14...] history entry fields (name, value)*
+#     [3] event retention, [4] and [5] the user `message` event's head and
+#     tail (app.chat.timeline.message_event_parts; '' for a regenerate),
+#     [6] `loading` event JSON, [7] client_msg_id or '', [8] dedup TTL
+#     seconds, [9] generation id, [10] pod id, [11] kind: 'prompt', 'queued'
+#     (a queued prompt starts) or 'regenerate', [12] for a prompt its parent:
+#     '' (follow the active leaf), '-' (a new root) or a message id; for a
+#     regenerate the message to answer again, [13] the queued prompt's queue
+#     id (it must be the queue's head); for a regenerate, the user message
+#     the pod found it answers reading both tiers (used only where Redis no
+#     longer holds the messages: archived); or '', [14] '1' when only a
+#     member's turn may begin (authentication on), [15...] history entry
+#     fields (name, value)*
 # The turn record also keeps the user its tokens are charged to (the
 # `user_id` among the entry fields; a regenerate passes just that field):
 # whoever ends the turn, the reaper included, charges them.
@@ -458,16 +482,16 @@ local function begun(answered, lid)
   return {'ok', answered, lid, redis.call('GET', KEYS[10]) or '',
     unpack(redis.call('SMEMBERS', sibling(KEYS[2], 'members')))}
 end
-if running[1] == ARGV[8] then return begun(running[2], running[3]) end
-local queued = ARGV[10] == 'queued'
-if ARGV[6] ~= '' and not queued then
-  local seen = redis.call('HGET', KEYS[6], ARGV[6])
+if running[1] == ARGV[9] then return begun(running[2], running[3]) end
+local queued = ARGV[11] == 'queued'
+if ARGV[7] ~= '' and not queued then
+  local seen = redis.call('HGET', KEYS[6], ARGV[7])
   if seen then return {'dup', seen} end
 end
 if running[1] then return {'orphan'} end
-if ARGV[13] == '1' then
+if ARGV[14] == '1' then
   local author = ''
-  for i = 14, #ARGV, 2 do
+  for i = 15, #ARGV, 2 do
     if ARGV[i] == 'user_id' then author = ARGV[i + 1] end
   end
   if redis.call('SISMEMBER', sibling(KEYS[2], 'members'), author) == 0 then
@@ -476,17 +500,18 @@ if ARGV[13] == '1' then
 end
 if queued then
   local head = redis.call('XRANGE', KEYS[9], '-', '+', 'COUNT', 1)[1]
-  if not head or head[1] ~= ARGV[12] then return {'moved'} end
-elseif ARGV[10] == 'prompt' and redis.call('XLEN', KEYS[9]) > 0 then
+  if not head or head[1] ~= ARGV[13] then return {'moved'} end
+elseif ARGV[11] == 'prompt' and redis.call('XLEN', KEYS[9]) > 0 then
   return {'queue_first'}
 end
 local retention = tonumber(ARGV[3])
 local batch = {}
 local answered
 local first
-if ARGV[10] == 'regenerate' then
-  local target = entry(KEYS[5], ARGV[11])
-  local cold = ARGV[12] ~= '' and redis.call('HEXISTS', KEYS[8], 'k:' .. ARGV[12]) == 1
+local written  -- the user message's entry ({id, fields}), for the cards
+if ARGV[11] == 'regenerate' then
+  local target = entry(KEYS[5], ARGV[12])
+  local cold = ARGV[13] ~= '' and redis.call('HEXISTS', KEYS[8], 'k:' .. ARGV[13]) == 1
   if target then
     answered = target[1]
     if field(target[2], 'role') ~= 'user' then
@@ -494,19 +519,19 @@ if ARGV[10] == 'regenerate' then
       local asked = answered ~= '' and entry(KEYS[5], answered)
       if asked then
         if field(asked[2], 'role') ~= 'user' then return {'not_user'} end
-      elseif not (cold and answered == ARGV[12]) then
+      elseif not (cold and answered == ARGV[13]) then
         return {'not_user'}
       end
     end
   elseif cold then
-    answered = ARGV[12]
+    answered = ARGV[13]
   else
     return {'not_found'}
   end
-  first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], retention,
+  first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[6], retention,
     batch)
 else
-  local parent = ARGV[11]
+  local parent = ARGV[12]
   local before = active_leaf(KEYS[2], KEYS[5])
   if parent == '' then
     parent = before
@@ -518,36 +543,37 @@ else
   answered = next_event_id(KEYS[2])
   link(KEYS[8], KEYS[5], answered, parent)
   local fields = {'parent', parent}
-  for i = 14, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = 15, #ARGV do fields[#fields + 1] = ARGV[i] end
   if queued then
-    redis.call('XDEL', KEYS[9], ARGV[12])
+    redis.call('XDEL', KEYS[9], ARGV[13])
     -- An empty stream stays a key: drop it, as an empty list would be.
     if redis.call('XLEN', KEYS[9]) == 0 then redis.call('DEL', KEYS[9]) end
   end
   redis.call('XADD', KEYS[5], answered, unpack(fields))
+  written = {answered, fields}
   redis.call('HSET', KEYS[2], 'leaf', answered)
   count_new(KEYS[2], KEYS[5], field(fields, 'user_id') or '', answered, parent == before)
-  emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], answered,
-    fill_parent(fill(ARGV[4], answered), parent), retention, batch)
+  local data, frame = message_event(ARGV[4], answered, parent, ARGV[5])
+  emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], answered, data, retention, batch, frame)
   first = answered
   redis.call('HINCRBY', KEYS[2], 'message_count', 1)
   redis.call('HSET', KEYS[2], 'updated_at', string.match(answered, '^(%d+)'))
 end
-if ARGV[6] ~= '' and not queued then
-  redis.call('HSET', KEYS[6], ARGV[6], first)
-  redis.call('EXPIRE', KEYS[6], ARGV[7])
+if ARGV[7] ~= '' and not queued then
+  redis.call('HSET', KEYS[6], ARGV[7], first)
+  redis.call('EXPIRE', KEYS[6], ARGV[8])
 end
 local lid = first
-if ARGV[10] ~= 'regenerate' then
-  lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[5], 0, batch)
+if ARGV[11] ~= 'regenerate' then
+  lid = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[6], 0, batch)
 end
 publish_batch(KEYS[4], ARGV[2], batch)
-redis.call('HSET', KEYS[7], 'generation_id', ARGV[8], 'fence', ARGV[1], 'pod', ARGV[9],
+redis.call('HSET', KEYS[7], 'generation_id', ARGV[9], 'fence', ARGV[1], 'pod', ARGV[10],
   'start_id', lid, 'user_message_id', answered)
-for i = 14, #ARGV, 2 do
+for i = 15, #ARGV, 2 do
   if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
 end
-tell_members(KEYS[2], KEYS[5], ARGV[2])
+tell_members(KEYS[2], KEYS[5], ARGV[2], nil, written)
 return begun(answered, lid)
 """
 )
@@ -694,12 +720,12 @@ return redis.call('HGET', KEYS[5], 'cancel')
 # KEYS[1] fence, [2] meta, [3] events, [4] live channel, [5] history, [6] turn,
 #     [7] lock, [8] tree, [9] usage outbox, [10] queue
 # ARGV[1] fencing number, [2] publish command, [3] event retention,
-#     [4] assistant `message` event JSON (\1 = message id, "\2" = parent id),
-#     [5] `done` event JSON (\1 = message id), [6] lock owner token,
-#     [7] generation id, [8] input tokens, [9] output tokens, [10] UTC day
-#     number, [11] the seq of the first of the turn's last deltas, [12] how
-#     many (k), [13...12+k] their event JSON, [13+k...] history entry fields
-#     (name, value)*
+#     [4] and [5] the assistant `message` event's head and tail
+#     (app.chat.timeline.message_event_parts), [6] `done` event JSON (\1 =
+#     message id), [7] lock owner token, [8] generation id, [9] input tokens,
+#     [10] output tokens, [11] UTC day number, [12] the seq of the first of
+#     the turn's last deltas, [13] how many (k), [14...13+k] their event
+#     JSON, [14+k...] history entry fields (name, value)*
 # The turn's last deltas (the text still buffered when it ended) are
 # appended first, as APPEND_DELTA would, so a turn that ends with text to
 # publish costs one call, and its last events reach pods as one message.
@@ -729,14 +755,14 @@ END_TURN = (
 local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
 local turn = redis.call('HMGET', KEYS[6], 'generation_id', 'user_message_id', 'user_id', 'seq')
-if turn[1] ~= ARGV[7] then return false end
+if turn[1] ~= ARGV[8] then return false end
 local parent = turn[2] or ''
 local retention = tonumber(ARGV[3])
 local batch = {}
 local seen = tonumber(turn[4] or '-1')
-local first, last = tonumber(ARGV[11]), 12 + tonumber(ARGV[12])
-for i = 13, last do
-  if first + i - 13 > seen then
+local first, last = tonumber(ARGV[12]), 13 + tonumber(ARGV[13])
+for i = 14, last do
+  if first + i - 14 > seen then
     emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[i], 0, batch)
   end
 end
@@ -745,25 +771,25 @@ local before = active_leaf(KEYS[2], KEYS[5])
 link(KEYS[8], KEYS[5], mid, parent)
 local fields = {'parent', parent}
 for i = last + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[8])
-redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[9])
+redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[9])
+redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[10])
 if turn[3] then
-  local charge = turn[3] .. ' ' .. ARGV[10] .. ' ' .. ARGV[8] .. ' ' .. ARGV[9]
-  redis.call('HSET', KEYS[9], ARGV[7], charge)
+  local charge = turn[3] .. ' ' .. ARGV[11] .. ' ' .. ARGV[9] .. ' ' .. ARGV[10]
+  redis.call('HSET', KEYS[9], ARGV[8], charge)
 end
 redis.call('XADD', KEYS[5], mid, unpack(fields))
 redis.call('HSET', KEYS[2], 'leaf', mid)
 count_new(KEYS[2], KEYS[5], '', mid, parent == before)
-emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, fill_parent(fill(ARGV[4], mid), parent), 0,
-  batch)
-emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[5], mid), 0, batch)
+local data, frame = message_event(ARGV[4], mid, parent, ARGV[5])
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], mid, data, 0, batch, frame)
+emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), fill(ARGV[6], mid), 0, batch)
 publish_batch(KEYS[4], ARGV[2], batch)
 redis.call('DEL', KEYS[6])
-if redis.call('GET', KEYS[7]) == ARGV[6] then redis.call('DEL', KEYS[7]) end
+if redis.call('GET', KEYS[7]) == ARGV[7] then redis.call('DEL', KEYS[7]) end
 redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', retention)
 redis.call('HINCRBY', KEYS[2], 'message_count', 1)
 redis.call('HSET', KEYS[2], 'updated_at', string.match(mid, '^(%d+)'))
-tell_members(KEYS[2], KEYS[5], ARGV[2])
+tell_members(KEYS[2], KEYS[5], ARGV[2], nil, {mid, fields})
 local titled = redis.call('HMGET', KEYS[2], 'title', 'titling')
 local untitled = ((titled[1] or '') == '' and not titled[2]) and 1 or 0
 return {mid, redis.call('XLEN', KEYS[10]), untitled, unpack(redis.call('HGETALL', KEYS[9]))}

@@ -51,8 +51,6 @@ from app.chat.runner import TurnContext, TurnManager, TurnSetup
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.chat.timeline import (
-    MESSAGE_ID_PLACEHOLDER,
-    PARENT_ID_PLACEHOLDER,
     Timeline,
     TimelineEvent,
     frame_from_entry,
@@ -706,10 +704,7 @@ class ChatService:
         entries = entries_of(await self.redis.xrange(keys.history(thread), message_id, message_id))
         if not entries:
             return None
-        message = message_from_entry(entries[0][0], entries[0][1])
-        parent = orjson.dumps(message.parent_id).decode()
-        data = message_event_data(thread, message).replace(MESSAGE_ID_PLACEHOLDER, message_id)
-        data = data.replace(PARENT_ID_PLACEHOLDER, parent)
+        data = message_event_data(thread, message_from_entry(entries[0][0], entries[0][1]))
         return f'{{"id":"{message_id}",{data[1:]}'
 
     async def cancel(

@@ -32,12 +32,9 @@ from app.chat.records import (
 from app.chat.redis_types import RedisClient
 from app.chat.redis_types import entries as entries_of
 
-# Stands where the commit script writes the id of the message it commits
-# (see app.chat.scripts: orjson never emits a raw control byte).
+# Stands where a commit script writes an id it decides (see app.chat.scripts:
+# orjson never emits a raw control byte).
 MESSAGE_ID_PLACEHOLDER = "\x01"
-# Likewise the message's parent id, quotes included: the script writes the
-# quoted id, or null for a root.
-PARENT_ID_PLACEHOLDER = '"\x02"'
 
 _HEAD = '{"id":"'
 # Starts a published message holding several frames, and separates them. No
@@ -84,18 +81,23 @@ def message_json(message: Message) -> dict[str, object]:
     return data
 
 
-def message_event_data(thread_id: ThreadId, message: Message) -> str:
-    """The ``message`` event for a message about to be committed (id filled by Lua)."""
+def message_event_parts(thread_id: ThreadId, message: Message) -> tuple[str, str]:
+    """The ``message`` event of a message about to be committed, in the two
+    parts its commit script joins around the message's id and parent id,
+    which the script decides: ``head`` ends where the id goes, ``tail``
+    starts after the parent id. The text is in ``tail``, which the script
+    joins once and neither searches nor copies again to build the frame (a
+    full-speed reply is 12 KB, and Redis hashes every string Lua makes)."""
     fields = message_json(message)
     del fields["id"], fields["parent_id"]
-    body = orjson.dumps(fields).decode()
-    return (
-        '{"type":"message","thread_id":'
-        + orjson.dumps(thread_id).decode()
-        + f',"message":{{"id":"{MESSAGE_ID_PLACEHOLDER}","parent_id":{PARENT_ID_PLACEHOLDER},'
-        + body[1:]
-        + "}"
-    )
+    head = '{"type":"message","thread_id":' + orjson.dumps(thread_id).decode()
+    return head + ',"message":{"id":"', "," + orjson.dumps(fields).decode()[1:] + "}"
+
+
+def message_event_data(thread_id: ThreadId, message: Message) -> str:
+    """The ``message`` event of a committed message (its id and parent set)."""
+    head, tail = message_event_parts(thread_id, message)
+    return f'{head}{message.id}","parent_id":{orjson.dumps(message.parent_id).decode()}{tail}'
 
 
 def queued_json(queued: Queued) -> dict[str, str]:

@@ -42,7 +42,7 @@ from app.chat.timeline import (
     branch_event_data,
     done_event_data,
     event_data,
-    message_event_data,
+    message_event_parts,
 )
 from app.chat.usage import utc_day
 from app.settings import Settings
@@ -187,7 +187,8 @@ class TurnStore:
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
-                    message_event_data(thread, message) if message else "", event_data(loading),
+                    *(message_event_parts(thread, message) if message else ("", "")),
+                    event_data(loading),
                     client_msg_id or "", self._dedup_ttl_s, loading.generation_id, pod, kind,
                     anchor, (message.queue_id or "") if message else answers,
                     self._members_only,
@@ -293,7 +294,7 @@ class TurnStore:
                 ],
                 args=[
                     lease.fence, self._publish, self._retention,
-                    message_event_data(thread, assistant), done_event_data(done),
+                    *message_event_parts(thread, assistant), done_event_data(done),
                     lease.token, done.generation_id,
                     usage.get("input_tokens", 0), usage.get("output_tokens", 0), utc_day(),
                     deltas[0].seq if deltas else 0, len(deltas), *map(event_data, deltas),

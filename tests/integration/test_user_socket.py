@@ -110,7 +110,12 @@ async def test_an_inbox_follows_threads_across_pods(trio: list[Server]) -> None:
         assert not ended["generating"] and ended["unread"] == 2
         assert ended["last_message"]["role"] == "assistant"
         reply = [e for e in events if e["type"] == "message"][-1]["message"]
-        assert ended["last_message"]["id"] == reply["id"]
+        # The commits build the last message from what they wrote (not read
+        # back): the same card a snapshot reads from the stored reply.
+        assert ended["last_message"] == {
+            "id": reply["id"], "role": "assistant", "user_id": "assistant",
+            "preview": reply["content"][:200], "created_at": reply["created_at"],
+        }  # fmt: skip
         # The card carries the thread's token totals: here its one turn's.
         assert started["usage"] == {"input_tokens": 0, "output_tokens": 0}
         assert ended["usage"] == events[-1]["usage"]
@@ -128,6 +133,7 @@ async def test_an_inbox_follows_threads_across_pods(trio: list[Server]) -> None:
         again, snapshot = await user_socket(p2, a)
         assert [t["id"] for t in snapshot["threads"]] == [thread]
         assert snapshot["threads"][0]["unread"] == 0
+        assert snapshot["threads"][0]["last_message"] == ended["last_message"]
         # Removed: B's inbox says so, and B's socket on the thread closes.
         assert (await alice.delete(f"/v1/threads/{thread}/members/{b}")).status_code == 204
         gone = await recv_event(bob_inbox)
