@@ -3,6 +3,7 @@ BEGIN_TURN, APPEND_DELTA, END_TURN, REQUEST_CANCEL and the reaper's reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Any
@@ -392,15 +393,22 @@ async def test_begin_answers_the_context_start_and_the_members(
     """What a turn's start needs besides the commit, read in its step."""
     lease, first = await begin(store, lock, thread, generation_id="g1")
     assert first.context_start is None and first.members == (USER,)
-    await store.end(thread, lease, assistant_message("a"), done(thread, "g1"))
+    assert first.parent == "" and first.archived == ""
+    ended = await store.end(thread, lease, assistant_message("a"), done(thread, "g1"))
+    assert ended is not None
     await redis.set(keys.context_start(thread), first.message_id)
     await redis.sadd(keys.members(thread), "bob")
     lease, second = await begin(store, lock, thread, generation_id="g2", content="again")
     assert second.context_start == first.message_id
     assert sorted(second.members) == sorted([USER, "bob"])
-    # A retry of the same generation answers the same.
+    # What a cached context is checked against: the prompt follows the reply.
+    assert second.parent == ended.message_id and second.version == first.version
+    epoch = await redis.hget(keys.meta(thread), "epoch")
+    assert second.version == f"{epoch}/0"
+    # A retry of the same generation answers the same, but for the parent
+    # (not known then: the pod reads the context rather than take its own).
     again = await store.begin(thread, lease, user_message("again"), loading(thread, "g2"), POD)
-    assert again == second
+    assert again == dataclasses.replace(second, parent="")
 
 
 async def test_append_delta_retry_of_a_seq_writes_nothing(

@@ -18,7 +18,7 @@ whichever tier a message is in.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, cast
 
 import orjson
@@ -77,6 +77,15 @@ def message_from_entry(
         usage=orjson.loads(fields["usage"]) if fields.get("usage") else None,
         queue_id=fields.get("queue_id") or None,
     )
+
+
+def committed(message_id: str, parent: str, message: Message) -> Message:
+    """``message`` as reads return it once committed as ``message_id`` under
+    ``parent`` (its siblings aside): made from its history entry, so a
+    context a pod builds from what it wrote is the one it would read."""
+    fields = entry_fields(message)
+    stored = dict(zip(fields[::2], fields[1::2], strict=True))
+    return message_from_entry(message_id, {**stored, "parent": parent})
 
 
 def entry_fields(message: Message) -> list[str]:
@@ -254,8 +263,7 @@ class HistoryReader:
         message each turn would miss every time). Once it no longer fits, the
         window starts again with only REFILL of the budget, leaving room to
         grow for the next turns."""
-        picked: list[Message] = []
-        used = 0
+        window = _Window(budget, cost, start)
         # Pages that start small and double: a budget is often met by the last
         # few messages, and every message read past it is Redis and pod time
         # spent on every turn. For the same reason no page reads past
@@ -264,16 +272,54 @@ class HistoryReader:
         page, more = await self._path(thread, "leaf", leaf, count, start or "")
         while True:
             for message in reversed(page):
-                used += cost(message)
-                if used > budget and picked:
-                    return _newest(picked, int(budget * REFILL), cost)[::-1]
-                picked.append(message)
-                if message.id == start:
-                    return picked[::-1]
+                chosen = window.add(message)
+                if chosen is not None:
+                    return chosen
             if not more:
-                return picked[::-1]
+                return window.whole()
             count = min(count * 2, 256)
             page, more = await self._path(thread, "before", page[0].id, count, start or "")
+
+
+def context_of(
+    path: Sequence[Message], budget: int, cost: Callable[[Message], int], start: str | None
+) -> list[Message]:
+    """HistoryReader.context over a branch held in memory (root side first),
+    the same choice: a pod's cached context (app.chat.contexts)."""
+    window = _Window(budget, cost, start)
+    for message in reversed(path):
+        chosen = window.add(message)
+        if chosen is not None:
+            return chosen
+    return window.whole()
+
+
+class _Window:
+    """A model's context chosen from a branch walked newest first (see
+    HistoryReader.context)."""
+
+    __slots__ = ("_budget", "_cost", "_picked", "_start", "_used")
+
+    def __init__(self, budget: int, cost: Callable[[Message], int], start: str | None) -> None:
+        self._budget = budget
+        self._cost = cost
+        self._start = start
+        self._picked: list[Message] = []
+        self._used = 0
+
+    def add(self, message: Message) -> list[Message] | None:
+        """The context, root side first, once ``message`` decides it."""
+        self._used += self._cost(message)
+        if self._used > self._budget and self._picked:
+            return _newest(self._picked, int(self._budget * REFILL), self._cost)[::-1]
+        self._picked.append(message)
+        if message.id == self._start:
+            return self._picked[::-1]
+        return None
+
+    def whole(self) -> list[Message]:
+        """The context when the branch ended first: all of it."""
+        return self._picked[::-1]
 
 
 def _newest(picked: list[Message], budget: int, cost: Callable[[Message], int]) -> list[Message]:

@@ -17,7 +17,7 @@ Layout (see the README for the redis-cli view of each):
     chat:{T}:fence     String   fencing number, INCR at each lock grant; after
                                 a delete, a tombstone with a TTL (DELETED_TTL_S)
     chat:{T}:meta      Hash     epoch, owner, title, counts, event number,
-                                the active leaf, prompt_policy
+                                the active leaf, prompt_policy, erasures
     chat:{T}:queue     Stream   prompts waiting for the running turn; entry
                                 id = queue id = its `queued` event's id
     chat:{T}:members   Set      user ids allowed in the thread

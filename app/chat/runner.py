@@ -40,7 +40,9 @@ from app import metrics
 from app.chat import tasks
 from app.chat.backoff import Backoff
 from app.chat.errors import LockLost
+from app.chat.contexts import ContextCache
 from app.chat.fanout import FanoutHub
+from app.chat.history import committed
 from app.chat.keys import ThreadId
 from app.chat.lock import Lease, TurnLock
 from app.chat.records import (
@@ -149,6 +151,7 @@ class TurnContext:
     lease: Lease
     generation_id: str
     messages: Sequence[Message]
+    answers: str = ""  # the user message answered (the reply's parent)
     usage: Usage = field(default_factory=Usage)
 
 
@@ -167,6 +170,8 @@ class TurnSetup:
     tools: ToolBox = field(default_factory=ToolBox)
     max_tool_rounds: int = 8
     usage: UsageStore | None = None
+    # The pod's kept contexts, which a committed reply continues.
+    contexts: ContextCache | None = None
 
 
 class TurnRunner:
@@ -181,6 +186,7 @@ class TurnRunner:
         self._max_bytes = setup.max_bytes
         self._tools = setup.tools
         self._usage_store = setup.usage
+        self._contexts = setup.contexts
         self._max_tool_rounds = setup.max_tool_rounds
         # One Usage per model call; the turn's is their sum (ctx.usage).
         self._calls: list[Usage] = []
@@ -452,6 +458,10 @@ class TurnRunner:
         ended = await self._store.end(ctx.thread, ctx.lease, assistant, done, last)
         self._sent(last)
         self._ready = []
+        if ended is not None and self._contexts is not None:
+            self._contexts.replied(
+                ctx.thread, committed(ended.message_id, ctx.answers, assistant)
+            )
         log.info(
             "turn %s ended %s after %d deltas", ctx.generation_id, status, self._seq,
             extra=self.log_context,

@@ -447,9 +447,14 @@ return 0
 # `user_id` among the entry fields; a regenerate passes just that field):
 # whoever ends the turn, the reaper included, charges them.
 # Returns {'ok', user_message_id, loading_event_id, context start or '',
-#     member*} (also for a retry of the same generation after a lost reply:
-#     nothing is written twice): where the last turn's context started and
-#     who the members are come with it, so the pod reads neither again,
+#     the committed message's parent ('' for a root, a regenerate or a
+#     retry), history version, archive watermark or '', member*} (also for
+#     a retry of the same generation after a lost reply: nothing is written
+#     twice): where the last turn's context started and who the members are
+#     come with it, so the pod reads neither again; the parent, the version
+#     (epoch/erasures: ERASE_AUTHOR moves it in the step that redacts) and
+#     the watermark tell whether the pod's cached context still holds
+#     (app.chat.contexts),
 #     {'dup', original_event_id} (a prompt's message, a regenerate's loading),
 #     {'orphan'} when a turn whose pod died is still open (its lease ran
 #     out before the reaper closed it: the caller closes it first),
@@ -478,11 +483,13 @@ local stale = check_fence(KEYS[1], ARGV[1])
 if stale then return stale end
 if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {'gone'} end
 local running = redis.call('HMGET', KEYS[7], 'generation_id', 'user_message_id', 'start_id')
-local function begun(answered, lid)
-  return {'ok', answered, lid, redis.call('GET', KEYS[10]) or '',
+local function begun(answered, lid, parent)
+  local version = redis.call('HMGET', KEYS[2], 'epoch', 'erasures', 'archived')
+  return {'ok', answered, lid, redis.call('GET', KEYS[10]) or '', parent,
+    version[1] .. '/' .. (version[2] or '0'), version[3] or '',
     unpack(redis.call('SMEMBERS', sibling(KEYS[2], 'members')))}
 end
-if running[1] == ARGV[9] then return begun(running[2], running[3]) end
+if running[1] == ARGV[9] then return begun(running[2], running[3], '') end
 local queued = ARGV[11] == 'queued'
 if ARGV[7] ~= '' and not queued then
   local seen = redis.call('HGET', KEYS[6], ARGV[7])
@@ -509,6 +516,7 @@ local batch = {}
 local answered
 local first
 local written  -- the user message's entry ({id, fields}), for the cards
+local parent = ''  -- the committed message's parent
 if ARGV[11] == 'regenerate' then
   local target = entry(KEYS[5], ARGV[12])
   local cold = ARGV[13] ~= '' and redis.call('HEXISTS', KEYS[8], 'k:' .. ARGV[13]) == 1
@@ -531,7 +539,7 @@ if ARGV[11] == 'regenerate' then
   first = emit(KEYS[2], KEYS[3], KEYS[4], ARGV[2], next_event_id(KEYS[2]), ARGV[6], retention,
     batch)
 else
-  local parent = ARGV[12]
+  parent = ARGV[12]
   local before = active_leaf(KEYS[2], KEYS[5])
   if parent == '' then
     parent = before
@@ -574,7 +582,7 @@ for i = 15, #ARGV, 2 do
   if ARGV[i] == 'user_id' then redis.call('HSET', KEYS[7], 'user_id', ARGV[i + 1]) end
 end
 tell_members(KEYS[2], KEYS[5], ARGV[2], nil, written)
-return begun(answered, lid)
+return begun(answered, lid, parent)
 """
 )
 
@@ -1063,6 +1071,9 @@ if from and theirs[from] then
   tell_members(KEYS[6], KEYS[1], ARGV[2])
   titled = 1
 end
+-- Pods keep the model contexts of their threads (app.chat.contexts): a new
+-- history version, in the step that redacts, makes them read it again.
+if redis.call('EXISTS', KEYS[6]) == 1 then redis.call('HINCRBY', KEYS[6], 'erasures', 1) end
 redis.call('HDEL', KEYS[3], 'm:' .. u, 'u:' .. u)
 redis.call('HDEL', KEYS[5], u)
 for _, member in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do

@@ -35,7 +35,8 @@ from app.chat.errors import (
 )
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
-from app.chat.history import HistoryReader, message_from_entry
+from app.chat.contexts import ContextCache
+from app.chat.history import HistoryReader, committed, message_from_entry
 from app.chat.inbox import Inbox, Notices
 from app.chat.joins import Joins, JoinState
 from app.chat.keys import ThreadId, UserId
@@ -170,10 +171,12 @@ class ChatService:
             writes = Scripts(turn_writes)
             runner_turns = TurnStore.configured(turn_writes, writes, publish_command, settings)
             runner_usage = UsageStore(turn_writes, writes, settings.chat_user_tokens_per_day)
+        self.contexts = ContextCache()
         setup = TurnSetup(
             model, runner_turns, self.lock, settings.chat_delta_window_ms,
             settings.chat_delta_max_bytes, tools=self.tools,
             max_tool_rounds=settings.chat_max_tool_rounds, usage=runner_usage,
+            contexts=self.contexts,
         )  # fmt: skip
         self.manager = TurnManager(setup, self.hub, self._after_turn)
         self.queue = PromptQueue(
@@ -663,18 +666,26 @@ class ChatService:
         model's context to the prompt itself. The context is the branch that
         ends at the user message answered, never another branch, and starts
         where the last turn's did while it fits (HistoryReader.context)."""
+        asked = committed(begun.message_id, begun.parent, prompt) if prompt else None
         try:
             start_key = keys.context_start(thread)
             start = begun.context_start  # read by BEGIN_TURN
-            context = await self.history.context(
-                thread, begun.message_id, self._context_budget, message_tokens, start
-            )
+            context = (
+                self.contexts.context(thread, begun, asked, self._context_budget, message_tokens)
+                if asked else None
+            )  # fmt: skip
+            if context is None:
+                context = await self.history.context(
+                    thread, begun.message_id, self._context_budget, message_tokens, start
+                )
+            self.contexts.keep(thread, begun, context)
             if context and context[0].id != start:
                 await self.redis.set(start_key, context[0].id, ex=keys.CONTEXT_START_TTL_S)
         except RedisError as exc:
             log.warning("turn %s sees only its prompt: %s", generation_id, exc)
-            context = [dataclasses.replace(prompt, id=begun.message_id)] if prompt else []
-        self.manager.start(TurnContext(thread, lease, generation_id, context))
+            self.contexts.drop(thread)
+            context = [asked] if asked else []
+        self.manager.start(TurnContext(thread, lease, generation_id, context, begun.message_id))
 
     async def switch(self, thread: ThreadId, user: UserId, message_id: str) -> str:
         """Make the newest leaf under ``message_id`` the active leaf; every

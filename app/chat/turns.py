@@ -79,12 +79,19 @@ class Begun:
     """BEGIN_TURN's answer: the turn is open; ``message_id`` is the user
     message it answers (committed just now, unless it is a regenerate);
     ``context_start`` where the thread's last context started (None: not
-    known), and the thread's ``members``, read in the same step."""
+    known), and the thread's ``members``, read in the same step. ``parent``
+    is the committed message's parent ('' for a root, a regenerate or a
+    retried call), ``version`` the thread's history version and
+    ``archived`` its archive watermark: what the pod's cached context is
+    checked against (app.chat.contexts)."""
 
     message_id: str
     loading_id: str
     context_start: str | None = None
     members: tuple[str, ...] = ()
+    parent: str = ""
+    version: str = ""
+    archived: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +219,9 @@ class TurnStore:
         if reply[0] in ("queue_first", "moved"):
             return Waits(reply[0])
         await self._notices.changed(thread)
-        return Begun(reply[1], reply[2], reply[3] or None, tuple(reply[4:]))
+        return Begun(
+            reply[1], reply[2], reply[3] or None, tuple(reply[7:]), reply[4], reply[5], reply[6]
+        )
 
     async def switch(self, thread: ThreadId, lease: Lease, message_id: str) -> str:
         """Make the newest leaf under ``message_id`` the active leaf and tell

@@ -218,3 +218,43 @@ async def test_erasing_oneself_mid_reply_stops_the_reply_and_redacts_it(
     finally:
         await alice.close()
         await http.aclose()
+
+
+async def test_a_pods_kept_context_forgets_an_erased_users_words(
+    pods: list[procs.Server],
+) -> None:
+    """A pod keeps each thread's model context from turn to turn
+    (app.chat.contexts); the fake model counts its context's words as the
+    turn's input tokens. Turn after turn on the same pod, the kept context is
+    the branch as stored; after an erasure, the next turn no longer counts
+    the erased user's words."""
+    a, _ = pods
+    thread, carol = "erase-kept-context", "carol-erased"
+    alice, _ = await open_ready(a.ws, thread, additional_headers=bearer(ALICE))
+    http = httpx.AsyncClient(base_url=a.http, timeout=30, headers=bearer(ALICE))
+
+    async def prompt(ws: Any, content: str) -> int:
+        """The input tokens of the turn ``content`` starts, once Alice saw it end."""
+        await send(ws, {"type": "prompt", "content": content})
+        return int((await read_until(alice, "done"))[-1]["usage"]["input_tokens"])
+
+    async def words_before_the_reply() -> int:
+        page = (await http.get(f"/v1/threads/{thread}/messages")).json()["messages"]
+        return sum(len(m["content"].split()) for m in page[:-1])
+
+    try:
+        added = await http.put(f"/v1/threads/{thread}/members/{carol}")
+        assert added.status_code == 204, added.text
+        theirs, _ = await open_ready(a.ws, thread, additional_headers=bearer(carol))
+        await prompt(theirs, f"{MARKER} " * 40)
+        for n in range(3):  # the same pod: from the second on, a kept context
+            assert await prompt(alice, f"alice {n}") == await words_before_the_reply()
+        erased = await http.delete(f"/v1/users/{carol}/data", headers=bearer(ADMIN))
+        assert erased.status_code == 200 and erased.json()["messages_erased"] == 2
+        counted = await prompt(alice, "alice again")
+        assert counted == await words_before_the_reply() and MARKER not in str(
+            (await http.get(f"/v1/threads/{thread}/messages")).json()
+        )
+    finally:
+        await alice.close()
+        await http.aclose()
