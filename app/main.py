@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -23,7 +24,6 @@ from fastapi_offline import FastAPIOffline
 from app import gc_policy, metrics, rest, schema, seed, sse, usersock, ws
 from app.auth import Authenticator, AuthError
 from app.chat import tasks
-from app.chat.archive import Archive
 from app.chat.archiver import Archiver
 from app.chat.service import ChatService
 from app.llm import make_model
@@ -31,6 +31,9 @@ from app.llm.tools import load_tools
 from app.origins import OriginPolicy
 from app.redis_client import connect, warn_if_evicting
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.chat.archive import Archive
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,17 @@ async def announce_ready(service: ChatService, pod: str, description: str) -> No
     log.info("durable-chat pod %s ready: %s", pod, description)
 
 
+async def open_archive(settings: Settings) -> Archive | None:
+    """The cold tier's pool of connections, when CHAT_ARCHIVE_URL names one.
+    PostgreSQL's driver is imported only then: a pod without an archive
+    never loads it (it is a large part of a pod's start-up time)."""
+    if not settings.chat_archive_url:
+        return None
+    from app.chat.archive import Archive
+
+    return await Archive.open(settings.chat_archive_url, settings.chat_archive_pool_size)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A durable-chat pod for ``settings`` (read from the environment if None)."""
     settings = settings or Settings()
@@ -73,9 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         handles = connect(settings)
         model = make_model(settings)
-        archive = None
-        if settings.chat_archive_url:
-            archive = await Archive.open(settings.chat_archive_url, settings.chat_archive_pool_size)
+        archive = await open_archive(settings)
         service = ChatService(
             settings, handles.commands, handles.pubsub_factory, model, handles.publish_command,
             turn_writes=handles.turn_writes, tools=tools, archive=archive,

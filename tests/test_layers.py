@@ -7,6 +7,9 @@ with ``ast``; a module may import its own layer or a lower one.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,3 +186,35 @@ def test_the_check_sees_an_upward_import() -> None:
     assert layer(targets[0]) == 4 > (layer("app.chat.turns") or 0)
     assert layer("app.chat.records.Message") == 2
     assert layer("redis.asyncio") is None
+
+
+# Drivers a pod loads only for the feature that needs them: each is a large
+# part of a pod's start-up time (Kubernetes' rollouts, the test suite's pods).
+OPTIONAL_DRIVERS = ("psycopg", "jsonschema")
+
+
+def _loaded_after_create_app(env: dict[str, str]) -> set[str]:
+    """Top-level packages in sys.modules after a pod's app is built with ``env``."""
+    probe = (
+        "import sys; from app.main import create_app; create_app();"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "REDIS_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env={**clean, **env}, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return set(result.stdout.split())
+
+
+def test_a_pod_without_an_archive_or_tools_loads_neither_driver() -> None:
+    loaded = _loaded_after_create_app({"CHAT_LLM": "fake"})
+    assert loaded.isdisjoint(OPTIONAL_DRIVERS), loaded & set(OPTIONAL_DRIVERS)
+
+
+def test_a_pod_with_tools_of_its_own_loads_jsonschema() -> None:
+    """The check can fail: a deployment's tools are checked at start, by jsonschema."""
+    loaded = _loaded_after_create_app(
+        {"CHAT_LLM": "fake", "CHAT_TOOLS": "tests.integration.pod_tools:slow"}
+    )
+    assert "jsonschema" in loaded

@@ -107,6 +107,22 @@ def test_an_invalid_schema_stops_the_pod() -> None:
         ToolBox([broken])
 
 
+def test_the_built_in_tools_schemas_are_valid() -> None:
+    """A pod checks them on their first call, not at start: checked here."""
+    from jsonschema.validators import validator_for
+
+    for builtin in tools_module.BUILTIN.values():
+        validator_for(builtin.input_schema).check_schema(builtin.input_schema)
+
+
+def test_a_built_in_tools_input_is_checked_on_its_first_call() -> None:
+    box = ToolBox([clock])
+    _, why = box.parse(ToolCall(call_id="c1", name="clock", arguments='{"timezone": 7}'))
+    assert why is not None and "does not match the tool's schema" in why
+    value, why = box.parse(ToolCall(call_id="c2", name="clock", arguments='{"timezone": "UTC"}'))
+    assert why is None and value == {"timezone": "UTC"}
+
+
 def test_entry_points_register_tools(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:

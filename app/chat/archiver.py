@@ -37,10 +37,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from app import metrics
 from app.chat import faults, keys
-from app.chat.archive import Archive
 from app.chat.errors import NotFound
 from app.chat.history import message_from_entry
 from app.chat.keys import ThreadId
@@ -49,6 +49,9 @@ from app.chat.redis_types import entries as entries_of
 from app.chat.scripts import Scripts
 from app.chat.threads import Threads
 from app.settings import Settings
+
+if TYPE_CHECKING:  # PostgreSQL's driver loads only where an archive is opened
+    from app.chat.archive import Archive
 
 log = logging.getLogger("durable_chat.archiver")
 

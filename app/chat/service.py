@@ -17,12 +17,12 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from redis.exceptions import RedisError
 
 from app.chat import faults, keys, tasks
-from app.chat.archive import Archive
 from app.chat.backoff import Backoff
 from app.chat.errors import (
     BudgetExceeded,
@@ -64,6 +64,9 @@ from app.llm import ChatModel
 from app.llm.context import estimate_tokens, message_tokens
 from app.llm.tools import ToolBox, load_tools
 from app.settings import Settings
+
+if TYPE_CHECKING:  # PostgreSQL's driver loads only in pods with an archive (app.main)
+    from app.chat.archive import Archive
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from importlib.metadata import entry_points
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import jsonschema
 import orjson
 
 from app import metrics
@@ -113,6 +112,20 @@ class Outcome:
     is_error: bool
 
 
+def _validator(t: Tool) -> Any:
+    """A validator of ``t``'s input, of the JSON Schema draft the schema names
+    (ConfigError when the schema is not one). jsonschema is imported here: it
+    is a large part of a pod's start-up time."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(t.input_schema)
+    try:
+        cls.check_schema(t.input_schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"tool {t.name!r}: invalid input schema: {exc.message}") from None
+    return cls(t.input_schema)
+
+
 class ToolBox:
     """The tools of this pod, their specs for the model, and how to run them."""
 
@@ -124,17 +137,17 @@ class ToolBox:
         max_output_chars: int = 16000,
     ) -> None:
         self._tools: dict[str, Tool] = {}
+        # A deployment's tool schemas are checked now (a bad one stops the
+        # pod); the built-in tools' own are checked by the tests, and their
+        # validators built on a first call, so that a pod that never runs a
+        # tool never imports jsonschema.
         self._validators: dict[str, Any] = {}
         for t in tools:
             if t.name in self._tools:
                 raise ConfigError(f"two tools are named {t.name!r}")
-            cls = jsonschema.validators.validator_for(t.input_schema)
-            try:
-                cls.check_schema(t.input_schema)
-            except jsonschema.SchemaError as exc:
-                raise ConfigError(f"tool {t.name!r}: invalid input schema: {exc.message}") from None
+            if BUILTIN.get(t.name) is not t:
+                self._validators[t.name] = _validator(t)
             self._tools[t.name] = t
-            self._validators[t.name] = cls(t.input_schema)
         self._timeout_s = timeout_s
         self._max_output_chars = max_output_chars
         # Bounded per pod, not per turn: many turns calling slow tools must
@@ -158,7 +171,12 @@ class ToolBox:
         if known is None:
             offered = ", ".join(self._tools) or "none"
             return value, f"there is no tool named {call.name!r} (tools: {offered})"
-        error = jsonschema.exceptions.best_match(self._validators[call.name].iter_errors(value))
+        validator = self._validators.get(call.name)
+        if validator is None:
+            validator = self._validators[call.name] = _validator(known)
+        from jsonschema.exceptions import best_match  # loaded by _validator
+
+        error = best_match(validator.iter_errors(value))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "input"
             return value, f"the input does not match the tool's schema at {where}: {error.message}"
