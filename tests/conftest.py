@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import fakeredis
 import pytest
@@ -29,6 +33,53 @@ from app.llm.fake import FakeModel
 from app.settings import Settings
 
 USER = keys.user_id("alice")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the type check, started early ---------------------------------------
+
+
+class TypeCheck:
+    """``mypy --strict`` over the tree (pyproject.toml says which files), in
+    its own process, its output in a temporary file."""
+
+    def __init__(self) -> None:
+        self._output: IO[bytes] = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "mypy"], cwd=ROOT, stdout=self._output,
+            stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10),
+        )  # fmt: skip
+
+    def result(self, timeout_s: float) -> tuple[int, str]:
+        """Its exit code and output, once it is done."""
+        code = self._proc.wait(timeout=timeout_s)
+        self._output.seek(0)
+        return code, self._output.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._output.close()
+
+
+TYPE_CHECK = pytest.StashKey[TypeCheck]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A cold mypy takes a minute of one core. When the run includes
+    test_mypy_strict, mypy starts now, at a low priority, beside the other
+    tests (which mostly wait on sockets and timers), and the test collects
+    its result at its turn."""
+    if any(item.name == "test_mypy_strict" for item in items):
+        config.stash[TYPE_CHECK] = TypeCheck()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    check = config.stash.get(TYPE_CHECK, None)
+    if check is not None:
+        check.stop()
+
 
 # Every environment variable the settings read starts with one of these.
 _ENV_PREFIXES = ("CHAT_", "REDIS_", "ANTHROPIC_")

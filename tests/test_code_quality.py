@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import TYPE_CHECK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,7 @@ def test_ruff(command: list[str]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_mypy_strict() -> None:
-    result = _run(sys.executable, "-m", "mypy")
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_mypy_strict(request: pytest.FixtureRequest) -> None:
+    """mypy runs from the start of the session (tests/conftest.py)."""
+    code, output = request.config.stash[TYPE_CHECK].result(timeout_s=290)
+    assert code == 0, output
