@@ -278,12 +278,19 @@ class Server:
 
     def start(self, timeout: float = 30) -> Server:
         """Start (or start again, same port, log appended) and wait until ready."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> Server:
+        """Start the process (or start it again, same port, log appended)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._close_log()
         self._log = open(self.log_path, "ab")  # closed in stop()
         self.proc = subprocess.Popen(
             self.argv, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
         )
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> Server:
         wait_until(self.ready, timeout, what=f"{self.name} on port {self.port} to be ready")
         return self
 
@@ -361,12 +368,14 @@ def pod(name: str, redis_url: str | None, log_path: Path, **settings: str | int 
 
 @contextlib.contextmanager
 def running(servers: list[Server]) -> Iterator[list[Server]]:
-    """Start ``servers`` (in order) and stop them all on exit."""
+    """Start ``servers`` side by side (a pod's start is mostly its imports, one
+    core each), wait until each is ready, and stop them all on exit."""
     started: list[Server] = []
     try:
         for server in servers:
-            started.append(server)
-            server.start()
+            started.append(server.launch())
+        for server in started:
+            server.wait_ready()
         yield started
     finally:
         for server in reversed(started):
