@@ -90,6 +90,13 @@ def transport(ws: WebSocket) -> asyncio.Transport | None:
     return None if protocol is None else _transport_of(protocol)
 
 
+def client_gone(ws: WebSocket) -> bool:
+    """Whether ``ws``'s TCP connection is closed or closing (the client left);
+    False when the server is not uvicorn (then nobody knows)."""
+    found = transport(ws)
+    return found is not None and found.is_closing()
+
+
 def abort(ws: WebSocket) -> bool:
     """Drop ``ws``'s TCP connection at once (no close frame, buffers
     discarded); False when the server is not uvicorn, and the connection

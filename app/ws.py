@@ -28,7 +28,7 @@ from app import metrics, uvicorn_adapter
 from app.auth import Authenticator, AuthError, chosen_subprotocol
 from app.chat import keys
 from app.chat import tasks as background
-from app.chat.errors import ChatError, Forbidden, NotFound, RateLimited, ThreadBusy
+from app.chat.errors import ChatError, ClientGone, Forbidden, NotFound, RateLimited, ThreadBusy
 from app.chat.fanout import FanoutUnavailable
 from app.chat.follower import ACCESS_REVOKED, THREAD_DELETED, TOO_SLOW, USER_ERASED, Follower
 from app.chat.keys import ThreadId, UserId
@@ -132,7 +132,11 @@ async def open_thread(
     # told 1013 (try again later) and why, in an error event.
     await ws.accept(subprotocol=chosen_subprotocol(ws))
     try:
-        return await service.open(thread, user, after, epoch)
+        return await service.open(
+            thread, user, after, epoch, client_gone=lambda: uvicorn_adapter.client_gone(ws)
+        )
+    except ClientGone:
+        return None  # nobody to tell
     except (Forbidden, NotFound, RateLimited, FanoutUnavailable, RedisError, OSError) as exc:
         await close_unopened(ws, thread, user, exc)
     return None

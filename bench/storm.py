@@ -348,7 +348,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(spec["calm_s"])
         active = set(spec["active"])
         unchecked = sum(1 for s in on_a if s.thread in active and s.last_n is None)
-        lag0 = await asyncio.to_thread(_lag_buckets, pod_b[1])
+        lag0 = await _pod_lag(pod_b[1])
         cpu0, self0 = cpu_seconds(b_pid), _self_cpu()
         t0 = times["t0"] = time.time()
         os.kill(a_pid, signal.SIGTERM)  # pod A drains: its sockets close with 1012
@@ -358,7 +358,7 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         t_end = times["t_end"] = time.time()
         b_cores = (cpu_seconds(b_pid) - cpu0) / (t_end - t0)
         loadgen_cores = (_self_cpu() - self0) / (t_end - t0)
-        lag1 = await asyncio.to_thread(_lag_buckets, pod_b[1])
+        lag1 = await _pod_lag(pod_b[1])
         await asyncio.sleep(spec.get("after_s", 1.0))
     finally:
         _write(stop, times)  # the streams stop their prompts
@@ -387,6 +387,18 @@ async def storm(spec: dict[str, Any]) -> dict[str, Any]:
         "pod_b_loop_lag": {clock: _lag(lag0.get(clock, {}), lag1[clock]) for clock in lag1},
         "errors": dict(run.errors.most_common(10)),
     }  # fmt: skip
+
+
+async def _pod_lag(port: int) -> dict[str, dict[float, float]]:
+    """Pod B's loop-lag histograms, or none when it does not answer in time:
+    on a loaded machine a storm can outlast STORM_TIMEOUT_S, and pod B's
+    listen backlog is then still full of reconnects. The storm's own figures
+    are reported all the same."""
+    try:
+        return await asyncio.to_thread(_lag_buckets, port)
+    except OSError as exc:  # urllib's timeouts are OSErrors too
+        print(f"  pod B's loop lag not read: {exc}", file=sys.stderr, flush=True)
+        return {}
 
 
 def phase(bench: Bench) -> dict[str, Any]:

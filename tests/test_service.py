@@ -14,6 +14,7 @@ from redis.asyncio.connection import AbstractConnection
 from app.chat import keys
 from app.chat.errors import (
     BudgetExceeded,
+    ClientGone,
     Draining,
     Forbidden,
     NotFound,
@@ -96,6 +97,20 @@ async def test_the_model_sees_the_conversation(make_service: MakeService) -> Non
     events = await until_done(opened.follower)
     # The fake model answers the last user message.
     assert events[-2]["message"]["content"] == expected_reply("second", 5)
+
+
+async def test_a_join_whose_client_left_while_it_waited_touches_nothing(
+    make_service: MakeService, redis: Any
+) -> None:
+    """In a storm a client may time out and retry while its first join still
+    waits its turn (SOCKETS_AT_ONCE): that join is not run for nobody."""
+    service = await make_service()
+    with pytest.raises(ClientGone):
+        await service.open(T, USER, None, None, client_gone=lambda: True)
+    assert not await redis.exists(keys.meta(T))  # not even created
+    assert service.hub.followed_threads == 0
+    opened = await service.open(T, USER, None, None, client_gone=lambda: False)
+    assert opened.ready.thread_id == T and service.hub.followed_threads == 1
 
 
 async def test_a_drains_exits_take_a_bounded_share_of_the_pool(

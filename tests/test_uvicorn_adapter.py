@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from app import uvicorn_adapter
+from tests.conftest import wait_until
 
 
 def test_installed_uvicorn_is_one_the_adapter_was_checked_against() -> None:
@@ -104,6 +105,29 @@ async def test_abort_cuts_the_connection_behind_a_socket(implementation: str) ->
             test_over.set()
     finally:
         test_over.set()
+
+
+@pytest.mark.parametrize("implementation", uvicorn_adapter.SERVER_WS_IMPLEMENTATIONS)
+async def test_client_gone_once_the_client_closed_its_connection(implementation: str) -> None:
+    accepted, client_left, checked = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    seen: list[bool] = []
+
+    async def endpoint(ws: WebSocket) -> None:
+        await ws.accept()
+        seen.append(uvicorn_adapter.client_gone(ws))
+        accepted.set()
+        await client_left.wait()
+        # The server learns of the close as its loop runs.
+        seen.append(await wait_until(lambda: uvicorn_adapter.client_gone(ws), what="gone"))
+        checked.set()
+
+    async with serving(endpoint, implementation) as port, asyncio.timeout(10):
+        client = await websockets.connect(f"ws://127.0.0.1:{port}/ws")
+        await accepted.wait()
+        client.transport.abort()  # a client that gave up: no close handshake
+        client_left.set()
+        await checked.wait()
+    assert seen == [False, True], implementation
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])

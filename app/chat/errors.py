@@ -111,6 +111,15 @@ class LockLost(ChatError):
     """
 
 
+class ClientGone(ChatError):
+    """The socket's client left while its join waited its turn: the join is
+    not run (in a reconnect storm, a client that timed out and retried would
+    otherwise cost its pod two joins, the first for nobody)."""
+
+    code = "unavailable"
+    retryable = True
+
+
 class Draining(ChatError):
     """This pod is shutting down and starts no new turns."""
 

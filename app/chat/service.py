@@ -26,6 +26,7 @@ from app.chat import faults, keys, tasks
 from app.chat.backoff import Backoff
 from app.chat.errors import (
     BudgetExceeded,
+    ClientGone,
     Draining,
     Forbidden,
     InvalidRequest,
@@ -249,11 +250,13 @@ class ChatService:
     # --- opening a thread -----------------------------------------------------
 
     async def open(
-        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None
-    ) -> Opened:
+        self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None,
+        client_gone: Callable[[], bool] | None = None,
+    ) -> Opened:  # fmt: skip
         """Join a thread: count the socket against the limits, create the
         thread if new, check access, follow it live, and work out what the
-        client must be sent before the live events."""
+        client must be sent before the live events. ``client_gone`` says
+        whether the client left meanwhile (see ``join``)."""
         # With one Redis the socket's count across pods is the join's first
         # step (JOIN_THREAD): one round trip for both.
         if self.joins.admits:
@@ -261,7 +264,9 @@ class ChatService:
         else:
             slot, admission = await self.limits.claim_socket(user), None
         try:
-            opened = await self.join(thread, user, after, epoch, admission=admission)
+            opened = await self.join(
+                thread, user, after, epoch, admission=admission, client_gone=client_gone
+            )
         except BaseException:
             await self.limits.release_socket(slot)
             raise
@@ -271,12 +276,16 @@ class ChatService:
     async def join(
         self, thread: ThreadId, user: UserId, after: str | None, epoch: str | None,
         create: bool = True, admission: Admission | None = None,
+        client_gone: Callable[[], bool] | None = None,
     ) -> Opened:  # fmt: skip
         """Follow a thread on a socket that already counts against the limits
         (a user socket's ``join``, which never creates the thread: ``create``
         False), or whose ``admission`` the join runs first: as ``open``
-        without the count."""
+        without the count. A join whose client left while it waited its turn
+        (``client_gone``) raises ClientGone and touches nothing."""
         async with self._socket_work:
+            if client_gone is not None and client_gone():
+                raise ClientGone("the client left before its join's turn")
             return await self._join(thread, user, after, epoch, create, admission)
 
     async def _join(
