@@ -39,8 +39,8 @@ from redis.exceptions import RedisError
 from app import metrics
 from app.chat import tasks
 from app.chat.backoff import Backoff
-from app.chat.errors import LockLost
 from app.chat.contexts import ContextCache
+from app.chat.errors import LockLost
 from app.chat.fanout import FanoutHub
 from app.chat.history import committed
 from app.chat.keys import ThreadId

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from app.chat import faults, keys, tasks
 from app.chat.backoff import Backoff
+from app.chat.contexts import ContextCache
 from app.chat.errors import (
     BudgetExceeded,
     ClientGone,
@@ -36,7 +37,6 @@ from app.chat.errors import (
 )
 from app.chat.fanout import FanoutHub, Probe
 from app.chat.follower import Follower
-from app.chat.contexts import ContextCache
 from app.chat.history import HistoryReader, committed, message_from_entry
 from app.chat.inbox import Inbox, Notices
 from app.chat.joins import Joins, JoinState
