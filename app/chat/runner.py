@@ -459,9 +459,7 @@ class TurnRunner:
         self._sent(last)
         self._ready = []
         if ended is not None and self._contexts is not None:
-            self._contexts.replied(
-                ctx.thread, committed(ended.message_id, ctx.answers, assistant)
-            )
+            self._contexts.replied(ctx.thread, committed(ended.message_id, ctx.answers, assistant))
         log.info(
             "turn %s ended %s after %d deltas", ctx.generation_id, status, self._seq,
             extra=self.log_context,
