@@ -44,8 +44,7 @@ from app.protocol import (
     LoadingEvent,
     MessageEvent,
     QueuedEvent,
-    Ready,
-    encode,
+    ready_frame,
 )
 from app.rest import Caller, Chat, HttpError, PathThread
 
@@ -149,7 +148,7 @@ async def _stream(service: ChatService, opened: Opened, keepalive_s: float) -> A
     follower = opened.follower
     metrics.SOCKETS_OPEN.inc()
     try:
-        yield f"retry: {RECONNECT_MS}\nevent: ready\ndata: {encode(Ready.of(opened.ready))}\n\n"
+        yield f"retry: {RECONNECT_MS}\nevent: ready\ndata: {ready_frame(opened.ready)}\n\n"
         for replayed in opened.replay:
             if follower.claim(replayed):
                 yield _message(replayed)

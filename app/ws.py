@@ -47,13 +47,13 @@ from app.protocol import (
     Pong,
     Prompt,
     Read,
-    Ready,
     Regenerate,
     Resume,
     Switch,
     Typing,
     encode,
     parse_client_frame,
+    ready_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,9 @@ class SharedFrames:
             self._scheduled = False
 
 
+# The most a socket's greeting (``ready``, the catch-up, the first presence)
+# may hold (characters) to be written at once (ThreadStream._greet_at_once).
+GREETING_CHARS = 16384
 # A slice of SharedFrames' writing (the loop's longest stall for one frame is
 # about this), and how many sockets of one thread a round writes.
 SLICE_S = 0.002
@@ -412,7 +415,7 @@ class ThreadStream:
         # ``ready`` and the catch-up, until the writer has sent them: a replay
         # can be long, and is not worth keeping for the socket's idle life.
         self._greeting: tuple[str, list[TimelineEvent]] | None = (
-            encode(Ready.of(opened.ready)),
+            ready_frame(opened.ready),
             opened.replay,
         )
         self._frames: uvicorn_adapter.FrameWriter | None = None
@@ -422,12 +425,13 @@ class ThreadStream:
         Once the catch-up is sent, live events are written as shared frames
         where the socket allows (``SharedFrames``); this task sends the rest."""
         try:
+            self._frames = uvicorn_adapter.frame_writer(self.out.ws)
             if self._greeting is not None:
                 ready, replay = self._greeting
                 self._greeting = None
-                await self.out.send_text(ready)
-                await self.out.send_events(self.follower, replay)
-            self._frames = uvicorn_adapter.frame_writer(self.out.ws)
+                if not self._greet_at_once(ready, replay):
+                    await self.out.send_text(ready)
+                    await self.out.send_events(self.follower, replay)
             if self._frames is not None:
                 frames: SharedFrames = self.out.ws.app.state.frames
                 self.follower.on_ready = lambda: frames.ready(self)
@@ -442,6 +446,32 @@ class ThreadStream:
         finally:
             self.follower.on_ready = None
             self._frames = None
+
+    def _greet_at_once(self, ready: str, replay: list[TimelineEvent]) -> bool:
+        """Write ``ready``, the catch-up and what the queue holds already (the
+        join's ``presence``) as one write to the socket's transport, when the
+        socket is plain and they are at most GREETING_CHARS long: a connect's
+        frames then cost one send, not one each. False, with nothing sent,
+        when they must take the ASGI sends instead (a long catch-up among
+        them: those sends wait for a slow client, one write would not)."""
+        writer, follower = self._frames, self.follower
+        if writer is None or self.out._sending.locked() or not writer.plain():
+            return False
+        queued: list[TimelineEvent] = []
+        while (event := follower.take()) is not None:
+            queued.append(event)
+        frames = [ready, *(event.frame for event in replay), *(event.frame for event in queued)]
+        if sum(map(len, frames)) > GREETING_CHARS:
+            for event in reversed(queued):
+                follower.put_back(event)
+            return False
+        written = [uvicorn_adapter.text_frame(ready)]
+        for event in (*replay, *queued):
+            if follower.claim(event):
+                written.append(uvicorn_adapter.text_frame(event.frame))
+        writer.write(b"".join(written))
+        metrics.EVENTS_DELIVERED.inc(len(written) - 1)
+        return True
 
     def write_shared(self, frames: dict[int, tuple[TimelineEvent, bytes]]) -> int:
         """Write the follower's queued events as shared frames, in order;

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from app.chat.errors import ChatError, Conflict, ThreadBusy
-from app.chat.records import Message
+from app.chat.records import Joined, Message, Queued
 from app.protocol import (
     BadFrame,
     Cancel,
@@ -19,6 +19,7 @@ from app.protocol import (
     Resume,
     encode,
     parse_client_frame,
+    ready_frame,
 )
 
 MAX = 4096
@@ -193,29 +194,36 @@ def test_bad_frame_carries_code_and_message() -> None:
 # --- server side ----------------------------------------------------------------
 
 
-def test_encode_drops_none_except_in_ready() -> None:
-    ready = orjson.loads(
-        encode(
-            Ready(
-                thread_id="t", epoch="e", last_event_id=None, generating=False, generation_id=None
-            )
-        )
-    )
-    assert ready["last_event_id"] is None and ready["generation_id"] is None
-    assert "recovered" not in ready and ready["protocol"] == 1
-    ready = orjson.loads(
-        encode(
-            Ready(
-                thread_id="t",
-                epoch="e",
-                last_event_id="1-0",
-                generating=True,
-                generation_id="g",
-                recovered=False,
-            )
-        )
-    )
-    assert ready["recovered"] is False
+@pytest.mark.parametrize(
+    "joined",
+    [
+        Joined(thread_id="t", epoch="e", last_event_id=None, generating=False, generation_id=None),
+        Joined(
+            thread_id="t", epoch="e", last_event_id="1-0", generating=True, generation_id="g",
+            leaf_id="2-0", recovered=False,
+            queue=(Queued("3-0", "u", "next"), Queued("4-0", "v", "then", client_msg_id="c")),
+        ),
+        Joined(
+            thread_id="t", epoch="e", last_event_id="1-0", generating=False, generation_id=None,
+            recovered=True,
+        ),
+    ],
+    ids=["fresh", "resumed-busy-queued", "recovered"],
+)  # fmt: skip
+def test_ready_frame_is_the_ready_model_and_keeps_its_nulls(joined: Joined) -> None:
+    frame = ready_frame(joined)
+    data = orjson.loads(frame)
+    # What the model (the schema clients are given) reads, it writes back the same.
+    model = Ready.model_validate_json(frame)
+    dumped = model.model_dump(exclude={"recovered"} if model.recovered is None else set())
+    assert orjson.dumps(dumped).decode() == frame
+    assert data["last_event_id"] == joined.last_event_id and data["protocol"] == 1
+    assert data["generation_id"] == joined.generation_id and data["leaf_id"] == joined.leaf_id
+    assert ("recovered" in data) == (joined.recovered is not None)
+    assert [q["client_msg_id"] for q in data["queue"]] == [q.client_msg_id for q in joined.queue]
+
+
+def test_encode_drops_none() -> None:
     error = orjson.loads(encode(ErrorEvent(thread_id=None, code="internal", message="m")))
     assert "thread_id" not in error and error["retryable"] is False
 
