@@ -105,6 +105,7 @@ def serve(
     """Run one pod: the WebSocket API and the demo page at http://HOST:PORT/."""
     settings = _settings()
     from app.main import create_app
+    from app.ws import ThreadSockets
 
     try:
         app = create_app(settings)
@@ -124,7 +125,7 @@ def serve(
     # the process exits 0, as orchestrators expect of a graceful stop.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     config = uvicorn.Config(
-        app,
+        ThreadSockets(app),  # thread sockets ahead of the app's stack: a connect skips it
         ws_max_size=settings.chat_max_frame_bytes,
         ws_per_message_deflate=settings.chat_ws_deflate,  # see Settings.chat_ws_deflate
         ws_ping_interval=settings.chat_ws_ping_interval_s,

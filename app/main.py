@@ -157,7 +157,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(seed.router)
     app.include_router(sse.router)
     rest.install(app, origins)
-    app.add_middleware(ws.ThreadSockets)  # outermost of ours: a connect skips the rest
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo_page() -> str:

@@ -201,25 +201,32 @@ THREAD_SOCKET_PATH = re.compile(r"/v1/threads/([^/]+)/ws")
 
 
 class ThreadSockets:
-    """ASGI middleware that serves ``/v1/threads/{thread_id}/ws`` itself:
-    a thread socket's upgrade goes straight to ``thread_socket``, past the
-    routers and exception middleware of the app (no route of the socket
-    needs them: it answers its own errors). That machinery was about a
-    tenth of a connect's CPU, and kept frames alive for the socket's whole
-    life. Everything else passes through."""
+    """The ASGI app a pod serves (app.cli): ``/v1/threads/{thread_id}/ws``
+    served by ``thread_socket`` itself, ahead of the FastAPI ``app`` that
+    serves everything else. No route of the socket needs the app's routers,
+    middleware or telemetry (it answers its own errors): they cost a tenth
+    of a connect's CPU, and their coroutines stayed alive for the socket's
+    whole life (five more objects per idle socket for every collection of
+    the garbage collector to walk)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            path, root = scope["path"], scope.get("root_path", "")
-            match = THREAD_SOCKET_PATH.fullmatch(path.removeprefix(root) if root else path)
-            if match is not None:
-                scope["path_params"] = {"thread_id": match.group(1)}
-                await thread_socket(WebSocket(scope, receive, send))
-                return
-        await self.app(scope, receive, send)
+        thread = _thread_socket_path(scope) if scope["type"] == "websocket" else None
+        if thread is None:
+            await self.app(scope, receive, send)
+            return
+        scope["app"] = self.app  # what Starlette's own routing would have set
+        scope["path_params"] = {"thread_id": thread}
+        await thread_socket(WebSocket(scope, receive, send))
+
+
+def _thread_socket_path(scope: Scope) -> str | None:
+    """The raw thread id of a thread socket's path, else None."""
+    path, root = scope["path"], scope.get("root_path", "")
+    match = THREAD_SOCKET_PATH.fullmatch(path.removeprefix(root) if root else path)
+    return None if match is None else match.group(1)
 
 
 async def _open_session(
