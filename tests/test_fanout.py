@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -250,7 +251,8 @@ async def test_an_erased_user_s_followers_are_told_to_close_on_every_thread(
     followers = (theirs, also_theirs, inbox)
     await wait_until(lambda: all(f.closing for f in followers), what="bob's followers to close")
     assert {f.closing for f in followers} == {USER_ERASED}
-    assert mine.controls == [{"control": "erased", "user_id": "bob"}]  # told, not its user
+    # Told, with a digest of the id: not its user.
+    assert mine.controls == [{"control": "erased", "user_digests": {keys.erasure_digest("bob")}}]
 
 
 async def test_frames_of_unknown_shape_are_dropped(
@@ -602,6 +604,36 @@ async def test_a_deaf_subscriber_is_noticed_replaced_and_refilled(
         )
         await wait_until(lambda: len(sink.events) == 7, what="the refill")
         assert sink.numbers == list(range(1, 8))
+    finally:
+        DeafPubSub.deaf = False
+        await hub.stop()
+
+
+async def test_an_erasure_told_while_the_subscriber_was_deaf_closes_its_sockets_once_it_hears(
+    redis: Any, thread: ThreadId
+) -> None:
+    """chat:erased is pub/sub: a pod that is not hearing misses it. With
+    its next subscriber (each deaf one is replaced) it closes the sockets of
+    the users noted in chat:erasures since it last heard, and only theirs:
+    not those erased long before."""
+    probe = fanout.Probe(keys.probe_channel("pod-b"), interval_s=0.1, deadline_s=0.05)
+    hub = FanoutHub(lambda: DeafPubSub(redis), redis, Timeline(redis), 60, probe)
+    await hub.start()
+    try:
+        await wait_until(lambda: hub.hearing, what="the first probe heard")
+        bob, carol, alice = (Follower(thread, 10, user) for user in ("bob", "carol", "alice"))
+        for follower in (bob, carol, alice):
+            await hub.follow(thread, follower)
+        now_ms = int(time.time() * 1000)
+        await redis.zadd(keys.ERASURES, {keys.erasure_digest("carol"): now_ms - 60_000})
+        DeafPubSub.deaf = True
+        await wait_until(lambda: not hub.hearing, timeout=1.0, what="the deafness noticed")
+        # What an erase does (ChatService._tell_pods_erased): note, then tell.
+        await redis.zadd(keys.ERASURES, {keys.erasure_digest("bob"): now_ms})
+        await redis.publish(keys.ERASED_CHANNEL, "bob")  # lost
+        await wait_until(lambda: bob.closing, what="bob's socket to close")
+        assert bob.closing == USER_ERASED
+        assert carol.closing is None and alice.closing is None
     finally:
         DeafPubSub.deaf = False
         await hub.stop()

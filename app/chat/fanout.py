@@ -48,7 +48,10 @@ more channel, ``chat:erased``: a user id published there (erasing that
 user's data, app.chat.service) closes every local socket of that user,
 thread, SSE and user sockets alike. Like any pub/sub message it reaches the
 pods subscribed at that moment; the erase publishes it at its start and
-again at its end.
+again at its end, each time also noting the user in ``chat:erasures`` (a
+digest of the id, for an hour). A pod whose subscriber comes back from a
+loss closes the sockets of every user noted there since it last provably
+heard (its last probe heard, or its last subscribe).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from app.chat import keys, tasks
 from app.chat.backoff import Backoff
 from app.chat.errors import ChatError
 from app.chat.keys import ThreadId
-from app.chat.redis_types import RedisClient, Subscriber, optional_texts
+from app.chat.redis_types import RedisClient, Subscriber, optional_texts, texts
 from app.chat.timeline import Timeline, TimelineEvent, event_type, parse_message
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,9 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
+# How far apart two pods' clocks may be: an erasure replay reaches this much
+# further back than the subscriber's last proof of hearing.
+ERASURE_CLOCK_SKEW_S = 5.0
 RESYNC_BATCH = 200  # threads read per hold of the forwarding lock
 # Followers handed one frame between two yields to the event loop: a big room
 # (ten thousand sockets of one thread on a pod) must not stall the loop.
@@ -203,6 +209,11 @@ class FanoutHub:
         # were told to move in this spell.
         self._unheard_since: float | None = time.monotonic()
         self._moved = False
+        # Wall-clock time (s) up to which the subscriber provably heard every
+        # message: the publish of its last probe heard, or its subscribe
+        # (None before the first). Erasures noted after it are replayed on
+        # a reconnect.
+        self._heard_up_to: float | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -412,9 +423,13 @@ class FanoutHub:
             # Under the lock: a follow() that came before is in this list; one
             # that comes after finds us connected and subscribes its own.
             channels = [keys.live(t) for t in self._followers] + list(self._inboxes)
+            missed_since, subscribing_at = self._heard_up_to, time.time()
             await pubsub.subscribe(self._probe.channel, keys.ERASED_CHANNEL, *channels)
+            self._heard_up_to = subscribing_at
             self.connected = True
         self._probe_now.set()
+        if missed_since is not None:
+            await self._replay_erasures(missed_since)
         await self._resync(list(self._followers))
         for sinks in list(self._inboxes.values()):
             for inbox in list(sinks):
@@ -449,18 +464,28 @@ class FanoutHub:
         raise SubscriberDeaf("the subscriber missed its probe's deadline")
 
     def _erased(self, user: str) -> None:
-        """A user's data was erased: every local socket of theirs closes,
-        whatever it follows. Rare, so a walk over every local follower."""
-        control = {"control": "erased", "user_id": user}
-        for sinks in list(self._followers.values()):
-            for sink in list(sinks):
+        """A user's data was erased (ERASED_CHANNEL)."""
+        self._close_erased({keys.erasure_digest(user)})
+
+    async def _replay_erasures(self, since: float) -> None:
+        """Erasures the lost subscriber may have missed: those noted since
+        ``since`` (wall clock, s; less ERASURE_CLOCK_SKEW_S between pods)."""
+        since_ms = int((since - ERASURE_CLOCK_SKEW_S) * 1000)
+        digests = texts(await self._redis.zrangebyscore(keys.ERASURES, since_ms, "+inf"))
+        if digests:
+            self._close_erased(set(digests))
+
+    def _close_erased(self, digests: set[str]) -> None:
+        """Every local socket of the users whose ids have these digests
+        closes, whatever it follows; each sink checks its own user. Rare, so
+        a walk over every local follower and user socket."""
+        control = {"control": "erased", "user_digests": digests}
+        for followers in list(self._followers.values()):
+            for sink in list(followers):
                 sink.control(control)
-        try:
-            channel = keys.user_inbox(keys.user_id(user))
-        except keys.InvalidId:
-            return
-        for inbox in list(self._inboxes.get(channel, ())):
-            inbox.control(control)
+        for inboxes in list(self._inboxes.values()):
+            for inbox in list(inboxes):
+                inbox.control(control)
 
     async def _on_frame(self, thread: ThreadId, frame: str) -> None:
         sinks = self._followers.get(thread)
@@ -592,12 +617,16 @@ class FanoutHub:
         token = secrets.token_hex(8)
         echo = asyncio.get_running_loop().create_future()
         self._awaited = (token, echo)
+        sent_at = time.time()
         try:
             async with asyncio.timeout(self._probe.deadline_s):
                 await self._redis.execute_command(
                     self._probe.publish_command, self._probe.channel, token
                 )
                 await echo
+            # Heard: so was everything published before it (one connection
+            # delivers in publish order).
+            self._heard_up_to = sent_at
         except TimeoutError:
             self._not_hearing()
             self._deaf = True  # the listener replaces the subscriber

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from app.chat import keys
 from app.chat.keys import ThreadId
 from app.chat.timeline import TimelineEvent, ephemeral
 
@@ -148,11 +149,16 @@ class Follower:
             self.close_for(THREAD_DELETED)
         elif kind == "revoke" and message.get("user_id") == self.user:
             self.close_for(ACCESS_REVOKED)
-        elif kind == "erased" and message.get("user_id") == self.user:
+        elif kind == "erased" and self._digest() in message["user_digests"]:
             self.close_for(USER_ERASED)
         elif kind == "typing" and message.get("user_id") != self.user:
             typing = {"type": "typing", "thread_id": self.thread, "user_id": message.get("user_id")}
             self.deliver(ephemeral(orjson.dumps(typing).decode()))
+
+    def _digest(self) -> str | None:
+        """The user's erasure digest (keys.ERASURES), worked out only when an
+        erasure is announced (rare): never for most sockets."""
+        return None if self.user is None else keys.erasure_digest(self.user)
 
     def close_for(self, reason: str) -> None:
         if self.closing is None:

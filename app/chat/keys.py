@@ -44,6 +44,7 @@ Layout (see the README for the redis-cli view of each):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import NewType
 
@@ -72,6 +73,13 @@ QUEUE_LEADER = f"{PREFIX}:queues:leader"
 # Every pod listens here: a message (a user id) closes that user's sockets on
 # every pod, whatever threads they follow (erasing a user's data).
 ERASED_CHANNEL = f"{PREFIX}:erased"
+# Users erased lately, for a pod whose subscriber was away when ERASED_CHANNEL
+# told the others: member erasure_digest(user), score the time (ms) the pods
+# were last told. A pod back from a lost subscriber closes the sockets of
+# those told since it last provably heard. Kept ERASURES_KEPT_MS, and only
+# as digests: Redis keeps no erased user's id.
+ERASURES = f"{PREFIX}:erasures"
+ERASURES_KEPT_MS = 3_600_000
 
 # How long a deleted thread's fence stays behind as a tombstone. While it
 # exists the thread id cannot be created again, and any write still in flight
@@ -228,6 +236,11 @@ def user_owned(u: UserId) -> str:
 
 def user_sockets(u: UserId) -> str:
     return f"{PREFIX}:user:{{{u}}}:sockets"
+
+
+def erasure_digest(u: str) -> str:
+    """What ERASURES keeps of an erased user's id."""
+    return hashlib.blake2b(u.encode(), digest_size=16).hexdigest()
 
 
 def user_erasing(u: UserId) -> str:

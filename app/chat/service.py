@@ -788,7 +788,7 @@ class ChatService:
         report["sockets_closed"] = await self.redis.zcount(
             keys.user_sockets(target), int(time.time() * 1000), "+inf"
         )
-        await self.redis.execute_command(self._publish, keys.ERASED_CHANNEL, target)
+        await self._tell_pods_erased(target)
         archived = await self.archive.ids_by(target) if self.archive is not None else {}
         visited = 0
         async for key in self.redis.scan_iter(match=keys.META_PATTERN, count=500):
@@ -816,10 +816,19 @@ class ChatService:
                 report["user_keys_deleted"] += await self.redis.delete(key)
         # Again: a socket whose opening began before the marker was set may
         # have missed the first message.
-        await self.redis.execute_command(self._publish, keys.ERASED_CHANNEL, target)
+        await self._tell_pods_erased(target)
         await self.redis.delete(erasing)
         log.info("erased the data of user %s: %s", target, report)
         return report
+
+    async def _tell_pods_erased(self, target: UserId) -> None:
+        """Every pod closes the user's sockets: told over pub/sub, and noted
+        in ERASURES first for a pod whose subscriber is away right now (it
+        replays what was noted since it last heard: app.chat.fanout)."""
+        now_ms = int(time.time() * 1000)
+        await self.redis.zadd(keys.ERASURES, {keys.erasure_digest(target): now_ms})
+        await self.redis.zremrangebyscore(keys.ERASURES, "-inf", now_ms - keys.ERASURES_KEPT_MS)
+        await self.redis.execute_command(self._publish, keys.ERASED_CHANNEL, target)
 
     async def _erase_in(
         self, thread: ThreadId, target: UserId, archived: list[str], report: dict[str, int]

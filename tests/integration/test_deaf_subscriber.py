@@ -9,19 +9,23 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration.faultproxy import FaultProxy
 from tests.integration.helpers import (
     assert_consistent,
     close_all,
+    close_code,
     metric,
     of_type,
+    open_ready,
     readyz,
     recorders,
     unique,
     until_status,
 )
+from tests.integration.tokens import AUTH_ENV, bearer
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +136,42 @@ async def test_subscribers_killed_again_and_again_lose_nothing(redis_server, pod
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     assert all(rec.client.reconnects == 0 for rec in writers + watchers)
     assert_consistent(writers + watchers, redis_server, turns=1)
+
+
+async def test_a_pod_that_missed_an_erasure_closes_the_users_socket_once_it_hears(
+    redis_server, pod_factory
+):
+    """Erasing a user tells every pod over pub/sub; pod A's subscriber is
+    blackholed then and hears nothing. Its next subscriber finds the
+    erasure noted in chat:erasures (since it last heard) and closes the
+    erased user's socket (1008); the other member's stays open."""
+    proxy = FaultProxy(redis_server.port)
+    try:
+        env = {
+            **AUTH_ENV, "CHAT_SUBSCRIBER_PROBE_S": 0.5, "CHAT_SUBSCRIBER_DEADLINE_S": 0.3,
+            "CHAT_SUBSCRIBER_MOVE_S": 0, "CHAT_FANOUT_AUDIT_S": 60,
+        }  # fmt: skip
+        pod_a, pod_b = pod_factory(proxy, **env), pod_factory(redis_server, **env)
+        thread, alice, bob = unique("erased-deaf"), "alice-deaf", unique("bob-deaf")
+        owner, _ = await open_ready(pod_b.ws, thread, additional_headers=bearer(alice))
+        async with httpx.AsyncClient(base_url=pod_b.http, timeout=30) as http:
+            added = await http.put(f"/v1/threads/{thread}/members/{bob}", headers=bearer(alice))
+            assert added.status_code == 204, added.text
+            theirs, _ = await open_ready(pod_a.ws, thread, additional_headers=bearer(bob))
+            watcher, _ = await open_ready(pod_a.ws, thread, additional_headers=bearer(alice))
+            try:
+                proxy.blackhole(subscribers=True)
+                await until_status(pod_a, lambda s: s == 503, 5, "A to say it cannot hear")
+                erased = await http.delete(f"/v1/users/{bob}/data", headers=bearer(bob))
+                assert erased.status_code == 200, erased.text
+                assert erased.json()["sockets_closed"] == 1
+                _, code = await close_code(theirs, timeout=10)
+                assert code == 1008
+                proxy.heal()
+                await until_status(pod_a, lambda s: s == 200, 10, "A to hear again")
+                assert watcher.close_code is None  # Alice's socket on A stays
+            finally:
+                for ws in (owner, theirs, watcher):
+                    await ws.close()
+    finally:
+        proxy.close()
