@@ -622,3 +622,41 @@ async def test_presence_of_every_thread_is_renewed_in_one_call(
     for thread in threads:
         [(entry, expiry)] = await redis.zrange(keys.presence(thread), 0, -1, withscores=True)
         assert entry.startswith(f"{USER}|") and expiry > before[thread][0][1]
+
+
+async def test_the_heartbeat_shows_a_changed_set_and_skips_an_unchanged_one(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between nudges only the heartbeat's read shows a change no one
+    announced (another pod's entry expired, or one the nudge of was lost);
+    a thread whose entries are those of its last read costs no work."""
+    service = await make_service()
+    thread = keys.thread_id("beat")
+    follower = (await service.open(thread, USER, None, None)).follower
+
+    def shown() -> list[list[str]]:
+        frames = []
+        while (event := follower.take()) is not None:
+            frames.append(orjson.loads(event.frame)["users"])
+        return frames
+
+    assert shown() == [[USER]]  # at the join
+    show = service.presence._show
+    showing: list[ThreadId] = []
+
+    def counted(thread: ThreadId, *args: Any) -> None:
+        showing.append(thread)
+        show(thread, *args)
+
+    monkeypatch.setattr(service.presence, "_show", counted)
+    await service.presence.renew()
+    await service.presence.renew()
+    assert shown() == [] and len(showing) == 1  # read once after the join, then skipped
+    far = int(time.time() * 1000) + 600_000
+    await redis.zadd(keys.presence(thread), {"zoe|elsewhere": far})  # another pod's, no nudge
+    await service.presence.renew()
+    assert shown() == [sorted([USER, "zoe"])]
+    await redis.zrem(keys.presence(thread), "zoe|elsewhere")  # as if it expired
+    await service.presence.renew()
+    await service.presence.renew()
+    assert shown() == [[USER]] and len(showing) == 3

@@ -67,6 +67,11 @@ class Presence:
         self._local: dict[ThreadId, dict[Follower, str]] = {}
         # What each follower was last shown.
         self._shown: dict[Follower, list[str]] = {}
+        # Each thread's entries at its last read, until a follower enters:
+        # every entry names one socket, so the same list read again means
+        # nobody joined or left since, and every local follower was shown
+        # these users already (``_read``).
+        self._last_read: dict[ThreadId, list[str]] = {}
         self._pending: set[ThreadId] = set()
         self._typed: dict[tuple[ThreadId, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,6 +96,9 @@ class Presence:
         """A socket's join added ``entry``: renew it from now on, and send the
         socket who is there (``present``, the entries after the join)."""
         self._local.setdefault(follower.thread, {})[follower] = entry
+        # Shown what its join read, which the next read of the thread may
+        # not match even when the thread's last read does.
+        self._last_read.pop(follower.thread, None)
         self._show(follower.thread, _users(present), [follower])
 
     async def exit(self, follower: Follower) -> None:
@@ -101,6 +109,7 @@ class Presence:
         self._shown.pop(follower, None)
         if not local:
             self._local.pop(thread, None)
+            self._last_read.pop(thread, None)
         if entry is not None:
             await self._call(thread, "remove", [entry], nudge=True)
 
@@ -188,8 +197,14 @@ class Presence:
             answers = await run_many(self._redis, self._scripts.renew_presence, calls)
         # Each call answers a list of sets, one per key (on a Cluster, one).
         replies = [present for answer in answers for present in answer]
+        last_read = self._last_read
         for thread, present in zip(threads, replies, strict=True):
-            self._show(thread, _users(texts(present)))
+            entries = texts(present)
+            # Unchanged (the heartbeat's usual answer, for every thread): no
+            # one to show anything, and no per-thread work.
+            if entries != last_read.get(thread) and thread in self._local:
+                last_read[thread] = entries
+                self._show(thread, _users(entries))
 
     async def _renew_forever(self) -> None:
         while True:
