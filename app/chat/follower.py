@@ -51,8 +51,8 @@ class Follower:
     """
 
     __slots__ = (
-        "_closed", "_queued", "_wakeup", "closing", "max_queue", "on_ready", "sent", "thread",
-        "user",
+        "_closed", "_head", "_queued", "_wakeup", "closing", "max_queue", "on_ready", "sent",
+        "thread", "user",
     )  # fmt: skip
 
     def __init__(self, thread: ThreadId, max_queue: int, user: str | None = None) -> None:
@@ -61,7 +61,12 @@ class Follower:
         self.max_queue = max_queue
         self.closing: str | None = None
         self.sent: tuple[int, int] | None = None
-        # Not an asyncio.Queue: that is four deques (~3 KiB) even when empty.
+        # The next event to send, and those after it. Not an asyncio.Queue:
+        # that is four deques (~3 KiB) even when empty. One event waiting,
+        # the usual case, holds no deque: a big room's frame is handed to ten
+        # thousand followers at once, and a deque each was ten thousand
+        # objects a frame for the young garbage collections to scan.
+        self._head: TimelineEvent | None = None
         self._queued: deque[TimelineEvent] | None = None
         self._wakeup: asyncio.Future[None] | None = None  # while next_event() waits
         self._closed: asyncio.Future[None] | None = None  # once must_close is asked for
@@ -71,7 +76,9 @@ class Follower:
     @property
     def queued(self) -> int:
         """How many events wait to be sent."""
-        return len(self._queued) if self._queued is not None else 0
+        if self._head is None:
+            return 0
+        return 1 + (len(self._queued) if self._queued is not None else 0)
 
     @property
     def must_close(self) -> asyncio.Future[None]:
@@ -85,7 +92,7 @@ class Follower:
 
     async def next_event(self) -> TimelineEvent:
         """The next queued event, waiting for one if there is none."""
-        while self._queued is None:
+        while self._head is None:
             self._wakeup = asyncio.get_running_loop().create_future()
             try:
                 await self._wakeup
@@ -97,19 +104,22 @@ class Follower:
 
     def take(self) -> TimelineEvent | None:
         """The next queued event, or None when none waits (no waiting)."""
-        queued = self._queued
+        event, queued = self._head, self._queued
         if queued is None:
-            return None
-        event = queued.popleft()
+            self._head = None
+            return event
+        self._head = queued.popleft()
         if not queued:
             self._queued = None  # drained: give the buffer back while idle
         return event
 
     def put_back(self, event: TimelineEvent) -> None:
         """Return a ``take``n event to the head of the queue (not sent after all)."""
-        if self._queued is None:
-            self._queued = deque()
-        self._queued.appendleft(event)
+        if self._head is not None:
+            if self._queued is None:
+                self._queued = deque()
+            self._queued.appendleft(self._head)
+        self._head = event
 
     def wake(self) -> None:
         """Wake the writer waiting in ``next_event`` (if it waits)."""
@@ -119,20 +129,21 @@ class Follower:
     def deliver(self, event: TimelineEvent) -> None:
         if self.closing is not None:
             return
-        queued = self._queued
-        if queued is None:
-            self._queued = deque((event,))
+        if self._head is None:
+            self._head = event
             if self.on_ready is not None:
                 self.on_ready()
             else:
                 self.wake()
             return
-        if len(queued) >= self.max_queue:
+        if self.queued >= self.max_queue:
             # Never block the hub (it feeds every socket of the pod): drop
             # this socket instead; it resumes from its last id elsewhere.
             self.close_for(TOO_SLOW)
             return
-        queued.append(event)
+        if self._queued is None:
+            self._queued = deque()
+        self._queued.append(event)
         if self.on_ready is None:
             self.wake()
 
