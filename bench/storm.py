@@ -64,6 +64,8 @@ class Run:
     def __init__(self) -> None:
         # (received at, emit-to-receive) of every token the probing sockets read
         self.latencies: list[tuple[float, float]] = []
+        # (received at, commit-to-receive) of every delta they read
+        self.commit_latencies: list[tuple[float, float]] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.progress = asyncio.Event()  # set by every timeline event received
         self.moving = 0  # pod A's sockets not yet resumed on pod B (nor given up)
@@ -129,6 +131,9 @@ class Sock:
             self.run.progress.set()
             if kind == "delta" and self.probe:
                 record = self.run.latencies.append
+                # The event id's first part is Redis's clock at the commit.
+                committed = int(frame["id"].split("-")[0]) / 1000
+                self.run.commit_latencies.append((now, now - committed))
                 for part in frame["text"].split(STAMP)[1:]:
                     record((now, now - float(part[: part.find("]")])))
             elif kind == "done":
@@ -322,6 +327,8 @@ async def streams(spec: dict[str, Any]) -> dict[str, Any]:
         "closed": sum(1 for s in socks if s.closed_at is not None),
         "latency_calm": _window(run.latencies, calm0, t0),
         "latency_storm": _window(run.latencies, t0, t_end),
+        "commit_storm": _window(run.commit_latencies, t0, t_end),
+        "commit_calm": _window(run.commit_latencies, calm0, t0),
         "lag_calm": _window(run.lag, calm0, t0), "lag_storm": _window(run.lag, t0, t_end),
         "errors": dict(run.errors.most_common(10)),
     }  # fmt: skip
@@ -475,7 +482,14 @@ def _run(bench: Bench, spec: dict[str, Any], files: dict[str, Path]) -> dict[str
     r["b_sockets_closed"] = b["closed"]
     r["turns"] = b["turns"]
     r["errors"] = {**r["errors"], **{f"pod B's streams: {k}": v for k, v in b["errors"].items()}}
-    for key in ("latency_calm", "latency_storm", "lag_calm", "lag_storm"):
+    for key in (
+        "latency_calm",
+        "latency_storm",
+        "commit_calm",
+        "commit_storm",
+        "lag_calm",
+        "lag_storm",
+    ):
         r[key] = b[key]
     return r
 
