@@ -21,7 +21,7 @@ from app.chat.records import Delta, Done, Loading, Message
 from app.chat.threads import Threads
 from app.chat.timeline import BATCH, Timeline, TimelineEvent, frame_from_entry
 from app.chat.turns import TurnStore
-from tests.conftest import USER, wait_until
+from tests.conftest import USER, count_calls, wait_until
 
 
 class Sink:
@@ -184,6 +184,29 @@ async def test_unfollow_of_the_last_sink_unsubscribes(
     # Unfollowing again, or a sink never followed, is harmless.
     await hub.unfollow(thread, b)
     await hub.unfollow(keys.thread_id("never"), Sink())
+
+
+async def test_sockets_closing_together_unsubscribe_in_one_command_without_waiting(
+    hub: FanoutHub, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain closes a pod's sockets all at once: their unfollows return at
+    once, and the channels nobody follows any more leave in one UNSUBSCRIBE
+    (they took one each, in turn, before)."""
+    threads = [keys.thread_id(f"closing{i}") for i in range(50)]
+    sinks = [Sink() for _ in threads]
+    for thread, sink in zip(threads, sinks, strict=True):
+        await hub.follow(thread, sink)
+    assert hub._pubsub is not None
+    sent = count_calls(monkeypatch, hub._pubsub, "unsubscribe")
+    commanding = hub._commanding
+    async with commanding:  # the subscriber's connection is busy meanwhile
+        await asyncio.gather(*(hub.unfollow(t, s) for t, s in zip(threads, sinks, strict=True)))
+
+    async def all_gone() -> bool:
+        return all([await numsub(redis, t) == 0 for t in threads])
+
+    await wait_until(all_gone, what="every channel unsubscribed")
+    assert len(sent) == 1
 
 
 async def test_follow_again_after_unfollow(

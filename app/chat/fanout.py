@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -81,6 +82,8 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0
 RECONNECT_BACKOFF = Backoff(0.1, 5.0)
+# Channels one UNSUBSCRIBE names at most (a drain's thousands go in a few).
+UNSUBSCRIBE_BATCH = 1000
 # How far apart two pods' clocks may be: an erasure replay reaches this much
 # further back than the subscriber's last proof of hearing.
 ERASURE_CLOCK_SKEW_S = 5.0
@@ -214,6 +217,10 @@ class FanoutHub:
         # (None before the first). Erasures noted after it are replayed on
         # a reconnect.
         self._heard_up_to: float | None = None
+        # Channels nobody here follows any more, to unsubscribe in batches,
+        # and the task doing so (see _unsubscribe).
+        self._unsubscribing: set[str] = set()
+        self._unsubscriber: asyncio.Task[None] | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -226,7 +233,8 @@ class FanoutHub:
 
     async def stop(self) -> None:
         """Stop listening (bounded: see app.chat.tasks)."""
-        await tasks.stop_all(self._tasks, tasks.RELEASE_S)
+        unsubscriber = [self._unsubscriber] if self._unsubscriber else []
+        await tasks.stop_all([*self._tasks, *unsubscriber], tasks.RELEASE_S)
         await tasks.within(self._close_pubsub(), tasks.RELEASE_S, "closing the subscriber")
 
     @property
@@ -347,7 +355,7 @@ class FanoutHub:
             return
         del self._followers[thread]
         self._cursors.pop(thread, None)
-        await self._unsubscribe(keys.live(thread))
+        self._unsubscribe(keys.live(thread))
 
     async def follow_inbox(self, channel: str, sink: InboxSink) -> None:
         """Feed ``sink`` what is published on a user's inbox ``channel``;
@@ -378,17 +386,40 @@ class FanoutHub:
         if sinks:
             return
         del self._inboxes[channel]
-        await self._unsubscribe(channel)
+        self._unsubscribe(channel)
 
-    async def _unsubscribe(self, channel: str) -> None:
-        """Drop ``channel``'s subscription once nobody here follows it. A
-        lost connection has dropped it already (a reconnect subscribes only
-        to what is still followed), so errors are ignored."""
+    def _unsubscribe(self, channel: str) -> None:
+        """Drop ``channel``'s subscription, now that nobody here follows it,
+        soon and without waiting: a pod's sockets often close together (its
+        drain closes them all; a neighbour's drain moves thousands), and one
+        UNSUBSCRIBE each, in turn on the subscriber's connection, kept their
+        handlers waiting past the drain's bound."""
         self._confirmed.pop(channel, None)
-        async with self._commanding:
-            if self._pubsub is not None and self.connected:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._pubsub.unsubscribe(channel)
+        self._unsubscribing.add(channel)
+        if self._unsubscriber is None or self._unsubscriber.done():
+            self._unsubscriber = asyncio.create_task(
+                self._unsubscribe_pending(), name="fanout-unsubscribe"
+            )
+
+    async def _unsubscribe_pending(self) -> None:
+        """UNSUBSCRIBE the channels left, UNSUBSCRIBE_BATCH to a command.
+        Under the commanding lock, a channel followed again meanwhile (its
+        SUBSCRIBE was sent, or will be after this) is kept. A lost connection
+        has dropped them all already (a reconnect subscribes only to what is
+        still followed), so errors are ignored."""
+        while self._unsubscribing:
+            async with self._commanding:
+                batch = list(itertools.islice(self._unsubscribing, UNSUBSCRIBE_BATCH))
+                self._unsubscribing.difference_update(batch)
+                gone = [channel for channel in batch if not self._followed(channel)]
+                if gone and self._pubsub is not None and self.connected:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pubsub.unsubscribe(*gone)
+
+    def _followed(self, channel: str) -> bool:
+        if keys.user_of_inbox(channel) is not None:
+            return channel in self._inboxes
+        return keys.thread_of_channel(channel) in self._followers
 
     # --- the listener -------------------------------------------------------
 
