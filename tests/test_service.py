@@ -660,3 +660,30 @@ async def test_the_heartbeat_shows_a_changed_set_and_skips_an_unchanged_one(
     await service.presence.renew()
     await service.presence.renew()
     assert shown() == [[USER]] and len(showing) == 3
+
+
+async def test_a_socket_that_leaves_while_its_entry_is_renewed_is_not_shown_present(
+    make_service: MakeService, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat's renewal is on its way when the socket leaves, and the
+    exit's removal reaches Redis first: the renewal puts the entry back, and
+    the pod takes it out again (else the user shows present for a lease)."""
+    service = await make_service()
+    thread = keys.thread_id("leaving")
+    follower = (await service.open(thread, USER, None, None)).follower
+    renew = service.scripts.renew_presence
+    renewing, exited = asyncio.Event(), asyncio.Event()
+
+    async def late_renewal(*args: Any, **kwargs: Any) -> Any:
+        renewing.set()
+        await exited.wait()  # the exit's removal lands first
+        return await renew(*args, **kwargs)
+
+    monkeypatch.setattr(service.scripts, "renew_presence", late_renewal)
+    heartbeat = asyncio.create_task(service.presence.renew())
+    await renewing.wait()
+    await service.presence.exit(follower)
+    assert await redis.zcard(keys.presence(thread)) == 0
+    exited.set()
+    await heartbeat
+    assert await redis.zcard(keys.presence(thread)) == 0

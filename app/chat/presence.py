@@ -76,6 +76,9 @@ class Presence:
         self._typed: dict[tuple[ThreadId, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        # Exits so far: a renewal that saw none while on its way has no
+        # entry of a departed socket to take back out.
+        self._exits = 0
         hub.on_presence = self.nudged
 
     async def start(self) -> None:
@@ -106,6 +109,7 @@ class Presence:
         thread = follower.thread
         local = self._local.get(thread, {})
         entry = local.pop(follower, None)
+        self._exits += 1
         self._shown.pop(follower, None)
         if not local:
             self._local.pop(thread, None)
@@ -191,10 +195,13 @@ class Presence:
         if not groups:
             return
         calls = renewals(self._lease_ms, groups, self._one_redis)
+        exits_before = self._exits
         if self._one_redis:
             answers = [await self._scripts.renew_presence(keys=k, args=a) for k, a in calls]
         else:
             answers = await run_many(self._redis, self._scripts.renew_presence, calls)
+        if self._exits != exits_before:
+            await self._remove_renewed_after_exit(threads, groups)
         # Each call answers a list of sets, one per key (on a Cluster, one).
         replies = [present for answer in answers for present in answer]
         last_read = self._last_read
@@ -205,6 +212,19 @@ class Presence:
             if entries != last_read.get(thread) and thread in self._local:
                 last_read[thread] = entries
                 self._show(thread, _users(entries))
+
+    async def _remove_renewed_after_exit(
+        self, threads: list[ThreadId], groups: list[tuple[str, list[str]]]
+    ) -> None:
+        """A socket that left while its entry's renewal was on its way: its
+        exit's removal may have reached Redis first, and the renewal put the
+        entry back for a whole lease (the user shown present after leaving).
+        Remove it again (a removal that came second already did: harmless)."""
+        for thread, (_, renewed) in zip(threads, groups, strict=True):
+            current = self._local.get(thread, {})
+            gone = [entry for entry in renewed if entry not in current.values()]
+            if gone:
+                await self._call(thread, "remove", gone, nudge=True)
 
     async def _renew_forever(self) -> None:
         while True:
