@@ -8,14 +8,17 @@ processes; nothing here starts a process or touches the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import fakeredis
 import pytest
@@ -38,32 +41,65 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --- the type check, started early ---------------------------------------
 
+# A directory of this test run's, shared by its xdist workers (each inherits
+# the variable from the process that starts them).
+RUN_DIR_ENV = "DURABLE_CHAT_TEST_RUN_DIR"
+
 
 class TypeCheck:
-    """``mypy --strict`` over the tree (pyproject.toml says which files), in
-    its own process, its output in a temporary file."""
+    """``mypy --strict`` over the tree (pyproject.toml says which files), run
+    once per test run in a process group of its own: its output and exit
+    code land in ``<run dir>/mypy``, for whichever worker runs the test."""
 
-    def __init__(self) -> None:
-        self._output: IO[bytes] = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "mypy"], cwd=ROOT, stdout=self._output,
-            stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10),
+    def __init__(self, run_dir: Path) -> None:
+        self._dir = run_dir / "mypy"
+
+    def start_once(self) -> None:
+        """Start it, unless another worker of this run already did."""
+        try:
+            self._dir.mkdir()
+        except FileExistsError:
+            return
+        script = (
+            '"$1" -m mypy > "$2/output" 2>&1; echo $? > "$2/exit.tmp"; mv "$2/exit.tmp" "$2/exit"'
+        )
+        proc = subprocess.Popen(
+            ["sh", "-c", script, "sh", sys.executable, str(self._dir)], cwd=ROOT,
+            start_new_session=True, preexec_fn=lambda: os.nice(10),
         )  # fmt: skip
+        (self._dir / "pid").write_text(str(proc.pid))
+        _STARTED.append(proc)
 
     def result(self, timeout_s: float) -> tuple[int, str]:
         """Its exit code and output, once it is done."""
-        code = self._proc.wait(timeout=timeout_s)
-        self._output.seek(0)
-        return code, self._output.read().decode(errors="replace")
+        exit_file = self._dir / "exit"
+        deadline = time.monotonic() + timeout_s
+        while not exit_file.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mypy did not finish within {timeout_s}s")
+            time.sleep(0.2)
+        output = (self._dir / "output").read_text(errors="replace")
+        return int(exit_file.read_text()), output
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._output.close()
+        """Kill it if it still runs (the run ended first, or was interrupted)."""
+        pid_file = self._dir / "pid"
+        if pid_file.exists() and not (self._dir / "exit").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
-TYPE_CHECK = pytest.StashKey[TypeCheck]()
+# The type check's processes started here, kept until the session ends.
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def run_dir() -> Path:
+    return Path(os.environ[RUN_DIR_ENV])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers
+        os.environ[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="durable-chat-tests-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -72,13 +108,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tests (which mostly wait on sockets and timers), and the test collects
     its result at its turn."""
     if any(item.name == "test_mypy_strict" for item in items):
-        config.stash[TYPE_CHECK] = TypeCheck()
+        TypeCheck(run_dir()).start_once()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    check = config.stash.get(TYPE_CHECK, None)
-    if check is not None:
-        check.stop()
+    if not hasattr(config, "workerinput") and RUN_DIR_ENV in os.environ:
+        TypeCheck(run_dir()).stop()
+        shutil.rmtree(run_dir(), ignore_errors=True)
 
 
 # Every environment variable the settings read starts with one of these.

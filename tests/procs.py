@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import http.client
+import itertools
 import os
 import pwd
 import shutil
@@ -49,10 +50,33 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 T = TypeVar("T")
 
 
+# Under pytest-xdist each worker ("gw0", "gw1"...) takes its ports from a
+# range of its own, below the kernel's ephemeral range (32768 and up, where
+# bind(0) and outgoing connections take theirs): between the check here and
+# the server's own bind, another worker could otherwise be handed the same
+# free port.
+WORKER_PORTS = 3000
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_worker_ports: Iterator[int] | None = None
+if _WORKER.startswith("gw"):
+    _first = 10000 + int(_WORKER[2:]) * WORKER_PORTS
+    _worker_ports = itertools.cycle(range(_first, _first + WORKER_PORTS))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port no one listens on."""
+    if _worker_ports is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    while True:
+        port = next(_worker_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken: the next one
+                continue
+        return port
 
 
 def wait_until(

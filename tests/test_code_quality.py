@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TYPE_CHECK
+from tests.conftest import TypeCheck, run_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_ruff(command: list[str]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_mypy_strict(request: pytest.FixtureRequest) -> None:
+def test_mypy_strict() -> None:
     """mypy runs from the start of the session (tests/conftest.py)."""
-    code, output = request.config.stash[TYPE_CHECK].result(timeout_s=290)
+    code, output = TypeCheck(run_dir()).result(timeout_s=290)
     assert code == 0, output
