@@ -188,6 +188,7 @@ def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
         t["peer_ratio"] = {
             "measured": f"{ratio:.2f}x {NAMES[peer]} in tokens/s ({frames_ratio:.2f}x in frames/s)",
             "met": ratio >= 3,
+            "bound": _cpu_bound(results, fan, peer),
         }
     lat = d.get("latency", {})
     if lat:
@@ -199,6 +200,9 @@ def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
             t["p99"] = {
                 "measured": f"{f['p99_ms']:.1f} ms ({listeners} listeners, {window})",
                 "met": f["p99_ms"] < 10 and listeners >= 2000,
+                "bound": f"p50 {f['p50_ms']:.1f} ms; the pods used {f['server_cores']:.2f} "
+                f"cores and the load generator {f['loadgen_cores']:.2f} of "
+                f"{results['machine']['cpus']}",
             }
     # The higher of the two shapes' rates: the stricter limit.
     limit = max(
@@ -231,6 +235,9 @@ def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
             f"1,000 sockets ({idle['held']:,} sockets) vs {theirs['idle_cpu_pct_per_1000']:.3f}% "
             f"({theirs['held']:,})",
             "met": ratio <= 1.2,
+            "bound": f"{idle['keepalives_per_socket']:g} keep-alive ping(s) per socket in the "
+            f"window, and {idle['redis_commands_per_s']:,.0f} Redis commands/s inside the lease "
+            "and presence renewals (broadcaster renews nothing)",
         }
     storm = results.get("storm", {})
     if "resumed" in storm:
@@ -244,10 +251,16 @@ def targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
         }
         p99 = storm["latency_storm"].get("p99_ms")
         if p99 is not None:
+            lag = (storm.get("pod_b_loop_lag") or {}).get("cpu") or {}
             t["storm_p99"] = {
                 "measured": f"{p99:.1f} ms during the {storm['storm_s']:.1f} s storm "
                 f"({storm['latency_calm'].get('p99_ms', 0):.1f} ms before it)",
                 "met": p99 < 50,
+                "bound": f"pod B used {storm['pod_b_cores_in_storm']:.2f} cores and the load "
+                f"generator {storm['loadgen_cores_in_storm']:.2f} of "
+                f"{results['machine']['cpus']}; pod B's loop stalled up to "
+                f"{_n(lag.get('max_ms'))} ms (p99 {_n(lag.get('p99_ms'))} ms) while "
+                f"{storm['resumed']:,} sockets joined",
             }
     t.update(_issue18_targets(results, d))
     return t
@@ -264,6 +277,7 @@ def _issue18_targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, An
             "measured": f"{our_rate / their_rate:.2f}x ({our_rate:,.0f} vs {their_rate:,.0f} "
             "deliveries/s)",
             "met": our_rate >= their_rate,
+            "bound": _cpu_bound(results, fan, "broadcaster"),
         }
     cpu = {s: f.get("server_cpu_s_per_1000") for s, f in d.get("heavy", {}).items()}
     if cpu.get("durable") and cpu.get("broadcaster") and cpu.get("bare"):
@@ -274,6 +288,9 @@ def _issue18_targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, An
             f"({cfg['heavy_threads']} threads x {cfg['heavy_listeners']} listeners, all "
             f"streaming, one token per {cfg['heavy_token_delay_ms']:g} ms)",
             "met": vs_b <= 0.67 and vs_bare <= 1.2,
+            "bound": f"server CPU per 1,000 deliveries: {1000 * cpu['durable']:.0f} ms; "
+            f"broadcaster's {1000 * cpu['broadcaster']:.0f}, and {1000 * cpu['bare']:.0f} for "
+            "bare uvicorn's socket writes with no Redis and no framework",
         }
     idle = results.get("idle", {})
     ours, theirs = idle.get("durable", {}), idle.get("broadcaster", {})
@@ -283,6 +300,9 @@ def _issue18_targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, An
             "measured": f"{ratio:.2f}x ({ours['connect_per_s']:,.0f} vs "
             f"{theirs['connect_per_s']:,.0f}/s); {_n(cpu_ms, 2)} ms of pod CPU per connect",
             "met": ratio >= 0.7 and cpu_ms is not None and cpu_ms <= 1.3,
+            "bound": f"broadcaster's server used {_n(theirs.get('connect_cpu_ms'), 2)} ms per "
+            f"connect in the same run (the WebSocket upgrade both pay; {ours['sockets']:,} "
+            f"sockets here, {theirs['sockets']:,} there)",
         }
     if ours.get("redis_round_trips_per_s") is not None:
         trips = ours["redis_round_trips_per_s"]
@@ -300,6 +320,8 @@ def _issue18_targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, An
             f"({beside['big_listeners']:,} listeners, {beside['big_deliveries_per_s']:,.0f} "
             "deliveries/s)",
             "met": lag["max_ms"] <= 10,
+            "bound": f"the pod used {beside['server_cpu_s'] / beside['elapsed_s']:.2f} cores "
+            f"of {results['machine']['cpus']}, which the room's load generator shares",
         }
     p99_alone = alone.get("others", {}).get("p99_ms")
     p99_beside = beside.get("others", {}).get("p99_ms")
@@ -309,6 +331,22 @@ def _issue18_targets(results: dict[str, Any], d: dict[str, Any]) -> dict[str, An
             "met": p99_beside <= 1.5 * p99_alone,
         }
     return t
+
+
+def _cpu_bound(results: dict[str, Any], fan: dict[str, Any], peer: str) -> str:
+    """Where durable-chat's CPU went at full speed, against ``peer``'s."""
+    ours, theirs = fan["durable"], fan[peer]
+    redis_cores = ours["redis_cpu_s_per_1000"] * ours["frames_per_s"] / 1000
+    busy = ours["server_cores"] + redis_cores + ours["loadgen_cores"]
+    return (
+        f"CPU: {busy:.2f} of {results['machine']['cpus']} cores busy (pods "
+        f"{ours['server_cores']:.2f}, Redis {redis_cores:.2f}, load generator "
+        f"{ours['loadgen_cores']:.2f}); per 1,000 deliveries the pods used "
+        f"{1000 * ours['server_cpu_s_per_1000']:.0f} ms and Redis "
+        f"{1000 * ours['redis_cpu_s_per_1000']:.0f} ms, {NAMES[peer]}'s "
+        f"{1000 * theirs['server_cpu_s_per_1000']:.0f} and "
+        f"{1000 * theirs['redis_cpu_s_per_1000']:.1f}"
+    )
 
 
 # --- markdown -------------------------------------------------------------------
@@ -353,13 +391,22 @@ def markdown(results: dict[str, Any], d: dict[str, Any]) -> str:
     lines += _versus_md(d)
     if "bigroom" in results:
         lines += _bigroom_md(results)
-    lines += ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [
+        "## Targets",
+        "",
+        "A target not met says what bounded it in this run; bench/README.md says more.",
+        "",
+        "| target | measured | met | what bounds it (this run) |",
+        "| --- | --- | --- | --- |",
+    ]
     for key, text in TARGETS:
         t = d["targets"].get(key)
         if t is None:
-            lines.append(f"| {text} | not measured in this run | - |")
+            lines.append(f"| {text} | not measured in this run | - | |")
+        elif t["met"]:
+            lines.append(f"| {text} | {t['measured']} | yes | |")
         else:
-            lines.append(f"| {text} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+            lines.append(f"| {text} | {t['measured']} | **no** | {t.get('bound', '-')} |")
     lines.append("")
     return "\n".join(lines)
 
