@@ -543,10 +543,14 @@ class DoneEvent(TimelineFrame):
 
 def encode(event: BaseModel) -> str:
     """One server event as a text frame (None fields dropped, except in
-    ``history``; ``ready`` has its own: ``ready_frame``)."""
+    ``history``, and in ``ready``, whose ``last_event_id``, ``generation_id``
+    and ``leaf_id`` are null when absent: a socket's own comes from
+    ``ready_frame``, the same bytes without a model)."""
     if isinstance(event, Inbox | ThreadChanged):
         return orjson.dumps(event.model_dump()).decode()  # last_message is null, not absent
-    if isinstance(event, History):
+    if isinstance(event, Ready):
+        data = event.model_dump(exclude={"recovered"} if event.recovered is None else set())
+    elif isinstance(event, History):
         data = event.model_dump(exclude_none=True)
         for message in data["messages"]:
             message.setdefault("parent_id", None)  # a root's is null, not absent

@@ -214,9 +214,7 @@ def test_ready_frame_is_the_ready_model_and_keeps_its_nulls(joined: Joined) -> N
     frame = ready_frame(joined)
     data = orjson.loads(frame)
     # What the model (the schema clients are given) reads, it writes back the same.
-    model = Ready.model_validate_json(frame)
-    dumped = model.model_dump(exclude={"recovered"} if model.recovered is None else set())
-    assert orjson.dumps(dumped).decode() == frame
+    assert encode(Ready.model_validate_json(frame)) == frame
     assert data["last_event_id"] == joined.last_event_id and data["protocol"] == 1
     assert data["generation_id"] == joined.generation_id and data["leaf_id"] == joined.leaf_id
     assert ("recovered" in data) == (joined.recovered is not None)
