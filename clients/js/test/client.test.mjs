@@ -48,6 +48,15 @@ function collect(chat, stop, label = "events") {
 
 const isDone = (event) => event.type === "done";
 
+/** Resolves once `predicate()` holds (polled); rejects after WAIT_MS. */
+async function eventually(predicate, label) {
+  const deadline = Date.now() + WAIT_MS;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${label}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
 /** A turn's checks: ids strictly increase, numbers are contiguous, and the
  * deltas in seq order make exactly the final message. */
 function assertWholeTurn(events) {
@@ -111,8 +120,10 @@ test("a reply survives the death of its pod: the client resumes on the next one"
     const seen = await events;
     offKill();
     assert.ok(killed, "the pod was killed mid-reply");
-    assert.ok(chat.reconnects >= 1, "the client reconnected");
-    assert.equal(chat.state, "live");
+    // A client slower than the pod (a loaded machine) may read the reply's
+    // last frames, which the pod wrote before it died, before its socket's
+    // close: either way it reconnects, to a pod that lives.
+    await eventually(() => chat.reconnects >= 1 && chat.state === "live", "the reconnect");
     const text = assertWholeTurn(seen);
     // Nothing lost, nothing doubled: exactly what a client on a surviving pod saw.
     assert.deepEqual(
