@@ -221,8 +221,8 @@ class Presence:
         entry back for a whole lease (the user shown present after leaving).
         Remove it again (a removal that came second already did: harmless)."""
         for thread, (_, renewed) in zip(threads, groups, strict=True):
-            current = self._local.get(thread, {})
-            gone = [entry for entry in renewed if entry not in current.values()]
+            current = set(self._local.get(thread, {}).values())
+            gone = [entry for entry in renewed if entry not in current]
             if gone:
                 await self._call(thread, "remove", gone, nudge=True)
 
