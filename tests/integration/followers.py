@@ -65,7 +65,21 @@ class Follower:
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            raise AssertionError(f"{self}: timed out after {timeout}s waiting for {what}") from None
+            raise AssertionError(
+                f"{self}: timed out after {timeout}s waiting for {what}; prompts sent "
+                f"{self.sent[-3:]}, its last events {self._last_events()}"
+            ) from None
+
+    def _last_events(self, count: int = 8) -> str:
+        """The last events, in short (a timeout's message: what was seen)."""
+        shown = []
+        for event in self.events[-count:]:
+            detail = event.get("code") or event.get("status") or (
+                event.get("message", {}).get("client_msg_id")
+                if isinstance(event.get("message"), dict) else None
+            )  # fmt: skip
+            shown.append(f"{event['type']}({detail})" if detail else event["type"])
+        return ", ".join(shown) or "none"
 
     async def _wake_when_done(self, reading: Any) -> None:
         try:
